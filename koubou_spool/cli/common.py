@@ -1,0 +1,112 @@
+"""What every command shares: --home/--config, logging, and errors mapped to exit codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .. import home as home_module
+from ..config import Config, SpoolSettings
+from ..errors import ConfigError, KoubouError, EXIT_UNUSABLE
+from ..spool import Spool
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    if value is not None:
+        ctx.find_root().meta[f"koubou.{param.name}"] = value
+    return value
+
+
+def home_options(command: Callable) -> Callable:
+    """--home, --config and --log-level, accepted before or after the subcommand."""
+    for option in reversed([
+        click.option("--home", type=click.Path(file_okay=False), expose_value=False,
+                     callback=_remember, help="The spool home (default: $KOUBOU_HOME, "
+                     "/var/koubou if writable, else ~/.local/share/koubou)."),
+        click.option("--config", type=click.Path(dir_okay=False), expose_value=False,
+                     callback=_remember, help="Config file (default: HOME/config/koubou.yaml)."),
+        click.option("--log-level", type=click.Choice(LOG_LEVELS), expose_value=False,
+                     callback=_remember, help="Log verbosity on stderr (default: info)."),
+    ]):
+        command = option(command)
+    return command
+
+
+@dataclass
+class Session:
+    """The home, config and spool a command works on."""
+
+    home: Path
+    config_path: Path
+
+    def config(self, required: bool = True) -> Config:
+        """The configuration; without `required`, defaults when the file is missing."""
+        try:
+            return home_module.load_config(self.home, self.config_path)
+        except ConfigError:
+            if required or self.config_path.exists():
+                raise
+            return Config(craftsmen={}, spool=SpoolSettings())
+
+    def spool(self, config: Config | None = None) -> Spool:
+        """The spool of this home."""
+        settings = (config or self.config(required=False)).spool
+        return Spool.open(self.home, settings)
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.home / "db" / "koubou.db"
+
+
+def session() -> Session:
+    """The session of the running command, from the options seen on the command line."""
+    meta = click.get_current_context().find_root().meta
+    home = home_module.resolve(meta.get("koubou.home"))
+    return Session(home, home_module.config_path(home, meta.get("koubou.config")))
+
+
+def setup_logging() -> None:
+    """One line per event on stderr, at --log-level."""
+    level = click.get_current_context().find_root().meta.get("koubou.log_level", "info")
+    logging.basicConfig(stream=sys.stderr, level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def emit_json(value: Any) -> None:
+    """One JSON document on stdout."""
+    click.echo(json.dumps(value, ensure_ascii=False, indent=1, default=str))
+
+
+def _fail(error: Exception, code: int) -> None:
+    click.echo(f"{click.get_current_context().find_root().info_name}: {error}", err=True)
+    raise click.exceptions.Exit(code)
+
+
+class _Guarded:
+    """Maps KoubouError (and unexpected OS errors) to one sentence on stderr and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)  # type: ignore[misc]
+        except KoubouError as exc:
+            _fail(exc, exc.exit_code)
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename else ""
+            _fail(RuntimeError(f"{exc.strerror or exc}{where}; check the home's permissions"),
+                  EXIT_UNUSABLE)
+
+
+class KoubouGroup(_Guarded, click.Group):
+    """A click group with koubou's error mapping."""
+
+
+class KoubouCommand(_Guarded, click.Command):
+    """A click command with koubou's error mapping."""

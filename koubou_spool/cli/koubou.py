@@ -1,0 +1,208 @@
+"""`koubou`: init, info, worker, status, list, result, wait."""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__, home as home_module, ledger, status as status_module
+from ..errors import EXIT_OK, EXIT_TASK_FAILED, WaitTimeout
+from ..home import STATE_DIRS
+from ..worker import run_worker
+from .common import KoubouGroup, emit_json, home_options, session, setup_logging
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+@click.group(cls=KoubouGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="koubou")
+@home_options
+def cli() -> None:
+    """koubou-spool: a crash-safe spool of LLM tasks for local and cloud craftsmen.
+
+    Tasks are JSON files that move by rename through HOME/tasks/pending, in_progress,
+    completed and failed. Queue them with koubou-submit; run them with `koubou worker`.
+    """
+
+
+@cli.command()
+@home_options
+@json_option
+def init(as_json: bool) -> None:
+    """Create the home: directories, a commented config, the ledger. Safe to run again."""
+    where = session()
+    made = home_module.init(where.home)
+    ledger.open_ledger(where.ledger_path).close()
+    if as_json:
+        emit_json({"home": str(where.home), "created": [str(p) for p in made]})
+        return
+    click.echo(str(where.home))
+    if made:
+        click.echo(f"created {len(made)} entries; edit {where.config_path} to add craftsmen",
+                   err=True)
+
+
+@cli.command()
+@home_options
+@json_option
+def info(as_json: bool) -> None:
+    """Print which home, config and ledger are used, and the spool settings."""
+    where = session()
+    config = where.config(required=False)
+    facts = {"version": __version__, "home": str(where.home), "config": str(where.config_path),
+             "config_exists": where.config_path.exists(), "ledger": str(where.ledger_path),
+             "craftsmen": {name: {"backend": c.backend, "model": c.model, "local": c.local,
+                                  "base_url": c.base_url, "max_concurrent": c.max_concurrent}
+                           for name, c in config.craftsmen.items()},
+             "spool": vars(config.spool)}
+    if as_json:
+        emit_json(facts)
+        return
+    for key in ("version", "home", "config", "ledger"):
+        click.echo(f"{key:8} {facts[key]}")
+    for name, c in facts["craftsmen"].items():
+        where_to = f" at {c['base_url']}" if c["base_url"] else ""
+        click.echo(f"craftsman {name}: {c['backend']} {c['model']}{where_to}"
+                   f"{' (local)' if c['local'] else ''}")
+    click.echo("spool    " + ", ".join(f"{k}={v}" for k, v in facts["spool"].items()))
+
+
+@cli.command()
+@home_options
+@click.option("--craftsman", "craftsmen", multiple=True, metavar="NAME",
+              help="Serve only this craftsman (repeatable; default: all).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Tasks in flight in this process, all craftsmen together.")
+@click.option("--drain", is_flag=True, help="Exit once the queue is empty.")
+def worker(craftsmen: tuple[str, ...], concurrency: int, drain: bool) -> None:
+    """Run a worker: claim pending tasks and send them to their craftsmen.
+
+    SIGTERM or Ctrl-C stops claiming, lets tasks in flight finish (or requeues them after
+    spool.stop_grace_s), and exits 0.
+    """
+    setup_logging()
+    where = session()
+    config = where.config()
+    run_worker(where.home, config, craftsmen=list(craftsmen) or None,
+               concurrency=concurrency, drain=drain)
+
+
+@cli.command()
+@home_options
+@json_option
+@click.argument("task_id", required=False)
+def status(task_id: str | None, as_json: bool) -> None:
+    """Queue depth per state and live workers; with an ID, that task's state and attempts."""
+    where = session()
+    config = where.config(required=False)
+    spool = where.spool(config)
+    if task_id:
+        found = status_module.task_status(spool, where.ledger_path, task_id)
+        if as_json:
+            emit_json(found)
+        else:
+            _print_task_status(found)
+        return
+    facts = {"home": str(where.home), "queues": status_module.queue_counts(spool),
+             "workers": status_module.live_workers(spool, where.ledger_path,
+                                                   config.spool.lease_s)}
+    if as_json:
+        emit_json(facts)
+        return
+    click.echo("  ".join(f"{state} {n}" for state, n in facts["queues"].items()))
+    for w in facts["workers"]:
+        click.echo(f"worker {w['id']} {w['liveness']} in_flight={w.get('in_flight', '?')} "
+                   f"done={w.get('done', '?')} failed={w.get('failed', '?')}")
+
+
+def _print_task_status(found: dict) -> None:
+    click.echo(f"{found.get('id') or found['file']}: {found['state']}")
+    if found.get("worker_id"):
+        click.echo(f"  worker   {found['worker_id']}")
+    for attempt in found.get("attempts", []):
+        tokens = attempt.get("total_tokens")
+        click.echo(f"  attempt {attempt['attempt']}: {attempt.get('outcome') or 'running'} on "
+                   f"{attempt.get('craftsman')}" + (f", {tokens} tokens" if tokens else ""))
+    error = found.get("error")
+    if error:
+        click.echo(f"  error    {error['kind']}: {error['message']}")
+    result = found.get("result")
+    if result:
+        click.echo(f"  result   {len(result.get('content', ''))} characters from "
+                   f"{result.get('craftsman')} ({result.get('model')}), "
+                   f"{result.get('duration_s')} s; `koubou result {found['id']}` prints it")
+
+
+@cli.command(name="list")
+@home_options
+@json_option
+@click.option("--state", type=click.Choice(STATE_DIRS), multiple=True,
+              help="Only tasks in this state (repeatable; default: all).")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+def list_command(state: tuple[str, ...], limit: int, as_json: bool) -> None:
+    """List tasks, newest first."""
+    spool = session().spool()
+    listed = status_module.list_tasks(spool, list(state) or list(STATE_DIRS), limit)
+    if as_json:
+        emit_json(listed)
+        return
+    for item in listed:
+        label = item["id"] or item["file"]
+        extra = " (rejected input)" if item.get("rejected") else ""
+        click.echo(f"{item['time']}  {item['state']:11}  {label}{extra}")
+
+
+@cli.command()
+@home_options
+@json_option
+@click.argument("task_id")
+def result(task_id: str, as_json: bool) -> None:
+    """Print a finished task's result (exit 1 if it failed, 3 if it has not finished)."""
+    where = session()
+    spool = where.spool()
+    outcome = spool.outcome(task_id)
+    if outcome is None:
+        found = spool.find(task_id)
+        raise WaitTimeout(f"task {task_id} is {found.state}, not finished; "
+                          f"`koubou wait {task_id}` blocks until it is")
+    click.get_current_context().exit(_print_outcome(outcome, as_json))
+
+
+def _print_outcome(outcome: dict, as_json: bool) -> int:
+    if as_json:
+        emit_json(outcome)
+    elif outcome.get("status") == "completed":
+        click.echo(outcome["result"]["content"])
+    else:
+        error = outcome.get("error") or {}
+        click.echo(f"task {outcome.get('id') or outcome.get('file')} failed "
+                   f"({error.get('kind')}): {error.get('message')}", err=True)
+    return EXIT_OK if outcome.get("status") == "completed" else EXIT_TASK_FAILED
+
+
+@cli.command()
+@home_options
+@json_option
+@click.option("--timeout", type=float, default=None, help="Give up after S seconds (exit 3).")
+@click.argument("task_ids", nargs=-1, required=True)
+def wait(task_ids: tuple[str, ...], timeout: float | None, as_json: bool) -> None:
+    """Block until the tasks finish (inotify, no polling); exit 1 if any failed."""
+    spool = session().spool()
+    outcomes = status_module.wait_for_outcomes(spool, list(task_ids), timeout)
+    failed = [o for o in outcomes.values() if o.get("status") != "completed"]
+    if as_json:
+        emit_json(outcomes)
+    else:
+        for task_id, outcome in outcomes.items():
+            error = outcome.get("error") or {}
+            detail = f" ({error.get('kind')}: {error.get('message')})" if error else ""
+            click.echo(f"{task_id}: {outcome.get('status')}{detail}")
+    click.get_current_context().exit(EXIT_TASK_FAILED if failed else EXIT_OK)
+
+
+def main() -> None:
+    """Console entry point."""
+    cli(prog_name="koubou")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""`koubou-submit`: queue one task or a batch, optionally wait for the outcome."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .. import __version__
+from .. import status as status_module
+from .. import task as task_format
+from ..errors import EXIT_OK, EXIT_TASK_FAILED, InvalidTask, UsageError
+from ..task import DIFFICULTIES, SENSITIVITIES, Task
+from .common import KoubouCommand, home_options, session
+
+
+def _json_object(value: str | None, what: str) -> dict | None:
+    if value is None:
+        return None
+    try:
+        decoded = json.loads(value)
+    except ValueError as exc:
+        raise UsageError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(decoded, dict):
+        raise UsageError(f"{what} must be a JSON object")
+    return decoded
+
+
+def _read_task_file(path: str) -> dict:
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    obj = task_format.decode(data)
+    if not isinstance(obj, dict):
+        raise InvalidTask(f"{path}: a task file holds one JSON object")
+    return obj
+
+
+def _read_batch(path: str) -> list[Task]:
+    """Every line of a JSONL file as a task; all errors reported together, none queued then."""
+    try:
+        stream = sys.stdin.buffer if path == "-" else open(path, "rb")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    tasks, errors, seen = [], [], set()
+    with stream:
+        for number, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            try:
+                task = task_format.parse(line)
+            except InvalidTask as exc:
+                errors.append(f"line {number}: {exc}")
+                continue
+            if task.id in seen:
+                errors.append(f"line {number}: id {task.id} appears twice in the batch")
+            seen.add(task.id)
+            tasks.append(task)
+    if errors:
+        shown = "; ".join(errors[:5]) + (f"; and {len(errors) - 5} more" if len(errors) > 5 else "")
+        raise InvalidTask(f"{path}: {len(errors)} invalid lines, nothing queued: {shown}")
+    if not tasks:
+        raise InvalidTask(f"{path} holds no tasks")
+    return tasks
+
+
+def _single_task(text: str | None, file: str | None, fields: dict[str, Any]) -> Task:
+    if text is not None and file is not None:
+        raise UsageError("give the task as TEXT or --file, not both")
+    if file is not None:
+        obj = _read_task_file(file)
+    elif text == "-":
+        obj = {"content": sys.stdin.read()}
+    elif text is not None:
+        obj = {"content": text}
+    else:
+        raise UsageError("nothing to submit: give TEXT, - for stdin, --file or --batch")
+    obj.update({k: v for k, v in fields.items() if v not in (None, ())})
+    return task_format.validate(obj)
+
+
+@click.command(cls=KoubouCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="koubou-submit")
+@home_options
+@click.argument("text", required=False)
+@click.option("--file", "file", metavar="F", help="A JSON task file (- for stdin).")
+@click.option("--batch", metavar="FILE.jsonl",
+              help="One task or OpenAI Batch input line per line (- for stdin).")
+@click.option("--type", "type_", metavar="TYPE", help="Task type, e.g. code_review.")
+@click.option("--priority", type=click.IntRange(1, 10), help="1-10; 10 runs first (default 5).")
+@click.option("--difficulty", type=click.Choice(DIFFICULTIES))
+@click.option("--sensitivity", type=click.Choice(SENSITIVITIES),
+              help="confidential never leaves local craftsmen.")
+@click.option("--craftsman", metavar="NAME", help="Ask for a craftsman (routing may refuse).")
+@click.option("--model", help="Model override.")
+@click.option("--system", help="System prompt.")
+@click.option("--context", metavar="JSON", help="Extra context object given to the model.")
+@click.option("--attach", multiple=True, metavar="PATH", help="Attach a text file (repeatable).")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Output token limit.")
+@click.option("--id", "task_id", metavar="ID",
+              help="Task id; resubmitting an existing id queues nothing and exits 0.")
+@click.option("--wait", is_flag=True, help="Block until done and print the result.")
+@click.option("--timeout", type=float, help="With --wait: give up after S seconds (exit 3).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of ids/results.")
+def submit(text: str | None, file: str | None, batch: str | None, type_: str | None,
+           priority: int | None, difficulty: str | None, sensitivity: str | None,
+           craftsman: str | None, model: str | None, system: str | None, context: str | None,
+           attach: tuple[str, ...], max_tokens: int | None, task_id: str | None, wait: bool,
+           timeout: float | None, as_json: bool) -> None:
+    """Queue a task for the craftsmen: TEXT, - (stdin), --file F, or --batch FILE.jsonl.
+
+    Prints the id of each task queued. Exit codes: 0 ok, 1 the task failed (with --wait),
+    2 invalid input, 3 --timeout passed (the task stays queued), 4 spool unusable.
+    """
+    where = session()
+    spool = where.spool()
+    fields = {"type": type_, "priority": priority, "difficulty": difficulty,
+              "sensitivity": sensitivity, "craftsman": craftsman, "model": model,
+              "system": system, "context": _json_object(context, "--context"),
+              "files": list(attach) or None, "max_tokens": max_tokens, "id": task_id}
+    if batch is not None:
+        if text is not None or file is not None or task_id is not None:
+            raise UsageError("--batch takes its tasks from the file; drop TEXT, --file and --id")
+        tasks = _read_batch(batch)
+    else:
+        tasks = [_single_task(text, file, fields)]
+    submitted = spool.submit(tasks)
+    for task, state, new in submitted:
+        if as_json and not wait:
+            click.echo(json.dumps({"id": task.id, "state": state, "new": new}))
+        elif not as_json:
+            click.echo(task.id if new else f"{task.id} (already {state})",
+                       err=wait and len(tasks) == 1)
+    if not wait:
+        return
+    outcomes = status_module.wait_for_outcomes(spool, [t.id for t in tasks], timeout)
+    click.get_current_context().exit(_report(outcomes, as_json))
+
+
+def _report(outcomes: dict[str, dict], as_json: bool) -> int:
+    failed = 0
+    for task_id, outcome in outcomes.items():
+        if outcome.get("status") != "completed":
+            failed += 1
+        if as_json:
+            click.echo(json.dumps(outcome, ensure_ascii=False))
+        elif outcome.get("status") == "completed":
+            if len(outcomes) > 1:
+                click.echo(f"== {task_id}")
+            click.echo(outcome["result"]["content"])
+        else:
+            error = outcome.get("error") or {}
+            click.echo(f"koubou-submit: task {task_id} failed ({error.get('kind')}): "
+                       f"{error.get('message')}", err=True)
+    return EXIT_TASK_FAILED if failed else EXIT_OK
+
+
+def main() -> None:
+    """Console entry point."""
+    submit(prog_name="koubou-submit")
+
+
+if __name__ == "__main__":
+    main()

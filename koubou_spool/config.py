@@ -1,0 +1,229 @@
+"""Settings from config/koubou.yaml (PRODUCT.md §6): craftsmen, routing and spool knobs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+BACKENDS = ("openai", "echo", "command")
+TOKEN_LIMIT_PARAMS = ("max_tokens", "max_completion_tokens")
+
+
+@dataclass(frozen=True)
+class Craftsman:
+    """One craftsman: where it lives, what it may receive and what it costs."""
+
+    name: str
+    backend: str
+    model: str = ""
+    base_url: str = ""
+    local: bool = False
+    max_concurrent: int = 1
+    timeout_s: float = 300.0
+    max_tokens: int = 2048
+    temperature: float | None = None
+    reasoning_effort: str | None = None
+    token_limit_param: str = "max_tokens"
+    retries: int = 2
+    api_key_env: str | None = None
+    system: str | None = None
+    input_per_mtok: float = 0.0
+    output_per_mtok: float = 0.0
+    latency_ms: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def api_key(self) -> str:
+        """The API key from the environment; local servers get a placeholder the client requires."""
+        if not self.api_key_env:
+            return "not-needed"
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise ConfigError(f"craftsman {self.name}: environment variable {self.api_key_env} "
+                              "is not set; export it before starting the worker")
+        return key
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """The price of one call, from the configured per-million-token prices."""
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+
+
+@dataclass(frozen=True)
+class SpoolSettings:
+    """The `spool:` section."""
+
+    fsync: bool = True
+    heartbeat_s: float = 10.0
+    lease_s: float = 60.0
+    max_attempts: int = 3
+    max_task_bytes: int = 1_048_576
+    grace_s: float = 3.0
+    stop_grace_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration."""
+
+    craftsmen: dict[str, Craftsman]
+    spool: SpoolSettings = SpoolSettings()
+    routing: dict[str, Any] = field(default_factory=dict)
+    budget: dict[str, Any] = field(default_factory=dict)
+    hooks: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def _number(section: str, key: str, value: Any, *, integer: bool = False, low: float = 0) -> Any:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value < low:
+        what = "an integer" if integer else "a number"
+        raise ConfigError(f"{section}.{key}: expected {what} of at least {low:g}, got {value!r}")
+    return value
+
+
+def _craftsman(name: str, spec: Any) -> Craftsman:
+    where = f"craftsmen.{name}"
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: expected a mapping of settings, got {spec!r}")
+    backend = spec.get("backend")
+    if backend not in BACKENDS:
+        raise ConfigError(f"{where}.backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "openai" and not (spec.get("base_url") and spec.get("model")):
+        raise ConfigError(f"{where}: an openai craftsman needs base_url and model")
+    limit_param = spec.get("token_limit_param", "max_tokens")
+    if limit_param not in TOKEN_LIMIT_PARAMS:
+        raise ConfigError(f"{where}.token_limit_param: expected one of "
+                          f"{', '.join(TOKEN_LIMIT_PARAMS)}, got {limit_param!r}")
+    price = spec.get("price") or {}
+    if not isinstance(price, dict):
+        raise ConfigError(f"{where}.price: expected {{input_per_mtok, output_per_mtok}}, got {price!r}")
+    known = {"backend", "model", "base_url", "local", "max_concurrent", "timeout_s", "max_tokens",
+             "temperature", "reasoning_effort", "token_limit_param", "retries", "api_key_env",
+             "system", "price", "latency_ms"}
+    return Craftsman(
+        name=name, backend=backend, model=str(spec.get("model", backend)),
+        base_url=str(spec.get("base_url", "")),
+        local=bool(spec.get("local", backend == "echo")),
+        max_concurrent=_number(where, "max_concurrent", spec.get("max_concurrent", 1),
+                               integer=True, low=1),
+        timeout_s=float(_number(where, "timeout_s", spec.get("timeout_s", 300), low=0.001)),
+        max_tokens=_number(where, "max_tokens", spec.get("max_tokens", 2048), integer=True, low=1),
+        temperature=spec.get("temperature"),
+        reasoning_effort=spec.get("reasoning_effort"),
+        token_limit_param=limit_param,
+        retries=_number(where, "retries", spec.get("retries", 2), integer=True),
+        api_key_env=spec.get("api_key_env"),
+        system=spec.get("system"),
+        input_per_mtok=float(_number(where, "price.input_per_mtok", price.get("input_per_mtok", 0))),
+        output_per_mtok=float(_number(where, "price.output_per_mtok",
+                                      price.get("output_per_mtok", 0))),
+        latency_ms=float(_number(where, "latency_ms", spec.get("latency_ms", 0))),
+        options={k: v for k, v in spec.items() if k not in known},
+    )
+
+
+def _spool(spec: Any) -> SpoolSettings:
+    if spec is None:
+        return SpoolSettings()
+    if not isinstance(spec, dict):
+        raise ConfigError(f"spool: expected a mapping of settings, got {spec!r}")
+    defaults = SpoolSettings()
+    unknown = set(spec) - set(defaults.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"spool: unknown setting {sorted(unknown)[0]!r}; known: "
+                          + ", ".join(defaults.__dataclass_fields__))
+    values = {}
+    for key, value in spec.items():
+        if key == "fsync":
+            if not isinstance(value, bool):
+                raise ConfigError(f"spool.fsync: expected true or false, got {value!r}")
+            values[key] = value
+        else:
+            integer = key in ("max_attempts", "max_task_bytes")
+            values[key] = _number("spool", key, value, integer=integer, low=1 if integer else 0)
+    return SpoolSettings(**values)
+
+
+def parse(data: Any, path: Path | None = None) -> Config:
+    """Build a Config from the decoded YAML document."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping at the top level")
+    craftsmen = data.get("craftsmen") or {}
+    if not isinstance(craftsmen, dict):
+        raise ConfigError("craftsmen: expected a mapping of name to settings")
+    return Config(
+        craftsmen={str(name): _craftsman(str(name), spec) for name, spec in craftsmen.items()},
+        spool=_spool(data.get("spool")),
+        routing=data.get("routing") or {},
+        budget=data.get("budget") or {},
+        hooks=data.get("hooks") or {},
+        path=path,
+    )
+
+
+def load(path: Path) -> Config:
+    """Read and check a config file; a missing file is an error that says to run `koubou init`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"no config at {path}; run `koubou init` to create the home") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse(data, path)
+
+
+DEFAULT_CONFIG = """\
+# koubou-spool configuration (PRODUCT.md §6). Keys never live here: name the environment
+# variable that holds one with api_key_env.
+
+craftsmen:
+  # A local OpenAI-compatible server: LM Studio (default port 1234), Ollama
+  # (http://localhost:11434/v1), vLLM (:8000/v1) or llama.cpp's llama-server (:8080/v1).
+  local:
+    backend: openai
+    base_url: http://localhost:1234/v1
+    model: gpt-oss-20b
+    local: true             # may receive confidential content
+    max_concurrent: 3       # requests in flight to this craftsman
+    timeout_s: 300          # per attempt
+    max_tokens: 2048        # always sent: some local servers otherwise generate to the context limit
+    price: {input_per_mtok: 0, output_per_mtok: 0}
+
+  # Built in: answers with the prompt it was given. Free and local; try the plumbing with
+  #   koubou-submit --craftsman echo "hello" --wait
+  echo:
+    backend: echo
+    latency_ms: 0
+    max_concurrent: 16
+
+  # A cloud craftsman (uncomment and export OPENAI_API_KEY):
+  # gpt5:
+  #   backend: openai
+  #   base_url: https://api.openai.com/v1
+  #   api_key_env: OPENAI_API_KEY
+  #   model: gpt-5
+  #   token_limit_param: max_completion_tokens
+  #   price: {input_per_mtok: 1.25, output_per_mtok: 10.0}
+
+routing:
+  rules:                    # first match wins; a task may also name its craftsman
+    - {then: local}
+
+spool:
+  fsync: true               # fsync files and directories on every state change
+  heartbeat_s: 10
+  lease_s: 60
+  max_attempts: 3
+  max_task_bytes: 1048576
+"""

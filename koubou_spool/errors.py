@@ -1,0 +1,57 @@
+"""One exception base for the whole package; the CLI maps each kind to an exit code (PRODUCT.md §5)."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_TASK_FAILED = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 3
+EXIT_UNUSABLE = 4
+
+
+class KoubouError(Exception):
+    """Base of every error koubou raises on purpose; `exit_code` is what the CLI exits with."""
+
+    exit_code = EXIT_UNUSABLE
+
+
+class InvalidTask(KoubouError, ValueError):
+    """Input that is not a valid task (PRODUCT.md §3)."""
+
+    exit_code = EXIT_USAGE
+
+
+class UsageError(KoubouError, ValueError):
+    """A command was asked for something it cannot do as asked."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(KoubouError, ValueError):
+    """The configuration file is missing, unreadable or wrong."""
+
+    exit_code = EXIT_UNUSABLE
+
+
+class SpoolError(KoubouError, OSError):
+    """The spool directories are missing or unusable."""
+
+    exit_code = EXIT_UNUSABLE
+
+
+class TaskNotFound(KoubouError, LookupError):
+    """No task with that id or file name is in the spool."""
+
+    exit_code = EXIT_USAGE
+
+
+class WaitTimeout(KoubouError, TimeoutError):
+    """Waiting for a task ran out of time; the task stays queued."""
+
+    exit_code = EXIT_TIMEOUT
+
+
+class TaskFailed(KoubouError):
+    """A task the caller waited for ended in failed/."""
+
+    exit_code = EXIT_TASK_FAILED

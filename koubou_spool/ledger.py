@@ -1,0 +1,315 @@
+"""The ledger: every SQL statement of koubou lives in this module (PRODUCT.md §7).
+
+SQLite in WAL mode. Workers write through one background thread per process that batches
+records into transactions and keeps them while the database is locked or missing, so a locked
+ledger never stops local work: the spool is the source of truth and the records follow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Callable
+
+from .task import parse_iso
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 2000
+MAX_BACKOFF_S = 2.0
+
+MIGRATIONS: list[tuple[str, str]] = [
+    ("0001_initial", """
+        CREATE TABLE workers (
+            id TEXT PRIMARY KEY, host TEXT, pid INTEGER, craftsmen TEXT,
+            started_at REAL, heartbeat_at REAL, state TEXT,
+            in_flight INTEGER NOT NULL DEFAULT 0, done INTEGER NOT NULL DEFAULT 0,
+            failed INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE attempts (
+            task_id TEXT NOT NULL, attempt INTEGER NOT NULL, worker_id TEXT, craftsman TEXT,
+            model TEXT, claimed_at REAL, finished_at REAL, outcome TEXT, error_kind TEXT,
+            error_message TEXT, prompt_tokens INTEGER, completion_tokens INTEGER,
+            total_tokens INTEGER, cost_usd REAL,
+            PRIMARY KEY (task_id, attempt));
+        CREATE INDEX attempts_finished_at ON attempts (finished_at);
+        CREATE TABLE tasks (
+            id TEXT PRIMARY KEY, type TEXT, priority INTEGER, craftsman TEXT, model TEXT,
+            status TEXT, error_kind TEXT, attempts INTEGER, queued_at REAL, started_at REAL,
+            finished_at REAL, prompt_tokens INTEGER, completion_tokens INTEGER,
+            total_tokens INTEGER, cost_usd REAL, created_by TEXT);
+        CREATE INDEX tasks_finished_at ON tasks (finished_at);
+        CREATE TABLE rejects (file TEXT PRIMARY KEY, reason TEXT, at REAL);
+    """),
+]
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection in autocommit mode (we issue BEGIN ourselves), WAL, with a busy timeout."""
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                           check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> list[str]:
+    """Apply the migrations not yet recorded, each in its own transaction; returns their names."""
+    conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL)")
+    done = {row[0] for row in conn.execute("SELECT name FROM migrations")}
+    applied = []
+    for name, script in MIGRATIONS:
+        if name in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute("SELECT 1 FROM migrations WHERE name = ?", (name,)).fetchone():
+                conn.execute("ROLLBACK")  # another process applied it while we waited
+                continue
+            for statement in script.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        applied.append(name)
+    return applied
+
+
+def open_ledger(path: Path) -> sqlite3.Connection:
+    """A migrated connection."""
+    conn = connect(path)
+    migrate(conn)
+    return conn
+
+
+# --- rows --------------------------------------------------------------------------------------
+
+def _time(record: dict, key: str) -> float | None:
+    value = record.get(key)
+    return parse_iso(value) if isinstance(value, str) else None
+
+
+def task_row(record: dict[str, Any]) -> dict[str, Any]:
+    """The tasks-table row an outcome record stands for (also used to rebuild the ledger)."""
+    result = record.get("result") or {}
+    error = record.get("error") or {}
+    usage = result.get("usage") or {}
+    return {
+        "id": record["id"], "type": record.get("type", "general"),
+        "priority": record.get("priority", 5), "craftsman": result.get("craftsman"),
+        "model": result.get("model"), "status": record.get("status"),
+        "error_kind": error.get("kind"),
+        "attempts": result.get("attempts", error.get("attempts")),
+        "queued_at": _time(result, "queued_at") or _time(record, "submitted_at"),
+        "started_at": _time(result, "started_at"),
+        "finished_at": _time(result, "finished_at") or _time(error, "at"),
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "total_tokens": usage.get("total_tokens"), "cost_usd": result.get("cost_usd"),
+        "created_by": record.get("created_by"),
+    }
+
+
+def _upsert(conn: sqlite3.Connection, table: str, row: dict[str, Any]) -> None:
+    names = ", ".join(row)
+    marks = ", ".join("?" for _ in row)
+    conn.execute(f"INSERT OR REPLACE INTO {table} ({names}) VALUES ({marks})", tuple(row.values()))
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+class LedgerWriter:
+    """One thread that owns the write connection; records wait in memory while SQLite is busy."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.backlog = False
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._conn: sqlite3.Connection | None = None
+        self._thread = threading.Thread(target=self._run, name="ledger", daemon=True)
+        self._thread.start()
+
+    def _submit(self, op: Callable[[sqlite3.Connection], None]) -> Future:
+        future: Future = Future()
+        self._queue.put((op, future))
+        return future
+
+    # Each public method is one record; the SQL stays here.
+
+    def worker_started(self, worker_id: str, host: str, pid: int, craftsmen: list[str],
+                       at: float) -> Future:
+        """A worker came up."""
+        row = {"id": worker_id, "host": host, "pid": pid, "craftsmen": ",".join(craftsmen),
+               "started_at": at, "heartbeat_at": at, "state": "running"}
+        return self._submit(lambda c: _upsert(c, "workers", row))
+
+    def heartbeat(self, worker_id: str, state: str, in_flight: int, done: int, failed: int,
+                  at: float) -> Future:
+        """A worker is alive: its state and counters."""
+        return self._submit(lambda c: c.execute(
+            "UPDATE workers SET heartbeat_at = ?, state = ?, in_flight = ?, done = ?, failed = ?"
+            " WHERE id = ?", (at, state, in_flight, done, failed, worker_id)))
+
+    def attempt_started(self, task_id: str, attempt: int, worker_id: str, craftsman: str,
+                        model: str, claimed_at: float) -> Future:
+        """A claim: one attempt begins."""
+        row = {"task_id": task_id, "attempt": attempt, "worker_id": worker_id,
+               "craftsman": craftsman, "model": model, "claimed_at": claimed_at}
+        return self._submit(lambda c: _upsert(c, "attempts", row))
+
+    def attempt_finished(self, task_id: str, attempt: int, outcome: str, *, finished_at: float,
+                         error_kind: str | None = None, message: str | None = None,
+                         usage: dict[str, int] | None = None, cost_usd: float | None = None,
+                         model: str | None = None, record: dict[str, Any] | None = None) -> Future:
+        """An attempt ended (completed, failed, or retry); with `record` the task's outcome too."""
+        usage = usage or {}
+        params = (finished_at, outcome, error_kind, message, usage.get("prompt_tokens"),
+                  usage.get("completion_tokens"), usage.get("total_tokens"), cost_usd, model,
+                  task_id, attempt)
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE attempts SET finished_at = ?, outcome = ?, error_kind = ?,"
+                " error_message = ?, prompt_tokens = ?, completion_tokens = ?, total_tokens = ?,"
+                " cost_usd = ?, model = COALESCE(?, model) WHERE task_id = ? AND attempt = ?",
+                params)
+            if record is not None:
+                _upsert(conn, "tasks", task_row(record))
+        return self._submit(write)
+
+    def task_finished(self, record: dict[str, Any]) -> Future:
+        """A task reached completed/ or failed/ without an attempt of its own (e.g. lost)."""
+        return self._submit(lambda c: _upsert(c, "tasks", task_row(record)))
+
+    def rejected(self, file: str, reason: str, at: float) -> Future:
+        """Input that was not a task went to failed/."""
+        row = {"file": file, "reason": reason, "at": at}
+        return self._submit(lambda c: _upsert(c, "rejects", row))
+
+    def worker_stopped(self, worker_id: str, at: float) -> Future:
+        """A worker exited cleanly."""
+        return self._submit(lambda c: c.execute(
+            "UPDATE workers SET state = 'stopped', heartbeat_at = ?, in_flight = 0 WHERE id = ?",
+            (at, worker_id)))
+
+    # The thread.
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued (waiting up to `timeout` for a locked ledger), then stop."""
+        self._queue.put(None)
+        self._wake.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("ledger %s stayed locked; %d records not written (the outcome files keep "
+                        "them: `koubou ledger rebuild`)", self.path, self._queue.qsize())
+
+    def _run(self) -> None:
+        pending: list[tuple[Callable, Future]] = []
+        stopping = False
+        backoff = 0.05
+        while True:
+            if not pending:
+                item = self._queue.get()
+                if item is None:
+                    break
+                pending.append(item)
+            while len(pending) < 1000:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                pending.append(item)
+            if self._write(pending):
+                pending, backoff, self.backlog = [], 0.05, False
+                if stopping:
+                    break
+                continue
+            self.backlog = True
+            self._wake.wait(backoff)  # retry backoff while the ledger is locked or missing
+            self._wake.clear()
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+        if self._conn is not None:
+            self._conn.close()
+
+    def _write(self, batch: list[tuple[Callable, Future]]) -> bool:
+        try:
+            if self._conn is None:
+                self._conn = open_ledger(self.path)
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            log.debug("ledger busy or unavailable: %s", exc)
+            self._drop_connection()
+            return False
+        try:
+            for op, _ in batch:
+                op(self._conn)
+            self._conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            log.debug("ledger write deferred: %s", exc)
+            self._rollback()
+            return False
+        except sqlite3.Error as exc:
+            log.error("ledger write failed, %d records dropped: %s", len(batch), exc)
+            self._rollback()
+            for _, future in batch:
+                future.set_exception(exc)
+            return True
+        for _, future in batch:
+            future.set_result(None)
+        return True
+
+    def _rollback(self) -> None:
+        try:
+            self._conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            self._drop_connection()
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except sqlite3.Error:
+                pass
+            self._conn = None
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+def workers(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Every worker the ledger knows, newest first."""
+    return [dict(r) for r in conn.execute("SELECT * FROM workers ORDER BY started_at DESC")]
+
+
+def attempts(conn: sqlite3.Connection, task_id: str) -> list[dict[str, Any]]:
+    """The attempts of one task, in order."""
+    return [dict(r) for r in conn.execute(
+        "SELECT * FROM attempts WHERE task_id = ? ORDER BY attempt", (task_id,))]
+
+
+def totals(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Attempt, token and cost totals over the whole ledger."""
+    row = conn.execute(
+        "SELECT COUNT(*) AS attempts, COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens,"
+        " COALESCE(SUM(completion_tokens), 0) AS completion_tokens,"
+        " COALESCE(SUM(cost_usd), 0) AS cost_usd FROM attempts").fetchone()
+    return dict(row)
+
+
+def dumps(value: Any) -> str:
+    """JSON for ledger text columns."""
+    return json.dumps(value, ensure_ascii=False)

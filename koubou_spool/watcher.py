@@ -1,0 +1,150 @@
+"""inotify on the spool, and the in-memory order in which pending tasks are claimed.
+
+inotify is only a wake-up: the directory is the truth. A worker scans pending/ once at start and
+again if the event queue overflows; between scans, events feed the order, so a claim costs the
+same with 10 or 100,000 tasks pending (a heap pop, not a listdir).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import select
+import time
+from pathlib import Path
+from typing import Iterator
+
+from inotify_simple import INotify, flags
+
+# IN_CLOSE_WRITE, not IN_CREATE or IN_MODIFY: a file `cp` is still writing is never read.
+# IN_CREATE is watched only to refuse what never gets a close: symlinks, FIFOs, directories.
+PENDING_MASK = flags.MOVED_TO | flags.CLOSE_WRITE | flags.CREATE
+OUTCOME_MASK = flags.MOVED_TO | flags.CLOSE_WRITE
+OVERFLOW = ""
+
+
+class Watcher:
+    """Non-blocking inotify watches; `events()` yields (directory, name, mask)."""
+
+    def __init__(self) -> None:
+        self._inotify = INotify(nonblocking=True)
+        self._dirs: dict[int, Path] = {}
+
+    def watch(self, directory: Path, mask: int) -> None:
+        """Start watching a directory."""
+        self._dirs[self._inotify.add_watch(directory, mask)] = directory
+
+    def fileno(self) -> int:
+        """The inotify descriptor, for select or an event loop."""
+        return self._inotify.fileno()
+
+    def events(self) -> Iterator[tuple[Path | None, str, int]]:
+        """Pending events; (None, OVERFLOW, mask) when the kernel queue overflowed."""
+        for event in self._inotify.read(timeout=0):
+            if event.mask & flags.Q_OVERFLOW:
+                yield None, OVERFLOW, event.mask
+            elif event.wd in self._dirs:
+                yield self._dirs[event.wd], event.name, event.mask
+
+    def wait(self, timeout: float | None) -> bool:
+        """Block until an event is ready or `timeout` seconds pass; True when one is ready."""
+        ready, _, _ = select.select([self.fileno()], [], [], timeout)
+        return bool(ready)
+
+    def close(self) -> None:
+        """Release the inotify descriptor."""
+        self._inotify.close()
+
+
+class ReadyQueue:
+    """Claimable pending files per craftsman: priority 10 first, then first come, first served."""
+
+    def __init__(self) -> None:
+        self._heaps: dict[str, list[tuple[int, int, str]]] = {}
+        self._live: dict[str, int] = {}  # name -> sequence of its current entry
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._live
+
+    def push(self, craftsman: str, priority: int, name: str) -> None:
+        """Queue a file (again): a later push of the same name replaces the earlier one."""
+        seq = next(self._seq)
+        self._live[name] = seq
+        heapq.heappush(self._heaps.setdefault(craftsman, []), (-priority, seq, name))
+
+    def discard(self, name: str) -> None:
+        """Forget a file (claimed or rejected elsewhere); its heap entry is skipped lazily."""
+        self._live.pop(name, None)
+
+    def head(self, craftsman: str) -> tuple[int, int, str] | None:
+        """The next entry for a craftsman without taking it."""
+        heap = self._heaps.get(craftsman)
+        while heap:
+            _, seq, name = heap[0]
+            if self._live.get(name) == seq:
+                return heap[0]
+            heapq.heappop(heap)
+        return None
+
+    def pop(self, craftsman: str) -> str | None:
+        """Take the next file for a craftsman."""
+        entry = self.head(craftsman)
+        if entry is None:
+            return None
+        heapq.heappop(self._heaps[craftsman])
+        del self._live[entry[2]]
+        return entry[2]
+
+    def clear(self) -> None:
+        """Forget everything (before a rescan)."""
+        self._heaps.clear()
+        self._live.clear()
+
+
+def scan_order(directory: Path) -> list[str]:
+    """Entries of a directory, oldest first (FIFO for a scan), dot files left out."""
+    entries = []
+    with os.scandir(directory) as it:
+        for entry in it:
+            if entry.name.startswith("."):
+                continue
+            try:
+                mtime = entry.stat(follow_symlinks=False).st_mtime_ns
+            except FileNotFoundError:
+                continue
+            entries.append((mtime, entry.name))
+    entries.sort()
+    return [name for _, name in entries]
+
+
+def wait_for_files(directories: list[Path], names: set[str], timeout: float | None) -> set[str]:
+    """Block on inotify until each name exists in one of the directories; returns those found.
+
+    Watches first, then looks, so a file that appears in between is not missed.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    watcher = Watcher()
+    try:
+        for directory in directories:
+            watcher.watch(directory, OUTCOME_MASK)
+        missing = {n for n in names if not any(os.path.lexists(d / n) for d in directories)}
+        while missing:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            if not watcher.wait(left):
+                continue
+            for _, name, mask in watcher.events():
+                if name == OVERFLOW:
+                    missing = {n for n in missing
+                               if not any(os.path.lexists(d / n) for d in directories)}
+                else:
+                    missing.discard(name)
+        return names - missing
+    finally:
+        watcher.close()

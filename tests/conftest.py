@@ -1,0 +1,137 @@
+"""Shared fixtures: a temporary home, the loopback fake OpenAI server, real worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from koubou_spool import home as home_module
+from koubou_spool import task as task_format
+from koubou_spool.spool import Spool
+from koubou_spool.watcher import wait_for_files
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fake_openai import FakeOpenAI  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own KOUBOU_HOME, and no variable that could send traffic elsewhere."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("KOUBOU_HOME", str(home))
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+                 "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    return home
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[FakeOpenAI]:
+    """The loopback OpenAI-compatible server."""
+    fake = FakeOpenAI().start()
+    yield fake
+    fake.stop()
+
+
+def write_config(home: Path, base_url: str = "http://127.0.0.1:9/v1", **overrides: Any) -> Path:
+    """A config with an openai craftsman `local` at base_url and the `echo` craftsman."""
+    config = {
+        "craftsmen": {
+            "local": {"backend": "openai", "base_url": base_url, "model": "fake-model",
+                      "local": True, "max_concurrent": 4, "timeout_s": 10, "max_tokens": 64,
+                      "retries": 0},
+            "echo": {"backend": "echo", "max_concurrent": 16},
+        },
+        "routing": {"rules": [{"then": "local"}]},
+        "spool": {"fsync": True, "heartbeat_s": 1, "lease_s": 10, "grace_s": 0.5,
+                  "stop_grace_s": 10},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key].update(value)
+        else:
+            config[key] = value
+    path = home / "config" / "koubou.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def home(isolated_env: Path, fake_openai: FakeOpenAI) -> Path:
+    """An initialised home whose `local` craftsman is the fake server."""
+    home_module.init(isolated_env)
+    write_config(isolated_env, fake_openai.base_url)
+    return isolated_env
+
+
+@pytest.fixture
+def spool(home: Path) -> Spool:
+    return Spool.open(home)
+
+
+class Workers:
+    """Worker subprocesses started by a test, all reaped at its end."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, home: Path, *args: str) -> subprocess.Popen:
+        log = open(self.tmp_path / f"worker-{len(self.procs)}.log", "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "koubou_spool.cli.koubou", "worker", "--home", str(home),
+             "--log-level", "info", *args],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        proc.log_path = log.name  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Workers]:
+    pool = Workers(tmp_path)
+    yield pool
+    pool.stop_all()
+
+
+def log_of(proc: subprocess.Popen) -> str:
+    return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
+
+
+def submit(spool: Spool, **fields: Any) -> str:
+    """Queue one task through the spool API and return its id."""
+    fields.setdefault("content", "hello")
+    task = task_format.validate(fields)
+    spool.submit([task])
+    return task.id
+
+
+def wait_outcomes(spool: Spool, ids: list[str], timeout: float = 30) -> dict[str, dict]:
+    """Outcome records of the tasks, waiting with inotify; fails the test on timeout."""
+    names = {f"{i}.json" for i in ids}
+    found = wait_for_files([spool.completed, spool.failed], names, timeout)
+    assert found == names, f"{len(names - found)} tasks not finished in {timeout} s"
+    return {i: spool.outcome(i) for i in ids}
+
+
+def wait_file(directory: Path, name: str, timeout: float = 10) -> None:
+    assert wait_for_files([directory], {name}, timeout) == {name}, f"{name} not in {directory}"
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_bytes())

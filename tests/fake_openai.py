@@ -1,0 +1,153 @@
+"""A loopback HTTP server speaking OpenAI chat completions, with knobs for tests and benchmarks.
+
+`/v1/models` lists the model; `/v1/chat/completions` answers "echo: <last user message>" with a
+`usage` block. Knobs: `latency_s`, `fail_next` (answer that many requests with `fail_status`),
+`rate_limit_next` (answer that many with 429 and Retry-After), `reject_next` (400 with an
+OpenAI-style error). Every request is logged in `requests`. Binds 127.0.0.1 only.
+Run it alone with `python tests/fake_openai.py [--latency-ms N]`: it prints its port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class FakeOpenAI:
+    """The server and its knobs; `base_url` is what a craftsman points at."""
+
+    def __init__(self, model: str = "fake-model", latency_s: float = 0.0) -> None:
+        self.model = model
+        self.latency_s = latency_s
+        self.fail_next = 0
+        self.fail_status = 500
+        self.rate_limit_next = 0
+        self.retry_after_s = 0.1
+        self.reject_next = 0
+        self.requests: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.request_seen = threading.Event()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> "FakeOpenAI":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def completions(self) -> list[dict[str, Any]]:
+        """Logged chat completion requests (bodies), in arrival order."""
+        with self.lock:
+            return [r["body"] for r in self.requests if r["path"].endswith("/chat/completions")]
+
+    def _next_fault(self) -> tuple[int, dict[str, Any], dict[str, str]] | None:
+        with self.lock:
+            if self.rate_limit_next > 0:
+                self.rate_limit_next -= 1
+                return 429, _error("rate limited", "rate_limit_exceeded"), {
+                    "Retry-After": f"{self.retry_after_s:g}"}
+            if self.fail_next > 0:
+                self.fail_next -= 1
+                return self.fail_status, _error("the server had an error", "server_error"), {}
+            if self.reject_next > 0:
+                self.reject_next -= 1
+                return 400, _error("This model's maximum context length is 512 tokens",
+                                   "context_length_exceeded"), {}
+        return None
+
+
+def _error(message: str, code: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "invalid_request_error", "code": code}}
+
+
+def _words(messages: list[dict[str, Any]]) -> int:
+    return sum(len(str(m.get("content", "")).split()) for m in messages)
+
+
+def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:  # keep test output quiet
+            pass
+
+        def _send(self, status: int, body: dict[str, Any], headers: dict[str, str] = {}) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            if self.path.rstrip("/").endswith("/models"):
+                self._send(200, {"object": "list", "data": [
+                    {"id": fake.model, "object": "model", "owned_by": "fake"}]})
+            else:
+                self._send(404, _error("not found", "not_found"))
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length)
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                self._send(400, _error("bad JSON", "invalid_json"))
+                return
+            with fake.lock:
+                fake.requests.append({"path": self.path, "body": body, "at": time.time(),
+                                      "authorization": self.headers.get("Authorization")})
+            fake.request_seen.set()
+            if not self.path.endswith("/chat/completions"):
+                self._send(404, _error("not found", "not_found"))
+                return
+            fault = fake._next_fault()
+            if fault is not None:
+                self._send(*fault)
+                return
+            if fake.latency_s:
+                time.sleep(fake.latency_s)
+            messages = body.get("messages") or []
+            users = [m for m in messages if m.get("role") == "user"]
+            text = "echo: " + str(users[-1].get("content", "")) if users else "echo:"
+            prompt_tokens, completion_tokens = _words(messages), len(text.split())
+            self._send(200, {
+                "id": f"chatcmpl-{len(fake.requests)}", "object": "chat.completion",
+                "created": int(time.time()), "model": body.get("model", fake.model),
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}})
+
+    return Handler
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    args = parser.parse_args()
+    fake = FakeOpenAI(latency_s=args.latency_ms / 1000)
+    print(fake.port, flush=True)
+    fake.server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The spool's file moves: atomic submit, one owner per claim, fencing, rejects."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import read_json, submit
+from koubou_spool import task as task_format
+from koubou_spool.errors import SpoolError, TaskNotFound
+from koubou_spool.spool import Refused, Spool
+
+
+def test_open_refuses_a_directory_that_is_not_a_home(tmp_path: Path) -> None:
+    with pytest.raises(SpoolError, match="run `koubou init"):
+        Spool.open(tmp_path)
+
+
+def test_submit_is_atomic_and_leaves_no_temporaries(spool: Spool) -> None:
+    task_id = submit(spool, content="hi", priority=7)
+    assert os.listdir(spool.pending) == [f"{task_id}.json"]
+    assert [n for n in os.listdir(spool.tmp)] == []
+    stored = read_json(spool.pending / f"{task_id}.json")
+    assert stored["content"] == "hi" and stored["priority"] == 7 and stored["id"] == task_id
+    assert "submitted_at" in stored
+
+
+def test_resubmitting_an_id_is_idempotent_in_every_state(spool: Spool) -> None:
+    task = task_format.validate({"id": "nightly", "content": "a"})
+    assert spool.submit([task])[0][1:] == ("pending", True)
+    again = task_format.validate({"id": "nightly", "content": "changed"})
+    assert spool.submit([again])[0][1:] == ("pending", False)
+    assert read_json(spool.pending / "nightly.json")["content"] == "a"
+    claim = spool.claim("nightly.json", "w-1-aaaa")
+    assert spool.submit([again])[0][1:] == ("in_progress", False)
+    spool.publish(claim, "nightly", task_format.completed_record(task, {"content": "ok"}))
+    assert spool.submit([again])[0][1:] == ("completed", False)
+    assert os.listdir(spool.pending) == []
+
+
+def test_a_task_is_claimed_by_exactly_one_worker(spool: Spool) -> None:
+    submit(spool, id="t1")
+    first = spool.claim("t1.json", "w-1-aaaa")
+    second = spool.claim("t1.json", "w-2-bbbb")
+    assert first is not None and second is None
+    assert os.listdir(spool.in_progress) == ["t1.json@w-1-aaaa"]
+
+
+def test_a_revoked_claim_cannot_publish(spool: Spool) -> None:
+    task = task_format.validate({"id": "t1", "content": "x"})
+    spool.submit([task])
+    claim = spool.claim("t1.json", "w-1-aaaa")
+    assert spool.requeue(claim.file_name, attempts=1)  # e.g. its lease expired
+    assert not spool.publish(claim, "t1", task_format.completed_record(task, {"content": "late"}))
+    assert os.listdir(spool.completed) == []
+    assert read_json(spool.pending / "t1.json")["attempts"] == 1
+    assert os.listdir(spool.tmp) == []
+
+
+def test_publish_moves_the_claim_to_its_outcome(spool: Spool) -> None:
+    task = task_format.validate({"id": "t1", "content": "x"})
+    spool.submit([task])
+    claim = spool.claim("t1.json", "w-1-aaaa")
+    assert spool.publish(claim, "t1", task_format.completed_record(task, {"content": "done"}))
+    assert os.listdir(spool.in_progress) == [] and os.listdir(spool.pending) == []
+    assert read_json(spool.completed / "t1.json")["result"] == {"content": "done"}
+
+
+def test_reject_moves_bytes_unchanged_with_a_sidecar(spool: Spool) -> None:
+    data = b'{"content": \x00 not json'
+    (spool.pending / "bad.json").write_bytes(data)
+    assert spool.reject(spool.pending, "bad.json", "not valid JSON") == "bad.json"
+    assert (spool.failed / "bad.json").read_bytes() == data
+    sidecar = read_json(spool.failed / "bad.json.error.json")
+    assert sidecar["error"]["kind"] == "invalid" and sidecar["error"]["message"] == "not valid JSON"
+    found = spool.find("bad.json")
+    assert found.state == "failed" and found.rejected
+
+
+def test_a_second_reject_of_the_same_name_keeps_both(spool: Spool) -> None:
+    for body in (b"one", b"two"):
+        (spool.pending / "x.json").write_bytes(body)
+        spool.reject(spool.pending, "x.json", "bad")
+    kept = sorted(p.read_bytes() for p in spool.failed.iterdir() if not p.name.endswith("error.json"))
+    assert kept == [b"one", b"two"]
+
+
+def test_entries_that_are_not_regular_files_are_refused_without_reading(spool: Spool,
+                                                                        tmp_path: Path) -> None:
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"content": "do not read me"}')
+    os.symlink(secret, spool.pending / "link.json")
+    os.mkfifo(spool.pending / "fifo.json")  # opening it for reading would block forever
+    (spool.pending / "dir.json").mkdir()
+    for name, reason in [("link.json", "symbolic link"), ("fifo.json", "FIFO"),
+                         ("dir.json", "directory")]:
+        with pytest.raises(Refused, match=reason):
+            spool.read_entry(spool.pending, name)
+        spool.reject(spool.pending, name, reason)
+    assert os.path.islink(spool.failed / "link.json")
+    assert (spool.failed / "dir.json").is_dir()
+
+
+def test_oversized_files_are_refused_by_size(spool: Spool) -> None:
+    small = Spool(spool.home, max_task_bytes=100)
+    (spool.pending / "big.json").write_bytes(b" " * 101)
+    with pytest.raises(Refused, match="101 bytes, over spool.max_task_bytes"):
+        small.read_entry(spool.pending, "big.json")
+
+
+def test_find_reports_each_state(spool: Spool) -> None:
+    submit(spool, id="p1")
+    assert spool.find("p1").state == "pending"
+    spool.claim("p1.json", "w-1-aaaa")
+    assert spool.find("p1").state == "in_progress"
+    (spool.pending / "dropped-name.json").write_text('{"id": "inner", "content": "x"}')
+    assert spool.find("inner").path.name == "dropped-name.json"
+    with pytest.raises(TaskNotFound):
+        spool.find("nope")
+
+
+def test_dead_worker_claims_are_orphaned_live_ones_are_not(spool: Spool) -> None:
+    submit(spool, id="a")
+    submit(spool, id="b")
+    fd = spool.register_worker("me-1-aaaa", {})
+    spool.claim("a.json", "me-1-aaaa")
+    spool.claim("b.json", "gone-2-bbbb")  # no lock file: its process is gone
+    assert spool.orphaned_claims(lease_s=60) == [("b.json@gone-2-bbbb", "dead")]
+    os.utime(fd, (0, 0))  # a heartbeat long ago: alive but stale (e.g. SIGSTOPped)
+    assert ("a.json@me-1-aaaa", "stale") in spool.orphaned_claims(lease_s=60)
+    spool.unregister_worker("me-1-aaaa", fd)
