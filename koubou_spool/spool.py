@@ -20,11 +20,11 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
+from collections.abc import Iterable, Iterator
 
 from . import task as task_format
 from .errors import SpoolError, TaskNotFound
-from .home import STATE_DIRS
 from .task import Task
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class Spool:
         self._dir_fds: dict[Path, int] = {}
 
     @classmethod
-    def open(cls, home: Path, settings: Any = None) -> "Spool":
+    def open(cls, home: Path, settings: Any = None) -> Spool:
         """A Spool on an initialised home; SpoolError naming the fix when it is not one."""
         kwargs = {}
         if settings is not None:

@@ -9,7 +9,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 from .errors import InvalidTask
@@ -47,14 +47,14 @@ def new_id() -> str:
 
 def iso(ts: float) -> str:
     """A Unix time as ISO-8601 in UTC with milliseconds and an explicit offset."""
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
 
 def parse_iso(text: str) -> float:
     """An ISO-8601 time as a Unix time; a time without an offset is taken as UTC."""
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
 
 

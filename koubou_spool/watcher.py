@@ -13,7 +13,7 @@ import os
 import select
 import time
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 from inotify_simple import INotify, flags
 
@@ -139,7 +139,7 @@ def wait_for_files(directories: list[Path], names: set[str], timeout: float | No
                 break
             if not watcher.wait(left):
                 continue
-            for _, name, mask in watcher.events():
+            for _, name, _ in watcher.events():
                 if name == OVERFLOW:
                     missing = {n for n in missing
                                if not any(os.path.lexists(d / n) for d in directories)}

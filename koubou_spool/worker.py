@@ -329,7 +329,7 @@ class Worker:
         try:
             return await asyncio.wait_for(self.backends[craftsman.name].complete(request),
                                           request.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise BackendError(f"{craftsman.name} did not answer within {request.timeout_s:g} s",
                                kind="timeout", retryable=True) from None
         except (BackendError, asyncio.CancelledError):

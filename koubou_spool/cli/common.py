@@ -7,7 +7,8 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import click
 
@@ -78,6 +79,9 @@ def setup_logging() -> None:
     level = click.get_current_context().find_root().meta.get("koubou.log_level", "info")
     logging.basicConfig(stream=sys.stderr, level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "debug":  # one line per request from the HTTP stack is noise, not events
+        for name in ("httpx", "httpx2", "openai"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def emit_json(value: Any) -> None:

@@ -1,0 +1,307 @@
+"""Real worker processes against the loopback fake server: the guarantees of PRODUCT.md §4."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Workers, log_of, read_json, submit, wait_file, wait_outcomes, write_config
+from fake_openai import FakeOpenAI
+from koubou_spool import task as task_format
+from koubou_spool.spool import Spool
+
+
+def test_a_task_reaches_the_craftsman_and_its_outcome_is_recorded(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
+    workers.start(home)
+    task_id = submit(spool, content="review the diff", type="code_review", metadata={"pr": 7})
+    outcome = wait_outcomes(spool, [task_id])[task_id]
+    assert outcome["status"] == "completed"
+    assert outcome["type"] == "code_review" and outcome["metadata"] == {"pr": 7}
+    result = outcome["result"]
+    assert result["content"] == "echo: review the diff"
+    assert result["craftsman"] == "local" and result["model"] == "fake-model"
+    assert result["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert result["attempts"] == 1 and result["cost_usd"] == 0
+    for key in ("queued_at", "started_at", "finished_at"):
+        task_format.parse_iso(result[key])
+    body = fake_openai.completions()[0]
+    assert body["max_tokens"] == 64  # always sent
+    assert body["messages"][-1] == {"role": "user", "content": "review the diff"}
+    conn = sqlite3.connect(home / "db" / "koubou.db")
+    row = conn.execute("SELECT attempt, outcome, craftsman, prompt_tokens, completion_tokens,"
+                       " total_tokens, cost_usd FROM attempts WHERE task_id = ?",
+                       (task_id,)).fetchone()
+    assert row == (1, "completed", "local", 3, 4, 7, 0.0)
+
+
+def test_priority_ten_runs_first_and_fifo_within_a_priority(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
+    ids = [submit(spool, id=f"p{priority}-{n}", priority=priority)
+           for n in range(3) for priority in (1, 5, 10)]
+    workers.start(home, "--concurrency", "1", "--drain").wait(timeout=30)
+    order = [b["messages"][-1]["content"] for b in fake_openai.completions()]
+    assert len(order) == len(ids)
+    started = sorted(ids, key=lambda i: read_json(spool.completed / f"{i}.json")
+                     ["result"]["started_at"])
+    assert started == [f"p{p}-{n}" for p in (10, 5, 1) for n in range(3)]
+
+
+def test_file_written_in_slow_chunks_is_completed_not_rejected(
+        home: Path, spool: Spool, workers: Workers) -> None:
+    workers.start(home)
+    _first_worker_lock(spool)
+    path = spool.pending / "slow.json"
+    chunks = [b'{"content": "wri', b'tten slowly", "prio', b'rity": 6}']
+    with open(path, "wb") as out:  # one writer, like cp, pausing between chunks
+        for chunk in chunks:
+            out.write(chunk)
+            out.flush()
+            time.sleep(0.4)
+    with open(spool.pending / "appended.json", "ab") as out:  # a writer closing between chunks
+        out.write(chunks[0])
+    for chunk in chunks[1:]:
+        time.sleep(0.2)
+        with open(spool.pending / "appended.json", "ab") as out:
+            out.write(chunk)
+    outcomes = wait_outcomes(spool, ["slow", "appended"])
+    assert all(o["status"] == "completed" for o in outcomes.values())
+    assert outcomes["slow"]["result"]["content"] == "echo: written slowly"
+    assert not any(n.endswith(".error.json") for n in os.listdir(spool.failed))
+
+
+def _first_worker_lock(spool: Spool) -> str:
+    """The lock file name of the first worker to come up (waits for it)."""
+    from koubou_spool.watcher import OUTCOME_MASK, Watcher
+    watcher = Watcher()
+    watcher.watch(spool.workers, OUTCOME_MASK | 0x100)  # IN_CREATE too
+    try:
+        while not os.listdir(spool.workers):
+            watcher.wait(10)
+            list(watcher.events())
+        return os.listdir(spool.workers)[0]
+    finally:
+        watcher.close()
+
+
+BAD_INPUTS = {
+    "bad.json": b'{"content": "unterminated',
+    "array.json": b'[{"content": "x"}]',
+    "missing.json": b'{"priority": 3}',
+    "number.json": b'{"content": 42}',
+    "priority.json": b'{"content": "x", "priority": "high"}',
+    "binary.json": bytes(range(256)),
+    "empty.json": b"",
+    "escape.json": b'{"content": "x", "id": "../../etc/passwd"}',
+}
+
+
+def test_each_kind_of_bad_input_lands_in_failed_with_its_reason(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers,
+        tmp_path: Path) -> None:
+    write_config(home, fake_openai.base_url, spool={"max_task_bytes": 4096, "grace_s": 0.3})
+    proc = workers.start(home)
+    _first_worker_lock(spool)
+    for name, data in BAD_INPUTS.items():
+        (spool.pending / name).write_bytes(data)
+    (spool.pending / "large.json").write_bytes(b'{"content": "' + b"x" * 5000 + b'"}')
+    target = tmp_path / "target.json"
+    target.write_text('{"content": "read through a link"}')
+    os.symlink(target, spool.pending / "link.json")
+    (spool.pending / "directory.json").mkdir()
+    os.mkfifo(spool.pending / "fifo.json")
+    expected = set(BAD_INPUTS) | {"large.json", "link.json", "directory.json", "fifo.json"}
+    sidecars = {n + ".error.json" for n in expected}
+    for name in sidecars:
+        wait_file(spool.failed, name)
+    for name, data in BAD_INPUTS.items():
+        assert (spool.failed / name).read_bytes() == data, name
+    reasons = {n: read_json(spool.failed / (n + ".error.json"))["error"]["message"]
+               for n in expected}
+    assert "not valid JSON" in reasons["bad.json"]
+    assert "expected a JSON object" in reasons["array.json"]
+    assert "content: required" in reasons["missing.json"]
+    assert "priority: expected an integer" in reasons["priority.json"]
+    assert "not UTF-8" in reasons["binary.json"]
+    assert "empty" in reasons["empty.json"]
+    assert "id: expected" in reasons["escape.json"]
+    assert "over spool.max_task_bytes" in reasons["large.json"]
+    assert "symbolic link" in reasons["link.json"]
+    assert "directory" in reasons["directory.json"]
+    assert "FIFO" in reasons["fifo.json"]
+    assert os.path.islink(spool.failed / "link.json")
+    assert target.read_text() == '{"content": "read through a link"}'
+    assert os.listdir(spool.pending) == []
+    # the worker is still serving
+    task_id = submit(spool, content="still alive")
+    assert wait_outcomes(spool, [task_id])[task_id]["status"] == "completed"
+    assert proc.poll() is None
+    assert "Traceback" not in log_of(proc)
+    out = subprocess.run([sys.executable, "-m", "koubou_spool.cli.koubou", "status", "bad.json",
+                          "--json"], capture_output=True, text=True, check=True)
+    assert '"rejected": true' in out.stdout and "not valid JSON" in out.stdout
+
+
+def test_fencing_a_worker_whose_claim_was_revoked_cannot_complete(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
+    fake_openai.latency_s = 1.0
+    proc = workers.start(home, "--concurrency", "1")  # the marker below runs after the slow one
+    task_id = submit(spool, content="slow one")
+    assert fake_openai.request_seen.wait(10)
+    [claim] = os.listdir(spool.in_progress)
+    # Revoke the claim as lease recovery or cancel would: move it away from its owner.
+    os.rename(spool.in_progress / claim, spool.failed / "revoked.json")
+    fake_openai.latency_s = 0
+    marker = submit(spool, content="after")
+    wait_outcomes(spool, [marker])
+    assert not (spool.completed / f"{task_id}.json").exists()
+    assert "revoked" in log_of(proc)
+    assert os.listdir(spool.in_progress) == []
+
+
+def test_sigterm_finishes_tasks_in_flight_then_exits_zero(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
+    fake_openai.latency_s = 0.5
+    proc = workers.start(home)
+    ids = [submit(spool, content=f"t{i}") for i in range(6)]  # 4 in flight, 2 queued
+    while len(os.listdir(spool.in_progress)) < 4:
+        assert fake_openai.request_seen.wait(10)
+        fake_openai.request_seen.clear()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    done = [i for i in ids if (spool.completed / f"{i}.json").exists()]
+    queued = [i for i in ids if (spool.pending / f"{i}.json").exists()]
+    assert len(done) >= 4 and len(done) + len(queued) == 6
+    assert os.listdir(spool.in_progress) == []
+    assert not os.listdir(spool.workers)
+
+
+def test_sigterm_past_the_grace_requeues_without_counting_an_attempt(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
+    write_config(home, fake_openai.base_url, spool={"stop_grace_s": 0.2})
+    fake_openai.latency_s = 5
+    proc = workers.start(home)
+    task_id = submit(spool, content="long")
+    assert fake_openai.request_seen.wait(10)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    assert "attempts" not in read_json(spool.pending / f"{task_id}.json")
+    assert os.listdir(spool.in_progress) == []
+
+
+def test_kill_9_mid_task_is_requeued_with_the_attempt_counted(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
+    fake_openai.latency_s = 2
+    victim = workers.start(home)
+    task_id = submit(spool, content="survive")
+    assert fake_openai.request_seen.wait(10)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=10)
+    fake_openai.latency_s = 0
+    workers.start(home)  # a new worker takes over the dead one's claim at start
+    outcome = wait_outcomes(spool, [task_id])[task_id]
+    assert outcome["status"] == "completed" and outcome["result"]["attempts"] == 2
+
+
+def test_server_errors_are_retried_as_new_attempts_then_fail_as_backend(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
+    fake_openai.fail_next = 1
+    workers.start(home)
+    recovered = submit(spool, content="flaky")
+    assert wait_outcomes(spool, [recovered])[recovered]["result"]["attempts"] == 2
+    fake_openai.fail_next = 100
+    doomed = submit(spool, content="down", max_attempts=3)
+    error = wait_outcomes(spool, [doomed])[doomed]["error"]
+    assert error["kind"] == "backend" and error["attempts"] == 3
+    assert "HTTP 500" in error["message"]
+
+
+def test_a_client_error_fails_at_once_with_the_servers_message(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
+    fake_openai.reject_next = 1
+    workers.start(home)
+    task_id = submit(spool, content="too long")
+    error = wait_outcomes(spool, [task_id])[task_id]["error"]
+    assert error["kind"] == "backend" and error["attempts"] == 1
+    assert "maximum context length" in error["message"]
+    assert len(fake_openai.completions()) == 1
+
+
+def test_429_is_retried_by_the_client_honouring_retry_after(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
+    write_config(home, fake_openai.base_url, craftsmen={
+        "local": {"backend": "openai", "base_url": fake_openai.base_url, "model": "fake-model",
+                  "retries": 2, "max_concurrent": 1}})
+    fake_openai.rate_limit_next = 2
+    fake_openai.retry_after_s = 0.3
+    workers.start(home)
+    task_id = submit(spool, content="limited")
+    outcome = wait_outcomes(spool, [task_id])[task_id]
+    assert outcome["status"] == "completed" and outcome["result"]["attempts"] == 1
+    times = [r["at"] for r in fake_openai.requests]
+    assert len(times) == 3 and times[1] - times[0] >= 0.25 and times[2] - times[1] >= 0.25
+
+
+def test_a_locked_ledger_does_not_stop_local_work(
+        home: Path, spool: Spool, workers: Workers) -> None:
+    ledger_path = home / "db" / "koubou.db"
+    workers.start(home)
+    warm = submit(spool, craftsman="echo")
+    wait_outcomes(spool, [warm])
+    holder = sqlite3.connect(ledger_path, timeout=0)
+    holder.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
+    try:
+        ids = [submit(spool, craftsman="echo", content=f"t{i}") for i in range(20)]
+        outcomes = wait_outcomes(spool, ids, timeout=30)
+        assert all(o["status"] == "completed" for o in outcomes.values())
+    finally:
+        holder.rollback()
+        holder.close()
+    deadline = time.monotonic() + 30
+    conn = sqlite3.connect(ledger_path, timeout=5)
+    placeholders = ",".join("?" * len(ids))
+    while conn.execute(f"SELECT COUNT(*) FROM tasks WHERE id IN ({placeholders})",
+                       ids).fetchone()[0] < len(ids):
+        assert time.monotonic() < deadline, "ledger records did not follow"
+        threading.Event().wait(0.1)
+
+
+def test_resubmitting_an_id_runs_it_once(home: Path, spool: Spool, fake_openai: FakeOpenAI,
+                                         workers: Workers) -> None:
+    workers.start(home)
+    for _ in range(3):
+        submit(spool, id="nightly-report", content="same")
+    wait_outcomes(spool, ["nightly-report"])
+    submit(spool, id="nightly-report", content="same")
+    marker = submit(spool, content="marker")
+    wait_outcomes(spool, [marker])
+    assert [b["messages"][-1]["content"] for b in fake_openai.completions()].count("same") == 1
+
+
+@pytest.mark.slow
+def test_four_workers_two_thousand_tasks_each_completed_exactly_once(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
+    write_config(home, fake_openai.base_url, spool={"fsync": False}, craftsmen={
+        "local": {"backend": "openai", "base_url": fake_openai.base_url, "model": "fake-model",
+                  "max_concurrent": 8, "retries": 0}})
+    for _ in range(4):
+        workers.start(home)
+    ids = [task_format.validate({"content": f"task {i}"}) for i in range(2000)]
+    for start in range(0, 2000, 250):  # submitted while the workers run
+        spool.submit(ids[start:start + 250])
+    outcomes = wait_outcomes(spool, [t.id for t in ids], timeout=240)
+    assert all(o["status"] == "completed" for o in outcomes.values())
+    contents = [b["messages"][-1]["content"] for b in fake_openai.completions()]
+    assert len(contents) == 2000 and len(set(contents)) == 2000
+    assert os.listdir(spool.pending) == [] and os.listdir(spool.in_progress) == []
+    assert len(os.listdir(spool.completed)) == 2000
+    served = {o["result"]["worker_id"] for o in outcomes.values()}
+    assert len(served) > 1
