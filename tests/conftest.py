@@ -129,6 +129,12 @@ def wait_outcomes(spool: Spool, ids: list[str], timeout: float = 30) -> dict[str
     return {i: spool.outcome(i) for i in ids}
 
 
+def wait_ready(spool: Spool) -> None:
+    """Until a worker is watching: an echo probe task has gone through."""
+    probe = submit(spool, craftsman="echo", content="probe", id=f"probe-{task_format.new_id()}")
+    wait_outcomes(spool, [probe])
+
+
 def wait_file(directory: Path, name: str, timeout: float = 10) -> None:
     assert wait_for_files([directory], {name}, timeout) == {name}, f"{name} not in {directory}"
 

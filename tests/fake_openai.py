@@ -29,8 +29,11 @@ class FakeOpenAI:
         self.retry_after_s = 0.1
         self.reject_next = 0
         self.requests: list[dict[str, Any]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.lock = threading.Lock()
         self.request_seen = threading.Event()
+        ThreadingHTTPServer.request_queue_size = 256  # the default 5 drops bursts of connects
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
@@ -83,6 +86,9 @@ def _words(messages: list[dict[str, Any]]) -> int:
 def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body in one segment, no Nagle: otherwise delayed ACKs add 40 ms a request.
+        wbufsize = 1 << 16
+        disable_nagle_algorithm = True
 
         def log_message(self, *args: Any) -> None:  # keep test output quiet
             pass
@@ -123,8 +129,15 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             if fault is not None:
                 self._send(*fault)
                 return
-            if fake.latency_s:
-                time.sleep(fake.latency_s)
+            with fake.lock:
+                fake.in_flight += 1
+                fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+            try:
+                if fake.latency_s:
+                    time.sleep(fake.latency_s)
+            finally:
+                with fake.lock:
+                    fake.in_flight -= 1
             messages = body.get("messages") or []
             users = [m for m in messages if m.get("role") == "user"]
             text = "echo: " + str(users[-1].get("content", "")) if users else "echo:"

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Workers, log_of, read_json, submit, wait_file, wait_outcomes, write_config
+from conftest import (Workers, log_of, read_json, submit, wait_file, wait_outcomes, wait_ready,
+                      write_config)
 from fake_openai import FakeOpenAI
 from koubou_spool import task as task_format
 from koubou_spool.spool import Spool
@@ -58,7 +59,7 @@ def test_priority_ten_runs_first_and_fifo_within_a_priority(
 def test_file_written_in_slow_chunks_is_completed_not_rejected(
         home: Path, spool: Spool, workers: Workers) -> None:
     workers.start(home)
-    _first_worker_lock(spool)
+    wait_ready(spool)
     path = spool.pending / "slow.json"
     chunks = [b'{"content": "wri', b'tten slowly", "prio', b'rity": 6}']
     with open(path, "wb") as out:  # one writer, like cp, pausing between chunks
@@ -78,20 +79,6 @@ def test_file_written_in_slow_chunks_is_completed_not_rejected(
     assert not any(n.endswith(".error.json") for n in os.listdir(spool.failed))
 
 
-def _first_worker_lock(spool: Spool) -> str:
-    """The lock file name of the first worker to come up (waits for it)."""
-    from koubou_spool.watcher import OUTCOME_MASK, Watcher
-    watcher = Watcher()
-    watcher.watch(spool.workers, OUTCOME_MASK | 0x100)  # IN_CREATE too
-    try:
-        while not os.listdir(spool.workers):
-            watcher.wait(10)
-            list(watcher.events())
-        return os.listdir(spool.workers)[0]
-    finally:
-        watcher.close()
-
-
 BAD_INPUTS = {
     "bad.json": b'{"content": "unterminated',
     "array.json": b'[{"content": "x"}]',
@@ -109,7 +96,7 @@ def test_each_kind_of_bad_input_lands_in_failed_with_its_reason(
         tmp_path: Path) -> None:
     write_config(home, fake_openai.base_url, spool={"max_task_bytes": 4096, "grace_s": 0.3})
     proc = workers.start(home)
-    _first_worker_lock(spool)
+    wait_ready(spool)
     for name, data in BAD_INPUTS.items():
         (spool.pending / name).write_bytes(data)
     (spool.pending / "large.json").write_bytes(b'{"content": "' + b"x" * 5000 + b'"}')
@@ -305,3 +292,64 @@ def test_four_workers_two_thousand_tasks_each_completed_exactly_once(
     assert len(os.listdir(spool.completed)) == 2000
     served = {o["result"]["worker_id"] for o in outcomes.values()}
     assert len(served) > 1
+
+
+@pytest.mark.parametrize("max_concurrent, concurrency, expected", [(2, 16, 2), (8, 3, 3)])
+def test_in_flight_requests_are_capped_per_craftsman_and_per_process(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers,
+        max_concurrent: int, concurrency: int, expected: int) -> None:
+    write_config(home, fake_openai.base_url, craftsmen={
+        "local": {"backend": "openai", "base_url": fake_openai.base_url, "model": "fake-model",
+                  "max_concurrent": max_concurrent, "retries": 0}})
+    fake_openai.latency_s = 0.3
+    ids = [submit(spool, content=f"t{i}") for i in range(10)]
+    workers.start(home, "--concurrency", str(concurrency))
+    wait_outcomes(spool, ids)
+    assert fake_openai.max_in_flight == expected
+
+
+def test_a_busy_craftsman_does_not_block_another_craftsmans_tasks(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
+    write_config(home, fake_openai.base_url, craftsmen={
+        "local": {"backend": "openai", "base_url": fake_openai.base_url, "model": "fake-model",
+                  "max_concurrent": 1, "retries": 0}})
+    fake_openai.latency_s = 2
+    slow = [submit(spool, content=f"slow {i}", priority=10) for i in range(3)]
+    workers.start(home)
+    assert fake_openai.request_seen.wait(10)
+    quick = submit(spool, craftsman="echo", content="quick", priority=1)
+    outcome = wait_outcomes(spool, [quick], timeout=1.5)[quick]
+    assert outcome["status"] == "completed"
+    assert not (spool.completed / f"{slow[-1]}.json").exists()
+
+
+def test_an_inotify_queue_overflow_is_followed_by_a_rescan_that_loses_nothing(
+        home: Path, spool: Spool, workers: Workers) -> None:
+    write_config(home, spool={"fsync": False})
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    proc = workers.start(home)
+    wait_ready(spool)
+    proc.send_signal(signal.SIGSTOP)  # it cannot read events while more than the queue holds arrive
+    try:
+        batch = [task_format.validate({"content": f"t{i}", "craftsman": "echo"})
+                 for i in range(limit + 500)]
+        spool.submit(batch)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    wait_outcomes(spool, [t.id for t in batch], timeout=180)
+    assert "overflowed" in log_of(proc)
+    assert os.listdir(spool.pending) == []
+
+
+def test_heartbeats_reach_the_ledger(home: Path, spool: Spool, workers: Workers) -> None:
+    proc = workers.start(home)
+    task_id = submit(spool, craftsman="echo")
+    wait_outcomes(spool, [task_id])
+    conn = sqlite3.connect(home / "db" / "koubou.db")
+    first = conn.execute("SELECT heartbeat_at FROM workers").fetchone()[0]
+    deadline = time.monotonic() + 10
+    while conn.execute("SELECT heartbeat_at FROM workers").fetchone()[0] == first:
+        assert time.monotonic() < deadline, "no heartbeat within 10 s (heartbeat_s is 1)"
+        threading.Event().wait(0.2)
+    row = conn.execute("SELECT pid, state, done FROM workers").fetchone()
+    assert row == (proc.pid, "running", 1)
