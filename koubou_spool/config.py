@@ -183,47 +183,4 @@ def load(path: Path) -> Config:
     return parse(data, path)
 
 
-DEFAULT_CONFIG = """\
-# koubou-spool configuration (PRODUCT.md §6). Keys never live here: name the environment
-# variable that holds one with api_key_env.
-
-craftsmen:
-  # A local OpenAI-compatible server: LM Studio (default port 1234), Ollama
-  # (http://localhost:11434/v1), vLLM (:8000/v1) or llama.cpp's llama-server (:8080/v1).
-  local:
-    backend: openai
-    base_url: http://localhost:1234/v1
-    model: gpt-oss-20b
-    local: true             # may receive confidential content
-    max_concurrent: 3       # requests in flight to this craftsman
-    timeout_s: 300          # per attempt
-    max_tokens: 2048        # always sent: some local servers otherwise generate to the context limit
-    price: {input_per_mtok: 0, output_per_mtok: 0}
-
-  # Built in: answers with the prompt it was given. Free and local; try the plumbing with
-  #   koubou-submit --craftsman echo "hello" --wait
-  echo:
-    backend: echo
-    latency_ms: 0
-    max_concurrent: 16
-
-  # A cloud craftsman (uncomment and export OPENAI_API_KEY):
-  # gpt5:
-  #   backend: openai
-  #   base_url: https://api.openai.com/v1
-  #   api_key_env: OPENAI_API_KEY
-  #   model: gpt-5
-  #   token_limit_param: max_completion_tokens
-  #   price: {input_per_mtok: 1.25, output_per_mtok: 10.0}
-
-routing:
-  rules:                    # first match wins; a task may also name its craftsman
-    - {then: local}
-
-spool:
-  fsync: true               # fsync files and directories on every state change
-  heartbeat_s: 10
-  lease_s: 60
-  max_attempts: 3
-  max_task_bytes: 1048576
-"""
+DEFAULT_CONFIG = (Path(__file__).parent / "koubou.yaml").read_text(encoding="utf-8")

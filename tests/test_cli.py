@@ -154,3 +154,16 @@ def test_newcomer_path_through_the_installed_console_scripts(tmp_path: Path) -> 
     finally:
         worker.terminate()
         assert worker.wait(timeout=30) == 0
+
+
+def test_koubou_drop_copies_whole_files_into_pending(home: Path, tmp_path: Path) -> None:
+    task_file = tmp_path / "job-9.json"
+    task_file.write_text('{"content": "dropped"}')
+    drop = Path(__file__).parent.parent / "bin" / "koubou-drop"
+    env = dict(os.environ, KOUBOU_HOME=str(home))
+    first = subprocess.run([str(drop), str(task_file)], env=env, capture_output=True, text=True)
+    assert first.returncode == 0 and first.stdout.strip() == "job-9.json"
+    assert (home / "tasks" / "pending" / "job-9.json").read_text() == '{"content": "dropped"}'
+    again = subprocess.run([str(drop), str(task_file)], env=env, capture_output=True, text=True)
+    assert again.returncode == 1 and "already queued" in again.stderr
+    assert [n for n in os.listdir(home / "tasks" / "tmp")] == []
