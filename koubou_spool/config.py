@@ -13,6 +13,11 @@ from .errors import ConfigError
 
 BACKENDS = ("openai", "echo", "command")
 TOKEN_LIMIT_PARAMS = ("max_tokens", "max_completion_tokens")
+OUTPUT_FORMATS = ("text", "claude-json", "codex-jsonl")
+KNOWN_KEYS = {"backend", "model", "base_url", "local", "max_concurrent", "max_rpm", "max_tpm",
+              "timeout_s", "max_tokens", "temperature", "reasoning_effort", "token_limit_param",
+              "retries", "api_key_env", "system", "price", "provider", "latency_ms", "argv",
+              "output", "max_output_bytes"}
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,8 @@ class Craftsman:
     base_url: str = ""
     local: bool = False
     max_concurrent: int = 1
+    max_rpm: int | None = None
+    max_tpm: int | None = None
     timeout_s: float = 300.0
     max_tokens: int = 2048
     temperature: float | None = None
@@ -33,10 +40,12 @@ class Craftsman:
     retries: int = 2
     api_key_env: str | None = None
     system: str | None = None
-    input_per_mtok: float = 0.0
-    output_per_mtok: float = 0.0
+    price: dict[str, float] | None = None  # per million tokens; None: looked up by model
+    provider: str | None = None  # genai-prices provider id, when base_url does not tell
     latency_ms: float = 0.0
-    options: dict[str, Any] = field(default_factory=dict)
+    argv: tuple[str, ...] = ()
+    output: str = "text"
+    max_output_bytes: int = 4 * 1024 * 1024
 
     def api_key(self) -> str:
         """The API key from the environment; local servers get a placeholder the client requires."""
@@ -47,10 +56,6 @@ class Craftsman:
             raise ConfigError(f"craftsman {self.name}: environment variable {self.api_key_env} "
                               "is not set; export it before starting the worker")
         return key
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        """The price of one call, from the configured per-million-token prices."""
-        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ class Config:
     routing: dict[str, Any] = field(default_factory=dict)
     budget: dict[str, Any] = field(default_factory=dict)
     hooks: dict[str, Any] = field(default_factory=dict)
+    attach: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
 
@@ -86,31 +92,58 @@ def _number(section: str, key: str, value: Any, *, integer: bool = False, low: f
     return value
 
 
+def _price(where: str, price: Any) -> dict[str, float] | None:
+    if price is None:
+        return None
+    keys = ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok")
+    if not isinstance(price, dict) or not set(price) <= set(keys):
+        raise ConfigError(f"{where}.price: expected {{input_per_mtok, output_per_mtok}} "
+                          f"(optional cache_read_per_mtok), got {price!r}")
+    return {k: float(_number(where, f"price.{k}", v)) for k, v in price.items()}
+
+
+def _command(where: str, spec: dict) -> tuple[tuple[str, ...], str]:
+    argv = spec.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise ConfigError(f"{where}.argv: expected a non-empty list of strings (never a shell "
+                          f"line), got {argv!r}")
+    output = spec.get("output", "text")
+    if output not in OUTPUT_FORMATS:
+        raise ConfigError(f"{where}.output: expected one of {', '.join(OUTPUT_FORMATS)}, "
+                          f"got {output!r}")
+    return tuple(argv), output
+
+
+def _optional_int(where: str, key: str, value: Any) -> int | None:
+    return None if value is None else _number(where, key, value, integer=True, low=1)
+
+
 def _craftsman(name: str, spec: Any) -> Craftsman:
     where = f"craftsmen.{name}"
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: expected a mapping of settings, got {spec!r}")
+    unknown = set(spec) - KNOWN_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting {sorted(unknown)[0]!r}; known: "
+                          + ", ".join(sorted(KNOWN_KEYS)))
     backend = spec.get("backend")
     if backend not in BACKENDS:
         raise ConfigError(f"{where}.backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "openai" and not (spec.get("base_url") and spec.get("model")):
         raise ConfigError(f"{where}: an openai craftsman needs base_url and model")
+    argv, output = _command(where, spec) if backend == "command" else ((), "text")
     limit_param = spec.get("token_limit_param", "max_tokens")
     if limit_param not in TOKEN_LIMIT_PARAMS:
         raise ConfigError(f"{where}.token_limit_param: expected one of "
                           f"{', '.join(TOKEN_LIMIT_PARAMS)}, got {limit_param!r}")
-    price = spec.get("price") or {}
-    if not isinstance(price, dict):
-        raise ConfigError(f"{where}.price: expected {{input_per_mtok, output_per_mtok}}, got {price!r}")
-    known = {"backend", "model", "base_url", "local", "max_concurrent", "timeout_s", "max_tokens",
-             "temperature", "reasoning_effort", "token_limit_param", "retries", "api_key_env",
-             "system", "price", "latency_ms"}
     return Craftsman(
         name=name, backend=backend, model=str(spec.get("model", backend)),
         base_url=str(spec.get("base_url", "")),
         local=bool(spec.get("local", backend == "echo")),
         max_concurrent=_number(where, "max_concurrent", spec.get("max_concurrent", 1),
                                integer=True, low=1),
+        max_rpm=_optional_int(where, "max_rpm", spec.get("max_rpm")),
+        max_tpm=_optional_int(where, "max_tpm", spec.get("max_tpm")),
         timeout_s=float(_number(where, "timeout_s", spec.get("timeout_s", 300), low=0.001)),
         max_tokens=_number(where, "max_tokens", spec.get("max_tokens", 2048), integer=True, low=1),
         temperature=spec.get("temperature"),
@@ -119,11 +152,12 @@ def _craftsman(name: str, spec: Any) -> Craftsman:
         retries=_number(where, "retries", spec.get("retries", 2), integer=True),
         api_key_env=spec.get("api_key_env"),
         system=spec.get("system"),
-        input_per_mtok=float(_number(where, "price.input_per_mtok", price.get("input_per_mtok", 0))),
-        output_per_mtok=float(_number(where, "price.output_per_mtok",
-                                      price.get("output_per_mtok", 0))),
+        price=_price(where, spec.get("price")),
+        provider=spec.get("provider"),
         latency_ms=float(_number(where, "latency_ms", spec.get("latency_ms", 0))),
-        options={k: v for k, v in spec.items() if k not in known},
+        argv=argv, output=output,
+        max_output_bytes=_number(where, "max_output_bytes",
+                                 spec.get("max_output_bytes", 4 * 1024 * 1024), integer=True, low=1),
     )
 
 
@@ -164,6 +198,7 @@ def parse(data: Any, path: Path | None = None) -> Config:
         routing=data.get("routing") or {},
         budget=data.get("budget") or {},
         hooks=data.get("hooks") or {},
+        attach=data.get("attach") or {},
         path=path,
     )
 

@@ -7,7 +7,6 @@ ledger never stops local work: the spool is the source of truth and the records 
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import sqlite3
@@ -46,6 +45,19 @@ MIGRATIONS: list[tuple[str, str]] = [
             total_tokens INTEGER, cost_usd REAL, created_by TEXT);
         CREATE INDEX tasks_finished_at ON tasks (finished_at);
         CREATE TABLE rejects (file TEXT PRIMARY KEY, reason TEXT, at REAL);
+    """),
+    ("0002_budget_and_rates", """
+        CREATE TABLE reservations (
+            id INTEGER PRIMARY KEY, task_id TEXT, attempt INTEGER, craftsman TEXT,
+            day TEXT, month TEXT, reserved_usd REAL NOT NULL, cost_usd REAL,
+            settled INTEGER NOT NULL DEFAULT 0, at REAL);
+        CREATE INDEX reservations_day ON reservations (day);
+        CREATE INDEX reservations_month ON reservations (month);
+        CREATE TABLE budget_alerts (
+            period TEXT NOT NULL, threshold INTEGER NOT NULL, spent_usd REAL, limit_usd REAL,
+            at REAL, PRIMARY KEY (period, threshold));
+        CREATE TABLE requests (craftsman TEXT NOT NULL, at REAL NOT NULL, tokens INTEGER);
+        CREATE INDEX requests_at ON requests (craftsman, at);
     """),
 ]
 
@@ -311,6 +323,86 @@ def totals(conn: sqlite3.Connection) -> dict[str, Any]:
     return dict(row)
 
 
-def dumps(value: Any) -> str:
-    """JSON for ledger text columns."""
-    return json.dumps(value, ensure_ascii=False)
+# --- budgets and rate limits: shared by every worker of the home, one transaction each ------
+
+def _spent(conn: sqlite3.Connection, column: str, period: str) -> float:
+    row = conn.execute(
+        f"SELECT COALESCE(SUM(CASE WHEN settled THEN COALESCE(cost_usd, reserved_usd)"
+        f" ELSE reserved_usd END), 0) FROM reservations WHERE {column} = ?", (period,)).fetchone()
+    return float(row[0])
+
+
+def spent(conn: sqlite3.Connection, day: str, month: str) -> tuple[float, float]:
+    """USD spent or reserved in a day and a month."""
+    return _spent(conn, "day", day), _spent(conn, "month", month)
+
+
+def reserve(conn: sqlite3.Connection, *, task_id: str, attempt: int, craftsman: str,
+            amount: float, day: str, month: str, daily_limit: float | None,
+            monthly_limit: float | None, max_rpm: int | None, max_tpm: int | None, tokens: int,
+            now: float) -> tuple[str, float]:
+    """Reserve a call's worst-case cost and its place in the rate window, atomically.
+
+    Returns ("ok", reservation id), ("budget", 0) when it does not fit what is left, or
+    ("rate", seconds to wait) when the craftsman's per-minute window is full.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        wait = _rate_wait(conn, craftsman, max_rpm, max_tpm, tokens, now)
+        if wait > 0:
+            conn.execute("ROLLBACK")
+            return "rate", wait
+        day_spent, month_spent = spent(conn, day, month)
+        if (daily_limit is not None and day_spent + amount > daily_limit) or (
+                monthly_limit is not None and month_spent + amount > monthly_limit):
+            conn.execute("ROLLBACK")
+            return "budget", 0.0
+        cursor = conn.execute(
+            "INSERT INTO reservations (task_id, attempt, craftsman, day, month, reserved_usd, at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)", (task_id, attempt, craftsman, day, month, amount, now))
+        conn.execute("INSERT INTO requests VALUES (?, ?, ?)", (craftsman, now, tokens))
+        conn.execute("DELETE FROM requests WHERE at < ?", (now - 120,))
+        conn.execute("COMMIT")
+        return "ok", float(cursor.lastrowid)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _rate_wait(conn: sqlite3.Connection, craftsman: str, max_rpm: int | None,
+               max_tpm: int | None, tokens: int, now: float) -> float:
+    if max_rpm is None and max_tpm is None:
+        return 0.0
+    rows = conn.execute("SELECT at, tokens FROM requests WHERE craftsman = ? AND at > ?"
+                        " ORDER BY at", (craftsman, now - 60)).fetchall()
+    if max_rpm is not None and len(rows) >= max_rpm:
+        return rows[len(rows) - max_rpm]["at"] + 60 - now
+    if max_tpm is not None and sum(r["tokens"] or 0 for r in rows) + tokens > max_tpm and rows:
+        return rows[0]["at"] + 60 - now
+    return 0.0
+
+
+def settle(conn: sqlite3.Connection, reservation_id: int, cost: float | None) -> None:
+    """Replace a reservation by the real cost (unknown cost: the reservation stands)."""
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("UPDATE reservations SET settled = 1, cost_usd = COALESCE(?, reserved_usd)"
+                 " WHERE id = ?", (cost, reservation_id))
+    conn.execute("COMMIT")
+
+
+def settle_lost(conn: sqlite3.Connection, task_id: str) -> None:
+    """A task's worker died mid-call: its reservations count in full (the call may have run)."""
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("UPDATE reservations SET settled = 1, cost_usd = reserved_usd"
+                 " WHERE task_id = ? AND settled = 0", (task_id,))
+    conn.execute("COMMIT")
+
+
+def record_alert(conn: sqlite3.Connection, period: str, threshold: int, spent_usd: float,
+                 limit_usd: float, at: float) -> bool:
+    """Note that a threshold alerted in a period; False when it already had."""
+    conn.execute("BEGIN IMMEDIATE")
+    cursor = conn.execute("INSERT OR IGNORE INTO budget_alerts VALUES (?, ?, ?, ?, ?)",
+                          (period, threshold, spent_usd, limit_usd, at))
+    conn.execute("COMMIT")
+    return cursor.rowcount == 1

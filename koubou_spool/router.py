@@ -1,62 +1,203 @@
-"""Which craftsman a task goes to (PRODUCT.md §6). Pure: no I/O.
+"""Which craftsman a task goes to (PRODUCT.md §6, §4.7). Pure: no I/O.
 
-This is the first cut: an explicit `craftsman`, then the first `routing.rules` entry whose
-condition holds, using the task's declared sensitivity and difficulty. Pattern and keyword
-detection and budgets slot in here.
+Order of reasoning: is anything in the task confidential (declared, or a sensitive pattern
+anywhere in what would be sent)? How hard is it (declared, or keywords)? Then an explicit
+`craftsman` is honoured, else the first matching rule. Whatever was chosen, confidential
+content goes only to a `local: true` craftsman, and a cloud craftsman is only chosen while the
+budget has room (or `when_exhausted` says what to do instead).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import json
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
-from .config import Config
+from .config import Config, Craftsman
+from .errors import ConfigError
 from .task import Task
+
+DEFAULT_SENSITIVE_PATTERNS = [
+    r"(?i)password\s*[:=]", r"(?i)api[_-]?key\s*[:=]", r"(?i)secret\s*[:=]",
+    r"(?i)token\s*[:=]", r"(?i)private[_-]?key", r"-----BEGIN [A-Z ]*PRIVATE KEY-----"]
+DEFAULT_DIFFICULTY_KEYWORDS = {
+    "high": ["architecture", "distributed", "algorithm", "concurrent", "optimization"],
+    "medium": ["refactor", "implement", "api", "database", "integration"],
+    "low": ["fix", "rename", "format", "comment"]}
+LEVELS = ("high", "medium", "low")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A sensitive pattern: shown by its name (or index), never by what it matched."""
+
+    label: str
+    regex: re.Pattern
 
 
 @dataclass(frozen=True)
 class Route:
-    """A routing decision: the craftsman, or why there is none (`kind` is the failure kind)."""
+    """A routing decision and its reasons. `craftsman` None: `kind` says what happens instead."""
 
     craftsman: str | None
     reason: str
-    kind: str = ""
+    kind: str = ""  # when craftsman is None: invalid, policy, budget or defer
+    confidential: bool = False
+    pattern: str | None = None
+    difficulty: str = "low"
+    keywords: tuple[str, ...] = ()
+    rule: int | None = None
+    notes: list[str] = field(default_factory=list)
 
 
-def _holds(condition: Any, task: Task) -> bool:
+@functools.lru_cache(maxsize=8)
+def _compile(spec: str) -> tuple[Pattern, ...]:
+    patterns = []
+    for index, item in enumerate(json.loads(spec)):
+        name, source = (item.get("name"), item.get("pattern")) if isinstance(item, dict) \
+            else (None, item)
+        try:
+            patterns.append(Pattern(name or f"#{index + 1}", re.compile(source)))
+        except (re.error, TypeError) as exc:
+            raise ConfigError(f"routing.sensitive_patterns[{index}] is not a regular "
+                              f"expression: {exc}") from None
+    return tuple(patterns)
+
+
+def sensitive_patterns(config: Config) -> tuple[Pattern, ...]:
+    """The configured patterns (compiled once), or the defaults when none are configured."""
+    spec = config.routing.get("sensitive_patterns", DEFAULT_SENSITIVE_PATTERNS)
+    return _compile(json.dumps(spec))
+
+
+def find_sensitive(texts: list[str], patterns: tuple[Pattern, ...]) -> str | None:
+    """The label of the first pattern found in any text, or None."""
+    for pattern in patterns:
+        if any(pattern.regex.search(text) for text in texts):
+            return pattern.label
+    return None
+
+
+def texts_of(task: Task, attachments: list[str] = ()) -> list[str]:
+    """Everything of a task that could be sent to a craftsman."""
+    texts = [task.content, task.system or "", *attachments]
+    if task.context:
+        texts.append(json.dumps(task.context, ensure_ascii=False))
+    for message in task.messages or ():
+        texts.append(json.dumps(message.get("content", ""), ensure_ascii=False))
+    return texts
+
+
+def messages_sensitive(messages: list[dict[str, Any]], patterns: tuple[Pattern, ...]) -> str | None:
+    """The pattern found in chat messages about to be sent, or None."""
+    return find_sensitive([json.dumps(m.get("content", ""), ensure_ascii=False)
+                           for m in messages], patterns)
+
+
+def judge_difficulty(task: Task, config: Config) -> tuple[str, tuple[str, ...]]:
+    """The declared difficulty, or the highest level whose keywords appear (default low)."""
+    if task.difficulty != "auto":
+        return task.difficulty, ()
+    keywords = config.routing.get("difficulty_keywords", DEFAULT_DIFFICULTY_KEYWORDS)
+    for level in LEVELS:
+        found = tuple(word for word in keywords.get(level, ()) if re.search(
+            rf"(?i)\b{re.escape(word)}", task.content))
+        if found:
+            return level, found
+    return "low", ()
+
+
+def _holds(condition: Any, facts: dict[str, Any]) -> bool:
     if condition is None:
         return True
-    if condition == "confidential":
-        return task.sensitivity == "confidential"
+    if isinstance(condition, str):
+        return condition in (facts["sensitivity"], facts["difficulty"], facts["type"])
     if isinstance(condition, dict):
-        return all(getattr(task, key, None) == value for key, value in condition.items())
+        for key, wanted in condition.items():
+            options = wanted if isinstance(wanted, list) else [wanted]
+            if facts.get(key) not in options:
+                return False
+        return True
     return False
 
 
-def route(task: Task, config: Config) -> Route:
-    """Pick the craftsman for a task."""
+def route(task: Task, config: Config, *, attachments: list[str] = (),
+          budget_exhausted: bool = False) -> Route:
+    """Pick the craftsman for a task, with the reasons."""
+    label = find_sensitive(texts_of(task, attachments), sensitive_patterns(config))
+    confidential = task.sensitivity == "confidential" or label is not None
+    difficulty, keywords = judge_difficulty(task, config)
+    facts = {"sensitivity": "confidential" if confidential else "public",
+             "difficulty": difficulty, "type": task.type}
+    base = {"confidential": confidential, "pattern": label, "difficulty": difficulty,
+            "keywords": keywords}
+    chosen, reason, rule = _pick(task, config, facts)
+    if chosen is None:
+        return Route(None, reason, "invalid" if task.craftsman != "auto" else "policy",
+                     rule=rule, **base)
+    craftsman = config.craftsmen[chosen]
+    notes = []
+    if confidential and not craftsman.local:
+        local = _local_craftsman(config)
+        if local is None:
+            return Route(None, "confidential, and no local craftsman is configured", "policy",
+                         rule=rule, **base)
+        notes.append(f"{chosen} is not local; confidential content goes to {local}")
+        chosen, craftsman = local, config.craftsmen[local]
+    if budget_exhausted and not craftsman.local:
+        return _exhausted(config, chosen, reason, rule, base)
+    return Route(chosen, reason, rule=rule, notes=notes, **base)
+
+
+def _pick(task: Task, config: Config, facts: dict) -> tuple[str | None, str, int | None]:
     if task.craftsman != "auto":
-        chosen = config.craftsmen.get(task.craftsman)
-        if chosen is None:
-            return Route(None, f"craftsman {task.craftsman!r} is not configured (known: "
-                               f"{', '.join(sorted(config.craftsmen)) or 'none'})", "invalid")
-        if task.sensitivity == "confidential" and not chosen.local:
-            return _local_instead(task, config)
-        return Route(chosen.name, "asked for by the task")
+        if task.craftsman not in config.craftsmen:
+            return None, (f"craftsman {task.craftsman!r} is not configured (known: "
+                          f"{', '.join(sorted(config.craftsmen)) or 'none'})"), None
+        return task.craftsman, "asked for by the task", None
     for index, rule in enumerate(config.routing.get("rules") or []):
-        if isinstance(rule, dict) and _holds(rule.get("if"), task):
+        if isinstance(rule, dict) and _holds(rule.get("if"), facts):
             name = rule.get("then")
+            if name == "local":
+                name = "local" if "local" in config.craftsmen else _local_craftsman(config)
             if name in config.craftsmen:
-                if task.sensitivity == "confidential" and not config.craftsmen[name].local:
-                    return _local_instead(task, config)
-                return Route(name, f"rule {index + 1}")
+                return name, f"rule {index + 1} ({_describe(rule)})", index + 1
     if len(config.craftsmen) == 1:
-        return Route(next(iter(config.craftsmen)), "the only craftsman")
-    return Route(None, "no routing rule matched and the task names no craftsman", "policy")
+        return next(iter(config.craftsmen)), "the only craftsman", None
+    return None, "no routing rule matched and the task names no craftsman", None
 
 
-def _local_instead(task: Task, config: Config) -> Route:
-    local = [c.name for c in config.craftsmen.values() if c.local and c.backend != "echo"]
-    if local:
-        return Route(local[0], "confidential: routed to a local craftsman")
-    return Route(None, "confidential task and no local craftsman is configured", "policy")
+def _describe(rule: dict) -> str:
+    condition = rule.get("if")
+    if condition is None:
+        return f"otherwise {rule.get('then')}"
+    return f"if {json.dumps(condition)} then {rule.get('then')}"
+
+
+def _local_craftsman(config: Config) -> str | None:
+    """The craftsman for confidential work: the first local one that is not echo."""
+    for craftsman in config.craftsmen.values():
+        if craftsman.local and craftsman.backend != "echo":
+            return craftsman.name
+    return None
+
+
+def _exhausted(config: Config, chosen: str, reason: str, rule: int | None, base: dict) -> Route:
+    action = config.budget.get("when_exhausted", "local")
+    if action == "local":
+        local = _local_craftsman(config)
+        if local is not None:
+            return Route(local, f"{reason}; budget exhausted, so local instead", rule=rule,
+                         **base)
+        return Route(None, "budget exhausted and no local craftsman", "budget", rule=rule, **base)
+    if action == "defer":
+        return Route(None, f"budget exhausted; {chosen} waits for the next period", "defer",
+                     rule=rule, **base)
+    return Route(None, f"budget exhausted for {chosen}", "budget", rule=rule, **base)
+
+
+def is_cloud(craftsman: Craftsman) -> bool:
+    """True for a craftsman that may not receive confidential content."""
+    return not craftsman.local

@@ -14,22 +14,26 @@ import os
 import signal
 import socket
 import time
-from collections import Counter
 from concurrent.futures import Future
 from pathlib import Path
 
 from inotify_simple import flags
 
+from . import budget as budget_module
 from . import router
 from . import task as task_format
+from .attach import Attachment, read_attachments
 from .backends import Backend, BackendError, Reply, Request, make_backend
+from .budget import BudgetSettings
 from .config import Config, Craftsman
 from .errors import InvalidTask, KoubouError, UsageError
 from .ledger import LedgerWriter
+from .limits import Budget, Slots
+from .pricing import price_of
 from .prompt import messages_for
 from .spool import CLAIM_RE, Claim, Refused, Spool, new_worker_id
 from .task import Task, UnreadableTask
-from .watcher import OVERFLOW, PENDING_MASK, ReadyQueue, Watcher, scan_order
+from .watcher import OUTCOME_MASK, OVERFLOW, PENDING_MASK, ReadyQueue, Watcher, scan_order
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,11 @@ class Worker:
         self.id = new_worker_id()
         self.ready = ReadyQueue()
         self.in_flight: dict[str, asyncio.Task] = {}
-        self.busy: Counter[str] = Counter()
+        self.budget = Budget(home / "db" / "koubou.db", BudgetSettings.parse(config.budget))
+        self.patterns = router.sensitive_patterns(config)
+        self.slots = Slots(home / "run" / "slots", [config.craftsmen[n] for n in self.serves])
+        self.slot_of: dict[str, tuple[str, int]] = {}  # claim file -> (craftsman, slot)
+        self.starved = False  # tasks wait for a slot another process holds
         self.young: dict[str, asyncio.TimerHandle] = {}  # files that may still be being written
         self.scheduled: dict[str, asyncio.TimerHandle] = {}  # not_before in the future
         self.done = 0
@@ -84,6 +92,9 @@ class Worker:
             loop.add_signal_handler(sig, self.stop)
         watcher = Watcher()
         watcher.watch(self.spool.pending, PENDING_MASK)
+        # Outcomes free slots other workers held: the wake-up for a starved craftsman.
+        watcher.watch(self.spool.completed, OUTCOME_MASK)
+        watcher.watch(self.spool.failed, OUTCOME_MASK)
         loop.add_reader(watcher.fileno(), self._on_events, watcher)
         log.info("worker %s serving %s in %s (concurrency %d)", self.id, ", ".join(self.serves),
                  self.spool.home, self.concurrency)
@@ -116,7 +127,7 @@ class Worker:
     def _open_backends(self) -> None:
         for name in self.serves:
             try:
-                self.backends[name] = make_backend(self.config.craftsmen[name])
+                self.backends[name] = make_backend(self.config.craftsmen[name], self.patterns)
             except KoubouError as exc:
                 # A missing key or backend fails that craftsman's tasks, not the whole worker.
                 self.backend_errors[name] = str(exc)
@@ -129,6 +140,7 @@ class Worker:
             await backend.close()
         self.ledger.worker_stopped(self.id, time.time())
         await loop.run_in_executor(None, self.ledger.close)
+        self.slots.close()
         self.spool.unregister_worker(self.id, self._lock_fd)
 
     def _check_finished(self) -> None:
@@ -149,17 +161,23 @@ class Worker:
     # --- watching pending/ -----------------------------------------------------------------------
 
     def _on_events(self, watcher: Watcher) -> None:
-        for _, name, mask in watcher.events():
+        pump = False
+        for directory, name, mask in watcher.events():
             if name == OVERFLOW:
                 log.warning("inotify queue overflowed; rescanning %s", self.spool.pending)
                 self._rescan()
+                pump = True
+            elif directory != self.spool.pending:
+                pump = pump or self.starved  # an outcome: a slot another worker held is free
             elif mask & flags.CREATE:
                 # A regular file is read at its IN_CLOSE_WRITE; anything else never gets one.
                 if self.spool.kind_of(self.spool.pending, name) == "other":
                     self._consider(name)
             else:
                 self._consider(name)
-        self._pump()
+                pump = True
+        if pump:
+            self._pump()
 
     def _rescan(self) -> None:
         self.ready.clear()
@@ -195,13 +213,31 @@ class Worker:
         if task.not_before and task.not_before > time.time():
             self._defer(self.scheduled, name, task.not_before - time.time())
             return
-        decision = router.route(task, self.config)
-        if decision.craftsman is None:
+        try:
+            decision = self._route(task)
+        except InvalidTask:
+            self.ready.push(FAIL_NOW, task.priority, name)  # failed with the reason at claim
+            return
+        if decision.kind == "defer":
+            self._defer(self.scheduled, name, self._budget_wait())
+        elif decision.craftsman is None:
             self.ready.push(FAIL_NOW, task.priority, name)
         elif decision.craftsman in self.serves:
             self.ready.push(decision.craftsman, task.priority, name)
         else:
             self.ready.discard(name)  # another worker serves that craftsman
+
+    def _route(self, task: Task, attachments: list[Attachment] | None = None) -> router.Route:
+        """Route with the attachments' text and the budget's state; InvalidTask for bad files."""
+        if attachments is None:
+            attachments = read_attachments(task.files, self.config.attach)
+        return router.route(task, self.config, attachments=[a.text for a in attachments],
+                            budget_exhausted=self.budget.exhausted())
+
+    def _budget_wait(self) -> float:
+        """Seconds until the exhausted budget period ends (deferred tasks wait that long)."""
+        now = time.time()
+        return max(self.budget.settings.next_day_start(now) - now, 1.0)
 
     def _defer(self, timers: dict[str, asyncio.TimerHandle], name: str, delay: float) -> None:
         loop = asyncio.get_running_loop()
@@ -227,14 +263,11 @@ class Worker:
 
     # --- claiming --------------------------------------------------------------------------------
 
-    def _has_slot(self, craftsman: str) -> bool:
-        return self.busy[craftsman] < self.config.craftsmen[craftsman].max_concurrent
-
-    def _next_craftsman(self) -> str | None:
-        """The craftsman whose next task comes first among those with a free slot."""
+    def _next_craftsman(self, full: set[str]) -> str | None:
+        """The craftsman whose next task comes first, among those not known to be full."""
         best, best_key = None, None
         for name in (FAIL_NOW, *self.serves):
-            if name != FAIL_NOW and not self._has_slot(name):
+            if name in full:
                 continue
             head = self.ready.head(name)
             if head is not None and (best is None or head < best):
@@ -242,26 +275,41 @@ class Worker:
         return best_key
 
     def _pump(self) -> None:
-        """Claim tasks while there are free slots and claimable tasks."""
+        """Claim tasks while this process has room and their craftsmen have free slots.
+
+        A slot is taken (home-wide, see limits.Slots) before the claim, so a task is only
+        claimed when its craftsman can start it: a busy local model never holds up cloud tasks.
+        """
+        full: set[str] = set()
         while not self.stopping and len(self.in_flight) < self.concurrency:
-            craftsman = self._next_craftsman()
+            craftsman = self._next_craftsman(full)
             if craftsman is None:
                 break
+            slot = None
+            if craftsman != FAIL_NOW:
+                slot = self.slots.acquire(craftsman)
+                if slot is None:
+                    full.add(craftsman)
+                    continue
             name = self.ready.pop(craftsman)
             claim = self.spool.claim(name, self.id)
-            if claim is None:
-                continue  # another worker was first
+            if claim is None:  # another worker was first
+                if slot is not None:
+                    self.slots.release(craftsman, slot)
+                continue
             if craftsman == FAIL_NOW:
                 self._judge_unroutable(claim)
                 continue
-            self.busy[craftsman] += 1
+            self.slot_of[claim.file_name] = (craftsman, slot)
             running = asyncio.get_running_loop().create_task(self._attempt(claim, craftsman))
             self.in_flight[claim.file_name] = running
-            running.add_done_callback(lambda _, c=claim, n=craftsman: self._attempt_done(c, n))
+            running.add_done_callback(lambda _, c=claim: self._attempt_done(c))
+        self.starved = any(self.ready.head(name) is not None for name in full)
         self._check_finished()
 
-    def _attempt_done(self, claim: Claim, craftsman: str) -> None:
-        self.busy[craftsman] -= 1
+    def _attempt_done(self, claim: Claim) -> None:
+        craftsman, slot = self.slot_of.pop(claim.file_name)
+        self.slots.release(craftsman, slot)
         self.in_flight.pop(claim.file_name, None)
         self._pump()
 
@@ -281,9 +329,13 @@ class Worker:
         task = self._read_claimed(claim)
         if task is None:
             return
-        decision = router.route(task, self.config)
-        if decision.craftsman is not None:
-            self.spool.requeue(claim.file_name, None)  # config changed its mind: queue it again
+        try:
+            decision = self._route(task)
+        except InvalidTask as exc:
+            self._fail_now(claim, task, "invalid", str(exc), task.attempts)
+            return
+        if decision.craftsman is not None or decision.kind == "defer":
+            self.spool.requeue(claim.file_name, None)  # things changed: judge it again
             return
         self._fail_now(claim, task, decision.kind or "policy", decision.reason, task.attempts)
 
@@ -292,6 +344,15 @@ class Worker:
     async def _attempt(self, claim: Claim, craftsman_name: str) -> None:
         task = self._read_claimed(claim)
         if task is None:
+            return
+        try:  # judged again: the file, its attachments or the budget may have changed
+            attachments = read_attachments(task.files, self.config.attach)
+            decision = self._route(task, attachments)
+        except InvalidTask as exc:
+            await self._fail(claim, task, "invalid", str(exc), task.attempts + 1)
+            return
+        if decision.craftsman != craftsman_name:
+            self.spool.requeue(claim.file_name, None)
             return
         craftsman = self.config.craftsmen[craftsman_name]
         attempt = task.attempts + 1
@@ -302,7 +363,10 @@ class Worker:
                              f"not started before expires_at {task.raw.get('expires_at')}", attempt)
             return
         try:
-            reply = await self._call(craftsman, task)
+            reply = await self._call(craftsman, task, attempt, decision, attachments)
+        except BudgetExhausted as exc:
+            await self._budget_exhausted(claim, task, attempt, str(exc))
+            return
         except asyncio.CancelledError:
             # Stopping and out of grace: give the task back uncounted; it was not its fault.
             self.spool.requeue(claim.file_name, None)
@@ -312,20 +376,33 @@ class Worker:
             return
         await self._complete(claim, task, craftsman, attempt, reply)
 
-    async def _call(self, craftsman: Craftsman, task: Task) -> Reply:
+    async def _call(self, craftsman: Craftsman, task: Task, attempt: int,
+                    decision: router.Route, attachments: list[Attachment]) -> Reply:
         if craftsman.name in self.backend_errors:
             raise BackendError(self.backend_errors[craftsman.name])
-        if task.files:
-            raise BackendError("attached files are not supported by this version of koubou "
-                               "yet; put the text in content", kind="invalid")
         request = Request(
-            messages=messages_for(task, craftsman.system),
+            messages=messages_for(task, craftsman.system, attachments),
             model=task.model or craftsman.model,
             max_tokens=task.max_tokens or craftsman.max_tokens,
             timeout_s=task.timeout_s or craftsman.timeout_s,
             temperature=task.temperature if task.temperature is not None
             else craftsman.temperature,
-            reasoning_effort=task.reasoning_effort or craftsman.reasoning_effort)
+            reasoning_effort=task.reasoning_effort or craftsman.reasoning_effort,
+            confidential=decision.confidential,
+            workdir=str(self.spool.home / "outputs" / task.id))
+        reservation = await self._reserve(craftsman, task, attempt, request)
+        try:
+            reply = await self._guarded_call(craftsman, request)
+        except BaseException:
+            if reservation is not None:  # the call may have been billed: keep the reservation
+                await self._settle(reservation, None)
+            raise
+        if reservation is not None:
+            reply.cost_usd = self._cost(craftsman, reply)
+            await self._settle(reservation, reply.cost_usd)
+        return reply
+
+    async def _guarded_call(self, craftsman: Craftsman, request: Request) -> Reply:
         try:
             return await asyncio.wait_for(self.backends[craftsman.name].complete(request),
                                           request.timeout_s)
@@ -338,16 +415,79 @@ class Worker:
             log.exception("backend %s failed unexpectedly", craftsman.name)
             raise BackendError(f"internal error in backend {craftsman.backend}: {exc}") from None
 
+    async def _reserve(self, craftsman: Craftsman, task: Task, attempt: int,
+                       request: Request) -> int | None:
+        """Reserve the worst-case cost (and a place in the rate window) before a cloud call."""
+        if not self.budget.needed(craftsman):
+            return None
+        price = price_of(craftsman, request.model)
+        if price is None and self.budget.settings.enabled and not craftsman.local:
+            raise BackendError(f"no price is known for {craftsman.name} ({request.model}), so "
+                               "its cost cannot be kept within the budget; set price: in the "
+                               "config", kind="budget")
+        tokens = budget_module.estimate_prompt_tokens(request.messages)
+        amount = budget_module.worst_case(price, tokens, request.max_tokens) if price else 0.0
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + request.timeout_s
+        while True:
+            verdict, value = await loop.run_in_executor(
+                None, self.budget.reserve, task.id, attempt, craftsman, amount,
+                tokens + request.max_tokens)
+            if verdict == "ok":
+                return int(value)
+            if verdict == "budget":
+                raise BudgetExhausted(f"{craftsman.name} would need up to ${amount:.4f}, more "
+                                      "than the budget has left")
+            if time.monotonic() + value > deadline:
+                raise BackendError(f"{craftsman.name} is at its max_rpm/max_tpm for longer than "
+                                   "the attempt's timeout", kind="timeout", retryable=True)
+            await asyncio.sleep(value)  # a timer until the rate window has room, not a poll
+
+    def _cost(self, craftsman: Craftsman, reply: Reply) -> float | None:
+        if reply.cost_usd is not None:
+            return reply.cost_usd
+        price = price_of(craftsman, reply.model if craftsman.price is None else None)
+        if price is None:
+            return None
+        return price.cost(reply.usage.get("prompt_tokens", 0),
+                          reply.usage.get("completion_tokens", 0),
+                          reply.usage.get("cached_tokens", 0))
+
+    async def _settle(self, reservation: int, cost: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        for period, percent, spent, limit in await loop.run_in_executor(
+                None, self.budget.settle, reservation, cost):
+            log.warning("budget alert: %s spend $%.4f is %d%% of $%.2f", period, spent,
+                        percent, limit)
+            self._run_alert_command(period, percent, spent, limit)
+
+    def _run_alert_command(self, period: str, percent: int, spent: float, limit: float) -> None:
+        argv = self.budget.settings.alert_command
+        if not argv:
+            return
+        env = dict(os.environ, KOUBOU_BUDGET_PERIOD=period, KOUBOU_BUDGET_PERCENT=str(percent),
+                   KOUBOU_BUDGET_SPENT_USD=f"{spent:.6f}", KOUBOU_BUDGET_LIMIT_USD=f"{limit:.2f}",
+                   KOUBOU_HOME=str(self.spool.home))
+        asyncio.get_running_loop().create_task(_run_quietly(list(argv), env, "alert_command"))
+
+    async def _budget_exhausted(self, claim: Claim, task: Task, attempt: int,
+                                message: str) -> None:
+        """The reservation did not fit: per when_exhausted, go local, wait, or fail."""
+        if self.budget.settings.when_exhausted == "fail":
+            await self._fail(claim, task, "budget", message, attempt)
+            return
+        log.info("budget exhausted for %s (%s); requeued", task.id, message)
+        self.spool.requeue(claim.file_name, None)  # routed again: local, or deferred
+
     async def _complete(self, claim: Claim, task: Task, craftsman: Craftsman, attempt: int,
                         reply: Reply) -> None:
         finished = time.time()
-        prompt, completion = reply.usage.get("prompt_tokens", 0), reply.usage.get(
-            "completion_tokens", 0)
-        cost = reply.cost_usd if reply.cost_usd is not None else craftsman.cost(prompt, completion)
+        cost = self._cost(craftsman, reply)
         queued = task.submitted_at or claim.claimed_at
         result = {
             "content": reply.content, "craftsman": craftsman.name, "model": reply.model,
-            "worker_id": self.id, "usage": reply.usage, "cost_usd": round(cost, 8),
+            "worker_id": self.id, "usage": reply.usage,
+            "cost_usd": None if cost is None else round(cost, 8),
             "attempts": attempt, "queued_at": task_format.iso(queued),
             "started_at": task_format.iso(claim.claimed_at),
             "finished_at": task_format.iso(finished),
@@ -448,6 +588,8 @@ class Worker:
         attempt = task.attempts + 1
         self.ledger.attempt_finished(task.id, attempt, "lost", finished_at=time.time(),
                                      error_kind="lost", message="worker died during the attempt")
+        if self.budget.settings.enabled:
+            self.budget.settle_lost(task.id)
         if attempt >= (task.max_attempts or self.settings.max_attempts):
             record = task_format.failed_record(task.raw, "lost", f"its worker died {attempt} "
                                                "times while running it", attempt, time.time())
@@ -455,6 +597,22 @@ class Worker:
             self._publish(claim, task, record)
             return
         self.spool.requeue(claim.file_name, attempt)
+
+
+class BudgetExhausted(Exception):
+    """A cloud call's worst case does not fit what the budget has left."""
+
+
+async def _run_quietly(argv: list[str], env: dict[str, str], what: str) -> None:
+    """Run a hook's argv; its failure is logged, never fatal."""
+    try:
+        proc = await asyncio.create_subprocess_exec(*argv, env=env,
+                                                    stdin=asyncio.subprocess.DEVNULL)
+        status = await proc.wait()
+        if status != 0:
+            log.warning("%s %s exited with status %d", what, argv[0], status)
+    except OSError as exc:
+        log.warning("%s %s could not run: %s", what, argv[0], exc.strerror)
 
 
 def run_worker(home: Path, config: Config, **options: object) -> int:

@@ -30,6 +30,7 @@ class FakeOpenAI:
         self.reject_next = 0
         self.requests: list[dict[str, Any]] = []
         self.in_flight = 0
+        self.usage: list[tuple[int, int]] = []  # (prompt, completion) of each answered request
         self.max_in_flight = 0
         self.lock = threading.Lock()
         self.request_seen = threading.Event()
@@ -142,6 +143,8 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             users = [m for m in messages if m.get("role") == "user"]
             text = "echo: " + str(users[-1].get("content", "")) if users else "echo:"
             prompt_tokens, completion_tokens = _words(messages), len(text.split())
+            with fake.lock:
+                fake.usage.append((prompt_tokens, completion_tokens))
             self._send(200, {
                 "id": f"chatcmpl-{len(fake.requests)}", "object": "chat.completion",
                 "created": int(time.time()), "model": body.get("model", fake.model),

@@ -278,9 +278,9 @@ def test_four_workers_two_thousand_tasks_each_completed_exactly_once(
         home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
     write_config(home, fake_openai.base_url, spool={"fsync": False}, craftsmen={
         "local": {"backend": "openai", "base_url": fake_openai.base_url, "model": "fake-model",
-                  "max_concurrent": 8, "retries": 0}})
-    for _ in range(4):
-        workers.start(home)
+                  "max_concurrent": 64, "retries": 0}})
+    for _ in range(4):  # 8 each, 64 slots: no worker can hold every slot, so all four race
+        workers.start(home, "--concurrency", "8")
     ids = [task_format.validate({"content": f"task {i}"}) for i in range(2000)]
     for start in range(0, 2000, 250):  # submitted while the workers run
         spool.submit(ids[start:start + 250])

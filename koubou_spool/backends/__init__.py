@@ -19,6 +19,8 @@ class Request:
     timeout_s: float
     temperature: float | None = None
     reasoning_effort: str | None = None
+    confidential: bool = False  # declared or detected: only a local craftsman may receive it
+    workdir: str | None = None  # command backends run here
 
 
 @dataclass
@@ -56,13 +58,44 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def make_backend(craftsman: Craftsman) -> Backend:
+class PolicyGuard:
+    """Wraps every craftsman that is not local: the last check before a request leaves.
+
+    Routing already keeps confidential tasks local; this refuses again right before the call,
+    so no fallback, retry or requeue can leak them (fail closed).
+    """
+
+    def __init__(self, inner: Backend, craftsman: Craftsman, patterns: tuple) -> None:
+        self.inner = inner
+        self.craftsman = craftsman
+        self.patterns = patterns
+
+    async def complete(self, request: Request) -> Reply:
+        """Refuse confidential content, else pass the request on."""
+        from ..router import messages_sensitive
+        if request.confidential:
+            raise BackendError(f"confidential task refused: {self.craftsman.name} is not local",
+                               kind="policy")
+        label = messages_sensitive(request.messages, self.patterns)
+        if label is not None:
+            raise BackendError(f"content matches sensitive pattern {label}; refused to send it "
+                               f"to {self.craftsman.name}, which is not local", kind="policy")
+        return await self.inner.complete(request)
+
+    async def close(self) -> None:
+        """Close the wrapped backend."""
+        await self.inner.close()
+
+
+def make_backend(craftsman: Craftsman, patterns: tuple = ()) -> Backend:
     """The backend for a craftsman; ConfigError when it cannot be set up (e.g. a missing key)."""
     if craftsman.backend == "echo":
         from .echo import EchoBackend
-        return EchoBackend(craftsman)
-    if craftsman.backend == "openai":
+        backend: Backend = EchoBackend(craftsman)
+    elif craftsman.backend == "openai":
         from .openai_chat import OpenAIChatBackend
-        return OpenAIChatBackend(craftsman)
-    raise BackendError(f"craftsman {craftsman.name}: backend {craftsman.backend!r} is not "
-                       "available in this version")
+        backend = OpenAIChatBackend(craftsman)
+    else:
+        from .command import CommandBackend
+        backend = CommandBackend(craftsman)
+    return backend if craftsman.local else PolicyGuard(backend, craftsman, patterns)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from .. import __version__, home as home_module, ledger, status as status_module
+from .. import __version__, ledger, router
+from .. import home as home_module
+from .. import status as status_module
+from .. import task as task_format
+from ..attach import read_attachments
+from ..budget import BudgetSettings
+from ..limits import Budget
+from ..task import DIFFICULTIES, SENSITIVITIES
 from ..errors import EXIT_OK, EXIT_TASK_FAILED, WaitTimeout
 from ..home import STATE_DIRS
 from ..worker import run_worker
@@ -197,6 +204,66 @@ def wait(task_ids: tuple[str, ...], timeout: float | None, as_json: bool) -> Non
             detail = f" ({error.get('kind')}: {error.get('message')})" if error else ""
             click.echo(f"{task_id}: {outcome.get('status')}{detail}")
     click.get_current_context().exit(EXIT_TASK_FAILED if failed else EXIT_OK)
+
+
+
+@cli.command()
+@home_options
+@json_option
+@click.argument("text")
+@click.option("--craftsman", default="auto", help="Ask for a craftsman, as a task would.")
+@click.option("--difficulty", type=click.Choice(DIFFICULTIES), default="auto")
+@click.option("--sensitivity", type=click.Choice(SENSITIVITIES), default="auto")
+@click.option("--type", "type_", default="general", metavar="TYPE")
+@click.option("--attach", multiple=True, metavar="PATH", help="Files the task would attach.")
+def route(text: str, craftsman: str, difficulty: str, sensitivity: str, type_: str,
+          attach: tuple[str, ...], as_json: bool) -> None:
+    """Dry run: which craftsman a task with this TEXT would go to, and why.
+
+    Names the sensitive pattern that matched (never the text it matched), the difficulty and
+    its keywords, the rule that fired and the budget's state.
+    """
+    where = session()
+    config = where.config()
+    task = task_format.validate({"content": text, "craftsman": craftsman, "type": type_,
+                                 "difficulty": difficulty, "sensitivity": sensitivity,
+                                 "files": list(attach)})
+    keeper = Budget(where.ledger_path, BudgetSettings.parse(config.budget))
+    budget = keeper.state() if keeper.settings.enabled else {"enabled": False}
+    texts = [a.text for a in read_attachments(task.files, config.attach)]
+    decision = router.route(task, config, attachments=texts,
+                            budget_exhausted=bool(budget.get("exhausted")))
+    facts = {"craftsman": decision.craftsman, "reason": decision.reason,
+             "outcome": decision.kind or "run", "confidential": decision.confidential,
+             "sensitive_pattern": decision.pattern, "difficulty": decision.difficulty,
+             "keywords": list(decision.keywords), "rule": decision.rule, "notes": decision.notes,
+             "budget": budget}
+    if as_json:
+        emit_json(facts)
+        return
+    _print_route(facts)
+
+
+def _print_route(facts: dict) -> None:
+    sensitivity = "confidential" if facts["confidential"] else "public"
+    if facts["sensitive_pattern"]:
+        sensitivity += f" (matched sensitive pattern {facts['sensitive_pattern']})"
+    keywords = f" (keywords: {', '.join(facts['keywords'])})" if facts["keywords"] else ""
+    click.echo(f"craftsman    {facts['craftsman'] or '-'} ({facts['outcome']})")
+    click.echo(f"why          {facts['reason']}")
+    for note in facts["notes"]:
+        click.echo(f"             {note}")
+    click.echo(f"sensitivity  {sensitivity}")
+    click.echo(f"difficulty   {facts['difficulty']}{keywords}")
+    budget = facts["budget"]
+    if not budget.get("enabled"):
+        click.echo("budget       none configured")
+    elif "error" in budget:
+        click.echo(f"budget       {budget['error']}")
+    else:
+        click.echo(f"budget       day {budget['day_spent_usd']:.4f} of {budget['daily_usd']} USD, "
+                   f"month {budget['month_spent_usd']:.4f} of {budget['monthly_usd']} USD"
+                   + (f"; exhausted, so {budget['when_exhausted']}" if budget["exhausted"] else ""))
 
 
 def main() -> None:

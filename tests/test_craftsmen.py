@@ -1,0 +1,224 @@
+"""Several craftsmen through real workers: secrets stay local, budgets hold, CLI agents run."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import yaml
+
+from conftest import Workers, log_of, submit, wait_outcomes
+from fake_openai import FakeOpenAI
+from koubou_spool import task as task_format
+from koubou_spool.spool import Spool
+
+AGENT = str(Path(__file__).parent / "fake_agent.py")
+PRICE = 100.0  # USD per million tokens, in and out: each token costs 0.0001
+
+
+@pytest.fixture
+def cloud() -> Iterator[FakeOpenAI]:
+    fake = FakeOpenAI(model="gpt-5").start()
+    yield fake
+    fake.stop()
+
+
+def configure(home: Path, local: FakeOpenAI, cloud: FakeOpenAI, **extra: object) -> None:
+    config = {
+        "craftsmen": {
+            "local": {"backend": "openai", "base_url": local.base_url, "model": "fake-model",
+                      "local": True, "max_concurrent": 8, "retries": 0},
+            "cloud": {"backend": "openai", "base_url": cloud.base_url, "model": "gpt-5",
+                      "api_key_env": "KOUBOU_TEST_CLOUD_KEY", "max_concurrent": 4,
+                      "max_tokens": 20, "retries": 0,
+                      "price": {"input_per_mtok": PRICE, "output_per_mtok": PRICE}},
+            "claude": {"backend": "command", "argv": [sys.executable, AGENT, "claude"],
+                       "output": "claude-json", "model": "claude-sonnet"},
+            "codex": {"backend": "command", "argv": [sys.executable, AGENT, "codex"],
+                      "output": "codex-jsonl", "model": "gpt-5-codex",
+                      "price": {"input_per_mtok": 1.0, "output_per_mtok": 10.0,
+                                "cache_read_per_mtok": 0.1}},
+            "echo": {"backend": "echo", "max_concurrent": 8},
+        },
+        "routing": {"rules": [{"if": "confidential", "then": "local"},
+                              {"if": {"difficulty": "high"}, "then": "cloud"},
+                              {"then": "local"}]},
+        "attach": {"allowed_dirs": [str(home.parent / "repo")]},
+        "spool": {"heartbeat_s": 1, "grace_s": 0.5, "max_attempts": 1},
+    }
+    config.update(extra)
+    (home / "config" / "koubou.yaml").write_text(yaml.safe_dump(config))
+
+
+@pytest.fixture
+def cloud_key(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("KOUBOU_TEST_CLOUD_KEY", "sk-test-not-a-real-key")
+    return "sk-test-not-a-real-key"
+
+
+def secret_tasks(repo: Path) -> list[dict]:
+    """Confidential tasks in every shape §4.7 names, half of them asking for the cloud."""
+    repo.mkdir(exist_ok=True)
+    shapes = []
+    for i in range(100):
+        marker = f"MARK{i:03d}"
+        kind = i % 6
+        task = {"content": f"Design the distributed architecture {marker}", "difficulty": "high"}
+        if kind == 0:
+            task["content"] += f" password: hunter{i}"
+        elif kind == 1:
+            task["system"] = f"api_key = sk-{marker}"
+        elif kind == 2:
+            task["context"] = {"deploy": f"-----BEGIN RSA PRIVATE KEY-----{marker}"}
+        elif kind == 3:
+            path = repo / f"settings{i}.env"
+            path.write_text(f"SECRET={marker}\nsecret: yes\n")
+            task["files"] = [str(path)]
+        elif kind == 4:
+            task["sensitivity"] = "confidential"
+        else:
+            task = {"custom_id": f"batch-{i}", "body": {"messages": [
+                {"role": "user", "content": f"architecture {marker}"},
+                {"role": "user", "content": f"token = {marker}"}]}}
+        if i % 2 and "body" not in task:
+            task["craftsman"] = "cloud"
+        shapes.append(task)
+    return shapes
+
+
+def test_confidential_tasks_never_reach_the_cloud(home: Path, spool: Spool, fake_openai: FakeOpenAI,
+                                                  cloud: FakeOpenAI, workers: Workers,
+                                                  cloud_key: str) -> None:
+    configure(home, fake_openai, cloud)
+    workers.start(home)
+    workers.start(home)
+    secret = [task_format.validate(t) for t in secret_tasks(home.parent / "repo")]
+    public = [task_format.validate({"content": f"design the distributed architecture {i}"})
+              for i in range(20)]
+    spool.submit(secret + public)
+    outcomes = wait_outcomes(spool, [t.id for t in secret + public], timeout=120)
+    assert all(o["status"] == "completed" for o in outcomes.values()), [
+        o.get("error") for o in outcomes.values() if o["status"] != "completed"]
+    assert {outcomes[t.id]["result"]["craftsman"] for t in secret} == {"local"}
+    assert {outcomes[t.id]["result"]["craftsman"] for t in public} == {"cloud"}
+    cloud_log = json.dumps(cloud.requests)
+    assert "MARK" not in cloud_log and "hunter" not in cloud_log
+    assert len(cloud.completions()) == 20
+    assert {r["authorization"] for r in cloud.requests} == {f"Bearer {cloud_key}"}
+    assert not any(r["authorization"] and cloud_key in r["authorization"]
+                   for r in fake_openai.requests)  # the cloud key only goes to its endpoint
+
+
+def test_spend_never_passes_the_budget_with_four_workers_racing(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI, workers: Workers,
+        cloud_key: str) -> None:
+    budget = 0.03
+    configure(home, fake_openai, cloud, budget={"daily_usd": budget, "monthly_usd": 1,
+                                                 "when_exhausted": "local",
+                                                 "alert_percent": [50, 80]})
+    for _ in range(4):
+        workers.start(home)
+    tasks = [task_format.validate({"content": f"design a distributed architecture {i}"})
+             for i in range(200)]
+    spool.submit(tasks)
+    outcomes = wait_outcomes(spool, [t.id for t in tasks], timeout=120)
+    assert all(o["status"] == "completed" for o in outcomes.values())
+    spent = sum(p * PRICE + c * PRICE for p, c in cloud.usage) / 1e6
+    on_cloud = [o for o in outcomes.values() if o["result"]["craftsman"] == "cloud"]
+    assert 0 < len(on_cloud) < 200 and spent <= budget
+    assert len(on_cloud) == len(cloud.usage)
+    recorded = sum(o["result"]["cost_usd"] for o in on_cloud)
+    assert recorded == pytest.approx(spent)
+    conn = sqlite3.connect(home / "db" / "koubou.db")
+    alerts = {row[0] for row in conn.execute("SELECT threshold FROM budget_alerts WHERE "
+                                            "period LIKE '____-__-__'")}
+    assert alerts == {50, 80}
+
+
+def test_budget_exhausted_with_fail_fails_cloud_tasks_as_budget(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI, workers: Workers,
+        cloud_key: str) -> None:
+    configure(home, fake_openai, cloud, budget={"daily_usd": 0.0001, "when_exhausted": "fail"})
+    workers.start(home)
+    task_id = submit(spool, content="design the architecture")
+    error = wait_outcomes(spool, [task_id])[task_id]["error"]
+    assert error["kind"] == "budget" and cloud.completions() == []
+
+
+def test_a_missing_api_key_fails_that_craftsmans_tasks_not_the_worker(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI,
+        workers: Workers) -> None:
+    configure(home, fake_openai, cloud)
+    proc = workers.start(home)
+    failed = submit(spool, content="design the architecture")
+    error = wait_outcomes(spool, [failed])[failed]["error"]
+    assert error["kind"] == "backend" and "KOUBOU_TEST_CLOUD_KEY" in error["message"]
+    fine = submit(spool, content="hello")
+    assert wait_outcomes(spool, [fine])[fine]["status"] == "completed"
+    assert proc.poll() is None and "Traceback" not in log_of(proc)
+
+
+def test_claude_and_codex_agents_record_tokens_and_cost(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI,
+        workers: Workers) -> None:
+    configure(home, fake_openai, cloud)
+    workers.start(home)
+    claude = submit(spool, content="write tests", craftsman="claude")
+    codex = submit(spool, content="fix the bug", craftsman="codex")
+    outcomes = wait_outcomes(spool, [claude, codex])
+    by_claude = outcomes[claude]["result"]
+    assert by_claude["content"].startswith("claude: ") and "write tests" in by_claude["content"]
+    assert by_claude["cost_usd"] == 0.0123
+    assert by_claude["usage"]["prompt_tokens"] == 15 and by_claude["usage"]["completion_tokens"] == 7
+    by_codex = outcomes[codex]["result"]
+    assert by_codex["content"].startswith("codex: ")
+    assert by_codex["cost_usd"] == pytest.approx((600 * 1.0 + 400 * 0.1 + 200 * 10.0) / 1e6)
+    conn = sqlite3.connect(home / "db" / "koubou.db")
+    rows = dict(conn.execute("SELECT craftsman, cost_usd FROM attempts"))
+    assert rows["claude"] == 0.0123 and rows["codex"] == pytest.approx(by_codex["cost_usd"])
+    assert (home / "outputs" / claude).is_dir()  # each task runs in its own directory
+
+
+def test_an_agent_that_fails_reports_its_stderr(home: Path, spool: Spool,
+                                                fake_openai: FakeOpenAI, cloud: FakeOpenAI,
+                                                workers: Workers) -> None:
+    configure(home, fake_openai, cloud)
+    config = yaml.safe_load((home / "config" / "koubou.yaml").read_text())
+    config["craftsmen"]["claude"]["argv"] = [sys.executable, AGENT, "fail"]
+    (home / "config" / "koubou.yaml").write_text(yaml.safe_dump(config))
+    workers.start(home)
+    task_id = submit(spool, content="x", craftsman="claude")
+    error = wait_outcomes(spool, [task_id])[task_id]["error"]
+    assert error["kind"] == "backend" and "status 3" in error["message"]
+    assert "something went wrong in the agent" in error["message"]
+
+
+def test_an_agent_timeout_kills_its_whole_process_group(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI,
+        workers: Workers, tmp_path: Path) -> None:
+    configure(home, fake_openai, cloud)
+    pidfile = tmp_path / "child.pid"
+    config = yaml.safe_load((home / "config" / "koubou.yaml").read_text())
+    config["craftsmen"]["claude"].update(argv=[sys.executable, AGENT, "hang", str(pidfile)],
+                                         timeout_s=1.5)
+    (home / "config" / "koubou.yaml").write_text(yaml.safe_dump(config))
+    workers.start(home)
+    task_id = submit(spool, content="x", craftsman="claude")
+    error = wait_outcomes(spool, [task_id])[task_id]["error"]
+    assert error["kind"] == "timeout"
+    child = int(pidfile.read_text())
+    assert not _alive(child), "the agent's child outlived the timeout"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return status != "Z"
