@@ -406,3 +406,52 @@ def record_alert(conn: sqlite3.Connection, period: str, threshold: int, spent_us
                           (period, threshold, spent_usd, limit_usd, at))
     conn.execute("COMMIT")
     return cursor.rowcount == 1
+
+
+# --- reports ---
+# Read-only queries for `koubou report`, `koubou metrics`, `koubou top` and the MCP server.
+# Times are Unix seconds; a period is [start, end). The arithmetic lives in report.py.
+
+def report_tasks(conn: sqlite3.Connection, start: float, end: float) -> list[dict[str, Any]]:
+    """Tasks that finished in the period (a task without finished_at counts at its queued_at)."""
+    return [dict(r) for r in conn.execute(
+        "SELECT * FROM tasks WHERE COALESCE(finished_at, queued_at) >= ?"
+        " AND COALESCE(finished_at, queued_at) < ? ORDER BY finished_at", (start, end))]
+
+
+def report_spend(conn: sqlite3.Connection, start: float, end: float) -> list[dict[str, Any]]:
+    """Money spent in the period: each priced attempt, and the cost of tasks with no attempt rows.
+
+    Attempts carry the spend of retries too; a ledger rebuilt from outcome files has only the
+    tasks table, so a task without attempts counts with its own cost.
+    """
+    return [dict(r) for r in conn.execute(
+        "SELECT finished_at AS at, craftsman, model, cost_usd FROM attempts"
+        " WHERE finished_at >= ? AND finished_at < ? AND cost_usd IS NOT NULL"
+        " UNION ALL SELECT t.finished_at, t.craftsman, t.model, t.cost_usd FROM tasks AS t"
+        " WHERE t.finished_at >= ? AND t.finished_at < ? AND t.cost_usd IS NOT NULL"
+        " AND NOT EXISTS (SELECT 1 FROM attempts AS a WHERE a.task_id = t.id)"
+        " ORDER BY 1", (start, end, start, end))]
+
+
+def report_rejects(conn: sqlite3.Connection, start: float, end: float) -> list[dict[str, Any]]:
+    """Input rejected as not a task in the period."""
+    return [dict(r) for r in conn.execute(
+        "SELECT * FROM rejects WHERE at >= ? AND at < ? ORDER BY at", (start, end))]
+
+
+def report_open_attempts(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Attempts claimed and not finished: what craftsmen have in flight (if their claim lives)."""
+    return [dict(r) for r in conn.execute(
+        "SELECT task_id, attempt, worker_id, craftsman, model, claimed_at FROM attempts"
+        " WHERE finished_at IS NULL")]
+
+
+def report_task_totals(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """All-time task, token and cost totals by craftsman, model and outcome (metrics counters)."""
+    return [dict(r) for r in conn.execute(
+        "SELECT COALESCE(craftsman, '') AS craftsman, COALESCE(model, '') AS model,"
+        " COALESCE(status, '') AS outcome, COUNT(*) AS tasks,"
+        " COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens,"
+        " COALESCE(SUM(completion_tokens), 0) AS completion_tokens,"
+        " COALESCE(SUM(cost_usd), 0) AS cost_usd FROM tasks GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")]

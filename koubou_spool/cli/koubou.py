@@ -205,6 +205,8 @@ def wait(task_ids: tuple[str, ...], timeout: float | None, as_json: bool) -> Non
             click.echo(f"{task_id}: {outcome.get('status')}{detail}")
     click.get_current_context().exit(EXIT_TASK_FAILED if failed else EXIT_OK)
 
+from .observe import register as _register_observe  # noqa: E402
+_register_observe(cli)
 
 
 @cli.command()

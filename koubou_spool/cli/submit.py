@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import click
 
 from .. import __version__
+from .. import batch as batch_format
 from .. import status as status_module
 from .. import task as task_format
-from ..errors import EXIT_OK, EXIT_TASK_FAILED, InvalidTask, UsageError
+from ..errors import EXIT_OK, EXIT_TASK_FAILED, InvalidTask, UsageError, WaitTimeout
+from ..observe import write_atomic
+from ..progress import wait_with_progress
+from ..spool import Spool
 from ..task import DIFFICULTIES, SENSITIVITIES, Task
 from .common import KoubouCommand, home_options, session
 
@@ -106,11 +111,13 @@ def _single_task(text: str | None, file: str | None, fields: dict[str, Any]) -> 
 @click.option("--wait", is_flag=True, help="Block until done and print the result.")
 @click.option("--timeout", type=float, help="With --wait: give up after S seconds (exit 3).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of ids/results.")
+@click.option("--output", metavar="OUT.jsonl",
+              help="With --batch --wait: write the OpenAI Batch output lines here, not to stdout.")
 def submit(text: str | None, file: str | None, batch: str | None, type_: str | None,
            priority: int | None, difficulty: str | None, sensitivity: str | None,
            craftsman: str | None, model: str | None, system: str | None, context: str | None,
            attach: tuple[str, ...], max_tokens: int | None, task_id: str | None, wait: bool,
-           timeout: float | None, as_json: bool) -> None:
+           timeout: float | None, as_json: bool, output: str | None) -> None:
     """Queue a task for the craftsmen: TEXT, - (stdin), --file F, or --batch FILE.jsonl.
 
     Prints the id of each task queued. Exit codes: 0 ok, 1 the task failed (with --wait),
@@ -122,6 +129,8 @@ def submit(text: str | None, file: str | None, batch: str | None, type_: str | N
               "sensitivity": sensitivity, "craftsman": craftsman, "model": model,
               "system": system, "context": _json_object(context, "--context"),
               "files": list(attach) or None, "max_tokens": max_tokens, "id": task_id}
+    if output is not None and not (batch is not None and wait):
+        raise UsageError("--output goes with --batch FILE --wait")
     if batch is not None:
         if text is not None or file is not None or task_id is not None:
             raise UsageError("--batch takes its tasks from the file; drop TEXT, --file and --id")
@@ -137,8 +146,48 @@ def submit(text: str | None, file: str | None, batch: str | None, type_: str | N
                        err=wait and len(tasks) == 1)
     if not wait:
         return
+    if batch is not None:
+        click.get_current_context().exit(_wait_batch(spool, [t.id for t in tasks], timeout, output))
     outcomes = status_module.wait_for_outcomes(spool, [t.id for t in tasks], timeout)
     click.get_current_context().exit(_report(outcomes, as_json))
+
+
+def _wait_batch(spool: Spool, task_ids: list[str], timeout: float | None,
+                output: str | None) -> int:
+    """Progress bar on stderr until the batch is done, then OpenAI Batch output lines."""
+    bar = _ProgressBar()
+    finished = wait_with_progress(spool, task_ids, timeout, bar.update)
+    bar.close()
+    if len(finished) < len(task_ids):
+        missing = [t for t in task_ids if t not in finished]
+        raise WaitTimeout(f"timed out after {timeout:g} s; {len(missing)} of {len(task_ids)} "
+                          f"still queued, e.g. {', '.join(missing[:3])}")
+    lines = batch_format.output_lines(task_ids, {t: spool.outcome(t) for t in task_ids})
+    text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        write_atomic(Path(output), text)
+    return EXIT_TASK_FAILED if any(line["error"] for line in lines) else EXIT_OK
+
+
+class _ProgressBar:
+    """One stderr line rewritten in place, at most ten times a second (and always at the end)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.drawn = 0.0
+        self.last = ""
+
+    def update(self, done: int, failed: int, total: int) -> None:
+        now = time.monotonic()
+        self.last = batch_format.progress_line(done, failed, total, now - self.started)
+        if now - self.drawn >= 0.1 or done + failed == total:
+            click.echo("\r" + self.last, nl=False, err=True)
+            self.drawn = now
+
+    def close(self) -> None:
+        click.echo("\r" + self.last, err=True)
 
 
 def _report(outcomes: dict[str, dict], as_json: bool) -> int:

@@ -1,0 +1,114 @@
+"""`koubou report`, `koubou workers`, `koubou top`, `koubou metrics`: read-only views."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from .. import observe, report_render, top as top_module
+from ..errors import SpoolError, UsageError
+from ..report_render import seconds
+from .common import KoubouCommand, emit_json, home_options, session
+
+
+@click.command(cls=KoubouCommand)
+@home_options
+@click.option("--day", metavar="YYYY-MM-DD", help="One day in budget.timezone.")
+@click.option("--month", metavar="YYYY-MM", help="One month in budget.timezone.")
+@click.option("--since", metavar="ISO", help="From this time until now (no offset: budget.timezone).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV rows: section,name,metric,value.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Also write a self-contained HTML page with charts to FILE.")
+def report(day: str | None, month: str | None, since: str | None, as_json: bool, as_csv: bool,
+           html_file: str | None) -> None:
+    """Tasks, wait and run times, tokens, cost and budget for a period (default: today).
+
+    Days and months are in budget.timezone (default: local time); the budget figures are for
+    the last day of the period and its month to date.
+    """
+    if as_json and as_csv:
+        raise UsageError("give --json or --csv, not both")
+    where = session()
+    config = where.config(required=False)
+    figures = observe.report_for(where.spool(config), where.ledger_path, config,
+                                 day=day, month=month, since=since)
+    if html_file:
+        observe.write_atomic(Path(html_file), report_render.html_page(figures))
+    if as_json:
+        emit_json(figures)
+    elif as_csv:
+        click.echo(report_render.csv_text(figures), nl=False)
+    else:
+        click.echo(report_render.text(figures), nl=False)
+
+
+@click.command(cls=KoubouCommand)
+@home_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def workers(as_json: bool) -> None:
+    """Workers with their liveness, heartbeat age, tasks in flight, done and failed counts."""
+    where = session()
+    config = where.config(required=False)
+    found = observe.workers(where.spool(config), where.ledger_path, config, time.time())
+    if as_json:
+        emit_json(found)
+        return
+    if not found:
+        click.echo("no workers running; start one with `koubou worker`")
+        return
+    rows = [[w["id"], w["liveness"], seconds(w.get("heartbeat_age_s")), w.get("in_flight", "-"),
+             w.get("done", "-"), w.get("failed", "-"), ",".join(w["craftsmen"]) or "all"]
+            for w in found]
+    for line in report_render.table(
+            ["worker", "liveness", "heartbeat", "in flight", "done", "failed", "craftsmen"], rows):
+        click.echo(line)
+
+
+@click.command(cls=KoubouCommand)
+@home_options
+@click.option("--once", is_flag=True, help="Print one frame and exit (for scripts and pipes).")
+def top(once: bool) -> None:
+    """A live view of queues, workers and spend; redraws on spool events. q or Ctrl-C quits."""
+    where = session()
+    config = where.config(required=False)
+    spool = where.spool(config)
+
+    def draw() -> list[str]:
+        now = time.time()
+        return top_module.frame(where.home, observe.queue_counts(spool),
+                                observe.workers(spool, where.ledger_path, config, now),
+                                observe.in_flight_by_craftsman(spool, where.ledger_path),
+                                observe.today_budget(where.ledger_path, config, now), now)
+    if once:
+        click.echo("\n".join(draw()))
+        return
+    top_module.run(spool, draw)
+
+
+@click.command(cls=KoubouCommand)
+@home_options
+@click.option("--output", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write to FILE atomically (tmp + rename) instead of stdout, for "
+                   "node_exporter's textfile collector (FILE should end in .prom).")
+def metrics(output: str | None) -> None:
+    """Prometheus text exposition: queue depths, in flight, task/token/cost counters, budget."""
+    where = session()
+    config = where.config(required=False)
+    text = observe.metrics_text(where.spool(config), where.ledger_path, config, time.time())
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        observe.write_atomic(Path(output), text)
+    except OSError as exc:
+        raise SpoolError(f"cannot write {output}: {exc.strerror}; check the directory exists "
+                         "and is writable") from None
+
+
+def register(group: click.Group) -> None:
+    """Add the read-only view commands to the `koubou` group."""
+    for command in (report, workers, top, metrics):
+        group.add_command(command)

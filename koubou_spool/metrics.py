@@ -1,0 +1,102 @@
+"""Prometheus text exposition (format 0.0.4) of the spool's figures, for node_exporter. No I/O.
+
+Counters are all-time totals from the ledger's tasks table, so they only go up (a `koubou
+maintain` purge removes outcome files, not ledger rows); gauges are taken at the time of writing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+PREFIX = "koubou"
+
+
+@dataclass
+class Family:
+    """One metric: its name, type, help text and samples (labels, value)."""
+
+    name: str
+    kind: str
+    help: str
+    samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
+
+    def add(self, value: float, **labels: str) -> None:
+        """Add one sample."""
+        self.samples.append((labels, value))
+
+
+def escape(value: str) -> str:
+    """A label value escaped for the text format."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+
+
+def render(families: list[Family]) -> str:
+    """The exposition text of metric families."""
+    lines = []
+    for family in families:
+        lines.append(f"# HELP {family.name} {family.help}")
+        lines.append(f"# TYPE {family.name} {family.kind}")
+        for labels, value in family.samples:
+            shown = ",".join(f'{k}="{escape(str(v))}"' for k, v in labels.items())
+            lines.append(f"{family.name}{{{shown}}} {_number(value)}" if shown
+                         else f"{family.name} {_number(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def families(queues: dict[str, int], in_flight: dict[str, int], totals: list[dict[str, Any]],
+             budget: dict[str, Any], workers: list[dict[str, Any]]) -> list[Family]:
+    """Metric families from the figures gathered by observe.py."""
+    queue = Family(f"{PREFIX}_queue_depth", "gauge", "Tasks in each spool state directory.")
+    for state, count in queues.items():
+        queue.add(count, state=state)
+    flight = Family(f"{PREFIX}_in_flight", "gauge", "Tasks claimed right now, per craftsman.")
+    for craftsman, count in in_flight.items():
+        flight.add(count, craftsman=craftsman)
+    return [queue, flight, *_counters(totals), _budget(budget), *_workers(workers)]
+
+
+def _counters(totals: list[dict[str, Any]]) -> list[Family]:
+    tasks = Family(f"{PREFIX}_tasks_total", "counter",
+                   "Finished tasks by craftsman, model and outcome.")
+    tokens = Family(f"{PREFIX}_tokens_total", "counter",
+                    "Tokens of finished tasks by craftsman, model, outcome and direction.")
+    cost = Family(f"{PREFIX}_cost_usd_total", "counter",
+                  "Cost in US dollars of finished tasks by craftsman, model and outcome.")
+    for row in totals:
+        labels = {"craftsman": row["craftsman"], "model": row["model"], "outcome": row["outcome"]}
+        tasks.add(row["tasks"], **labels)
+        tokens.add(row["prompt_tokens"], **labels, direction="in")
+        tokens.add(row["completion_tokens"], **labels, direction="out")
+        cost.add(row["cost_usd"], **labels)
+    return [tasks, tokens, cost]
+
+
+def _budget(budget: dict[str, Any]) -> Family:
+    left = Family(f"{PREFIX}_budget_remaining_usd", "gauge",
+                  "Budget left in the current day and month (absent when not configured).")
+    for period in ("daily", "monthly"):
+        line = budget.get(period) or {}
+        if line.get("left_usd") is not None:
+            left.add(line["left_usd"], period=period)
+    return left
+
+
+def _workers(workers: list[dict[str, Any]]) -> list[Family]:
+    age = Family(f"{PREFIX}_worker_heartbeat_age_seconds", "gauge",
+                 "Seconds since each worker's last heartbeat in the ledger.")
+    up = Family(f"{PREFIX}_worker_alive", "gauge",
+                "1 when the worker holds its lock and beats within its lease, else 0.")
+    for worker in workers:
+        if worker.get("heartbeat_age_s") is not None:
+            age.add(worker["heartbeat_age_s"], worker=worker["id"])
+        up.add(1 if worker.get("liveness") == "alive" else 0, worker=worker["id"])
+    return [age, up]

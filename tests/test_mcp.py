@@ -1,0 +1,93 @@
+"""`koubou-mcp` driven by the official SDK's stdio client, with a real worker behind it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
+
+from conftest import Workers, wait_ready
+from fake_openai import FakeOpenAI
+from koubou_spool.spool import Spool
+
+TOOLS = {"delegate_task", "get_task_status", "get_task_result", "list_tasks", "cancel_task",
+         "get_worker_status", "get_report"}
+
+
+def answer(result: Any) -> Any:
+    """The JSON a tool returned (its text content)."""
+    assert not getattr(result, "is_error", getattr(result, "isError", False)), result
+    return json.loads(result.content[0].text)
+
+
+async def session_run(home: Path, steps: Any) -> Any:
+    params = StdioServerParameters(command=sys.executable,
+                                   args=["-m", "koubou_spool.mcp_server", "--home", str(home)])
+    with anyio.fail_after(90):  # the client reaps the server process when the block exits
+        async with stdio_client(params) as (read, write):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                return await steps(session)
+
+
+def test_tools_are_listed_with_descriptions_for_a_model(home: Path) -> None:
+    async def steps(session: ClientSession) -> Any:
+        return (await session.list_tools()).tools
+
+    tools = {tool.name: tool for tool in anyio.run(session_run, home, steps)}
+    assert set(tools) == TOOLS
+    delegate = tools["delegate_task"]
+    assert "confidential" in delegate.description and "wait_s" in delegate.description
+    schema = (getattr(delegate, "input_schema", None) or delegate.inputSchema)
+    assert {"content", "id", "sensitivity", "wait_s"} <= set(schema["properties"])
+
+
+def test_pending_task_is_cancelled_then_a_delegated_task_completes(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
+    async def before_worker(session: ClientSession) -> Any:
+        queued = answer(await session.call_tool(
+            "delegate_task", {"content": "never runs", "id": "to-cancel", "wait_s": 0}))
+        cancelled = answer(await session.call_tool("cancel_task", {"task_id": "to-cancel"}))
+        again = answer(await session.call_tool("cancel_task", {"task_id": "to-cancel"}))
+        result = answer(await session.call_tool("get_task_result", {"task_id": "to-cancel"}))
+        missing = await session.call_tool("get_task_status", {"task_id": "nope"})
+        return queued, cancelled, again, result, missing
+
+    queued, cancelled, again, result, missing = anyio.run(session_run, home, before_worker)
+    assert queued["id"] == "to-cancel" and queued["state"] == "pending"
+    assert cancelled["cancelled"] is True and cancelled["error"]["kind"] == "cancelled"
+    assert again["cancelled"] is False and "already failed" in again["message"]
+    assert result["state"] == "failed" and result["error"]["kind"] == "cancelled"
+    assert getattr(missing, "is_error", getattr(missing, "isError", False))
+    assert "koubou list" in missing.content[0].text
+    assert spool.outcome("to-cancel")["error"]["kind"] == "cancelled"
+    assert not list(spool.pending.iterdir()) and not list(spool.in_progress.iterdir())
+
+    workers.start(home)
+    wait_ready(spool)
+
+    async def with_worker(session: ClientSession) -> Any:
+        done = answer(await session.call_tool(
+            "delegate_task", {"content": "summarise the diff", "id": "via-mcp",
+                              "type": "analysis", "sensitivity": "confidential"}))
+        status = answer(await session.call_tool("get_task_status", {"task_id": "via-mcp"}))
+        listed = answer(await session.call_tool("list_tasks", {"state": "completed"}))
+        workers_now = answer(await session.call_tool("get_worker_status", {}))
+        report = answer(await session.call_tool("get_report", {}))
+        return done, status, listed, workers_now, report
+
+    done, status, listed, workers_now, report = anyio.run(session_run, home, with_worker)
+    assert done["state"] == "completed", done
+    assert done["result"]["content"] == "echo: summarise the diff"
+    assert done["result"]["craftsman"] == "local"
+    assert status["state"] == "completed" and status["attempts"][0]["outcome"] == "completed"
+    assert "via-mcp" in {t["id"] for t in listed["tasks"]}
+    assert [w["liveness"] for w in workers_now["workers"]] == ["alive"]
+    assert report["tasks"]["by_state"]["failed"] == 1  # the cancelled one
+    assert report["tasks"]["by_state"]["completed"] >= 2
+    assert report["failures_by_kind"] == {"cancelled": 1}
