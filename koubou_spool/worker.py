@@ -31,7 +31,8 @@ from .ledger import LedgerWriter
 from .limits import Budget, Slots
 from .pricing import price_of
 from .prompt import messages_for
-from .spool import CLAIM_RE, Claim, Refused, Spool, new_worker_id
+from .recovery import recover_orphans
+from .spool import Claim, Refused, Spool, new_worker_id
 from .task import Task, UnreadableTask
 from .watcher import OUTCOME_MASK, OVERFLOW, PENDING_MASK, ReadyQueue, Watcher, scan_order
 
@@ -551,52 +552,10 @@ class Worker:
 
     def _recover(self) -> None:
         """Take over claims of dead (or lease-expired) workers: requeue, or fail as lost."""
-        for entry, state in self.spool.orphaned_claims(self.settings.lease_s):
-            match = CLAIM_RE.fullmatch(entry)
-            mine = Claim(match["name"], self.id, time.time())
-            try:  # taking the claim over is the fence against its old owner
-                os.rename(self.spool.in_progress / entry,
-                          self.spool.in_progress / (mine.file_name + (match["fin"] or "")))
-            except FileNotFoundError:
-                continue
-            log.warning("took over %s from %s worker %s", match["name"], state, match["worker"])
-            if match["fin"]:
-                self._recover_finishing(mine)
-            else:
-                self._recover_claim(mine)
-
-    def _recover_finishing(self, claim: Claim) -> None:
-        """A worker died while publishing: keep its outcome if it landed, else run again."""
-        path = self.spool.in_progress / (claim.file_name + ".fin")
-        try:
-            task = task_format.parse(path.read_bytes(), task_format.id_from_name(claim.name))
-        except (OSError, InvalidTask):
-            task = None
-        if task is not None and self.spool.outcome(task.id) is not None:
-            path.unlink()
-            return
-        os.rename(path, self.spool.in_progress / claim.file_name)
-        self._recover_claim(claim)
-
-    def _recover_claim(self, claim: Claim) -> None:
-        try:
-            data, _ = self.spool.read_claim(claim)
-            task = task_format.parse(data, task_format.id_from_name(claim.name))
-        except (Refused, InvalidTask):
-            self.spool.requeue(claim.file_name, None)  # judged again from pending/
-            return
-        attempt = task.attempts + 1
-        self.ledger.attempt_finished(task.id, attempt, "lost", finished_at=time.time(),
-                                     error_kind="lost", message="worker died during the attempt")
-        if self.budget.settings.enabled:
-            self.budget.settle_lost(task.id)
-        if attempt >= (task.max_attempts or self.settings.max_attempts):
-            record = task_format.failed_record(task.raw, "lost", f"its worker died {attempt} "
-                                               "times while running it", attempt, time.time())
-            self.ledger.task_finished(record)
-            self._publish(claim, task, record)
-            return
-        self.spool.requeue(claim.file_name, attempt)
+        for recovered in recover_orphans(self.spool, self.settings, self.id, self.ledger,
+                                         self.budget):
+            if recovered.action == "lost":
+                self.failed += 1
 
 
 class BudgetExhausted(Exception):
