@@ -280,10 +280,12 @@ class LedgerWriter:
             log.error("ledger write failed, %d records dropped: %s", len(batch), exc)
             self._rollback()
             for _, future in batch:
-                future.set_exception(exc)
+                if not future.cancelled():
+                    future.set_exception(exc)
             return True
         for _, future in batch:
-            future.set_result(None)
+            if not future.cancelled():  # a waiter that gave up may have cancelled it
+                future.set_result(None)
         return True
 
     def _rollback(self) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -19,11 +18,10 @@ from typing import Any
 
 import anyio
 
-from . import home as home_module, observe, status as status_module, task as task_format
+from . import control, home as home_module, observe, status as status_module, task as task_format
 from .config import Config, SpoolSettings
-from .errors import ConfigError, InvalidTask, KoubouError, UsageError
+from .errors import ConfigError, KoubouError, UsageError
 from .home import STATE_DIRS
-from .ledger import LedgerWriter
 from .spool import Spool
 from .watcher import wait_for_files
 
@@ -108,8 +106,12 @@ class Workshop:
         return status_module.list_tasks(self.spool(), states, max(1, min(limit, 500)))
 
     def cancel(self, task_id: str) -> dict[str, Any]:
-        """Cancel a pending task (moved to failed/ as `cancelled`); running tasks are refused."""
-        return cancel_pending(self.spool(), self.ledger_path, task_id)
+        """Cancel a pending or running task (failed as `cancelled`)."""
+        try:
+            record = control.cancel(self.spool(), self.ledger_path, task_id)
+        except control.NotCancelled as exc:
+            return {"id": task_id, "cancelled": False, "message": str(exc)}
+        return {"id": record["id"], "state": "failed", "cancelled": True, "error": record["error"]}
 
     def workers(self) -> dict[str, Any]:
         """Queue depths, workers and what each craftsman has in flight."""
@@ -124,55 +126,6 @@ class Workshop:
         config = self.config()
         return observe.report_for(self.spool(), self.ledger_path, config, day=day, month=month,
                                   since=since)
-
-
-def cancel_pending(spool: Spool, ledger_path: Path, task_id: str) -> dict[str, Any]:
-    """Move a pending task to failed/ with error kind `cancelled`, by the spool's renames.
-
-    The canceller claims the task like a worker (so no worker can take it meanwhile), holding
-    a worker lock so recovery does not mistake the claim for a dead worker's, then publishes
-    the failed outcome.
-    """
-    found = spool.find(task_id)
-    if found.state != "pending":
-        return _not_cancelled(task_id, found.state)
-    canceller = f"cancel-{os.getpid()}-{os.urandom(2).hex()}"
-    lock = spool.register_worker(canceller, {"id": canceller, "pid": os.getpid(), "cancel": True})
-    try:
-        claim = spool.claim(found.path.name, canceller)
-        if claim is None:
-            return _not_cancelled(task_id, "in_progress")
-        try:
-            task = task_format.parse(spool.read_claim(claim)[0],
-                                     task_format.id_from_name(found.path.name))
-        except InvalidTask as exc:
-            spool.reject(spool.in_progress, claim.file_name, str(exc))
-            return {"id": task_id, "state": "failed", "cancelled": False,
-                    "message": f"not a valid task, moved to failed/ as invalid: {exc}"}
-        record = task_format.failed_record(task.raw, "cancelled", "cancelled while pending",
-                                           task.attempts, time.time())
-        if not spool.publish(claim, task.id, record):
-            return _not_cancelled(task_id, "pending")
-    finally:
-        spool.unregister_worker(canceller, lock)
-    _record(ledger_path, record)
-    return {"id": task.id, "state": "failed", "cancelled": True, "error": record["error"]}
-
-
-def _not_cancelled(task_id: str, state: str) -> dict[str, Any]:
-    reasons = {"in_progress": "it is running; cancelling running tasks is not supported yet",
-               "pending": "it was requeued while cancelling; try again",
-               "completed": "it already completed", "failed": "it already failed"}
-    return {"id": task_id, "state": state, "cancelled": False,
-            "message": f"task {task_id} was not cancelled: {reasons.get(state, state)}"}
-
-
-def _record(ledger_path: Path, record: dict[str, Any]) -> None:
-    if not ledger_path.parent.is_dir():
-        return
-    writer = LedgerWriter(ledger_path)
-    writer.task_finished(record)
-    writer.close(timeout=2.0)  # the outcome file is the truth; a locked ledger can catch up
 
 
 # --- the MCP surface ---------------------------------------------------------------------
@@ -242,9 +195,9 @@ def build_server(workshop: Workshop) -> MCPServer:
         with _told():
             return {"tasks": workshop.list(state, limit)}
 
-    @server.tool(description="Cancel a task that is still pending: it moves to failed/ with "
-                             "error kind `cancelled`. Running tasks cannot be cancelled yet; "
-                             "finished ones are left as they are.")
+    @server.tool(description="Cancel a pending or running task: it moves to failed/ with "
+                             "error kind `cancelled`; a running request is aborted and its "
+                             "result discarded. Finished tasks are left as they are.")
     def cancel_task(task_id: str) -> dict[str, Any]:
         with _told():
             return workshop.cancel(task_id)

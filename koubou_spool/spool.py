@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import re
 import socket
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterable, Iterator
@@ -29,7 +30,11 @@ from .task import Task
 
 log = logging.getLogger(__name__)
 
-CLAIM_RE = re.compile(r"(?P<name>.+)@(?P<worker>[A-Za-z0-9-]+)(?P<fin>\.fin)?")
+# NAME@WORKER+SEQ: the owner in the name, and a sequence that makes each claim's name unique,
+# so an inotify event about an earlier claim of the same task is never taken for this one.
+CLAIM_RE = re.compile(r"(?P<name>.+)@(?P<worker>[A-Za-z0-9-]+)(?:\+(?P<seq>[0-9]+))?"
+                      r"(?P<fin>\.fin)?")
+_claim_seq = itertools.count(1)
 SIDECAR = ".error.json"
 
 
@@ -48,10 +53,11 @@ class Claim:
     name: str
     worker_id: str
     claimed_at: float
+    seq: int = field(default_factory=lambda: next(_claim_seq))
 
     @property
     def file_name(self) -> str:
-        return f"{self.name}@{self.worker_id}"
+        return f"{self.name}@{self.worker_id}+{self.seq}"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from . import ledger
 from . import task as task_format
 from .home import STATE_DIRS
 from .errors import WaitTimeout
-from .spool import SIDECAR, Refused, Spool
+from .spool import CLAIM_RE, SIDECAR, Refused, Spool
 from .watcher import wait_for_files
 
 
@@ -76,7 +76,7 @@ def task_status(spool: Spool, ledger_path: Path, key: str) -> dict[str, Any]:
     task_id = record.get("id") or record.get("custom_id") or task_format.id_from_name(key)
     status["id"] = task_id
     if found.state == "in_progress":
-        status["worker_id"] = found.path.name.rsplit("@", 1)[-1]
+        status["worker_id"] = CLAIM_RE.fullmatch(found.path.name)["worker"]
     for name in ("type", "priority", "craftsman", "result", "error"):
         if name in record:
             status[name] = record[name]
@@ -102,8 +102,9 @@ def list_tasks(spool: Spool, states: list[str], limit: int) -> list[dict[str, An
         item = {"id": task_format.id_from_name(name), "state": state, "file": name,
                 "time": task_format.iso(mtime)}
         if state == "in_progress":
-            claim, _, worker = name.rpartition("@")
-            item.update(id=task_format.id_from_name(claim), worker_id=worker)
+            match = CLAIM_RE.fullmatch(name)
+            if match:
+                item.update(id=task_format.id_from_name(match["name"]), worker_id=match["worker"])
         if state == "failed" and os.path.lexists(spool.failed / (name + SIDECAR)):
             item["rejected"] = True
         listed.append(item)

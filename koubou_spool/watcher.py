@@ -21,6 +21,7 @@ from inotify_simple import INotify, flags
 # IN_CREATE is watched only to refuse what never gets a close: symlinks, FIFOs, directories.
 PENDING_MASK = flags.MOVED_TO | flags.CLOSE_WRITE | flags.CREATE
 OUTCOME_MASK = flags.MOVED_TO | flags.CLOSE_WRITE
+CLAIMS_MASK = flags.MOVED_FROM
 OVERFLOW = ""
 
 

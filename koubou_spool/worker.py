@@ -29,12 +29,14 @@ from .config import Config, Craftsman
 from .errors import InvalidTask, KoubouError, UsageError
 from .ledger import LedgerWriter
 from .limits import Budget, Slots
+from .notify import Notifier
 from .pricing import price_of
 from .prompt import messages_for
 from .recovery import recover_orphans
 from .spool import Claim, Refused, Spool, new_worker_id
 from .task import Task, UnreadableTask
-from .watcher import OUTCOME_MASK, OVERFLOW, PENDING_MASK, ReadyQueue, Watcher, scan_order
+from .watcher import (CLAIMS_MASK, OUTCOME_MASK, OVERFLOW, PENDING_MASK, ReadyQueue, Watcher,
+                      scan_order)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,10 @@ class Worker:
         self.slots = Slots(home / "run" / "slots", [config.craftsmen[n] for n in self.serves])
         self.slot_of: dict[str, tuple[str, int]] = {}  # claim file -> (craftsman, slot)
         self.starved = False  # tasks wait for a slot another process holds
+        self.letting_go: set[str] = set()  # our claims we are moving ourselves (publish, requeue)
+        self.revoked: set[str] = set()  # our claims someone else moved (cancel, lease takeover)
+        self.waiting_on: dict[str, set[str]] = {}  # task id -> pending names waiting for it
+        self.notifier = Notifier()
         self.young: dict[str, asyncio.TimerHandle] = {}  # files that may still be being written
         self.scheduled: dict[str, asyncio.TimerHandle] = {}  # not_before in the future
         self.done = 0
@@ -96,6 +102,8 @@ class Worker:
         # Outcomes free slots other workers held: the wake-up for a starved craftsman.
         watcher.watch(self.spool.completed, OUTCOME_MASK)
         watcher.watch(self.spool.failed, OUTCOME_MASK)
+        # A claim of ours moved by someone else was cancelled or taken over: stop its request.
+        watcher.watch(self.spool.in_progress, CLAIMS_MASK)
         loop.add_reader(watcher.fileno(), self._on_events, watcher)
         log.info("worker %s serving %s in %s (concurrency %d)", self.id, ", ".join(self.serves),
                  self.spool.home, self.concurrency)
@@ -104,6 +112,9 @@ class Worker:
             self._rescan()
             self._heartbeat()
             self._pump()
+            self.notifier.send("READY=1", self._status_line())
+            if self.notifier.watchdog_s:
+                self._watchdog()
             await self._finished.wait()
         finally:
             loop.remove_reader(watcher.fileno())
@@ -118,6 +129,7 @@ class Worker:
             return
         self.stopping = True
         log.info("worker %s stopping with %d in flight", self.id, len(self.in_flight))
+        self.notifier.send("STOPPING=1", self._status_line())
         asyncio.get_running_loop().call_later(self.settings.stop_grace_s, self._abandon)
         self._check_finished()
 
@@ -150,6 +162,16 @@ class Worker:
         if self.stopping or (self.drain and not len(self.ready) and not self.young):
             self._finished.set()
 
+    def _status_line(self) -> str:
+        state = "stopping" if self.stopping else "serving " + ",".join(self.serves)
+        return (f"STATUS={state}: {len(self.in_flight)} in flight, {len(self.ready)} ready, "
+                f"{self.done} done, {self.failed} failed")
+
+    def _watchdog(self) -> None:
+        """Tell systemd the loop is alive, at half its WatchdogSec."""
+        self.notifier.send("WATCHDOG=1", self._status_line())
+        asyncio.get_running_loop().call_later(self.notifier.watchdog_s / 2, self._watchdog)
+
     def _heartbeat(self) -> None:
         """Prove liveness (lock file mtime, ledger) and take over claims of dead workers."""
         now = time.time()
@@ -168,7 +190,10 @@ class Worker:
                 log.warning("inotify queue overflowed; rescanning %s", self.spool.pending)
                 self._rescan()
                 pump = True
+            elif directory == self.spool.in_progress:
+                self._claim_moved(name)
             elif directory != self.spool.pending:
+                self._outcome_arrived(name)
                 pump = pump or self.starved  # an outcome: a slot another worker held is free
             elif mask & flags.CREATE:
                 # A regular file is read at its IN_CLOSE_WRITE; anything else never gets one.
@@ -179,6 +204,23 @@ class Worker:
                 pump = True
         if pump:
             self._pump()
+
+    def _claim_moved(self, name: str) -> None:
+        """One of our claims left in_progress/ and we did not move it: abort its request."""
+        if name in self.letting_go:
+            self.letting_go.discard(name)
+            return
+        running = self.in_flight.get(name)
+        if running is None:
+            return
+        self.revoked.add(name)
+        running.cancel()
+
+    def _outcome_arrived(self, name: str) -> None:
+        """A task finished: tasks that waited for it (`after`) are judged again."""
+        waiting = self.waiting_on.pop(name[:-5] if name.endswith(".json") else name, ())
+        for pending_name in waiting:
+            self._consider(pending_name)
 
     def _rescan(self) -> None:
         self.ready.clear()
@@ -214,6 +256,16 @@ class Worker:
         if task.not_before and task.not_before > time.time():
             self._defer(self.scheduled, name, task.not_before - time.time())
             return
+        if task.after:
+            blocked = self._dependencies(task)
+            if blocked == "failed":
+                self.ready.push(FAIL_NOW, task.priority, name)
+                return
+            if blocked:
+                self.ready.discard(name)
+                for dependency in blocked:
+                    self.waiting_on.setdefault(dependency, set()).add(name)
+                return
         try:
             decision = self._route(task)
         except InvalidTask:
@@ -227,6 +279,17 @@ class Worker:
             self.ready.push(decision.craftsman, task.priority, name)
         else:
             self.ready.discard(name)  # another worker serves that craftsman
+
+    def _dependencies(self, task: Task) -> list[str] | str:
+        """'failed' if a task it runs after failed, else the ids it still waits for."""
+        waiting = []
+        for dependency in task.after:
+            outcome = self.spool.outcome(dependency)
+            if outcome is None:
+                waiting.append(dependency)
+            elif outcome.get("status") != "completed":
+                return "failed"
+        return waiting
 
     def _route(self, task: Task, attachments: list[Attachment] | None = None) -> router.Route:
         """Route with the attachments' text and the budget's state; InvalidTask for bad files."""
@@ -312,6 +375,8 @@ class Worker:
         craftsman, slot = self.slot_of.pop(claim.file_name)
         self.slots.release(craftsman, slot)
         self.in_flight.pop(claim.file_name, None)
+        self.letting_go.discard(claim.file_name)
+        self.revoked.discard(claim.file_name)
         self._pump()
 
     def _read_claimed(self, claim: Claim) -> Task | None:
@@ -329,6 +394,12 @@ class Worker:
     def _judge_unroutable(self, claim: Claim) -> None:
         task = self._read_claimed(claim)
         if task is None:
+            return
+        if task.after and self._dependencies(task) == "failed":
+            failed = [d for d in task.after
+                      if (self.spool.outcome(d) or {}).get("status") not in (None, "completed")]
+            self._fail_now(claim, task, "dependency",
+                           f"it runs after {', '.join(failed)}, which failed", task.attempts)
             return
         try:
             decision = self._route(task)
@@ -353,7 +424,7 @@ class Worker:
             await self._fail(claim, task, "invalid", str(exc), task.attempts + 1)
             return
         if decision.craftsman != craftsman_name:
-            self.spool.requeue(claim.file_name, None)
+            self._requeue(claim, None)
             return
         craftsman = self.config.craftsmen[craftsman_name]
         attempt = task.attempts + 1
@@ -369,8 +440,12 @@ class Worker:
             await self._budget_exhausted(claim, task, attempt, str(exc))
             return
         except asyncio.CancelledError:
+            if claim.file_name in self.revoked:
+                log.warning("claim on %s was revoked (cancelled or taken over); its request "
+                            "was aborted", task.id)
+                return
             # Stopping and out of grace: give the task back uncounted; it was not its fault.
-            self.spool.requeue(claim.file_name, None)
+            self._requeue(claim, None)
             raise
         except BackendError as exc:
             await self._failed_attempt(claim, task, attempt, exc)
@@ -478,7 +553,7 @@ class Worker:
             await self._fail(claim, task, "budget", message, attempt)
             return
         log.info("budget exhausted for %s (%s); requeued", task.id, message)
-        self.spool.requeue(claim.file_name, None)  # routed again: local, or deferred
+        self._requeue(claim, None)  # routed again: local, or deferred
 
     async def _complete(self, claim: Claim, task: Task, craftsman: Craftsman, attempt: int,
                         reply: Reply) -> None:
@@ -506,7 +581,7 @@ class Worker:
             log.warning("attempt %d/%d of %s failed, requeued: %s", attempt, limit, task.id, error)
             self.ledger.attempt_finished(task.id, attempt, "retry", finished_at=time.time(),
                                          error_kind=error.kind, message=str(error))
-            self.spool.requeue(claim.file_name, attempt)
+            self._requeue(claim, attempt)
             return
         await self._fail(claim, task, error.kind, str(error), attempt)
 
@@ -527,10 +602,17 @@ class Worker:
         return record, self.ledger.attempt_finished(task.id, attempt, "failed", finished_at=now,
                                                     error_kind=kind, message=message, record=record)
 
+    def _requeue(self, claim: Claim, attempts: int | None) -> None:
+        self.letting_go.add(claim.file_name)
+        self.spool.requeue(claim.file_name, attempts)
+
     def _publish(self, claim: Claim, task: Task, record: dict) -> None:
+        self.letting_go.add(claim.file_name)
         if not self.spool.publish(claim, task.id, record):
             log.warning("claim on %s was revoked; its outcome is discarded", task.id)
-        elif record["status"] == "completed":
+            return
+        self._on_finish(task.id, record)
+        if record["status"] == "completed":
             self.done += 1
             log.info("completed %s by %s in %.2f s", task.id, record["result"]["craftsman"],
                      record["result"]["duration_s"])
@@ -539,14 +621,23 @@ class Worker:
             log.warning("failed %s (%s): %s", task.id, record["error"]["kind"],
                         record["error"]["message"])
 
+    def _on_finish(self, task_id: str, record: dict) -> None:
+        """hooks.on_finish: an argv run after each task ends; its failure is only logged."""
+        argv = self.config.hooks.get("on_finish")
+        if not argv:
+            return
+        directory = self.spool.completed if record["status"] == "completed" else self.spool.failed
+        env = dict(os.environ, KOUBOU_TASK_ID=task_id, KOUBOU_STATUS=record["status"],
+                   KOUBOU_OUTCOME_FILE=str(directory / f"{task_id}.json"),
+                   KOUBOU_HOME=str(self.spool.home))
+        asyncio.get_running_loop().create_task(_run_quietly(list(argv), env, "hooks.on_finish"))
+
     async def _recorded(self, future: Future) -> None:
         """Let the ledger record land before the outcome is published, unless it is locked."""
         if self.ledger.backlog:
             return
-        try:
-            await asyncio.wait_for(asyncio.wrap_future(future), LEDGER_WAIT_S)
-        except Exception:  # locked or broken ledger: local work goes on (PRODUCT.md §4.5)
-            log.debug("ledger record deferred")
+        # asyncio.wait, not wait_for: giving up must not cancel the record itself.
+        await asyncio.wait([asyncio.wrap_future(future)], timeout=LEDGER_WAIT_S)
 
     # --- recovery --------------------------------------------------------------------------------
 

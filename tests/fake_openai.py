@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import select
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,6 +36,8 @@ class FakeOpenAI:
         self.max_in_flight = 0
         self.lock = threading.Lock()
         self.request_seen = threading.Event()
+        self.aborted: list[dict[str, Any]] = []  # requests whose client hung up mid-way
+        self.request_aborted = threading.Event()
         ThreadingHTTPServer.request_queue_size = 256  # the default 5 drops bursts of connects
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
@@ -104,6 +108,16 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
+        def _client_left(self, seconds: float) -> bool:
+            """Wait out the latency; True if the client hung up meanwhile (request aborted)."""
+            ready, _, _ = select.select([self.connection], [], [], seconds)
+            if not ready:
+                return False
+            try:
+                return self.connection.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                return True
+
         def do_GET(self) -> None:
             if self.path.rstrip("/").endswith("/models"):
                 self._send(200, {"object": "list", "data": [
@@ -134,8 +148,11 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 fake.in_flight += 1
                 fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
             try:
-                if fake.latency_s:
-                    time.sleep(fake.latency_s)
+                if fake.latency_s and self._client_left(fake.latency_s):
+                    with fake.lock:
+                        fake.aborted.append(body)
+                    fake.request_aborted.set()
+                    return
             finally:
                 with fake.lock:
                     fake.in_flight -= 1

@@ -61,7 +61,7 @@ def test_pending_task_is_cancelled_then_a_delegated_task_completes(
     queued, cancelled, again, result, missing = anyio.run(session_run, home, before_worker)
     assert queued["id"] == "to-cancel" and queued["state"] == "pending"
     assert cancelled["cancelled"] is True and cancelled["error"]["kind"] == "cancelled"
-    assert again["cancelled"] is False and "already failed" in again["message"]
+    assert again["cancelled"] is False and "is failed; nothing to cancel" in again["message"]
     assert result["state"] == "failed" and result["error"]["kind"] == "cancelled"
     assert getattr(missing, "is_error", getattr(missing, "isError", False))
     assert "koubou list" in missing.content[0].text

@@ -45,7 +45,8 @@ def test_a_task_is_claimed_by_exactly_one_worker(spool: Spool) -> None:
     first = spool.claim("t1.json", "w-1-aaaa")
     second = spool.claim("t1.json", "w-2-bbbb")
     assert first is not None and second is None
-    assert os.listdir(spool.in_progress) == ["t1.json@w-1-aaaa"]
+    assert os.listdir(spool.in_progress) == [first.file_name]
+    assert first.file_name.startswith("t1.json@w-1-aaaa+")
 
 
 def test_a_revoked_claim_cannot_publish(spool: Spool) -> None:
@@ -127,7 +128,9 @@ def test_dead_worker_claims_are_orphaned_live_ones_are_not(spool: Spool) -> None
     fd = spool.register_worker("me-1-aaaa", {})
     spool.claim("a.json", "me-1-aaaa")
     spool.claim("b.json", "gone-2-bbbb")  # no lock file: its process is gone
-    assert spool.orphaned_claims(lease_s=60) == [("b.json@gone-2-bbbb", "dead")]
+    [(orphan, state)] = spool.orphaned_claims(lease_s=60)
+    assert orphan.startswith("b.json@gone-2-bbbb+") and state == "dead"
     os.utime(fd, (0, 0))  # a heartbeat long ago: alive but stale (e.g. SIGSTOPped)
-    assert ("a.json@me-1-aaaa", "stale") in spool.orphaned_claims(lease_s=60)
+    assert ("a.json@me-1-aaaa", "stale") in [(o.split("+")[0], s)
+                                             for o, s in spool.orphaned_claims(lease_s=60)]
     spool.unregister_worker("me-1-aaaa", fd)

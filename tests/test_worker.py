@@ -244,11 +244,16 @@ def test_a_locked_ledger_does_not_stop_local_work(
     warm = submit(spool, craftsman="echo")
     wait_outcomes(spool, [warm])
     holder = sqlite3.connect(ledger_path, timeout=0)
-    holder.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
+    holder.execute("BEGIN EXCLUSIVE")  # another process holds the write lock for 10 s
+    locked_at = time.monotonic()
     try:
-        ids = [submit(spool, craftsman="echo", content=f"t{i}") for i in range(20)]
-        outcomes = wait_outcomes(spool, ids, timeout=30)
-        assert all(o["status"] == "completed" for o in outcomes.values())
+        ids = []
+        while time.monotonic() - locked_at < 10:
+            batch = [submit(spool, craftsman="echo", content=f"t{len(ids) + i}") for i in range(5)]
+            outcomes = wait_outcomes(spool, batch, timeout=30)
+            assert all(o["status"] == "completed" for o in outcomes.values())
+            ids += batch
+            threading.Event().wait(1)  # pacing: waves of tasks across the 10 s
     finally:
         holder.rollback()
         holder.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .. import __version__, ledger, router
+from .. import __version__, control, ledger, router
 from .. import home as home_module
 from .. import status as status_module
 from .. import task as task_format
@@ -207,6 +207,33 @@ def wait(task_ids: tuple[str, ...], timeout: float | None, as_json: bool) -> Non
 
 from .observe import register as _register_observe  # noqa: E402
 _register_observe(cli)
+
+
+@cli.command()
+@home_options
+@json_option
+@click.argument("task_id")
+def cancel(task_id: str, as_json: bool) -> None:
+    """Cancel a pending or running task: it fails as `cancelled`.
+
+    A running task's worker sees its claim taken, aborts the request and discards any result.
+    Exit 1 when the task had already finished.
+    """
+    where = session()
+    record = control.cancel(where.spool(), where.ledger_path, task_id)
+    if as_json:
+        emit_json(record)
+    else:
+        click.echo(f"{record['id']}: cancelled ({record['error']['message']})")
+
+
+@cli.command()
+@home_options
+@click.argument("task_id")
+def retry(task_id: str) -> None:
+    """Queue a failed task again, with its attempts reset."""
+    name = control.retry(session().spool(), task_id)
+    click.echo(f"{task_id}: queued again as pending/{name}")
 
 
 @cli.command()
