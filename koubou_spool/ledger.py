@@ -457,3 +457,59 @@ def report_task_totals(conn: sqlite3.Connection) -> list[dict[str, Any]]:
         " COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens,"
         " COALESCE(SUM(completion_tokens), 0) AS completion_tokens,"
         " COALESCE(SUM(cost_usd), 0) AS cost_usd FROM tasks GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")]
+
+
+# --- rebuild and maintenance ---
+# `koubou ledger rebuild` (rebuild.py), `koubou maintain` (maintain.py), `koubou doctor` (doctor.py).
+
+def rebuild_insert(conn: sqlite3.Connection, tasks: list[dict[str, Any]],
+                   attempt_rows: list[dict[str, Any]], rejects: list[dict[str, Any]],
+                   reservations: list[dict[str, Any]] = ()) -> None:
+    """Write the rows read back from outcome files, in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for table, rows in (("tasks", tasks), ("attempts", attempt_rows), ("rejects", rejects),
+                            ("reservations", reservations)):
+            for row in rows:
+                _upsert(conn, table, row)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def purge(conn: sqlite3.Connection, task_ids: list[str], reject_files: list[str]) -> int:
+    """Delete the tasks, attempts and rejects rows of purged outcome files; returns rows deleted."""
+    deleted = 0
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement, keys in (("DELETE FROM tasks WHERE id = ?", task_ids),
+                                ("DELETE FROM attempts WHERE task_id = ?", task_ids),
+                                ("DELETE FROM rejects WHERE file = ?", reject_files)):
+            for key in keys:
+                deleted += conn.execute(statement, (key,)).rowcount
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return deleted
+
+
+def vacuum(conn: sqlite3.Connection) -> None:
+    """Rewrite the database compactly, then truncate the WAL (outside any transaction)."""
+    conn.execute("VACUUM")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def integrity_problems(conn: sqlite3.Connection) -> list[str]:
+    """What `PRAGMA integrity_check` finds; [] when the database is sound."""
+    rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+    return [] if rows == ["ok"] else rows
+
+
+def missing_migrations(conn: sqlite3.Connection) -> list[str]:
+    """Names of migrations this version knows that the database has not recorded."""
+    has_table = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
+                             " AND name = 'migrations'").fetchone()
+    done = {r[0] for r in conn.execute("SELECT name FROM migrations")} if has_table else set()
+    return [name for name, _ in MIGRATIONS if name not in done]

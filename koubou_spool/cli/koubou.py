@@ -207,6 +207,8 @@ def wait(task_ids: tuple[str, ...], timeout: float | None, as_json: bool) -> Non
 
 from .observe import register as _register_observe  # noqa: E402
 _register_observe(cli)
+from .operate import register as _register_operate  # noqa: E402
+_register_operate(cli)
 
 
 @cli.command()
