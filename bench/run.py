@@ -87,6 +87,11 @@ def tasks(n: int, **fields: object) -> list[task_format.Task]:
     return [task_format.validate({"content": f"task {i}", **fields}) for i in range(n)]
 
 
+def result_of(spool: Spool, task_id: str) -> dict:
+    """The `result` of a completed task."""
+    return json.loads((spool.completed / f"{task_id}.json").read_bytes())["result"]
+
+
 def outcome_span(spool: Spool, ids: list[str]) -> float:
     """Seconds from the first claim to the last finish, from the outcome files."""
     starts, ends = [], []

@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""The spool's overhead on a real engine: tasks through `koubou worker` against the llama.cpp
+server of ../shared/realserver, next to the same load sent straight from the openai client.
+
+    python bench/real_server.py [--tasks 200]
+
+Needs ../shared/realserver built (its build.sh). For each max_concurrent (1, 4, 8) it prints
+throughput and p50 latency both ways, and the spool/direct throughput ratio. Latency is per
+request for the client, and claim-to-finish per task for the spool (queue wait excluded, since
+the spool's backlog is pre-loaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import openai
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as spool_bench  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+REALSERVER = Path(os.environ.get("KOUBOU_REALSERVER") or ROOT.parent / "shared" / "realserver")
+MAX_TOKENS = 16
+
+
+def start_server(run_dir: Path) -> str:
+    env = dict(os.environ, RUN_DIR=str(run_dir))
+    port = subprocess.run([str(REALSERVER / "start.sh")], env=env, capture_output=True,
+                          text=True, check=True, timeout=180).stdout.strip()
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def stop_server(run_dir: Path) -> None:
+    subprocess.run([str(REALSERVER / "stop.sh")], env=dict(os.environ, RUN_DIR=str(run_dir)),
+                   capture_output=True, timeout=60)
+
+
+async def direct(base_url: str, count: int, concurrency: int) -> dict:
+    """The same prompts from the openai client, `concurrency` at a time."""
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0)
+    gate = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+
+    async def one(i: int) -> None:
+        async with gate:
+            began = time.perf_counter()
+            await client.chat.completions.create(
+                model="tiny-chatml", max_tokens=MAX_TOKENS,
+                messages=[{"role": "user", "content": f"task {i}"}])
+            latencies.append((time.perf_counter() - began) * 1000)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(count)))
+    elapsed = time.perf_counter() - began
+    await client.close()
+    return {"tasks_per_s": count / elapsed, "p50_ms": spool_bench.percentile(latencies, 50)}
+
+
+def through_spool(base: Path, base_url: str, count: int, concurrency: int) -> dict:
+    spool = spool_bench.make_home(base, f"real-{concurrency}", fsync=True, base_url=base_url,
+                                  max_concurrent=concurrency)
+    config = spool.home / "config" / "koubou.yaml"
+    config.write_text(config.read_text().replace("model: fake-model", "model: tiny-chatml")
+                      .replace("retries: 0", f"retries: 0\n    max_tokens: {MAX_TOKENS}"))
+    batch = spool_bench.tasks(count)
+    spool.submit(batch)
+    worker = spool_bench.start_worker(spool, "--drain", "--concurrency", str(concurrency))
+    assert worker.wait(600) == 0
+    ids = [t.id for t in batch]
+    durations = [spool_bench.result_of(spool, i)["duration_s"] * 1000 for i in ids]
+    return {"tasks_per_s": count / spool_bench.outcome_span(spool, ids),
+            "p50_ms": spool_bench.percentile(durations, 50)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=200)
+    args = parser.parse_args()
+    if not (REALSERVER / ".venv" / "bin" / "python").exists():
+        sys.exit(f"build the server first: {REALSERVER}/build.sh")
+    print(f"machine: {spool_bench.machine()}")
+    print(f"engine: llama-cpp-python (python -m llama_cpp.server), tiny-chatml, "
+          f"max_tokens {MAX_TOKENS}, {args.tasks} tasks each")
+    print(f"{'max_concurrent':>14}  {'direct tasks/s':>14}  {'spool tasks/s':>13}  "
+          f"{'ratio':>6}  {'direct p50':>10}  {'spool p50':>9}")
+    with tempfile.TemporaryDirectory(prefix="koubou-real-") as tmp:
+        base = Path(tmp)
+        run_dir = base / "server"
+        base_url = start_server(run_dir)
+        try:
+            asyncio.run(direct(base_url, 20, 1))  # warm the model and the server
+            for concurrency in (1, 4, 8):
+                plain = asyncio.run(direct(base_url, args.tasks, concurrency))
+                spooled = through_spool(base, base_url, args.tasks, concurrency)
+                print(f"{concurrency:>14}  {plain['tasks_per_s']:>14.1f}  "
+                      f"{spooled['tasks_per_s']:>13.1f}  "
+                      f"{spooled['tasks_per_s'] / plain['tasks_per_s']:>6.2f}  "
+                      f"{plain['p50_ms']:>8.1f}ms  {spooled['p50_ms']:>7.1f}ms")
+        finally:
+            stop_server(run_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The openai craftsman against a real llama.cpp server (../shared/realserver), not our fake.
+
+llama-cpp-python serving a 1.4 MB random-weight Llama (`tiny-chatml`, 512-token context) on
+127.0.0.1. It never stops generating on its own, so `completion_tokens == max_tokens` proves
+max_tokens was sent. .ci/run builds it; in CI a missing server fails these tests, elsewhere they
+are skipped with the command that builds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+from koubou_spool.spool import Spool
+from koubou_spool.watcher import wait_for_files
+
+pytestmark = pytest.mark.real_llm
+
+REALSERVER = Path(os.environ.get("KOUBOU_REALSERVER") or
+                  Path(__file__).resolve().parents[2] / "shared" / "realserver")
+MAX_TOKENS = 16
+KOUBOU = [sys.executable, "-m", "koubou_spool.cli.koubou"]
+SUBMIT = [sys.executable, "-m", "koubou_spool.cli.submit"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The server's base_url; stopped by its pid at the end of the module."""
+    built = (REALSERVER / ".venv" / "bin" / "python").exists() and (
+        REALSERVER / "models" / "tiny-chatml.gguf").exists()
+    if not built:
+        message = f"the real llama.cpp server is not built: run {REALSERVER}/build.sh (~5 min)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    run_dir = tmp_path_factory.mktemp("realserver")
+    env = dict(os.environ, RUN_DIR=str(run_dir))
+    started = subprocess.run([str(REALSERVER / "start.sh")], env=env, capture_output=True,
+                             text=True, timeout=180)
+    assert started.returncode == 0, started.stderr + (run_dir / "server.log").read_text()
+    try:
+        yield f"http://127.0.0.1:{started.stdout.strip()}/v1"
+    finally:
+        subprocess.run([str(REALSERVER / "stop.sh")], env=env, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def real_home(tmp_path: Path, server: str) -> tuple[Path, dict[str, str]]:
+    home = tmp_path / "home"
+    env = dict(os.environ, KOUBOU_HOME=str(home))
+    subprocess.run([*KOUBOU, "init"], env=env, check=True, capture_output=True, timeout=60)
+    config = yaml.safe_load((home / "config" / "koubou.yaml").read_text())
+    config["craftsmen"]["local"].update(base_url=server, model="tiny-chatml",
+                                        max_tokens=MAX_TOKENS, max_concurrent=2, timeout_s=60)
+    config["spool"]["heartbeat_s"] = 1
+    (home / "config" / "koubou.yaml").write_text(yaml.safe_dump(config))
+    return home, env
+
+
+@pytest.fixture
+def worker(real_home: tuple[Path, dict[str, str]]) -> Iterator[subprocess.Popen]:
+    home, env = real_home
+    proc = subprocess.Popen([*KOUBOU, "worker"], env=env, stderr=subprocess.DEVNULL)
+    yield proc
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_fifty_tasks_by_submit_and_by_file_drop(real_home, worker, server: str,
+                                                tmp_path: Path) -> None:
+    home, env = real_home
+    spool = Spool.open(home)
+    ids = []
+    for i in range(25):
+        done = subprocess.run([*SUBMIT, "--id", f"submitted-{i}", f"Summarise item {i}."],
+                              env=env, capture_output=True, text=True, timeout=60, check=True)
+        ids.append(done.stdout.strip())
+    for i in range(25):  # dropped as a user would: written elsewhere, copied in
+        source = tmp_path / f"dropped-{i}.json"
+        source.write_text(json.dumps({"content": f"Describe file {i}.", "priority": 6}))
+        subprocess.run(["cp", str(source), str(spool.pending / source.name)], check=True)
+        ids.append(f"dropped-{i}")
+    waited = subprocess.run([*SUBMIT, "--wait", "--timeout", "60", "--id", "waited",
+                             "Say hello."], env=env, capture_output=True, text=True, timeout=90)
+    assert waited.returncode == 0, waited.stderr
+    ids.append("waited")
+    names = {f"{i}.json" for i in ids}
+    assert wait_for_files([spool.completed, spool.failed], names, 120) == names
+    outcomes = {i: json.loads((spool.completed / f"{i}.json").read_text()) for i in ids}
+    assert waited.stdout == outcomes["waited"]["result"]["content"] + "\n"
+    assert len(os.listdir(spool.completed)) == 51 and os.listdir(spool.failed) == []
+    for outcome in outcomes.values():
+        result = outcome["result"]
+        assert result["attempts"] == 1 and result["model"] == "tiny-chatml"
+        assert result["usage"]["completion_tokens"] == MAX_TOKENS  # max_tokens was sent
+    conn = sqlite3.connect(home / "db" / "koubou.db")
+    rows = {r[0]: r[1:] for r in conn.execute(
+        "SELECT task_id, prompt_tokens, completion_tokens, total_tokens FROM attempts")}
+    for task_id, outcome in outcomes.items():
+        usage = outcome["result"]["usage"]
+        assert rows[task_id] == (usage["prompt_tokens"], usage["completion_tokens"],
+                                 usage["total_tokens"])
+    # The server's own count for the same messages, asked directly.
+    client = openai.OpenAI(base_url=server, api_key="none", max_retries=0)
+    for task_id in ("submitted-3", "dropped-7"):
+        content = json.loads((spool.completed / f"{task_id}.json").read_text())["content"]
+        direct = client.chat.completions.create(
+            model="tiny-chatml", max_tokens=MAX_TOKENS,
+            messages=[{"role": "user", "content": content}])
+        assert rows[task_id][0] == direct.usage.prompt_tokens
+
+
+def test_a_prompt_over_the_context_fails_once_with_the_servers_message(real_home, worker) -> None:
+    home, env = real_home
+    spool = Spool.open(home)
+    long_prompt = " ".join(f"word{i}" for i in range(1500))
+    subprocess.run([*SUBMIT, "--id", "too-long", long_prompt], env=env, check=True,
+                   capture_output=True, timeout=60)
+    assert wait_for_files([spool.failed], {"too-long.json"}, 60) == {"too-long.json"}
+    error = json.loads((spool.failed / "too-long.json").read_text())["error"]
+    assert error["kind"] == "backend" and error["attempts"] == 1
+    assert "HTTP 400" in error["message"] and "context" in error["message"].lower()
+
+
+def test_doctor_sees_the_model_in_v1_models(real_home) -> None:
+    home, env = real_home
+    doctor = subprocess.run([*KOUBOU, "doctor"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert "craftsman local" in doctor.stdout
