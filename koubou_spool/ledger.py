@@ -193,11 +193,19 @@ class LedgerWriter:
                   task_id, attempt)
 
         def write(conn: sqlite3.Connection) -> None:
+            # An upsert: the start of the attempt may never have reached the ledger (its worker
+            # was killed before its writer thread ran), and the end must still be recorded.
             conn.execute(
-                "UPDATE attempts SET finished_at = ?, outcome = ?, error_kind = ?,"
-                " error_message = ?, prompt_tokens = ?, completion_tokens = ?, total_tokens = ?,"
-                " cost_usd = ?, model = COALESCE(?, model) WHERE task_id = ? AND attempt = ?",
-                params)
+                "INSERT INTO attempts (finished_at, outcome, error_kind, error_message,"
+                " prompt_tokens, completion_tokens, total_tokens, cost_usd, model, task_id,"
+                " attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (task_id, attempt) DO UPDATE SET finished_at = excluded.finished_at,"
+                " outcome = excluded.outcome, error_kind = excluded.error_kind,"
+                " error_message = excluded.error_message,"
+                " prompt_tokens = excluded.prompt_tokens,"
+                " completion_tokens = excluded.completion_tokens,"
+                " total_tokens = excluded.total_tokens, cost_usd = excluded.cost_usd,"
+                " model = COALESCE(excluded.model, attempts.model)", params)
             if record is not None:
                 _upsert(conn, "tasks", task_row(record))
         return self._submit(write)
@@ -327,16 +335,18 @@ def totals(conn: sqlite3.Connection) -> dict[str, Any]:
 
 # --- budgets and rate limits: shared by every worker of the home, one transaction each ------
 
-def _spent(conn: sqlite3.Connection, column: str, period: str) -> float:
+def _spent(conn: sqlite3.Connection, column: str, period: str, held: bool) -> float:
+    unsettled = "reserved_usd" if held else "0"
     row = conn.execute(
         f"SELECT COALESCE(SUM(CASE WHEN settled THEN COALESCE(cost_usd, reserved_usd)"
-        f" ELSE reserved_usd END), 0) FROM reservations WHERE {column} = ?", (period,)).fetchone()
+        f" ELSE {unsettled} END), 0) FROM reservations WHERE {column} = ?", (period,)).fetchone()
     return float(row[0])
 
 
-def spent(conn: sqlite3.Connection, day: str, month: str) -> tuple[float, float]:
-    """USD spent or reserved in a day and a month."""
-    return _spent(conn, "day", day), _spent(conn, "month", month)
+def spent(conn: sqlite3.Connection, day: str, month: str,
+          held: bool = True) -> tuple[float, float]:
+    """USD spent in a day and a month; with `held`, reservations of calls in flight count too."""
+    return _spent(conn, "day", day, held), _spent(conn, "month", month, held)
 
 
 def reserve(conn: sqlite3.Connection, *, task_id: str, attempt: int, craftsman: str,

@@ -109,7 +109,7 @@ class Budget:
         ledger.settle(conn, reservation_id, cost)
         now = time.time()
         day, month = self.settings.periods(now)
-        day_spent, month_spent = ledger.spent(conn, day, month)
+        day_spent, month_spent = ledger.spent(conn, day, month, held=False)  # alerts: real spend
         due = []
         for period, spent, limit in ((day, day_spent, self.settings.daily_usd),
                                      (month, month_spent, self.settings.monthly_usd)):

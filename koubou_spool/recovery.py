@@ -8,6 +8,7 @@ result: the fence of spool.publish.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import time
@@ -21,6 +22,8 @@ from .limits import Budget
 from .spool import CLAIM_RE, Claim, Refused, Spool
 
 log = logging.getLogger(__name__)
+
+LEDGER_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,12 @@ def _claim(spool: Spool, settings: SpoolSettings, claim: Claim, ledger: LedgerWr
         return Recovered(claim.name, None, "rejudged")
     attempt = task.attempts + 1
     now = time.time()
-    ledger.attempt_finished(task.id, attempt, "lost", finished_at=now, error_kind="lost",
-                            message="its worker died or missed its lease during the attempt")
+    recorded = ledger.attempt_finished(
+        task.id, attempt, "lost", finished_at=now, error_kind="lost",
+        message="its worker died or missed its lease during the attempt")
+    # Recovery is rare: let its record land before the requeue, so a recoverer killed in turn
+    # leaves no requeued task without its lost attempt (unless the ledger is locked).
+    concurrent.futures.wait([recorded], timeout=LEDGER_WAIT_S)
     if budget is not None and budget.settings.enabled:
         budget.settle_lost(task.id)  # the call may have been billed: the reservation stands
     if attempt >= (task.max_attempts or settings.max_attempts):

@@ -95,6 +95,14 @@ class Workers:
         self.procs.append(proc)
         return proc
 
+    def terminate_all(self) -> None:
+        """SIGTERM every worker and wait: they finish what they hold and exit 0."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            proc.wait(timeout=30)
+
     def stop_all(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:

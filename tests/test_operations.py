@@ -41,7 +41,8 @@ def test_cancel_of_a_running_task_aborts_its_request(
     assert "revoked" in log_of(proc)
     marker = submit(spool, content="after cancel", craftsman="echo")
     wait_outcomes(spool, [marker])
-    assert os.listdir(spool.in_progress) == [] and proc.poll() is None
+    assert not [n for n in os.listdir(spool.in_progress) if n.startswith(task_id)]
+    assert proc.poll() is None
 
 
 def test_cancel_pending_and_retry_failed(home: Path, spool: Spool, fake_openai: FakeOpenAI,
