@@ -106,6 +106,27 @@ def open_ledger(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def run(path: Path, operation: Callable[..., Any], *args: Any) -> Any:
+    """Run one operation on a fresh connection and close it; sqlite3.Error propagates."""
+    conn = connect(path)
+    try:
+        return operation(conn, *args)
+    finally:
+        conn.close()
+
+
+def read(path: Path, query: Callable[..., Any], *args: Any, default: Any = None) -> Any:
+    """A read for status and reports: `default` when the ledger is missing, locked or broken,
+    since reports degrade rather than fail (PRODUCT.md §4.5)."""
+    if not path.exists():
+        return default
+    try:
+        return run(path, query, *args)
+    except sqlite3.Error as exc:
+        log.warning("ledger %s unreadable (%s); figures from it are left out", path, exc)
+        return default
+
+
 # --- rows --------------------------------------------------------------------------------------
 
 def _time(record: dict, key: str) -> float | None:

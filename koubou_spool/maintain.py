@@ -138,11 +138,7 @@ def _recover(spool: Spool, config: Config, ledger_path: Path, owner_id: str,
 def _with_ledger(path: Path, operation: Any, *args: Any, summary: Summary) -> Any:
     """Run one ledger operation; a locked or broken ledger is noted, never fatal (§4.5)."""
     try:
-        conn = ledger.connect(path)
-        try:
-            return operation(conn, *args)
-        finally:
-            conn.close()
+        return ledger.run(path, operation, *args)
     except sqlite3.Error as exc:
         log.warning("ledger %s: %s; run `koubou maintain` again later", path, exc)
         summary.errors.append(f"ledger: {exc}")

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 from . import ledger, metrics, report
 from .config import Config
@@ -24,21 +22,6 @@ from .status import live_workers, queue_counts
 log = logging.getLogger(__name__)
 
 
-def read_ledger(path: Path, query: Callable[..., list[dict]], *args: Any) -> list[dict]:
-    """Rows of a ledger read; [] when the ledger is missing or stays locked."""
-    if not path.exists():
-        return []
-    try:
-        conn = ledger.connect(path)
-        try:
-            return query(conn, *args)
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        log.warning("ledger %s unreadable (%s); figures from it are left out", path, exc)
-        return []
-
-
 def build_report(spool: Spool, ledger_path: Path, config: Config, period: report.Period,
                  now: float) -> dict[str, Any]:
     """The report of a period (see report.build)."""
@@ -47,9 +30,9 @@ def build_report(spool: Spool, ledger_path: Path, config: Config, period: report
     spend_start, spend_end = min(period.start, window_start), max(period.end, window_end)
     return report.build(
         period,
-        read_ledger(ledger_path, ledger.report_tasks, period.start, period.end),
-        read_ledger(ledger_path, ledger.report_spend, spend_start, spend_end),
-        read_ledger(ledger_path, ledger.report_rejects, period.start, period.end),
+        ledger.read(ledger_path, ledger.report_tasks, period.start, period.end, default=[]),
+        ledger.read(ledger_path, ledger.report_spend, spend_start, spend_end, default=[]),
+        ledger.read(ledger_path, ledger.report_rejects, period.start, period.end, default=[]),
         queue_counts(spool), config.budget, now, tz)
 
 
@@ -66,7 +49,7 @@ def today_budget(ledger_path: Path, config: Config, now: float) -> dict[str, Any
     tz = report.timezone_of(config.budget)
     period = report.day_period(report.local_day(now, tz), tz)
     start, end = report.budget_window(period, now, tz)
-    spend = read_ledger(ledger_path, ledger.report_spend, start, end)
+    spend = ledger.read(ledger_path, ledger.report_spend, start, end, default=[])
     return report.budget_figures(config.budget, spend, period, now, tz)
 
 
@@ -84,7 +67,7 @@ def in_flight_by_craftsman(spool: Spool, ledger_path: Path) -> dict[str, int]:
     """Tasks claimed right now per craftsman: open attempts whose claim file still exists."""
     claimed = {task_format.id_from_name(match["name"]) for _, match in spool.claims()
                if not match["fin"]}
-    open_attempts = read_ledger(ledger_path, ledger.report_open_attempts)
+    open_attempts = ledger.read(ledger_path, ledger.report_open_attempts, default=[])
     counts = Counter(a["craftsman"] or "(none)" for a in open_attempts if a["task_id"] in claimed)
     unknown = len(claimed) - sum(counts.values())
     if unknown > 0:  # claimed but not yet (or no longer) in the ledger
@@ -94,7 +77,7 @@ def in_flight_by_craftsman(spool: Spool, ledger_path: Path) -> dict[str, int]:
 
 def task_totals(ledger_path: Path) -> list[dict[str, Any]]:
     """All-time task, token and cost totals by craftsman, model and outcome."""
-    return read_ledger(ledger_path, ledger.report_task_totals)
+    return ledger.read(ledger_path, ledger.report_task_totals, default=[])
 
 
 def metrics_text(spool: Spool, ledger_path: Path, config: Config, now: float) -> str:

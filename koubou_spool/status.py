@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +20,9 @@ def queue_counts(spool: Spool) -> dict[str, int]:
     return {state: len(spool.names(state)) for state in STATE_DIRS}
 
 
-def _ledger_read(path: Path, query: Any, *args: Any) -> Any:
-    """Run a read on the ledger; None when it is missing or locked (reports degrade, never fail)."""
-    if not path.exists():
-        return None
-    try:
-        conn = ledger.connect(path)
-        try:
-            return query(conn, *args)
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return None
-
-
 def live_workers(spool: Spool, ledger_path: Path, lease_s: float) -> list[dict[str, Any]]:
     """Workers with a lock file in run/workers/, with their ledger figures when available."""
-    rows = {row["id"]: row for row in (_ledger_read(ledger_path, ledger.workers) or [])}
+    rows = {row["id"]: row for row in ledger.read(ledger_path, ledger.workers, default=[])}
     found = []
     for entry in sorted(os.listdir(spool.workers)):
         worker_id = entry[:-5] if entry.endswith(".lock") else None
@@ -80,7 +65,7 @@ def task_status(spool: Spool, ledger_path: Path, key: str) -> dict[str, Any]:
     for name in ("type", "priority", "craftsman", "result", "error"):
         if name in record:
             status[name] = record[name]
-    attempts = _ledger_read(ledger_path, ledger.attempts, task_id) if task_id else None
+    attempts = ledger.read(ledger_path, ledger.attempts, task_id) if task_id else None
     status["attempts"] = attempts if attempts is not None else []
     return status
 

@@ -97,7 +97,9 @@ def test_batch_is_all_or_nothing_and_accepts_openai_batch_lines(home: Path,
 
 
 def test_status_list_result_and_wait(home: Path, spool: Spool, workers: Workers) -> None:
-    assert json.loads(run(cli, "status", "--json").stdout)["queues"]["pending"] == 0
+    overview = json.loads(run(cli, "status", "--json").stdout)
+    assert overview["queues"]["pending"] == 0 and overview["budget"] == {"enabled": False}
+    assert "budget       none configured" in run(cli, "status").stdout
     queued = submit(spool, craftsman="echo", content="hello")
     status = json.loads(run(cli, "status", queued, "--json").stdout)
     assert status["state"] == "pending" and status["id"] == queued

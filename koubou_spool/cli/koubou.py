@@ -109,9 +109,11 @@ def status(task_id: str | None, as_json: bool) -> None:
         else:
             _print_task_status(found)
         return
+    keeper = Budget(where.ledger_path, BudgetSettings.parse(config.budget))
     facts = {"home": str(where.home), "queues": status_module.queue_counts(spool),
              "workers": status_module.live_workers(spool, where.ledger_path,
-                                                   config.spool.lease_s)}
+                                                   config.spool.lease_s),
+             "budget": keeper.state() if keeper.settings.enabled else {"enabled": False}}
     if as_json:
         emit_json(facts)
         return
@@ -119,6 +121,7 @@ def status(task_id: str | None, as_json: bool) -> None:
     for w in facts["workers"]:
         click.echo(f"worker {w['id']} {w['liveness']} in_flight={w.get('in_flight', '?')} "
                    f"done={w.get('done', '?')} failed={w.get('failed', '?')}")
+    click.echo(_budget_line(facts["budget"]))
 
 
 def _print_task_status(found: dict) -> None:
@@ -286,15 +289,17 @@ def _print_route(facts: dict) -> None:
         click.echo(f"             {note}")
     click.echo(f"sensitivity  {sensitivity}")
     click.echo(f"difficulty   {facts['difficulty']}{keywords}")
-    budget = facts["budget"]
+    click.echo(_budget_line(facts["budget"]))
+
+
+def _budget_line(budget: dict) -> str:
     if not budget.get("enabled"):
-        click.echo("budget       none configured")
-    elif "error" in budget:
-        click.echo(f"budget       {budget['error']}")
-    else:
-        click.echo(f"budget       day {budget['day_spent_usd']:.4f} of {budget['daily_usd']} USD, "
-                   f"month {budget['month_spent_usd']:.4f} of {budget['monthly_usd']} USD"
-                   + (f"; exhausted, so {budget['when_exhausted']}" if budget["exhausted"] else ""))
+        return "budget       none configured"
+    if "error" in budget:
+        return f"budget       {budget['error']}"
+    return (f"budget       day {budget['day_spent_usd']:.4f} of {budget['daily_usd']} USD, "
+            f"month {budget['month_spent_usd']:.4f} of {budget['monthly_usd']} USD"
+            + (f"; exhausted, so {budget['when_exhausted']}" if budget["exhausted"] else ""))
 
 
 def main() -> None:
