@@ -64,6 +64,8 @@ def test_submit_prints_the_id_and_rejects_bad_input_with_exit_2(home: Path) -> N
     assert run(submit_command).exit_code == 2
     assert run(submit_command, "--context", "[1]", "x").exit_code == 2
     assert run(submit_command, "--priority", "11", "x").exit_code == 2
+    unknown = run(submit_command, "--craftsman", "nobody", "x")
+    assert unknown.exit_code == 2 and "no craftsman named 'nobody'" in unknown.stderr
 
 
 def test_submit_from_stdin_and_from_a_task_file(home: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from .. import __version__
 from .. import batch as batch_format
 from .. import status as status_module
 from .. import task as task_format
+from ..config import Config
 from ..errors import EXIT_OK, EXIT_TASK_FAILED, InvalidTask, UsageError, WaitTimeout
 from ..observe import write_atomic
 from ..progress import wait_with_progress
@@ -73,6 +74,16 @@ def _read_batch(path: str) -> list[Task]:
     return tasks
 
 
+def _check_craftsmen(tasks: list[Task], config: Config) -> None:
+    """A craftsman the config does not know is a mistake to report now, not at the worker."""
+    if not config.craftsmen:
+        return
+    for task in tasks:
+        if task.craftsman != "auto" and task.craftsman not in config.craftsmen:
+            raise InvalidTask(f"craftsman: no craftsman named {task.craftsman!r} in "
+                              f"{config.path}; configured: {', '.join(sorted(config.craftsmen))}")
+
+
 def _single_task(text: str | None, file: str | None, fields: dict[str, Any]) -> Task:
     if text is not None and file is not None:
         raise UsageError("give the task as TEXT or --file, not both")
@@ -124,7 +135,8 @@ def submit(text: str | None, file: str | None, batch: str | None, type_: str | N
     2 invalid input, 3 --timeout passed (the task stays queued), 4 spool unusable.
     """
     where = session()
-    spool = where.spool()
+    config = where.config(required=False)
+    spool = where.spool(config)
     fields = {"type": type_, "priority": priority, "difficulty": difficulty,
               "sensitivity": sensitivity, "craftsman": craftsman, "model": model,
               "system": system, "context": _json_object(context, "--context"),
@@ -137,13 +149,13 @@ def submit(text: str | None, file: str | None, batch: str | None, type_: str | N
         tasks = _read_batch(batch)
     else:
         tasks = [_single_task(text, file, fields)]
+    _check_craftsmen(tasks, config)
     submitted = spool.submit(tasks)
     for task, state, new in submitted:
         if as_json and not wait:
             click.echo(json.dumps({"id": task.id, "state": state, "new": new}))
-        elif not as_json:
-            click.echo(task.id if new else f"{task.id} (already {state})",
-                       err=wait and len(tasks) == 1)
+        elif not as_json and not (wait and batch is not None):  # the progress bar says it
+            click.echo(task.id if new else f"{task.id} (already {state})", err=wait)
     if not wait:
         return
     if batch is not None:
