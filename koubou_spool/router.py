@@ -96,16 +96,30 @@ def messages_sensitive(messages: list[dict[str, Any]], patterns: tuple[Pattern, 
                            for m in messages], patterns)
 
 
+@functools.lru_cache(maxsize=8)
+def _keyword_patterns(spec: str) -> tuple[tuple[str, re.Pattern | None], ...]:
+    """One compiled alternation per level: routing runs for every task, twice."""
+    keywords = json.loads(spec)
+    compiled = []
+    for level in LEVELS:
+        words = [w for w in keywords.get(level, ()) if isinstance(w, str) and w]
+        source = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+        compiled.append((level, re.compile(rf"(?i)\b(?:{source})") if words else None))
+    return tuple(compiled)
+
+
 def judge_difficulty(task: Task, config: Config) -> tuple[str, tuple[str, ...]]:
     """The declared difficulty, or the highest level whose keywords appear (default low)."""
     if task.difficulty != "auto":
         return task.difficulty, ()
-    keywords = config.routing.get("difficulty_keywords", DEFAULT_DIFFICULTY_KEYWORDS)
-    for level in LEVELS:
-        found = tuple(word for word in keywords.get(level, ()) if re.search(
-            rf"(?i)\b{re.escape(word)}", task.content))
+    spec = json.dumps(config.routing.get("difficulty_keywords", DEFAULT_DIFFICULTY_KEYWORDS),
+                      sort_keys=True)
+    for level, pattern in _keyword_patterns(spec):
+        if pattern is None:
+            continue
+        found = {m.group(0).lower() for m in pattern.finditer(task.content)}
         if found:
-            return level, found
+            return level, tuple(sorted(found))
     return "low", ()
 
 

@@ -222,3 +222,33 @@ def _alive(pid: int) -> bool:
         return False
     status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     return status != "Z"
+
+
+def test_max_concurrent_holds_across_worker_processes(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI,
+        workers: Workers) -> None:
+    configure(home, fake_openai, cloud)
+    config = yaml.safe_load((home / "config" / "koubou.yaml").read_text())
+    config["craftsmen"]["local"]["max_concurrent"] = 2
+    (home / "config" / "koubou.yaml").write_text(yaml.safe_dump(config))
+    fake_openai.latency_s = 0.3
+    for _ in range(3):
+        workers.start(home)
+    ids = [submit(spool, content=f"local {i}") for i in range(12)]
+    outcomes = wait_outcomes(spool, ids)
+    assert all(o["status"] == "completed" for o in outcomes.values())
+    assert fake_openai.max_in_flight == 2  # three processes, two slots for the home
+
+
+def test_the_rate_window_is_shared_through_the_ledger(tmp_path: Path) -> None:
+    from koubou_spool import ledger
+    conn = ledger.open_ledger(tmp_path / "koubou.db")
+    kwargs = {"attempt": 1, "craftsman": "cloud", "amount": 0.0, "day": "d", "month": "m",
+              "daily_limit": None, "monthly_limit": None, "max_rpm": 2, "max_tpm": 1000,
+              "tokens": 100}
+    assert ledger.reserve(conn, task_id="a", now=1000.0, **kwargs)[0] == "ok"
+    assert ledger.reserve(conn, task_id="b", now=1010.0, **kwargs)[0] == "ok"
+    assert ledger.reserve(conn, task_id="c", now=1020.0, **kwargs) == ("rate", 40.0)
+    assert ledger.reserve(conn, task_id="c", now=1061.0, **kwargs)[0] == "ok"
+    big = dict(kwargs, tokens=900, max_rpm=None)
+    assert ledger.reserve(conn, task_id="d", now=1062.0, **big)[0] == "rate"  # tpm
