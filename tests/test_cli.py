@@ -171,3 +171,13 @@ def test_koubou_drop_copies_whole_files_into_pending(home: Path, tmp_path: Path)
     again = subprocess.run([str(drop), str(task_file)], env=env, capture_output=True, text=True)
     assert again.returncode == 1 and "already queued" in again.stderr
     assert [n for n in os.listdir(home / "tasks" / "tmp")] == []
+
+
+def test_every_command_is_in_the_readme() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name, command in cli.commands.items():
+        assert f"koubou {name}" in readme, f"koubou {name} is not documented in README.md"
+        for sub in getattr(command, "commands", {}):
+            assert f"koubou {name} {sub}" in readme, f"koubou {name} {sub} is not in README.md"
+    for option in ("--batch", "--wait", "--output", "--attach", "--id"):
+        assert option in readme
