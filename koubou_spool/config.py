@@ -17,7 +17,7 @@ OUTPUT_FORMATS = ("text", "claude-json", "codex-jsonl")
 KNOWN_KEYS = {"backend", "model", "base_url", "local", "max_concurrent", "max_rpm", "max_tpm",
               "timeout_s", "max_tokens", "temperature", "reasoning_effort", "token_limit_param",
               "retries", "api_key_env", "system", "price", "provider", "latency_ms", "argv",
-              "output", "max_output_bytes"}
+              "output", "max_output_bytes", "max_cost_usd"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class Craftsman:
     api_key_env: str | None = None
     system: str | None = None
     price: dict[str, float] | None = None  # per million tokens; None: looked up by model
+    max_cost_usd: float | None = None  # a call's worst case when tokens cannot bound it
     provider: str | None = None  # genai-prices provider id, when base_url does not tell
     latency_ms: float = 0.0
     argv: tuple[str, ...] = ()
@@ -153,6 +154,8 @@ def _craftsman(name: str, spec: Any) -> Craftsman:
         api_key_env=spec.get("api_key_env"),
         system=spec.get("system"),
         price=_price(where, spec.get("price")),
+        max_cost_usd=None if spec.get("max_cost_usd") is None else float(
+            _number(where, "max_cost_usd", spec["max_cost_usd"])),
         provider=spec.get("provider"),
         latency_ms=float(_number(where, "latency_ms", spec.get("latency_ms", 0))),
         argv=argv, output=output,

@@ -496,13 +496,8 @@ class Worker:
         """Reserve the worst-case cost (and a place in the rate window) before a cloud call."""
         if not self.budget.needed(craftsman):
             return None
-        price = price_of(craftsman, request.model)
-        if price is None and self.budget.settings.enabled and not craftsman.local:
-            raise BackendError(f"no price is known for {craftsman.name} ({request.model}), so "
-                               "its cost cannot be kept within the budget; set price: in the "
-                               "config", kind="budget")
         tokens = budget_module.estimate_prompt_tokens(request.messages)
-        amount = budget_module.worst_case(price, tokens, request.max_tokens) if price else 0.0
+        amount = self._worst_case(craftsman, request, tokens)
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + request.timeout_s
         while True:
@@ -518,6 +513,19 @@ class Worker:
                 raise BackendError(f"{craftsman.name} is at its max_rpm/max_tpm for longer than "
                                    "the attempt's timeout", kind="timeout", retryable=True)
             await asyncio.sleep(value)  # a timer until the rate window has room, not a poll
+
+    def _worst_case(self, craftsman: Craftsman, request: Request, tokens: int) -> float:
+        """What a call may cost at most: max_cost_usd when set (CLI agents), else by tokens."""
+        if craftsman.max_cost_usd is not None:
+            return craftsman.max_cost_usd
+        price = price_of(craftsman, request.model)
+        if price is not None:
+            return budget_module.worst_case(price, tokens, request.max_tokens)
+        if self.budget.settings.enabled and not craftsman.local:
+            raise BackendError(f"no price is known for {craftsman.name} ({request.model}), so "
+                               "its cost cannot be kept within the budget; set price: or "
+                               "max_cost_usd: in the config", kind="budget")
+        return 0.0
 
     def _cost(self, craftsman: Craftsman, reply: Reply) -> float | None:
         if reply.cost_usd is not None:

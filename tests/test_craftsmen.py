@@ -252,3 +252,17 @@ def test_the_rate_window_is_shared_through_the_ledger(tmp_path: Path) -> None:
     assert ledger.reserve(conn, task_id="c", now=1061.0, **kwargs)[0] == "ok"
     big = dict(kwargs, tokens=900, max_rpm=None)
     assert ledger.reserve(conn, task_id="d", now=1062.0, **big)[0] == "rate"  # tpm
+
+
+def test_a_cli_agent_under_a_budget_reserves_max_cost_and_settles_its_own_cost(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI,
+        workers: Workers) -> None:
+    configure(home, fake_openai, cloud, budget={"daily_usd": 0.02, "when_exhausted": "fail"})
+    config = yaml.safe_load((home / "config" / "koubou.yaml").read_text())
+    config["craftsmen"]["claude"]["max_cost_usd"] = 0.015
+    (home / "config" / "koubou.yaml").write_text(yaml.safe_dump(config))
+    workers.start(home, "--concurrency", "1")
+    first = submit(spool, content="one", craftsman="claude")
+    assert wait_outcomes(spool, [first])[first]["result"]["cost_usd"] == 0.0123
+    second = submit(spool, content="two", craftsman="claude")  # 0.0123 + 0.015 > 0.02
+    assert wait_outcomes(spool, [second])[second]["error"]["kind"] == "budget"
