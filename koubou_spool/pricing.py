@@ -69,3 +69,15 @@ def price_of(craftsman: Craftsman, model: str | None = None) -> Price | None:
         log.warning("no price known for %s model %s; its cost is recorded as unknown (set "
                     "price: in the config)", craftsman.name, model or craftsman.model)
     return found
+
+
+def cost_of(craftsman: Craftsman, model: str, usage: dict[str, int],
+            reported: float | None = None) -> float | None:
+    """A call's cost: what the craftsman reported (CLI agents), else its usage at the price."""
+    if reported is not None:
+        return reported
+    price = price_of(craftsman, model if craftsman.price is None else None)
+    if price is None:
+        return None
+    return price.cost(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0),
+                      usage.get("cached_tokens", 0))

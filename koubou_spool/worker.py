@@ -19,7 +19,6 @@ from pathlib import Path
 
 from inotify_simple import flags
 
-from . import budget as budget_module
 from . import router
 from . import task as task_format
 from .attach import Attachment, read_attachments
@@ -30,9 +29,11 @@ from .errors import InvalidTask, KoubouError, UsageError
 from .ledger import LedgerWriter
 from .limits import Budget, Slots
 from .notify import Notifier
-from .pricing import price_of
+from .hooks import run_argv
+from .pricing import cost_of
 from .prompt import messages_for
 from .recovery import recover_orphans
+from .spending import BudgetExhausted, Spending
 from .spool import Claim, Refused, Spool, new_worker_id
 from .task import Task, UnreadableTask
 from .watcher import (CLAIMS_MASK, OUTCOME_MASK, OVERFLOW, PENDING_MASK, ReadyQueue, Watcher,
@@ -65,6 +66,7 @@ class Worker:
         self.ready = ReadyQueue()
         self.in_flight: dict[str, asyncio.Task] = {}
         self.budget = Budget(home / "db" / "koubou.db", BudgetSettings.parse(config.budget))
+        self.spending = Spending(self.budget, home)
         self.patterns = router.sensitive_patterns(config)
         self.slots = Slots(home / "run" / "slots", [config.craftsmen[n] for n in self.serves])
         self.slot_of: dict[str, tuple[str, int]] = {}  # claim file -> (craftsman, slot)
@@ -466,16 +468,16 @@ class Worker:
             reasoning_effort=task.reasoning_effort or craftsman.reasoning_effort,
             confidential=decision.confidential,
             workdir=str(self.spool.home / "outputs" / task.id))
-        reservation = await self._reserve(craftsman, task, attempt, request)
+        reservation = await self.spending.reserve(craftsman, task.id, attempt, request)
         try:
             reply = await self._guarded_call(craftsman, request)
         except BaseException:
             if reservation is not None:  # the call may have been billed: keep the reservation
-                await self._settle(reservation, None)
+                await self.spending.settle(reservation, None)
             raise
         if reservation is not None:
-            reply.cost_usd = self._cost(craftsman, reply)
-            await self._settle(reservation, reply.cost_usd)
+            reply.cost_usd = cost_of(craftsman, reply.model, reply.usage, reply.cost_usd)
+            await self.spending.settle(reservation, reply.cost_usd)
         return reply
 
     async def _guarded_call(self, craftsman: Craftsman, request: Request) -> Reply:
@@ -491,69 +493,6 @@ class Worker:
             log.exception("backend %s failed unexpectedly", craftsman.name)
             raise BackendError(f"internal error in backend {craftsman.backend}: {exc}") from None
 
-    async def _reserve(self, craftsman: Craftsman, task: Task, attempt: int,
-                       request: Request) -> int | None:
-        """Reserve the worst-case cost (and a place in the rate window) before a cloud call."""
-        if not self.budget.needed(craftsman):
-            return None
-        tokens = budget_module.estimate_prompt_tokens(request.messages)
-        amount = self._worst_case(craftsman, request, tokens)
-        loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + request.timeout_s
-        while True:
-            verdict, value = await loop.run_in_executor(
-                None, self.budget.reserve, task.id, attempt, craftsman, amount,
-                tokens + request.max_tokens)
-            if verdict == "ok":
-                return int(value)
-            if verdict == "budget":
-                raise BudgetExhausted(f"{craftsman.name} would need up to ${amount:.4f}, more "
-                                      "than the budget has left")
-            if time.monotonic() + value > deadline:
-                raise BackendError(f"{craftsman.name} is at its max_rpm/max_tpm for longer than "
-                                   "the attempt's timeout", kind="timeout", retryable=True)
-            await asyncio.sleep(value)  # a timer until the rate window has room, not a poll
-
-    def _worst_case(self, craftsman: Craftsman, request: Request, tokens: int) -> float:
-        """What a call may cost at most: max_cost_usd when set (CLI agents), else by tokens."""
-        if craftsman.max_cost_usd is not None:
-            return craftsman.max_cost_usd
-        price = price_of(craftsman, request.model)
-        if price is not None:
-            return budget_module.worst_case(price, tokens, request.max_tokens)
-        if self.budget.settings.enabled and not craftsman.local:
-            raise BackendError(f"no price is known for {craftsman.name} ({request.model}), so "
-                               "its cost cannot be kept within the budget; set price: or "
-                               "max_cost_usd: in the config", kind="budget")
-        return 0.0
-
-    def _cost(self, craftsman: Craftsman, reply: Reply) -> float | None:
-        if reply.cost_usd is not None:
-            return reply.cost_usd
-        price = price_of(craftsman, reply.model if craftsman.price is None else None)
-        if price is None:
-            return None
-        return price.cost(reply.usage.get("prompt_tokens", 0),
-                          reply.usage.get("completion_tokens", 0),
-                          reply.usage.get("cached_tokens", 0))
-
-    async def _settle(self, reservation: int, cost: float | None) -> None:
-        loop = asyncio.get_running_loop()
-        for period, percent, spent, limit in await loop.run_in_executor(
-                None, self.budget.settle, reservation, cost):
-            log.warning("budget alert: %s spend $%.4f is %d%% of $%.2f", period, spent,
-                        percent, limit)
-            self._run_alert_command(period, percent, spent, limit)
-
-    def _run_alert_command(self, period: str, percent: int, spent: float, limit: float) -> None:
-        argv = self.budget.settings.alert_command
-        if not argv:
-            return
-        env = dict(os.environ, KOUBOU_BUDGET_PERIOD=period, KOUBOU_BUDGET_PERCENT=str(percent),
-                   KOUBOU_BUDGET_SPENT_USD=f"{spent:.6f}", KOUBOU_BUDGET_LIMIT_USD=f"{limit:.2f}",
-                   KOUBOU_HOME=str(self.spool.home))
-        asyncio.get_running_loop().create_task(_run_quietly(list(argv), env, "alert_command"))
-
     async def _budget_exhausted(self, claim: Claim, task: Task, attempt: int,
                                 message: str) -> None:
         """The reservation did not fit: per when_exhausted, go local, wait, or fail."""
@@ -566,7 +505,7 @@ class Worker:
     async def _complete(self, claim: Claim, task: Task, craftsman: Craftsman, attempt: int,
                         reply: Reply) -> None:
         finished = time.time()
-        cost = self._cost(craftsman, reply)
+        cost = cost_of(craftsman, reply.model, reply.usage, reply.cost_usd)
         queued = task.submitted_at or claim.claimed_at
         result = {
             "content": reply.content, "craftsman": craftsman.name, "model": reply.model,
@@ -638,7 +577,7 @@ class Worker:
         env = dict(os.environ, KOUBOU_TASK_ID=task_id, KOUBOU_STATUS=record["status"],
                    KOUBOU_OUTCOME_FILE=str(directory / f"{task_id}.json"),
                    KOUBOU_HOME=str(self.spool.home))
-        asyncio.get_running_loop().create_task(_run_quietly(list(argv), env, "hooks.on_finish"))
+        asyncio.get_running_loop().create_task(run_argv(list(argv), env, "hooks.on_finish"))
 
     async def _recorded(self, future: Future) -> None:
         """Let the ledger record land before the outcome is published, unless it is locked."""
@@ -655,22 +594,6 @@ class Worker:
                                          self.budget):
             if recovered.action == "lost":
                 self.failed += 1
-
-
-class BudgetExhausted(Exception):
-    """A cloud call's worst case does not fit what the budget has left."""
-
-
-async def _run_quietly(argv: list[str], env: dict[str, str], what: str) -> None:
-    """Run a hook's argv; its failure is logged, never fatal."""
-    try:
-        proc = await asyncio.create_subprocess_exec(*argv, env=env,
-                                                    stdin=asyncio.subprocess.DEVNULL)
-        status = await proc.wait()
-        if status != 0:
-            log.warning("%s %s exited with status %d", what, argv[0], status)
-    except OSError as exc:
-        log.warning("%s %s could not run: %s", what, argv[0], exc.strerror)
 
 
 def run_worker(home: Path, config: Config, **options: object) -> int:
