@@ -124,8 +124,8 @@ class Spool:
             fd = self._dir_fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         os.fsync(fd)
 
-    def _write_tmp(self, label: str, data: bytes) -> Path:
-        path = self.tmp / f".{label}.{os.getpid()}.{os.urandom(4).hex()}"
+    def _write_tmp(self, label: str, data: bytes) -> str:
+        path = f"{self.tmp}/.{label}.{os.getpid()}.{os.urandom(4).hex()}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             _write_all(fd, data)
@@ -181,9 +181,9 @@ class Spool:
 
     # --- reading pending entries -----------------------------------------------------------
 
-    def read_entry(self, directory: Path, name: str) -> tuple[bytes, float]:
-        """The bytes and mtime of a regular file, never following a link or opening a FIFO."""
-        path = directory / name
+    def read_entry(self, directory: Path, name: str) -> tuple[bytes, os.stat_result]:
+        """The bytes and stat of a regular file, never following a link or opening a FIFO."""
+        path = f"{directory}/{name}"  # str, not Path: this runs twice a task
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -206,7 +206,7 @@ class Spool:
             data = _read_all(fd, self.max_task_bytes + 1)
             if len(data) > self.max_task_bytes:
                 raise Refused(f"over spool.max_task_bytes ({self.max_task_bytes})")
-            return data, info.st_mtime
+            return data, info
         finally:
             os.close(fd)
 
@@ -224,14 +224,14 @@ class Spool:
         """Take pending/<name> by renaming it into in_progress/; None if another worker won."""
         claim = Claim(name, worker_id, time.time())
         try:
-            os.rename(self.pending / name, self.in_progress / claim.file_name)
+            os.rename(f"{self.pending}/{name}", f"{self.in_progress}/{claim.file_name}")
         except FileNotFoundError:
             return None
         # No fsync here, on purpose: a claim lost in a crash leaves the task in pending/, where
         # it runs again. The outcome's fsync later makes this rename durable too (one journal).
         return claim
 
-    def read_claim(self, claim: Claim) -> tuple[bytes, float]:
+    def read_claim(self, claim: Claim) -> tuple[bytes, os.stat_result]:
         """The bytes of a claimed task file."""
         return self.read_entry(self.in_progress, claim.file_name)
 
@@ -239,13 +239,14 @@ class Spool:
         """Publish an outcome for a claim; False (and nothing written) when the claim was revoked."""
         directory = self.completed if record["status"] == "completed" else self.failed
         tmp = self._write_tmp(task_id, task_format.encode(record))
-        finishing = self.in_progress / (claim.file_name + ".fin")
+        claimed = f"{self.in_progress}/{claim.file_name}"
+        finishing = claimed + ".fin"
         try:
-            os.rename(self.in_progress / claim.file_name, finishing)
+            os.rename(claimed, finishing)
         except FileNotFoundError:
             os.unlink(tmp)
             return False
-        os.rename(tmp, directory / f"{task_id}.json")
+        os.rename(tmp, f"{directory}/{task_id}.json")
         self.sync_dir(directory)
         # A crash before this unlink leaves a .fin beside a published outcome: recovery removes it.
         os.unlink(finishing)

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import time
 from concurrent.futures import Future
 from pathlib import Path
@@ -42,6 +43,7 @@ from .watcher import (CLAIMS_MASK, OUTCOME_MASK, OVERFLOW, PENDING_MASK, ReadyQu
 log = logging.getLogger(__name__)
 
 FAIL_NOW = ""  # ReadyQueue key for tasks that can only be failed (no craftsman can take them)
+PARSED_KEPT = 4096  # queued files whose parse is kept for their claim
 LEDGER_WAIT_S = 1.0
 
 
@@ -74,6 +76,7 @@ class Worker:
         self.letting_go: set[str] = set()  # our claims we are moving ourselves (publish, requeue)
         self.revoked: set[str] = set()  # our claims someone else moved (cancel, lease takeover)
         self.waiting_on: dict[str, set[str]] = {}  # task id -> pending names waiting for it
+        self.parsed: dict[str, tuple] = {}  # pending name -> (signature, task, route, exhausted)
         self.notifier = Notifier()
         self.young: dict[str, asyncio.TimerHandle] = {}  # files that may still be being written
         self.scheduled: dict[str, asyncio.TimerHandle] = {}  # not_before in the future
@@ -236,7 +239,7 @@ class Worker:
         self._forget_timer(self.young, name)
         self._forget_timer(self.scheduled, name)
         try:
-            data, mtime = self.spool.read_entry(self.spool.pending, name)
+            data, info = self.spool.read_entry(self.spool.pending, name)
         except Refused as exc:
             self.ready.discard(name)
             if not exc.gone:
@@ -245,7 +248,7 @@ class Worker:
         try:
             task = task_format.parse(data, task_format.id_from_name(name))
         except UnreadableTask as exc:
-            age = time.time() - mtime
+            age = time.time() - info.st_mtime
             if age < self.settings.grace_s:
                 # Maybe still being written (seen by a scan, or closed between chunks): wait.
                 self._defer(self.young, name, self.settings.grace_s - age)
@@ -279,6 +282,7 @@ class Worker:
             self.ready.push(FAIL_NOW, task.priority, name)
         elif decision.craftsman in self.serves:
             self.ready.push(decision.craftsman, task.priority, name)
+            self._remember(name, info, task, None if task.files else decision)
         else:
             self.ready.discard(name)  # another worker serves that craftsman
 
@@ -381,6 +385,27 @@ class Worker:
         self.revoked.discard(claim.file_name)
         self._pump()
 
+    def _remember(self, name: str, info: os.stat_result, task: Task,
+                  decision: router.Route | None) -> None:
+        """Keep a queued file's parse (and route) for its claim; the rename keeps the inode."""
+        self.parsed[name] = (_signature(info), task, decision, self.budget.exhausted())
+        if len(self.parsed) > PARSED_KEPT:
+            del self.parsed[next(iter(self.parsed))]  # the oldest: bounded memory at any backlog
+
+    def _recalled(self, claim: Claim) -> tuple[Task, router.Route | None] | None:
+        """The parse (and route, if still valid) from when the file was queued, if unchanged."""
+        kept = self.parsed.pop(claim.name, None)
+        if kept is None:
+            return None
+        try:
+            info = os.lstat(f"{self.spool.in_progress}/{claim.file_name}")
+        except FileNotFoundError:
+            return None
+        if _signature(info) != kept[0] or not stat.S_ISREG(info.st_mode):
+            return None  # replaced since: read it again
+        decision = kept[2] if kept[3] == self.budget.exhausted() else None
+        return kept[1], decision
+
     def _read_claimed(self, claim: Claim) -> Task | None:
         """The claimed task, re-read: the file may have been replaced since it was queued."""
         try:
@@ -416,15 +441,18 @@ class Worker:
     # --- one attempt -----------------------------------------------------------------------------
 
     async def _attempt(self, claim: Claim, craftsman_name: str) -> None:
-        task = self._read_claimed(claim)
+        recalled = self._recalled(claim)
+        task, decision = recalled if recalled else (self._read_claimed(claim), None)
         if task is None:
             return
-        try:  # judged again: the file, its attachments or the budget may have changed
-            attachments = read_attachments(task.files, self.config.attach)
-            decision = self._route(task, attachments)
-        except InvalidTask as exc:
-            await self._fail(claim, task, "invalid", str(exc), task.attempts + 1)
-            return
+        attachments: list[Attachment] = []
+        if decision is None:  # judged again: the file, its attachments or the budget changed
+            try:
+                attachments = read_attachments(task.files, self.config.attach)
+                decision = self._route(task, attachments)
+            except InvalidTask as exc:
+                await self._fail(claim, task, "invalid", str(exc), task.attempts + 1)
+                return
         if decision.craftsman != craftsman_name:
             self._requeue(claim, None)
             return
@@ -467,7 +495,7 @@ class Worker:
             else craftsman.temperature,
             reasoning_effort=task.reasoning_effort or craftsman.reasoning_effort,
             confidential=decision.confidential,
-            workdir=str(self.spool.home / "outputs" / task.id))
+            workdir=f"{self.spool.home}/outputs/{task.id}")
         reservation = await self.spending.reserve(craftsman, task.id, attempt, request)
         try:
             reply = await self._guarded_call(craftsman, request)
@@ -594,6 +622,11 @@ class Worker:
                                          self.budget):
             if recovered.action == "lost":
                 self.failed += 1
+
+
+def _signature(info: os.stat_result) -> tuple[int, int, int]:
+    """What identifies a file's content for reuse: same inode, size and modification time."""
+    return info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def run_worker(home: Path, config: Config, **options: object) -> int:

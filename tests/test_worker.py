@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -359,3 +360,16 @@ def test_heartbeats_reach_the_ledger(home: Path, spool: Spool, workers: Workers)
         threading.Event().wait(0.2)
     row = conn.execute("SELECT pid, state, done FROM workers").fetchone()
     assert row == (proc.pid, "running", 1)
+
+
+def test_a_queued_file_rewritten_before_its_claim_runs_with_its_new_content(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
+    fake_openai.latency_s = 0.5
+    workers.start(home, "--concurrency", "1")
+    first = submit(spool, content="first", priority=10)
+    assert fake_openai.request_seen.wait(10)
+    second = submit(spool, content="old text")  # queued behind the first, parsed already
+    (spool.pending / f"{second}.json").write_text(
+        json.dumps({"id": second, "content": "new text"}))  # rewritten in place
+    wait_outcomes(spool, [first, second])
+    assert fake_openai.completions()[-1]["messages"][-1]["content"] == "new text"
