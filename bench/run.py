@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Spool benchmarks: pickup latency, throughput, concurrency, scale, idle cost. Prints a table.
 
-    python bench/run.py            # everything, about 3 minutes on 2 cores
+    python bench/run.py            # everything, about 6 minutes on 2 cores
     python bench/run.py --quick    # smaller counts, for a smoke run
 
 Figures are measured here, on this machine, in one run; compare them with each other rather
@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -204,6 +205,7 @@ def measure_concurrency(base: Path, count: int) -> dict:
 
 def measure_scale(base: Path, pending: int, sample: int) -> dict:
     """Submit and claim rates with `pending` tasks already queued (echo craftsman, fsync off)."""
+    base.mkdir(parents=True, exist_ok=True)
     spool = make_home(base, f"scale-{pending}", fsync=False)
     spool.submit(tasks(pending, craftsman="echo", priority=1))
     extra = tasks(sample, craftsman="echo", priority=10)  # claimed first: the heap's top
@@ -220,6 +222,11 @@ def measure_scale(base: Path, pending: int, sample: int) -> dict:
         stop_worker(worker)
     claim_rate = sample / outcome_span(spool, [t.id for t in extra])
     return {"submit_per_s": submit_rate, "claim_per_s": claim_rate, "rss_mib": rss}
+
+
+def median_of(runs: list[dict]) -> dict:
+    """Each figure's median over runs: a disk busy for one run does not skew the ratio."""
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
 def measure_idle(base: Path, seconds: float) -> dict:
@@ -260,7 +267,8 @@ def main() -> None:
                 base, 1000 if q else 5000, fsync)
         figures["concurrency"] = measure_concurrency(base, 80 if q else 320)
         for pending in (500, 5000 if q else 50_000):
-            figures[f"scale_{pending}"] = measure_scale(base, pending, 500)
+            figures[f"scale_{pending}"] = median_of(
+                [measure_scale(base / f"run{n}", pending, 500) for n in range(3)])
         figures["idle"] = measure_idle(base, 5 if q else 30)
     print_table(figures)
     if args.json:
