@@ -95,8 +95,7 @@ def test_confidential_tasks_never_reach_the_cloud(home: Path, spool: Spool, fake
                                                   cloud: FakeOpenAI, workers: Workers,
                                                   cloud_key: str) -> None:
     configure(home, fake_openai, cloud)
-    workers.start(home)
-    workers.start(home)
+    procs = [workers.start(home), workers.start(home)]
     secret = [task_format.validate(t) for t in secret_tasks(home.parent / "repo")]
     public = [task_format.validate({"content": f"design the distributed architecture {i}"})
               for i in range(20)]
@@ -112,6 +111,8 @@ def test_confidential_tasks_never_reach_the_cloud(home: Path, spool: Spool, fake
     assert {r["authorization"] for r in cloud.requests} == {f"Bearer {cloud_key}"}
     assert not any(r["authorization"] and cloud_key in r["authorization"]
                    for r in fake_openai.requests)  # the cloud key only goes to its endpoint
+    for proc in procs:  # logs name tasks and patterns, never keys or confidential text
+        assert cloud_key not in log_of(proc) and "MARK" not in log_of(proc)
 
 
 def test_spend_never_passes_the_budget_with_four_workers_racing(
