@@ -233,7 +233,7 @@ class Worker:
             self._consider(name)
 
     def _consider(self, name: str) -> None:
-        """Read a pending file, judge it, and queue it for its craftsman (or reject it)."""
+        """Read a pending file and judge it: reject it, wait for its writer, or queue it."""
         if name.startswith("."):
             return  # hidden files are other programs' temporaries (rsync, editors)
         self._forget_timer(self.young, name)
@@ -258,6 +258,10 @@ class Worker:
         except InvalidTask as exc:
             self._reject(self.spool.pending, name, str(exc))
             return
+        self._queue(name, info, task)
+
+    def _queue(self, name: str, info: os.stat_result, task: Task) -> None:
+        """Hold a valid task (schedule, dependencies, budget) or queue it for its craftsman."""
         if task.not_before and task.not_before > time.time():
             self._defer(self.scheduled, name, task.not_before - time.time())
             return
