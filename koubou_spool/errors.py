@@ -49,9 +49,3 @@ class WaitTimeout(KoubouError, TimeoutError):
     """Waiting for a task ran out of time; the task stays queued."""
 
     exit_code = EXIT_TIMEOUT
-
-
-class TaskFailed(KoubouError):
-    """A task the caller waited for ended in failed/."""
-
-    exit_code = EXIT_TASK_FAILED

@@ -345,15 +345,6 @@ def attempts(conn: sqlite3.Connection, task_id: str) -> list[dict[str, Any]]:
         "SELECT * FROM attempts WHERE task_id = ? ORDER BY attempt", (task_id,))]
 
 
-def totals(conn: sqlite3.Connection) -> dict[str, Any]:
-    """Attempt, token and cost totals over the whole ledger."""
-    row = conn.execute(
-        "SELECT COUNT(*) AS attempts, COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens,"
-        " COALESCE(SUM(completion_tokens), 0) AS completion_tokens,"
-        " COALESCE(SUM(cost_usd), 0) AS cost_usd FROM attempts").fetchone()
-    return dict(row)
-
-
 # --- budgets and rate limits: shared by every worker of the home, one transaction each ------
 
 def _spent(conn: sqlite3.Connection, column: str, period: str, held: bool) -> float:

@@ -56,10 +56,6 @@ class Slots:
         fcntl.flock(self._fds[craftsman][index], fcntl.LOCK_UN)
         self._held[craftsman].discard(index)
 
-    def in_use(self, craftsman: str) -> int:
-        """Slots this worker holds for a craftsman."""
-        return len(self._held[craftsman])
-
     def close(self) -> None:
         """Release every lock."""
         for fds in self._fds.values():

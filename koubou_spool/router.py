@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import Config, Craftsman
+from .config import Config
 from .errors import ConfigError
 from .task import Task
 
@@ -210,8 +210,3 @@ def _exhausted(config: Config, chosen: str, reason: str, rule: int | None, base:
         return Route(None, f"budget exhausted; {chosen} waits for the next period", "defer",
                      rule=rule, **base)
     return Route(None, f"budget exhausted for {chosen}", "budget", rule=rule, **base)
-
-
-def is_cloud(craftsman: Craftsman) -> bool:
-    """True for a craftsman that may not receive confidential content."""
-    return not craftsman.local
