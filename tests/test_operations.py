@@ -91,7 +91,9 @@ def test_kill_9_every_1_5_s_while_three_workers_run_600_tasks(
                  craftsmen={"local": {"backend": "openai", "base_url": fake_openai.base_url,
                                       "model": "fake-model", "max_concurrent": 12,
                                       "retries": 0}})
-    fake_openai.latency_s = 0.05
+    # 600 tasks x 0.2 s over at most 12 in flight take 10 s or more on any machine, so the loop
+    # below kills several workers however fast the machine is.
+    fake_openai.latency_s = 0.2
     running = [workers.start(home, "--concurrency", "4") for _ in range(3)]
     tasks = [task_format.validate({"content": f"task {i}"}) for i in range(600)]
     spool.submit(tasks)
