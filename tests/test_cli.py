@@ -118,6 +118,16 @@ def test_status_list_result_and_wait(home: Path, spool: Spool, workers: Workers)
     assert run(cli, "status", "no-such-task").exit_code == 2
 
 
+def test_list_shows_the_newest_first_up_to_its_limit(home: Path, spool: Spool) -> None:
+    ids = [submit(spool, craftsman="echo", content=f"t{i}") for i in range(5)]
+    for age, task_id in enumerate(reversed(ids)):  # the last submitted is the newest
+        os.utime(spool.pending / f"{task_id}.json", (1_700_000_000 - age, 1_700_000_000 - age))
+    listed = json.loads(run(cli, "list", "--json", "--limit", "2").stdout)
+    assert [item["id"] for item in listed] == [ids[4], ids[3]]
+    assert len(json.loads(run(cli, "list", "--json").stdout)) == 5  # default limit 20
+    assert run(cli, "list", "--limit", "0").exit_code == 2
+
+
 def test_a_failed_task_exits_1_and_an_expired_wait_exits_3(
         home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
     never = submit(spool, craftsman="echo", id="later")

@@ -134,3 +134,18 @@ def test_dead_worker_claims_are_orphaned_live_ones_are_not(spool: Spool) -> None
     assert ("a.json@me-1-aaaa", "stale") in [(o.split("+")[0], s)
                                              for o, s in spool.orphaned_claims(lease_s=60)]
     spool.unregister_worker("me-1-aaaa", fd)
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_spool_fsync_false_skips_every_fsync(home: Path, monkeypatch: pytest.MonkeyPatch,
+                                             durable: bool) -> None:
+    spool = Spool(home, fsync=durable)
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    task = task_format.validate({"id": "t1", "content": "x"})
+    spool.submit([task])
+    claim = spool.claim("t1.json", "w-1-aaaa")
+    assert spool.publish(claim, "t1", task_format.completed_record(task, {"content": "ok"}))
+    # submit: file + pending/; outcome: file + completed/ (+ in_progress/ for the fence)
+    assert (len(synced) >= 4) if durable else synced == []
