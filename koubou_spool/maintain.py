@@ -1,8 +1,8 @@
 """`koubou maintain`: the periodic chores of a home, safe to run from cron and a timer at once.
 
 Requeue the tasks of dead workers, fail pending tasks past their `expires_at`, purge outcomes
-older than a retention period (and their ledger rows), remove stale staging files, vacuum the
-ledger. A non-blocking file lock lets one run work while concurrent ones exit at once.
+older than a retention period (and their ledger rows), remove stale staging files and the lock
+files of workers dead for a day, vacuum the ledger. A non-blocking file lock lets one run work while concurrent ones exit at once.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class Summary:
     purged: int = 0
     purged_ledger_rows: int = 0
     tmp_removed: int = 0
+    workers_removed: int = 0
     vacuumed: bool = False
     errors: list[str] = field(default_factory=list)
 
@@ -64,7 +65,8 @@ class Summary:
             return "maintain: another maintain is running; nothing done"
         return (f"maintain: requeued {self.requeued}, lost {self.lost}, expired {self.expired}, "
                 f"purged {self.purged} outcome files ({self.purged_ledger_rows} ledger rows), "
-                f"removed {self.tmp_removed} stale tmp files"
+                f"removed {self.tmp_removed} stale tmp files and {self.workers_removed} "
+                "dead workers' lock files"
                 + (", vacuumed the ledger" if self.vacuumed else ""))
 
 
@@ -106,6 +108,7 @@ def _chores(spool: Spool, config: Config, ledger_path: Path, purge_after: float 
             summary.purged_ledger_rows = _with_ledger(ledger_path, ledger.purge, task_ids,
                                                       reject_files, summary=summary) or 0
     summary.tmp_removed = clean_tmp(spool, now - STALE_TMP_S)
+    summary.workers_removed = spool.remove_dead_workers(now - STALE_TMP_S)
     if vacuum and ledger_path.exists():
         summary.vacuumed = _with_ledger(ledger_path, ledger.vacuum, summary=summary) is not False
     return summary

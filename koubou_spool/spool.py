@@ -362,11 +362,16 @@ class Spool:
     # --- workers and their liveness --------------------------------------------------------
 
     def register_worker(self, worker_id: str, info: dict[str, Any]) -> int:
-        """Create and lock run/workers/<id>.lock; the lock dies with the process, whatever kills it."""
-        path = self.workers / f"{worker_id}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        """Create and lock run/workers/<id>.lock; the lock dies with the process, whatever kills it.
+
+        The file is locked under a hidden name and renamed into place, so a lock file that can
+        be locked is dead for good: probes never race a worker that is starting.
+        """
+        staging = self.workers / f".{worker_id}.lock.new"
+        fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
         os.write(fd, json.dumps(info).encode())
+        os.rename(staging, self.workers / f"{worker_id}.lock")
         return fd
 
     def unregister_worker(self, worker_id: str, fd: int) -> None:
@@ -375,6 +380,25 @@ class Spool:
             os.unlink(self.workers / f"{worker_id}.lock")
         finally:
             os.close(fd)
+
+    def remove_dead_workers(self, cutoff: float) -> int:
+        """Delete the lock files of dead workers whose last heartbeat was before cutoff."""
+        removed = 0
+        for entry in os.listdir(self.workers):
+            try:
+                fd = os.open(self.workers / entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue  # gone, or not a plain file: not ours to judge
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its worker lives
+                if os.fstat(fd).st_mtime < cutoff:
+                    os.unlink(self.workers / entry)
+                    removed += 1
+            except (BlockingIOError, FileNotFoundError):
+                pass
+            finally:
+                os.close(fd)
+        return removed
 
     def orphaned_claims(self, lease_s: float) -> list[tuple[str, str]]:
         """(claim file, worker state) of claims whose worker is dead or has missed its lease."""

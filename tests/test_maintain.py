@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from filelock import FileLock
 
-from conftest import Workers, read_json, submit
+from conftest import Workers, read_json, submit, wait_outcomes
 from fake_openai import FakeOpenAI
 from koubou_spool import ledger
 from koubou_spool import task as task_format
@@ -188,6 +188,21 @@ def test_stale_tmp_files_are_removed_fresh_ones_kept(home: Path, spool: Spool) -
     summary = invoke("--vacuum")
     assert summary["tmp_removed"] == 1 and summary["vacuumed"] is True
     assert os.listdir(spool.tmp) == [".live-writer"]
+
+
+def test_lock_files_of_workers_dead_for_a_day_are_removed(
+        home: Path, spool: Spool, workers: Workers) -> None:
+    live = workers.start(home)
+    wait_outcomes(spool, [submit(spool, craftsman="echo")])  # the live worker has registered
+    for worker_id, days in (("w-dead-long", 2), ("w-dead-recently", 0)):
+        os.close(spool.register_worker(worker_id, {"pid": 0}))  # closing the fd = dying
+        age(spool.workers / f"{worker_id}.lock", days * DAY)
+    (live_lock,) = set(os.listdir(spool.workers)) - {"w-dead-long.lock", "w-dead-recently.lock"}
+    age(spool.workers / live_lock, 2 * DAY)  # a live worker that missed heartbeats is not dead
+    summary = invoke()
+    assert summary["workers_removed"] == 1
+    assert sorted(os.listdir(spool.workers)) == sorted([live_lock, "w-dead-recently.lock"])
+    assert live.poll() is None
 
 
 def test_the_summary_is_one_line(home: Path) -> None:
