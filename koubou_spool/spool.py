@@ -145,12 +145,11 @@ class Spool:
 
     def submit(self, tasks: Iterable[Task]) -> list[tuple[Task, str, bool]]:
         """Queue tasks atomically; returns (task, state, new) each. An existing id is left alone."""
-        claimed_ids = {task_format.id_from_name(CLAIM_RE.fullmatch(n)["name"])
-                       for n in os.listdir(self.in_progress) if CLAIM_RE.fullmatch(n)}
         results = []
         now = time.time()
         for task in tasks:
-            state, new = self._existing_state(task.id, claimed_ids), False
+            state = None if task.fresh_id else self._existing_state(task.id)
+            new = False
             if state is None:
                 state, new = "pending", self._link_pending(task, now)
             results.append((task, state, new))
@@ -158,13 +157,22 @@ class Spool:
             self.sync_dir(self.pending)
         return results
 
-    def _existing_state(self, task_id: str, claimed_ids: set[str | None]) -> str | None:
+    def _existing_state(self, task_id: str) -> str | None:
+        """Where a task of this id is, or None.
+
+        The directories are looked at in the order a task moves through them, so a task that
+        moves on while we look is still seen; one requeued meanwhile is caught by the
+        no-replace rename into pending/.
+        """
         name = f"{task_id}.json"
-        if task_id in claimed_ids:
+        if os.path.lexists(f"{self.pending}/{name}"):
+            return "pending"
+        claimed = name + "@"
+        if any(entry.startswith(claimed) for entry in os.listdir(self.in_progress)):
             return "in_progress"
         for state, directory in (("completed", self.completed), ("failed", self.failed)):
-            if os.path.lexists(directory / name) and not os.path.lexists(
-                    directory / (name + SIDECAR)):
+            if os.path.lexists(f"{directory}/{name}") and not os.path.lexists(
+                    f"{directory}/{name}{SIDECAR}"):
                 return state
         return None
 

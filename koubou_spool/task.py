@@ -87,6 +87,7 @@ class Task:
     not_before: float | None = None
     expires_at: float | None = None
     submitted_at: float | None = None
+    fresh_id: bool = False  # the id was generated here: no other task can hold it
 
 
 def _kind(value: Any) -> str:
@@ -245,7 +246,8 @@ def validate(obj: Any, default_id: str | None = None) -> Task:
         raise _fail("content", "a non-empty string", content)
     _string(fields, "created_by")
     _object(fields, "metadata")
-    task_id = _string(fields, "id", pattern=ID_RE) or default_id or new_id()
+    given_id = _string(fields, "id", pattern=ID_RE) or default_id
+    task_id = given_id or new_id()
     raw = dict(obj)
     raw["id"] = task_id
     return Task(
@@ -269,6 +271,7 @@ def validate(obj: Any, default_id: str | None = None) -> Task:
         not_before=_time(fields, "not_before"),
         expires_at=_time(fields, "expires_at"),
         submitted_at=_time(fields, "submitted_at"),
+        fresh_id=given_id is None,
     )
 
 

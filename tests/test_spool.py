@@ -40,6 +40,20 @@ def test_resubmitting_an_id_is_idempotent_in_every_state(spool: Spool) -> None:
     assert os.listdir(spool.pending) == []
 
 
+def test_a_resubmitted_id_claimed_while_the_batch_is_queued_is_not_queued_again(
+        spool: Spool) -> None:
+    spool.submit([task_format.validate({"id": "nightly", "content": "a"})])
+
+    def batch():  # a large batch: a worker claims "nightly" before its line is reached
+        yield task_format.validate({"id": "other", "content": "b"})
+        assert spool.claim("nightly.json", "w-1-aaaa") is not None
+        yield task_format.validate({"id": "nightly", "content": "a"})
+
+    queued = [(task.id, state, new) for task, state, new in spool.submit(batch())]
+    assert queued == [("other", "pending", True), ("nightly", "in_progress", False)]
+    assert os.listdir(spool.pending) == ["other.json"]
+
+
 def test_a_task_is_claimed_by_exactly_one_worker(spool: Spool) -> None:
     submit(spool, id="t1")
     first = spool.claim("t1.json", "w-1-aaaa")
