@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -71,6 +72,7 @@ class Budget:
         self.settings = settings
         self._local = threading.local()
         self._exhausted_until = 0.0
+        self._refused = math.inf  # the smallest reservation refused since the mark was set
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -96,6 +98,7 @@ class Budget:
             monthly_limit=self.settings.monthly_usd if budgeted else None,
             max_rpm=craftsman.max_rpm, max_tpm=craftsman.max_tpm, tokens=tokens, now=now)
         if result[0] == "budget":
+            self._refused = min(self._refused, amount)
             self._exhausted_until = self._period_end(now)
         return result
 
@@ -122,8 +125,28 @@ class Budget:
             log.warning("could not settle reservations of %s: %s", task_id, exc)
 
     def exhausted(self) -> bool:
-        """Whether the budget was found spent, until the period that ran out ends."""
+        """Whether the budget was found spent: until the period that ran out ends, or until
+        `recheck` finds room again."""
         return time.time() < self._exhausted_until
+
+    def recheck(self) -> bool:
+        """Lift the exhausted mark when calls settled below their reservations have left room
+        for the smallest reservation refused; True when it was lifted."""
+        if not self.exhausted():
+            return False
+        day, month = self.settings.periods(time.time())
+        try:
+            day_spent, month_spent = ledger.spent(self._conn(), day, month)
+        except sqlite3.Error as exc:
+            log.debug("budget recheck skipped: %s", exc)
+            return False
+        rooms = [limit - spent for spent, limit in ((day_spent, self.settings.daily_usd),
+                                                    (month_spent, self.settings.monthly_usd))
+                 if limit is not None]
+        if rooms and min(rooms) < self._refused:
+            return False
+        self._exhausted_until, self._refused = 0.0, math.inf
+        return True
 
     def _period_end(self, now: float) -> float:
         day, month = self.settings.periods(now)

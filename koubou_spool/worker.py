@@ -184,7 +184,24 @@ class Worker:
         state = "stopping" if self.stopping else "running"
         self.ledger.heartbeat(self.id, state, len(self.in_flight), self.done, self.failed, now)
         self._recover()
-        asyncio.get_running_loop().call_later(self.settings.heartbeat_s, self._heartbeat)
+        loop = asyncio.get_running_loop()
+        if self.budget.exhausted():
+            loop.run_in_executor(None, self.budget.recheck).add_done_callback(
+                self._budget_rechecked)
+        loop.call_later(self.settings.heartbeat_s, self._heartbeat)
+
+    def _budget_rechecked(self, recheck: asyncio.Future) -> None:
+        """Room in the budget again: tasks held for it (and queued locally) are judged again."""
+        if recheck.cancelled():
+            return
+        if recheck.exception() is not None:
+            log.error("budget recheck failed: %s", recheck.exception())
+            return
+        if not recheck.result():
+            return
+        log.info("the budget has room again; cloud tasks go to the cloud")
+        for name in list(self.scheduled):
+            self._reconsider(name)
 
     # --- watching pending/ -----------------------------------------------------------------------
 

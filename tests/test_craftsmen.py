@@ -6,6 +6,8 @@ import json
 import os
 import sqlite3
 import sys
+import threading
+import time
 from pathlib import Path
 from collections.abc import Iterator
 
@@ -139,6 +141,33 @@ def test_spend_never_passes_the_budget_with_four_workers_racing(
     alerts = {row[0] for row in conn.execute("SELECT threshold FROM budget_alerts WHERE "
                                             "period LIKE '____-__-__'")}
     assert alerts == {p for p in (50, 80) if spent >= budget * p / 100} and 50 in alerts
+
+
+@pytest.mark.parametrize("when_exhausted", ["local", "defer"])
+def test_an_exhausted_budget_is_lifted_when_settled_costs_leave_room(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI, workers: Workers,
+        cloud_key: str, when_exhausted: str) -> None:
+    # A call's worst case is $0.0052 (32 prompt tokens estimated + 20 out); it really costs
+    # ~$0.001. With $0.008 a day, a second call cannot reserve while the first is in flight.
+    configure(home, fake_openai, cloud, budget={"daily_usd": 0.008,
+                                                 "when_exhausted": when_exhausted})
+    cloud.latency_s = 1.5
+    proc = workers.start(home)
+    first = submit(spool, content="design the architecture")
+    assert cloud.request_seen.wait(10)
+    second = submit(spool, content="design the architecture")  # refused: budget exhausted
+    if when_exhausted == "local":
+        assert wait_outcomes(spool, [second])[second]["result"]["craftsman"] == "local"
+    assert wait_outcomes(spool, [first])[first]["result"]["craftsman"] == "cloud"
+    deadline = time.monotonic() + 10  # the next heartbeat (1 s) finds room again
+    while "the budget has room again" not in log_of(proc):
+        assert time.monotonic() < deadline, "the exhausted mark was not lifted"
+        threading.Event().wait(0.1)
+    cloud.latency_s = 0
+    later = submit(spool, content="design the architecture") if when_exhausted == "local" \
+        else second  # the deferred task, judged again without waiting for tomorrow
+    assert wait_outcomes(spool, [later])[later]["result"]["craftsman"] == "cloud"
+    assert sum(p + c for p, c in cloud.usage) * PRICE / 1e6 <= 0.008
 
 
 def test_budget_exhausted_with_fail_fails_cloud_tasks_as_budget(
