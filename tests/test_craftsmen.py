@@ -284,6 +284,24 @@ def test_the_rate_window_is_shared_through_the_ledger(tmp_path: Path) -> None:
     assert ledger.reserve(conn, task_id="d", now=1062.0, **big)[0] == "rate"  # tpm
 
 
+@pytest.mark.parametrize("limit", [{"max_rpm": 1}, {"max_tpm": 80}])
+def test_a_worker_keeps_to_max_rpm_and_max_tpm(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI, workers: Workers,
+        cloud_key: str, limit: dict) -> None:
+    # Each call reserves 52 tokens (32 prompt estimated + 20 out) in the craftsman's minute.
+    configure(home, fake_openai, cloud)
+    config = yaml.safe_load((home / "config" / "koubou.yaml").read_text())
+    config["craftsmen"]["cloud"].update(limit, timeout_s=2)
+    (home / "config" / "koubou.yaml").write_text(yaml.safe_dump(config))
+    workers.start(home)
+    first = submit(spool, content="design the architecture")
+    assert wait_outcomes(spool, [first])[first]["status"] == "completed"
+    second = submit(spool, content="design the architecture")  # no room this minute
+    error = wait_outcomes(spool, [second])[second]["error"]
+    assert error["kind"] == "timeout" and "max_rpm/max_tpm" in error["message"]
+    assert len(cloud.completions()) == 1
+
+
 def test_a_cli_agent_under_a_budget_reserves_max_cost_and_settles_its_own_cost(
         home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI,
         workers: Workers) -> None:
