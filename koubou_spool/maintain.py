@@ -2,7 +2,8 @@
 
 Requeue the tasks of dead workers, fail pending tasks past their `expires_at`, purge outcomes
 older than a retention period (and their ledger rows), remove stale staging files and the lock
-files of workers dead for a day, vacuum the ledger. A non-blocking file lock lets one run work while concurrent ones exit at once.
+files of workers dead for a day, vacuum the ledger. A non-blocking file lock lets one run work
+while concurrent ones exit at once.
 """
 
 from __future__ import annotations

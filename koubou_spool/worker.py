@@ -191,7 +191,8 @@ class Worker:
         loop.call_later(self.settings.heartbeat_s, self._heartbeat)
 
     def _budget_rechecked(self, recheck: asyncio.Future) -> None:
-        """Room in the budget again: tasks held for it (and queued locally) are judged again."""
+        """Room in the budget again: deferred tasks are judged again now (tasks queued for a
+        local craftsman meanwhile are routed again at their claim)."""
         if recheck.cancelled():
             return
         if recheck.exception() is not None:
