@@ -151,7 +151,7 @@ def test_an_exhausted_budget_is_lifted_when_settled_costs_leave_room(
     # ~$0.001. With $0.008 a day, a second call cannot reserve while the first is in flight.
     configure(home, fake_openai, cloud, budget={"daily_usd": 0.008,
                                                  "when_exhausted": when_exhausted})
-    cloud.latency_s = 1.5
+    cloud.latency_s = 3  # the first call holds its reservation while the second is judged
     proc = workers.start(home)
     first = submit(spool, content="design the architecture")
     assert cloud.request_seen.wait(10)
