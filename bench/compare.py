@@ -275,7 +275,7 @@ def first_pickup(system: System, arrivals: Arrivals) -> float:
 
 def outcome_span(system: System, ids: list[str]) -> float:
     """Seconds from the first claim to the last finish, from koubou's outcome files."""
-    from koubou_spool import task as task_format
+    from koubou_spool.spool import task as task_format
     starts, ends = [], []
     for task_id in ids:
         result = json.loads((system.spool.completed / f"{task_id}.json").read_bytes())["result"]

@@ -28,10 +28,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from koubou_spool import home as home_module  # noqa: E402
-from koubou_spool import task as task_format  # noqa: E402
-from koubou_spool.spool import Spool  # noqa: E402
-from koubou_spool.watcher import wait_for_files  # noqa: E402
+from koubou_spool.spool import home as home_module  # noqa: E402
+from koubou_spool.spool import task as task_format  # noqa: E402
+from koubou_spool.spool.files import Spool  # noqa: E402
+from koubou_spool.spool.watcher import wait_for_files  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
-from koubou_spool import home as home_module
-from koubou_spool import task as task_format
-from koubou_spool.spool import Spool
-from koubou_spool.watcher import wait_for_files
+from koubou_spool.spool import home as home_module
+from koubou_spool.spool import task as task_format
+from koubou_spool.spool.files import Spool
+from koubou_spool.spool.watcher import wait_for_files
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai import FakeOpenAI  # noqa: E402

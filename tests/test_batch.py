@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import Workers
 from fake_openai import FakeOpenAI
-from koubou_spool import batch
+from koubou_spool.integrations import batch
 
 
 def test_failed_outcome_becomes_a_batch_error_line() -> None:

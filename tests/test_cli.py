@@ -14,7 +14,7 @@ from conftest import Workers, submit
 from fake_openai import FakeOpenAI
 from koubou_spool.cli.koubou import cli
 from koubou_spool.cli.submit import submit as submit_command
-from koubou_spool.spool import Spool
+from koubou_spool.spool.files import Spool
 
 
 def run(command, *args: str, input: str | None = None):

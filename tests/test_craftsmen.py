@@ -16,8 +16,8 @@ import yaml
 
 from conftest import Workers, log_of, submit, wait_outcomes
 from fake_openai import FakeOpenAI
-from koubou_spool import task as task_format
-from koubou_spool.spool import Spool
+from koubou_spool.spool import task as task_format
+from koubou_spool.spool.files import Spool
 
 AGENT = str(Path(__file__).parent / "fake_agent.py")
 PRICE = 100.0  # USD per million tokens, in and out: each token costs 0.0001
@@ -271,7 +271,7 @@ def test_max_concurrent_holds_across_worker_processes(
 
 
 def test_the_rate_window_is_shared_through_the_ledger(tmp_path: Path) -> None:
-    from koubou_spool import ledger
+    from koubou_spool.spool import ledger
     conn = ledger.open_ledger(tmp_path / "koubou.db")
     kwargs = {"attempt": 1, "craftsman": "cloud", "amount": 0.0, "day": "d", "month": "m",
               "daily_limit": None, "monthly_limit": None, "max_rpm": 2, "max_tpm": 1000,

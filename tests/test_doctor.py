@@ -16,7 +16,8 @@ from click.testing import CliRunner, Result
 
 from conftest import write_config
 from fake_openai import FakeOpenAI
-from koubou_spool import doctor, ledger
+from koubou_spool.ops import doctor
+from koubou_spool.spool import ledger
 from koubou_spool.cli.koubou import cli
 
 

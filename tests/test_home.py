@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pyfakefs.fake_filesystem_unittest import Patcher
 
-from koubou_spool import home as home_module
+from koubou_spool.spool import home as home_module
 
 
 @pytest.fixture

@@ -17,12 +17,12 @@ from filelock import FileLock
 
 from conftest import Workers, read_json, submit, wait_outcomes
 from fake_openai import FakeOpenAI
-from koubou_spool import ledger
-from koubou_spool import task as task_format
+from koubou_spool.spool import ledger
+from koubou_spool.spool import task as task_format
 from koubou_spool.cli.koubou import cli
 from koubou_spool.errors import UsageError
-from koubou_spool.maintain import parse_duration
-from koubou_spool.spool import Spool
+from koubou_spool.ops.maintain import parse_duration
+from koubou_spool.spool.files import Spool
 
 DAY = 86400
 

@@ -13,7 +13,7 @@ from mcp.client.stdio import stdio_client
 
 from conftest import Workers, wait_ready
 from fake_openai import FakeOpenAI
-from koubou_spool.spool import Spool
+from koubou_spool.spool.files import Spool
 
 TOOLS = {"delegate_task", "get_task_status", "get_task_result", "list_tasks", "cancel_task",
          "get_worker_status", "get_report"}
@@ -27,7 +27,7 @@ def answer(result: Any) -> Any:
 
 async def session_run(home: Path, steps: Any) -> Any:
     params = StdioServerParameters(command=sys.executable,
-                                   args=["-m", "koubou_spool.mcp_server", "--home", str(home)])
+                                   args=["-m", "koubou_spool.integrations.mcp", "--home", str(home)])
     with anyio.fail_after(90):  # the client reaps the server process when the block exits
         async with stdio_client(params) as (read, write):
             async with ClientSession(read, write) as session:

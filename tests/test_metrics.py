@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Workers, submit, wait_outcomes, wait_ready, write_config
-from koubou_spool import metrics
+from koubou_spool.observe import metrics
 from koubou_spool.cli.koubou import cli
-from koubou_spool.spool import Spool
+from koubou_spool.spool.files import Spool
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:

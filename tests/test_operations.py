@@ -18,10 +18,10 @@ from click.testing import CliRunner
 
 from conftest import Workers, log_of, read_json, submit, wait_outcomes, wait_ready, write_config
 from fake_openai import FakeOpenAI
-from koubou_spool import task as task_format
+from koubou_spool.spool import task as task_format
 from koubou_spool.cli.koubou import cli
-from koubou_spool.spool import Spool
-from koubou_spool.watcher import wait_for_files
+from koubou_spool.spool.files import Spool
+from koubou_spool.spool.watcher import wait_for_files
 
 
 def test_cancel_of_a_running_task_aborts_its_request(

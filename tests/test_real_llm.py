@@ -20,8 +20,8 @@ import openai
 import pytest
 import yaml
 
-from koubou_spool.spool import Spool
-from koubou_spool.watcher import wait_for_files
+from koubou_spool.spool.files import Spool
+from koubou_spool.spool.watcher import wait_for_files
 
 pytestmark = pytest.mark.real_llm
 

@@ -14,11 +14,12 @@ from click.testing import CliRunner
 from conftest import Workers, submit, wait_file, wait_outcomes, write_config
 from fake_openai import FakeOpenAI
 from koubou_spool import config as config_module
-from koubou_spool import ledger, rebuild
-from koubou_spool import task as task_format
-from koubou_spool.budget import BudgetSettings
+from koubou_spool.spool import ledger
+from koubou_spool.ops import rebuild
+from koubou_spool.spool import task as task_format
+from koubou_spool.craft.budget import BudgetSettings
 from koubou_spool.cli.koubou import cli
-from koubou_spool.spool import Spool
+from koubou_spool.spool.files import Spool
 
 PRICED = {"price": {"input_per_mtok": 1.5, "output_per_mtok": 6.0}}
 

@@ -16,11 +16,12 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import write_config
-from koubou_spool import home as home_module, observe, report
+from koubou_spool.spool import home as home_module
+from koubou_spool.observe import gather as observe, report
 from koubou_spool.cli.koubou import cli
-from koubou_spool.ledger import LedgerWriter
-from koubou_spool.spool import Spool
-from koubou_spool.task import iso
+from koubou_spool.spool.ledger import LedgerWriter
+from koubou_spool.spool.files import Spool
+from koubou_spool.spool.task import iso
 
 CHROMIUM = Path("/usr/bin/chromium")
 TOKYO_BUDGET = {"daily_usd": 10, "monthly_usd": 100, "timezone": "Asia/Tokyo"}

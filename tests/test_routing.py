@@ -12,14 +12,14 @@ import yaml
 from click.testing import CliRunner
 
 from koubou_spool import config as config_module
-from koubou_spool import router
-from koubou_spool import task as task_format
-from koubou_spool.attach import read_attachments
-from koubou_spool.backends import BackendError, PolicyGuard, Reply, Request
-from koubou_spool.budget import BudgetSettings, estimate_prompt_tokens, reached, worst_case
+from koubou_spool.craft import router
+from koubou_spool.spool import task as task_format
+from koubou_spool.craft.attach import read_attachments
+from koubou_spool.craft.backends import BackendError, PolicyGuard, Reply, Request
+from koubou_spool.craft.budget import BudgetSettings, estimate_prompt_tokens, reached, worst_case
 from koubou_spool.cli.koubou import cli
 from koubou_spool.errors import ConfigError, InvalidTask
-from koubou_spool.pricing import Price, price_of
+from koubou_spool.craft.pricing import Price, price_of
 
 CONFIG = {
     "craftsmen": {
@@ -132,7 +132,7 @@ def test_the_guard_refuses_confidential_requests_before_they_leave(config) -> No
 
 
 def test_local_craftsmen_are_not_wrapped_by_the_guard(config) -> None:
-    from koubou_spool.backends import make_backend
+    from koubou_spool.craft.backends import make_backend
     assert not isinstance(make_backend(config.craftsmen["local"]), PolicyGuard)
     assert isinstance(make_backend(config.craftsmen["gpt5_high"]), PolicyGuard)
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import read_json, submit
-from koubou_spool import task as task_format
+from koubou_spool.spool import task as task_format
 from koubou_spool.errors import SpoolError, TaskNotFound
-from koubou_spool.spool import Refused, Spool
+from koubou_spool.spool.files import Refused, Spool
 
 
 def test_open_refuses_a_directory_that_is_not_a_home(tmp_path: Path) -> None:

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from koubou_spool import task as task_format
+from koubou_spool.spool import task as task_format
 from koubou_spool.errors import InvalidTask
-from koubou_spool.task import UnreadableTask
+from koubou_spool.spool.task import UnreadableTask
 
 
 def test_only_content_is_required_and_defaults_are_filled() -> None:

@@ -17,8 +17,8 @@ import pytest
 from conftest import (Workers, log_of, read_json, submit, wait_file, wait_outcomes, wait_ready,
                       write_config)
 from fake_openai import FakeOpenAI
-from koubou_spool import task as task_format
-from koubou_spool.spool import Spool
+from koubou_spool.spool import task as task_format
+from koubou_spool.spool.files import Spool
 
 
 def test_a_task_reaches_the_craftsman_and_its_outcome_is_recorded(

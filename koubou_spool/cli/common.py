@@ -12,10 +12,10 @@ from collections.abc import Callable
 
 import click
 
-from .. import home as home_module
+from ..spool import home as home_module
 from ..config import Config, SpoolSettings
 from ..errors import ConfigError, KoubouError, EXIT_UNUSABLE
-from ..spool import Spool
+from ..spool.files import Spool
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import click
 
-from .. import __version__, control, ledger, router
-from .. import home as home_module
-from .. import status as status_module
-from .. import task as task_format
-from ..attach import read_attachments
-from ..budget import BudgetSettings
-from ..limits import Budget
-from ..task import DIFFICULTIES, SENSITIVITIES
+from .. import __version__
+from ..service import control
+from ..spool import ledger
+from ..craft import router
+from ..spool import home as home_module
+from ..observe import status as status_module
+from ..spool import task as task_format
+from ..craft.attach import read_attachments
+from ..craft.budget import BudgetSettings
+from ..craft.limits import Budget
+from ..spool.task import DIFFICULTIES, SENSITIVITIES
 from ..errors import EXIT_OK, EXIT_TASK_FAILED, WaitTimeout
-from ..home import STATE_DIRS
-from ..worker import run_worker
+from ..spool.home import STATE_DIRS
+from ..work.worker import run_worker
 from .common import KoubouGroup, emit_json, home_options, session, setup_logging
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")

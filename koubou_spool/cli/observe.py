@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from .. import observe, report_render, top as top_module
+from ..observe import gather as observe, render as report_render, top as top_module
 from ..errors import SpoolError, UsageError
-from ..report_render import seconds
+from ..observe.render import seconds
 from .common import KoubouCommand, emit_json, home_options, session
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from .. import doctor as doctor_module
-from .. import maintain as maintain_module
-from .. import rebuild as rebuild_module
+from ..ops import doctor as doctor_module
+from ..ops import maintain as maintain_module
+from ..ops import rebuild as rebuild_module
 from ..errors import KoubouError
 from .common import KoubouCommand, KoubouGroup, emit_json, home_options, session, setup_logging
 

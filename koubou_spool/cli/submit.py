@@ -11,15 +11,15 @@ from typing import Any
 import click
 
 from .. import __version__
-from .. import batch as batch_format
-from .. import status as status_module
-from .. import task as task_format
+from ..integrations import batch as batch_format
+from ..observe import status as status_module
+from ..spool import task as task_format
 from ..config import Config
 from ..errors import EXIT_OK, EXIT_TASK_FAILED, InvalidTask, UsageError, WaitTimeout
-from ..observe import write_atomic
-from ..progress import wait_with_progress
-from ..spool import Spool
-from ..task import DIFFICULTIES, SENSITIVITIES, Task
+from ..observe.gather import write_atomic
+from ..observe.progress import wait_with_progress
+from ..spool.files import Spool
+from ..spool.task import DIFFICULTIES, SENSITIVITIES, Task
 from .common import KoubouCommand, home_options, session
 
 

@@ -1,0 +1,101 @@
+"""Backends: how a request reaches one kind of craftsman. Each returns a Reply or raises BackendError."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ...config import Craftsman
+from ...errors import KoubouError
+
+
+@dataclass
+class Request:
+    """What is sent to a craftsman for one attempt."""
+
+    messages: list[dict[str, Any]]
+    model: str
+    max_tokens: int
+    timeout_s: float
+    temperature: float | None = None
+    reasoning_effort: str | None = None
+    confidential: bool = False  # declared or detected: only a local craftsman may receive it
+    workdir: str | None = None  # command backends run here
+
+
+@dataclass
+class Reply:
+    """What a craftsman answered."""
+
+    content: str
+    model: str
+    usage: dict[str, int] = field(default_factory=dict)
+    cost_usd: float | None = None  # set by backends that know their own cost (CLI agents)
+
+
+class BackendError(KoubouError):
+    """An attempt failed; `retryable` says whether another attempt may succeed."""
+
+    def __init__(self, message: str, *, kind: str = "backend", retryable: bool = False) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.retryable = retryable
+
+
+class Backend(Protocol):
+    """One craftsman's transport."""
+
+    async def complete(self, request: Request) -> Reply:
+        """Run one attempt."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """A usage record in the OpenAI shape."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class PolicyGuard:
+    """Wraps every craftsman that is not local: the last check before a request leaves.
+
+    Routing already keeps confidential tasks local; this refuses again right before the call,
+    so no fallback, retry or requeue can leak them (fail closed).
+    """
+
+    def __init__(self, inner: Backend, craftsman: Craftsman, patterns: tuple) -> None:
+        self.inner = inner
+        self.craftsman = craftsman
+        self.patterns = patterns
+
+    async def complete(self, request: Request) -> Reply:
+        """Refuse confidential content, else pass the request on."""
+        from ..router import messages_sensitive
+        if request.confidential:
+            raise BackendError(f"confidential task refused: {self.craftsman.name} is not local",
+                               kind="policy")
+        label = messages_sensitive(request.messages, self.patterns)
+        if label is not None:
+            raise BackendError(f"content matches sensitive pattern {label}; refused to send it "
+                               f"to {self.craftsman.name}, which is not local", kind="policy")
+        return await self.inner.complete(request)
+
+    async def close(self) -> None:
+        """Close the wrapped backend."""
+        await self.inner.close()
+
+
+def make_backend(craftsman: Craftsman, patterns: tuple = ()) -> Backend:
+    """The backend for a craftsman; ConfigError when it cannot be set up (e.g. a missing key)."""
+    if craftsman.backend == "echo":
+        from .echo import EchoBackend
+        backend: Backend = EchoBackend(craftsman)
+    elif craftsman.backend == "openai":
+        from .openai_chat import OpenAIChatBackend
+        backend = OpenAIChatBackend(craftsman)
+    else:
+        from .command import CommandBackend
+        backend = CommandBackend(craftsman)
+    return backend if craftsman.local else PolicyGuard(backend, craftsman, patterns)

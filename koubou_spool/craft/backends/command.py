@@ -1,0 +1,175 @@
+"""CLI agents as craftsmen (`claude -p`, `codex exec`): an argv list, never a shell.
+
+The prompt goes on stdin, or into the argv where `{prompt}` stands. Each task runs in its own
+working directory, in its own process group, so a timeout kills the agent and everything it
+started. Output is capped; a non-zero exit fails the attempt with the tail of stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from ...config import Craftsman
+from . import BackendError, Reply, Request, usage
+
+STDERR_TAIL = 2000
+
+
+def prompt_text(messages: list[dict[str, Any]]) -> str:
+    """The chat messages as one prompt for a command-line agent."""
+    parts = []
+    for message in messages:
+        content = message.get("content", "")
+        text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+        parts.append(f"[system]\n{text}" if message.get("role") == "system" else text)
+    return "\n\n".join(parts)
+
+
+class CommandBackend:
+    """Runs the craftsman's argv once per attempt."""
+
+    def __init__(self, craftsman: Craftsman) -> None:
+        self.craftsman = craftsman
+
+    def _argv(self, prompt: str, model: str) -> tuple[list[str], bytes | None]:
+        placeholder = any("{prompt}" in arg for arg in self.craftsman.argv)
+        argv = [arg.replace("{prompt}", prompt).replace("{model}", model)
+                for arg in self.craftsman.argv]
+        return argv, None if placeholder else prompt.encode()
+
+    async def complete(self, request: Request) -> Reply:
+        """Run the agent and read its answer in the configured output format."""
+        argv, stdin = self._argv(prompt_text(request.messages), request.model)
+        workdir = Path(request.workdir) if request.workdir else None
+        if workdir is not None:
+            workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, cwd=workdir, start_new_session=True)
+        except OSError as exc:
+            raise BackendError(f"cannot run {argv[0]}: {exc.strerror}") from None
+        try:
+            out, err = await asyncio.wait_for(self._communicate(proc, stdin), request.timeout_s)
+        except TimeoutError:
+            await _kill_group(proc)
+            raise BackendError(f"{argv[0]} did not finish within {request.timeout_s:g} s; "
+                               "its process group was killed", kind="timeout",
+                               retryable=True) from None
+        except BaseException:
+            await _kill_group(proc)
+            raise
+        if proc.returncode != 0:
+            tail = err[-STDERR_TAIL:].decode("utf-8", "replace").strip()
+            raise BackendError(f"{argv[0]} exited with status {proc.returncode}: {tail}")
+        return parse_output(self.craftsman.output, out.decode("utf-8", "replace"), request.model)
+
+    async def _communicate(self, proc: asyncio.subprocess.Process,
+                           stdin: bytes | None) -> tuple[bytes, bytes]:
+        if stdin is not None:
+            proc.stdin.write(stdin)
+        proc.stdin.close()
+        limit = self.craftsman.max_output_bytes
+        out_task = asyncio.ensure_future(_read_capped(proc.stdout, limit))
+        err_task = asyncio.ensure_future(_read_capped(proc.stderr, limit))
+        out, err = await asyncio.gather(out_task, err_task)
+        if len(out) > limit:
+            await _kill_group(proc)
+            raise BackendError(f"{self.craftsman.argv[0]} wrote more than max_output_bytes "
+                               f"({limit}); it was stopped")
+        await proc.wait()
+        return out, err
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+async def _read_capped(stream: asyncio.StreamReader, limit: int) -> bytes:
+    chunks, size = [], 0
+    while size <= limit:
+        chunk = await stream.read(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+async def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM the agent's whole process group, SIGKILL what is left after 2 s."""
+    for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            await asyncio.wait_for(proc.wait(), grace)
+            os.killpg(proc.pid, signal.SIGKILL)  # children may outlive their leader
+            return
+        except ProcessLookupError:
+            return
+        except TimeoutError:
+            continue
+
+
+def parse_output(kind: str, text: str, model: str) -> Reply:
+    """The agent's answer, tokens and cost from its stdout."""
+    if kind == "claude-json":
+        return _claude(text, model)
+    if kind == "codex-jsonl":
+        return _codex(text, model)
+    return Reply(content=text, model=model, usage=usage(0, 0))
+
+
+def _claude(text: str, model: str) -> Reply:
+    """`claude -p --output-format json`: one object with result, is_error, usage, cost."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise BackendError(f"claude output is not JSON: {text[:200]!r}") from None
+    if not isinstance(data, dict):
+        raise BackendError("claude output is not a JSON object")
+    if data.get("is_error"):
+        raise BackendError(f"claude reported an error: {str(data.get('result'))[:500]}")
+    used = data.get("usage") or {}
+    prompt = sum(int(used.get(k) or 0) for k in (
+        "input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
+    reply = Reply(content=str(data.get("result", "")), model=model,
+                  usage=usage(prompt, int(used.get("output_tokens") or 0)))
+    if data.get("total_cost_usd") is not None:
+        reply.cost_usd = float(data["total_cost_usd"])
+    return reply
+
+
+def _codex(text: str, model: str) -> Reply:
+    """`codex exec --json`: JSONL events; the last agent message is the answer."""
+    message, prompt, cached, output = None, 0, 0, 0
+    for line in text.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        kind = event.get("type") if isinstance(event, dict) else None
+        if kind == "item.completed":
+            item = event.get("item") or {}
+            if (item.get("type") or item.get("item_type")) in ("agent_message",
+                                                                "assistant_message"):
+                message = item.get("text", "")
+        elif kind == "turn.completed":
+            used = event.get("usage") or {}
+            prompt += int(used.get("input_tokens") or 0)
+            cached += int(used.get("cached_input_tokens") or 0)
+            output += int(used.get("output_tokens") or 0)
+        elif kind in ("turn.failed", "error"):
+            error = event.get("error") or event
+            raise BackendError(f"codex reported an error: {str(error.get('message'))[:500]}")
+    if message is None:
+        raise BackendError("codex output had no agent message")
+    counted = usage(prompt, output)
+    counted["cached_tokens"] = cached
+    return Reply(content=message, model=model, usage=counted)

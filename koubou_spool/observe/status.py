@@ -1,0 +1,109 @@
+"""What is in the spool: queue depths, one task's state, listings, live workers. Read-only."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..spool import ledger
+from ..spool import task as task_format
+from ..spool.home import STATE_DIRS
+from ..errors import WaitTimeout
+from ..spool.files import CLAIM_RE, SIDECAR, Refused, Spool
+from ..spool.watcher import wait_for_files
+
+
+def queue_counts(spool: Spool) -> dict[str, int]:
+    """Number of tasks in each state directory."""
+    return {state: len(spool.names(state)) for state in STATE_DIRS}
+
+
+def live_workers(spool: Spool, ledger_path: Path, lease_s: float) -> list[dict[str, Any]]:
+    """Workers with a lock file in run/workers/, with their ledger figures when available."""
+    rows = {row["id"]: row for row in ledger.read(ledger_path, ledger.workers, default=[])}
+    found = []
+    for entry in sorted(os.listdir(spool.workers)):
+        worker_id = entry[:-5] if entry.endswith(".lock") else None
+        if not worker_id:
+            continue
+        info = dict(rows.get(worker_id, {"id": worker_id}))
+        info["liveness"] = spool.worker_state(worker_id, lease_s)
+        found.append(info)
+    return found
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def task_status(spool: Spool, ledger_path: Path, key: str) -> dict[str, Any]:
+    """One task's state, attempts, and result or error; key is an id or a file name."""
+    found = spool.find(key)
+    status: dict[str, Any] = {"state": found.state, "file": str(found.path)}
+    if found.rejected:
+        sidecar = _read_json(Path(str(found.path) + SIDECAR)) or {}
+        status.update(id=None, rejected=True, error=sidecar.get("error"))
+        return status
+    record = None
+    if found.state in ("completed", "failed"):
+        record = _read_json(found.path)
+    else:
+        try:
+            record = task_format.decode(spool.read_entry(found.path.parent, found.path.name)[0])
+        except (Refused, ValueError):
+            record = None
+    record = record if isinstance(record, dict) else {}
+    task_id = record.get("id") or record.get("custom_id") or task_format.id_from_name(key)
+    status["id"] = task_id
+    if found.state == "in_progress":
+        status["worker_id"] = CLAIM_RE.fullmatch(found.path.name)["worker"]
+    for name in ("type", "priority", "craftsman", "result", "error"):
+        if name in record:
+            status[name] = record[name]
+    attempts = ledger.read(ledger_path, ledger.attempts, task_id) if task_id else None
+    status["attempts"] = attempts if attempts is not None else []
+    return status
+
+
+def list_tasks(spool: Spool, states: list[str], limit: int) -> list[dict[str, Any]]:
+    """Tasks in the given states, newest first (by file time), at most `limit`."""
+    entries = []
+    for state in states:
+        directory = spool.state_dir(state)
+        for name in spool.names(state):
+            try:
+                mtime = os.lstat(directory / name).st_mtime
+            except FileNotFoundError:
+                continue
+            entries.append((mtime, state, name))
+    entries.sort(reverse=True)
+    listed = []
+    for mtime, state, name in entries[:limit]:
+        item = {"id": task_format.id_from_name(name), "state": state, "file": name,
+                "time": task_format.iso(mtime)}
+        if state == "in_progress":
+            match = CLAIM_RE.fullmatch(name)
+            if match:
+                item.update(id=task_format.id_from_name(match["name"]), worker_id=match["worker"])
+        if state == "failed" and os.path.lexists(spool.failed / (name + SIDECAR)):
+            item["rejected"] = True
+        listed.append(item)
+    return listed
+
+
+def wait_for_outcomes(spool: Spool, task_ids: list[str], timeout: float | None) -> dict[str, dict]:
+    """Outcome records of the tasks, waiting on inotify; WaitTimeout naming those still open."""
+    for task_id in task_ids:
+        if spool.outcome(task_id) is None:
+            spool.find(task_id)  # an unknown id is an error now, not a wait forever
+    names = {f"{task_id}.json" for task_id in task_ids}
+    found = wait_for_files([spool.completed, spool.failed], names, timeout)
+    missing = [t for t in task_ids if f"{t}.json" not in found]
+    if missing:
+        raise WaitTimeout(f"timed out after {timeout:g} s; still queued: {', '.join(missing)}")
+    return {task_id: spool.outcome(task_id) for task_id in task_ids}

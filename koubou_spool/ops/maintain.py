@@ -1,0 +1,268 @@
+"""`koubou maintain`: the periodic chores of a home, safe to run from cron and a timer at once.
+
+Requeue the tasks of dead workers, fail pending tasks past their `expires_at`, purge outcomes
+older than a retention period (and their ledger rows), remove stale staging files and the lock
+files of workers dead for a day, vacuum the ledger. A non-blocking file lock lets one run work
+while concurrent ones exit at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from ..spool import ledger
+from ..spool import task as task_format
+from ..craft.budget import BudgetSettings
+from ..config import Config
+from ..errors import InvalidTask, UsageError
+from ..spool.ledger import LedgerWriter
+from ..craft.limits import Budget
+from ..spool.recovery import recover_orphans
+from ..spool.files import SIDECAR, Refused, Spool, new_worker_id
+
+log = logging.getLogger(__name__)
+
+DURATION_RE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[smhdw])")
+UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# Maildir's rule: a file left in tmp/ for a day belongs to a writer that died before its rename.
+STALE_TMP_S = 86400
+
+
+@dataclass
+class Summary:
+    """What one `koubou maintain` run did (skipped: another run held the lock)."""
+
+    skipped: bool = False
+    requeued: int = 0
+    lost: int = 0
+    expired: int = 0
+    purged: int = 0
+    purged_ledger_rows: int = 0
+    tmp_removed: int = 0
+    workers_removed: int = 0
+    vacuumed: bool = False
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The summary as plain data, for --json."""
+        return asdict(self)
+
+    def line(self) -> str:
+        """The one-line summary printed for cron mail and the journal."""
+        if self.skipped:
+            return "maintain: another maintain is running; nothing done"
+        return (f"maintain: requeued {self.requeued}, lost {self.lost}, expired {self.expired}, "
+                f"purged {self.purged} outcome files ({self.purged_ledger_rows} ledger rows), "
+                f"removed {self.tmp_removed} stale tmp files and {self.workers_removed} "
+                "dead workers' lock files"
+                + (", vacuumed the ledger" if self.vacuumed else ""))
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as 30m, 12h, 7d or 2w; UsageError for anything else."""
+    match = DURATION_RE.fullmatch(text.strip())
+    if not match:
+        raise UsageError(f"--purge-after {text!r}: expected a number and a unit (s, m, h, d, w), "
+                         "such as 30m, 12h or 7d")
+    return float(match["number"]) * UNIT_S[match["unit"]]
+
+
+def run(spool: Spool, config: Config, ledger_path: Path, *, purge_after: float | None = None,
+        purge_ledger: bool = False, vacuum: bool = False, now: float | None = None) -> Summary:
+    """Do every chore once, unless another run holds run/maintain.lock (then skip, not wait)."""
+    lock = FileLock(str(spool.home / "run" / "maintain.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("another maintain is running; this one exits")
+        return Summary(skipped=True)
+    try:
+        return _chores(spool, config, ledger_path, purge_after, purge_ledger, vacuum,
+                       now if now is not None else time.time())
+    finally:
+        lock.release()
+
+
+def _chores(spool: Spool, config: Config, ledger_path: Path, purge_after: float | None,
+            purge_ledger: bool, vacuum: bool, now: float) -> Summary:
+    summary = Summary()
+    with _owner(spool, ledger_path) as (owner_id, writer):
+        _recover(spool, config, ledger_path, owner_id, writer, summary)
+        summary.expired = fail_expired(spool, owner_id, writer, now)
+    if purge_after is not None:
+        task_ids, reject_files = purge_outcomes(spool, now - purge_after)
+        summary.purged = len(task_ids) + len(reject_files)
+        if purge_ledger and ledger_path.exists():
+            summary.purged_ledger_rows = _with_ledger(ledger_path, ledger.purge, task_ids,
+                                                      reject_files, summary=summary) or 0
+    summary.tmp_removed = clean_tmp(spool, now - STALE_TMP_S)
+    summary.workers_removed = spool.remove_dead_workers(now - STALE_TMP_S)
+    if vacuum and ledger_path.exists():
+        summary.vacuumed = _with_ledger(ledger_path, ledger.vacuum, summary=summary) is not False
+    return summary
+
+
+@contextmanager
+def _owner(spool: Spool, ledger_path: Path) -> Iterator[tuple[str, LedgerWriter]]:
+    """A short-lived worker identity: claims taken over or made by maintain carry its id."""
+    owner_id = f"maintain-{new_worker_id()}"
+    fd = spool.register_worker(owner_id, {"pid": os.getpid(), "role": "maintain"})
+    writer = LedgerWriter(ledger_path)
+    try:
+        yield owner_id, writer
+    finally:
+        writer.close()
+        spool.unregister_worker(owner_id, fd)
+
+
+def _recover(spool: Spool, config: Config, ledger_path: Path, owner_id: str,
+             writer: LedgerWriter, summary: Summary) -> None:
+    settings = BudgetSettings.parse(config.budget)
+    budget = Budget(ledger_path, settings) if settings.enabled else None
+    for recovered in recover_orphans(spool, config.spool, owner_id, writer, budget):
+        if recovered.action == "requeued":
+            summary.requeued += 1
+        elif recovered.action == "lost":
+            summary.lost += 1
+
+
+def _with_ledger(path: Path, operation: Any, *args: Any, summary: Summary) -> Any:
+    """Run one ledger operation; a locked or broken ledger is noted, never fatal (§4.5)."""
+    try:
+        return ledger.run(path, operation, *args)
+    except sqlite3.Error as exc:
+        log.warning("ledger %s: %s; run `koubou maintain` again later", path, exc)
+        summary.errors.append(f"ledger: {exc}")
+        return False
+
+
+# --- expired tasks ---------------------------------------------------------------------------
+
+def fail_expired(spool: Spool, owner_id: str, writer: LedgerWriter, now: float) -> int:
+    """Claim each pending task whose expires_at has passed and publish it failed as `expired`."""
+    failed = 0
+    for name in spool.names("pending"):
+        task = _pending_task(spool, name)
+        if task is None or task.expires_at is None or task.expires_at > now:
+            continue
+        failed += _expire(spool, name, owner_id, writer, now)
+    return failed
+
+
+def _pending_task(spool: Spool, name: str) -> task_format.Task | None:
+    """The task in pending/<name>, or None when it is not a readable task (workers judge it)."""
+    try:
+        data, _ = spool.read_entry(spool.pending, name)
+        return task_format.parse(data, task_format.id_from_name(name))
+    except (Refused, InvalidTask):
+        return None
+
+
+def _expire(spool: Spool, name: str, owner_id: str, writer: LedgerWriter, now: float) -> int:
+    claim = spool.claim(name, owner_id)
+    if claim is None:
+        return 0  # a worker took it first; it will see expires_at itself
+    try:
+        task = task_format.parse(spool.read_claim(claim)[0], task_format.id_from_name(name))
+    except (Refused, InvalidTask):
+        spool.requeue(claim.file_name, None)  # changed under us: the workers judge it
+        return 0
+    record = task_format.failed_record(
+        task.raw, "expired", f"not started before expires_at {task.raw.get('expires_at')}",
+        task.attempts, now)
+    writer.task_finished(record)
+    if not spool.publish(claim, task.id, record):
+        return 0
+    log.warning("failed %s (expired): not started before %s", task.id, task.raw.get("expires_at"))
+    return 1
+
+
+# --- retention -------------------------------------------------------------------------------
+
+def purge_outcomes(spool: Spool, cutoff: float) -> tuple[list[str], list[str]]:
+    """Delete outcome files (and rejected input with its sidecar) last changed before cutoff.
+
+    Returns the ids of purged tasks and the names of purged rejected files, for the ledger.
+    """
+    task_ids: list[str] = []
+    reject_files: list[str] = []
+    for directory in (spool.completed, spool.failed):
+        for entry in os.listdir(directory):
+            if entry.startswith(".") or entry.endswith(SIDECAR):
+                continue
+            rejected = _purge_entry(directory, entry, cutoff)
+            if rejected is None:
+                continue
+            if rejected:
+                reject_files.append(entry)
+            else:
+                task_ids.append(task_format.id_from_name(entry) or entry)
+    _purge_orphan_sidecars(spool.failed, cutoff)
+    return task_ids, reject_files
+
+
+def _purge_entry(directory: Path, entry: str, cutoff: float) -> bool | None:
+    """Delete one outcome if old enough; True: it was rejected input, False: a task, None: kept.
+
+    Rejected input keeps the mtime the user gave it (rename does not change it), so its age is
+    the age of its sidecar, written when it was rejected.
+    """
+    sidecar = directory / (entry + SIDECAR)
+    rejected = os.path.lexists(sidecar)
+    aged = sidecar if rejected else directory / entry
+    try:
+        if os.lstat(aged).st_mtime >= cutoff:
+            return None
+        _remove(directory / entry)
+        if rejected:
+            os.unlink(sidecar)
+    except FileNotFoundError:
+        return None  # another process purged or moved it (`koubou retry`)
+    return rejected
+
+
+def _purge_orphan_sidecars(directory: Path, cutoff: float) -> None:
+    """Sidecars whose rejected file is gone (deleted by hand) go once they are old."""
+    for entry in os.listdir(directory):
+        if entry.endswith(SIDECAR) and not os.path.lexists(directory / entry[:-len(SIDECAR)]):
+            try:
+                if os.lstat(directory / entry).st_mtime < cutoff:
+                    os.unlink(directory / entry)
+            except FileNotFoundError:
+                pass
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, link, FIFO or (rejected) directory; never follows a link."""
+    if stat.S_ISDIR(os.lstat(path).st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def clean_tmp(spool: Spool, cutoff: float) -> int:
+    """Remove staging files in tmp/ not changed since cutoff: their writers died mid-write."""
+    removed = 0
+    for entry in os.listdir(spool.tmp):
+        path = spool.tmp / entry
+        try:
+            info = os.lstat(path)
+            if info.st_mtime < cutoff and not stat.S_ISDIR(info.st_mode):
+                os.unlink(path)
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed

@@ -1,0 +1,107 @@
+"""`koubou cancel` and `koubou retry`: a person's hand on the spool, by the same renames.
+
+The controller acts like a short-lived worker: it holds a worker lock (so recovery does not
+take its claims for a dead worker's) and claims the task by rename. Cancelling a running task
+renames the running worker's claim to the controller's: the worker sees its claim leave
+in_progress/ (inotify), aborts the request, and its result, if any, is fenced off.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..spool import task as task_format
+from ..errors import InvalidTask, KoubouError, UsageError
+from ..spool.ledger import LedgerWriter
+from ..spool.files import CLAIM_RE, SIDECAR, Claim, Spool
+
+
+class NotCancelled(KoubouError):
+    """The task is finished or moved on; nothing was changed."""
+
+    exit_code = 1
+
+
+@contextmanager
+def _controller(spool: Spool, what: str) -> Iterator[str]:
+    owner = f"{what}-{os.getpid()}-{os.urandom(2).hex()}"
+    lock = spool.register_worker(owner, {"id": owner, "pid": os.getpid(), "role": what})
+    try:
+        yield owner
+    finally:
+        spool.unregister_worker(owner, lock)
+
+
+def _take(spool: Spool, owner: str, task_id: str) -> tuple[Claim, str]:
+    """Claim a pending task, or take over a running one; (claim, the state it was in)."""
+    found = spool.find(task_id)
+    if found.state == "pending":
+        claim = spool.claim(found.path.name, owner)
+        if claim is not None:
+            return claim, "pending"
+        found = spool.find(task_id)
+    if found.state == "in_progress":
+        match = CLAIM_RE.fullmatch(found.path.name)
+        if match and not match["fin"]:
+            claim = Claim(match["name"], owner, time.time())
+            try:
+                os.rename(found.path, spool.in_progress / claim.file_name)
+                return claim, "in_progress"
+            except FileNotFoundError:
+                pass
+        found = spool.find(task_id)
+    raise NotCancelled(f"task {task_id} is {found.state}; nothing to cancel")
+
+
+def cancel(spool: Spool, ledger_path: Path, task_id: str) -> dict[str, Any]:
+    """Fail a pending or running task as `cancelled`; returns its failed outcome."""
+    with _controller(spool, "cancel") as owner:
+        claim, was = _take(spool, owner, task_id)
+        try:
+            task = task_format.parse(spool.read_claim(claim)[0],
+                                     task_format.id_from_name(claim.name))
+        except InvalidTask as exc:
+            spool.reject(spool.in_progress, claim.file_name, str(exc))
+            raise NotCancelled(f"{task_id} was not a valid task; moved to failed/: {exc}") \
+                from None
+        attempts = task.attempts + (1 if was == "in_progress" else 0)
+        record = task_format.failed_record(task.raw, "cancelled", f"cancelled while {was}",
+                                           attempts, time.time())
+        spool.publish(claim, task.id, record)
+    _record(ledger_path, record)
+    return record
+
+
+def retry(spool: Spool, task_id: str) -> str:
+    """Queue a failed task again with its attempts reset; returns the name it has in pending/."""
+    found = spool.find(task_id)
+    if found.state != "failed":
+        raise UsageError(f"task {task_id} is {found.state}; only failed tasks can be retried")
+    if found.rejected:  # input that was not a task: back as it was, for a fixed config or file
+        name = Path(found.path).name
+        os.rename(found.path, spool.pending / name)
+        Path(str(found.path) + SIDECAR).unlink(missing_ok=True)
+        return name
+    with _controller(spool, "retry") as owner:
+        # Through a claim, so a crash half-way leaves a claim that recovery requeues.
+        claim = Claim(found.path.name, owner, time.time())
+        os.rename(found.path, spool.in_progress / claim.file_name)
+        record = task_format.decode(spool.read_claim(claim)[0])
+        for key in ("status", "error", "result", "attempts"):
+            record.pop(key, None)
+        spool.write_atomic(spool.in_progress, claim.file_name, task_format.encode(record))
+        spool.requeue(claim.file_name, None)
+    return claim.name
+
+
+def _record(ledger_path: Path, record: dict[str, Any]) -> None:
+    if not ledger_path.parent.is_dir():
+        return
+    writer = LedgerWriter(ledger_path)
+    writer.task_finished(record)
+    writer.close(timeout=2.0)  # the outcome file is the truth; a locked ledger catches up later

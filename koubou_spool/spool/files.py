@@ -1,0 +1,482 @@
+"""The spool: task files moved by rename(2) between state directories (PRODUCT.md §2, §4.1-4.4).
+
+Every state change is one rename, so a task is always wholly in one directory. A claim renames
+pending/NAME to in_progress/NAME@WORKER; publishing an outcome first renames that claim to
+NAME@WORKER.fin. Whoever renames a claim first owns what happens next: a worker whose claim was
+moved away (requeued, cancelled) finds it gone and discards its result. That rename is the fence.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import itertools
+import json
+import logging
+import os
+import re
+import socket
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from collections.abc import Iterable, Iterator
+
+from . import task as task_format
+from ..errors import SpoolError, TaskNotFound
+from .task import Task
+
+log = logging.getLogger(__name__)
+
+# NAME@WORKER+SEQ: the owner in the name, and a sequence that makes each claim's name unique,
+# so an inotify event about an earlier claim of the same task is never taken for this one.
+CLAIM_RE = re.compile(r"(?P<name>.+)@(?P<worker>[A-Za-z0-9-]+)(?:\+(?P<seq>[0-9]+))?"
+                      r"(?P<fin>\.fin)?")
+_claim_seq = itertools.count(1)
+SIDECAR = ".error.json"
+
+
+class Refused(Exception):
+    """A pending entry that must not be read: not a regular file, too large, or gone."""
+
+    def __init__(self, reason: str, gone: bool = False) -> None:
+        super().__init__(reason)
+        self.gone = gone
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A task this worker holds: in_progress/<name>@<worker>."""
+
+    name: str
+    worker_id: str
+    claimed_at: float
+    seq: int = field(default_factory=lambda: next(_claim_seq))
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.name}@{self.worker_id}+{self.seq}"
+
+
+@dataclass(frozen=True)
+class Found:
+    """Where a task is: its state, its file, and whether it was rejected input."""
+
+    state: str
+    path: Path
+    rejected: bool = False
+
+
+def _hostname() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0])[:40] or "host"
+
+
+def new_worker_id() -> str:
+    """An id naming host and pid, unique on this host: it appears in claim file names."""
+    return f"{_hostname()}-{os.getpid()}-{os.urandom(2).hex()}"
+
+
+class Spool:
+    """The task directories of one home."""
+
+    def __init__(self, home: Path, *, fsync: bool = True, max_task_bytes: int = 1_048_576) -> None:
+        self.home = home
+        self.fsync = fsync
+        self.max_task_bytes = max_task_bytes
+        tasks = home / "tasks"
+        self.tmp = tasks / "tmp"
+        self.pending = tasks / "pending"
+        self.in_progress = tasks / "in_progress"
+        self.completed = tasks / "completed"
+        self.failed = tasks / "failed"
+        self.workers = home / "run" / "workers"
+        self._dir_fds: dict[Path, int] = {}
+
+    @classmethod
+    def open(cls, home: Path, settings: Any = None) -> Spool:
+        """A Spool on an initialised home; SpoolError naming the fix when it is not one."""
+        kwargs = {}
+        if settings is not None:
+            kwargs = {"fsync": settings.fsync, "max_task_bytes": settings.max_task_bytes}
+        spool = cls(home, **kwargs)
+        for path in (spool.tmp, spool.pending, spool.in_progress, spool.completed, spool.failed):
+            if not path.is_dir():
+                raise SpoolError(f"{home} is not a koubou home ({path} is missing); "
+                                 f"run `koubou init --home {home}`")
+        spool.workers.mkdir(parents=True, exist_ok=True)
+        return spool
+
+    def state_dir(self, state: str) -> Path:
+        """The directory of one state."""
+        return {"pending": self.pending, "in_progress": self.in_progress,
+                "completed": self.completed, "failed": self.failed}[state]
+
+    # --- durability ------------------------------------------------------------------------
+
+    def sync_dir(self, path: Path) -> None:
+        """fsync a directory so the renames in it survive a crash (when spool.fsync is on)."""
+        if not self.fsync:
+            return
+        fd = self._dir_fds.get(path)
+        if fd is None:
+            fd = self._dir_fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(fd)
+
+    def _write_tmp(self, label: str, data: bytes) -> str:
+        path = f"{self.tmp}/.{label}.{os.getpid()}.{os.urandom(4).hex()}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_all(fd, data)
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        return path
+
+    def write_atomic(self, directory: Path, name: str, data: bytes) -> None:
+        """Write a file whole or not at all: tmp, fsync, rename, fsync of the directory."""
+        tmp = self._write_tmp(name, data)
+        os.rename(tmp, directory / name)
+        self.sync_dir(directory)
+
+    # --- submit ----------------------------------------------------------------------------
+
+    def submit(self, tasks: Iterable[Task]) -> list[tuple[Task, str, bool]]:
+        """Queue tasks atomically; returns (task, state, new) each. An existing id is left alone."""
+        results = []
+        now = time.time()
+        for task in tasks:
+            state = None if task.fresh_id else self._existing_state(task.id)
+            new = False
+            if state is None:
+                state, new = "pending", self._link_pending(task, now)
+            results.append((task, state, new))
+        if any(new for _, _, new in results):
+            self.sync_dir(self.pending)
+        return results
+
+    def _existing_state(self, task_id: str) -> str | None:
+        """Where a task of this id is, or None.
+
+        The directories are looked at in the order a task moves through them, so a task that
+        moves on while we look is still seen; one requeued meanwhile is caught by the
+        no-replace rename into pending/.
+        """
+        name = f"{task_id}.json"
+        if os.path.lexists(f"{self.pending}/{name}"):
+            return "pending"
+        claimed = name + "@"
+        if any(entry.startswith(claimed) for entry in os.listdir(self.in_progress)):
+            return "in_progress"
+        for state, directory in (("completed", self.completed), ("failed", self.failed)):
+            if os.path.lexists(f"{directory}/{name}") and not os.path.lexists(
+                    f"{directory}/{name}{SIDECAR}"):
+                return state
+        return None
+
+    def _link_pending(self, task: Task, now: float) -> bool:
+        raw = dict(task.raw)
+        raw.setdefault("submitted_at", task_format.iso(now))
+        tmp = self._write_tmp(task.id, task_format.encode(raw))
+        try:
+            rename_noreplace(tmp, self.pending / f"{task.id}.json")
+            return True
+        except FileExistsError:
+            os.unlink(tmp)
+            return False
+
+    # --- reading pending entries -----------------------------------------------------------
+
+    def read_entry(self, directory: Path, name: str) -> tuple[bytes, os.stat_result]:
+        """The bytes and stat of a regular file, never following a link or opening a FIFO."""
+        path = f"{directory}/{name}"  # str, not Path: this runs twice a task
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise Refused("gone", gone=True) from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise Refused("a symbolic link; tasks must be regular files") from None
+            if exc.errno == errno.ENXIO:
+                raise Refused("a FIFO or socket; tasks must be regular files") from None
+            raise Refused(f"cannot be opened: {exc.strerror}") from None
+        try:
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise Refused("a directory; tasks must be regular files")
+            if not stat.S_ISREG(info.st_mode):
+                raise Refused("not a regular file (FIFO, socket or device)")
+            if info.st_size > self.max_task_bytes:
+                raise Refused(f"{info.st_size} bytes, over spool.max_task_bytes "
+                              f"({self.max_task_bytes})")
+            data = _read_all(fd, self.max_task_bytes + 1)
+            if len(data) > self.max_task_bytes:
+                raise Refused(f"over spool.max_task_bytes ({self.max_task_bytes})")
+            return data, info
+        finally:
+            os.close(fd)
+
+    def kind_of(self, directory: Path, name: str) -> str | None:
+        """'file' for a regular file, 'other' for anything else, None when gone; never follows."""
+        try:
+            mode = os.lstat(directory / name).st_mode
+        except FileNotFoundError:
+            return None
+        return "file" if stat.S_ISREG(mode) else "other"
+
+    # --- claim and outcome -----------------------------------------------------------------
+
+    def claim(self, name: str, worker_id: str) -> Claim | None:
+        """Take pending/<name> by renaming it into in_progress/; None if another worker won."""
+        claim = Claim(name, worker_id, time.time())
+        try:
+            os.rename(f"{self.pending}/{name}", f"{self.in_progress}/{claim.file_name}")
+        except FileNotFoundError:
+            return None
+        # No fsync here, on purpose: a claim lost in a crash leaves the task in pending/, where
+        # it runs again. The outcome's fsync later makes this rename durable too (one journal).
+        return claim
+
+    def read_claim(self, claim: Claim) -> tuple[bytes, os.stat_result]:
+        """The bytes of a claimed task file."""
+        return self.read_entry(self.in_progress, claim.file_name)
+
+    def publish(self, claim: Claim, task_id: str, record: dict[str, Any]) -> bool:
+        """Publish an outcome for a claim; False (and nothing written) when the claim was revoked."""
+        directory = self.completed if record["status"] == "completed" else self.failed
+        tmp = self._write_tmp(task_id, task_format.encode(record))
+        claimed = f"{self.in_progress}/{claim.file_name}"
+        finishing = claimed + ".fin"
+        try:
+            os.rename(claimed, finishing)
+        except FileNotFoundError:
+            os.unlink(tmp)
+            return False
+        os.rename(tmp, f"{directory}/{task_id}.json")
+        self.sync_dir(directory)
+        # A crash before this unlink leaves a .fin beside a published outcome: recovery removes it.
+        os.unlink(finishing)
+        return True
+
+    def requeue(self, claim_file: str, attempts: int | None) -> bool:
+        """Put a claimed task back in pending/ with its attempt count; False if the claim is gone."""
+        source = self.in_progress / claim_file
+        name = CLAIM_RE.fullmatch(claim_file)["name"]
+        if attempts is not None:
+            try:
+                data, _ = self.read_entry(self.in_progress, claim_file)
+                obj = json.loads(data)
+                obj["attempts"] = attempts
+                # Replacing the claim file in place keeps the task in exactly one directory.
+                os.rename(self._write_tmp(name, task_format.encode(obj)), source)
+            except Refused as exc:
+                if exc.gone:
+                    return False
+            except (ValueError, TypeError, AttributeError):
+                pass  # not a task object: it goes back as it is and is rejected when read again
+        try:
+            os.rename(source, self.pending / name)
+        except FileNotFoundError:
+            return False
+        self.sync_dir(self.pending)
+        return True
+
+    def reject(self, directory: Path, entry: str, reason: str) -> str | None:
+        """Move input that is not a valid task to failed/ unchanged, with its reason beside it.
+
+        Returns the name it got in failed/, or None when another process moved it first.
+        """
+        name = CLAIM_RE.fullmatch(entry)["name"] if directory == self.in_progress else entry
+        target = name
+        if os.path.lexists(self.failed / target) or os.path.lexists(self.completed / target):
+            target = f"{name}.{task_format.new_id()}"
+        try:
+            os.rename(directory / entry, self.failed / target)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.error("cannot move %s to failed/: %s", directory / entry, exc.strerror)
+            return None
+        sidecar = {"file": target, "original_name": name, "status": "failed",
+                   "error": {"kind": "invalid", "message": reason, "attempts": 0,
+                             "at": task_format.iso(time.time())}}
+        self.write_atomic(self.failed, target + SIDECAR, task_format.encode(sidecar))
+        return target
+
+    # --- lookups ---------------------------------------------------------------------------
+
+    def names(self, state: str) -> list[str]:
+        """Entries of one state directory, without sidecars, dot files or finishing markers."""
+        directory = self.state_dir(state)
+        return [n for n in os.listdir(directory)
+                if not n.startswith(".") and not n.endswith(SIDECAR) and not n.endswith(".fin")]
+
+    def claims(self) -> Iterator[tuple[str, re.Match]]:
+        """Every claim file in in_progress/ with its parsed name."""
+        for entry in os.listdir(self.in_progress):
+            match = CLAIM_RE.fullmatch(entry)
+            if match:
+                yield entry, match
+
+    def find(self, key: str) -> Found:
+        """Where the task with this id (or the file with this name) is; TaskNotFound if nowhere."""
+        name = key if key.endswith(".json") else f"{key}.json"
+        for state in ("completed", "failed"):
+            path = self.state_dir(state) / name
+            if os.path.lexists(path):
+                return Found(state, path, os.path.lexists(str(path) + SIDECAR))
+        for entry, match in self.claims():
+            if match["name"] in (name, key):
+                return Found("in_progress", self.in_progress / entry)
+        for candidate in (name, key):
+            if os.path.lexists(self.pending / candidate):
+                return Found("pending", self.pending / candidate)
+        if os.path.lexists(self.failed / key):
+            return Found("failed", self.failed / key, True)
+        found = self._find_by_content(key)
+        if found is None:
+            raise TaskNotFound(f"no task {key!r} in {self.home}; `koubou list` shows what is there")
+        return found
+
+    def _find_by_content(self, task_id: str) -> Found | None:
+        """A dropped file whose name is not its id: read the few that are queued or running."""
+        for state in ("in_progress", "pending"):
+            directory = self.state_dir(state)
+            for entry in os.listdir(directory):
+                try:
+                    obj = task_format.decode(self.read_entry(directory, entry)[0])
+                except (Refused, ValueError):
+                    continue
+                if isinstance(obj, dict) and task_id in (obj.get("id"), obj.get("custom_id")):
+                    return Found(state, directory / entry)
+        return None
+
+    def outcome(self, task_id: str) -> dict[str, Any] | None:
+        """The outcome record of a finished task, or None while it is not finished."""
+        for directory in (self.completed, self.failed):
+            path = directory / f"{task_id}.json"
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            sidecar = Path(str(path) + SIDECAR)
+            if sidecar.exists():
+                return json.loads(sidecar.read_bytes())
+            return json.loads(data)
+        return None
+
+    # --- workers and their liveness --------------------------------------------------------
+
+    def register_worker(self, worker_id: str, info: dict[str, Any]) -> int:
+        """Create and lock run/workers/<id>.lock; the lock dies with the process, whatever kills it.
+
+        The file is locked under a hidden name and renamed into place, so a lock file that can
+        be locked is dead for good: probes never race a worker that is starting.
+        """
+        staging = self.workers / f".{worker_id}.lock.new"
+        fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, json.dumps(info).encode())
+        os.rename(staging, self.workers / f"{worker_id}.lock")
+        return fd
+
+    def unregister_worker(self, worker_id: str, fd: int) -> None:
+        """Remove a worker's lock file on a clean exit."""
+        try:
+            os.unlink(self.workers / f"{worker_id}.lock")
+        finally:
+            os.close(fd)
+
+    def remove_dead_workers(self, cutoff: float) -> int:
+        """Delete the lock files of dead workers whose last heartbeat was before cutoff."""
+        removed = 0
+        for entry in os.listdir(self.workers):
+            try:
+                fd = os.open(self.workers / entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue  # gone, or not a plain file: not ours to judge
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its worker lives
+                if os.fstat(fd).st_mtime < cutoff:
+                    os.unlink(self.workers / entry)
+                    removed += 1
+            except (BlockingIOError, FileNotFoundError):
+                pass
+            finally:
+                os.close(fd)
+        return removed
+
+    def orphaned_claims(self, lease_s: float) -> list[tuple[str, str]]:
+        """(claim file, worker state) of claims whose worker is dead or has missed its lease."""
+        states: dict[str, str] = {}
+        orphans = []
+        for entry, match in self.claims():
+            worker = match["worker"]
+            if worker not in states:
+                states[worker] = self.worker_state(worker, lease_s)
+            if states[worker] != "alive":
+                orphans.append((entry, states[worker]))
+        return orphans
+
+    def worker_state(self, worker_id: str, lease_s: float) -> str:
+        """'alive', 'stale' (lock held but no heartbeat within lease_s) or 'dead'."""
+        path = self.workers / f"{worker_id}.lock"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return "dead"
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            age = time.time() - os.fstat(fd).st_mtime
+            return "stale" if age > lease_s else "alive"
+        finally:
+            os.close(fd)
+        return "dead"
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(source: Path, target: Path) -> None:
+    """rename(2) that fails with FileExistsError instead of replacing the target.
+
+    Two submits of one id then queue it once. renameat2 (Linux 3.15+, ext4, xfs, btrfs, tmpfs)
+    also keeps the IN_MOVED_TO event workers wait for, which link(2) would not give.
+    """
+    try:
+        renameat2 = _libc.renameat2
+    except AttributeError:
+        renameat2 = None
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target),
+                     _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, os.strerror(err), str(target))
+    # The file system cannot refuse for us: check, then rename (a narrow race for one id).
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, "File exists", str(target))
+    os.rename(source, target)
+
+
+def _read_all(fd: int, limit: int) -> bytes:
+    chunks, size = [], 0
+    while size < limit:
+        chunk = os.read(fd, min(1 << 20, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

@@ -1,0 +1,99 @@
+"""Recovery: claims whose worker died or missed its lease go back to pending/, or fail as lost.
+
+Run by every live worker (at start and at each heartbeat) and by `koubou maintain`. Taking a
+claim over is a rename of in_progress/NAME@OLD to NAME@NEW: one recoverer wins, and the old
+owner, if it was only stopped (SIGSTOP, a long GC pause), finds its claim gone and discards its
+result: the fence of spool.publish.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from . import task as task_format
+from ..config import SpoolSettings
+from ..errors import InvalidTask
+from .ledger import LedgerWriter
+from ..craft.limits import Budget
+from .files import CLAIM_RE, Claim, Refused, Spool
+
+log = logging.getLogger(__name__)
+
+LEDGER_WAIT_S = 1.0
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """What happened to one orphaned claim: requeued, lost (failed), kept (its outcome had
+    landed) or rejudged (not a readable task: back to pending/ to be rejected there)."""
+
+    name: str
+    task_id: str | None
+    action: str
+
+
+def recover_orphans(spool: Spool, settings: SpoolSettings, owner_id: str, ledger: LedgerWriter,
+                    budget: Budget | None = None) -> list[Recovered]:
+    """Take over every claim of a dead or lease-expired worker and settle its fate."""
+    done = []
+    for entry, state in spool.orphaned_claims(settings.lease_s):
+        match = CLAIM_RE.fullmatch(entry)
+        mine = Claim(match["name"], owner_id, time.time())
+        try:
+            os.rename(spool.in_progress / entry,
+                      spool.in_progress / (mine.file_name + (match["fin"] or "")))
+        except FileNotFoundError:
+            continue  # another recoverer was first
+        log.warning("took over %s from %s worker %s", match["name"], state, match["worker"])
+        if match["fin"]:
+            done.append(_finishing(spool, settings, mine, ledger, budget))
+        else:
+            done.append(_claim(spool, settings, mine, ledger, budget))
+    return done
+
+
+def _finishing(spool: Spool, settings: SpoolSettings, claim: Claim, ledger: LedgerWriter,
+               budget: Budget | None) -> Recovered:
+    """A worker died while publishing: keep its outcome if it landed, else run the task again."""
+    path = spool.in_progress / (claim.file_name + ".fin")
+    try:
+        task = task_format.parse(path.read_bytes(), task_format.id_from_name(claim.name))
+    except (OSError, InvalidTask):
+        task = None
+    if task is not None and spool.outcome(task.id) is not None:
+        path.unlink()
+        return Recovered(claim.name, task.id, "kept")
+    os.rename(path, spool.in_progress / claim.file_name)
+    return _claim(spool, settings, claim, ledger, budget)
+
+
+def _claim(spool: Spool, settings: SpoolSettings, claim: Claim, ledger: LedgerWriter,
+           budget: Budget | None) -> Recovered:
+    try:
+        data, _ = spool.read_claim(claim)
+        task = task_format.parse(data, task_format.id_from_name(claim.name))
+    except (Refused, InvalidTask):
+        spool.requeue(claim.file_name, None)
+        return Recovered(claim.name, None, "rejudged")
+    attempt = task.attempts + 1
+    now = time.time()
+    recorded = ledger.attempt_finished(
+        task.id, attempt, "lost", finished_at=now, error_kind="lost",
+        message="its worker died or missed its lease during the attempt")
+    # Recovery is rare: let its record land before the requeue, so a recoverer killed in turn
+    # leaves no requeued task without its lost attempt (unless the ledger is locked).
+    concurrent.futures.wait([recorded], timeout=LEDGER_WAIT_S)
+    if budget is not None and budget.settings.enabled:
+        budget.settle_lost(task.id)  # the call may have been billed: the reservation stands
+    if attempt >= (task.max_attempts or settings.max_attempts):
+        record = task_format.failed_record(task.raw, "lost", f"its worker died or missed its "
+                                           f"lease during {attempt} attempts", attempt, now)
+        ledger.task_finished(record)
+        spool.publish(claim, task.id, record)
+        return Recovered(claim.name, task.id, "lost")
+    spool.requeue(claim.file_name, attempt)
+    return Recovered(claim.name, task.id, "requeued")

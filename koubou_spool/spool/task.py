@@ -1,0 +1,330 @@
+"""The task file format (PRODUCT.md §3): ids, times, validation and outcome records. No I/O here."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, UTC
+from typing import Any
+
+from ..errors import InvalidTask
+
+ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+DIFFICULTIES = ("low", "medium", "high", "auto")
+SENSITIVITIES = ("public", "confidential", "auto")
+ERROR_KINDS = ("invalid", "backend", "timeout", "budget", "policy", "cancelled", "expired",
+               "dependency", "lost")
+BATCH_URL = "/v1/chat/completions"
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_id_lock = threading.Lock()
+_last_id = [0, 0]  # [milliseconds, random part] of the last id made by this process
+
+
+class UnreadableTask(InvalidTask):
+    """Bytes that are not a JSON document at all; a file still being written looks like this."""
+
+
+# --- ids and times -------------------------------------------------------------------------
+
+def new_id() -> str:
+    """A ULID: 26 characters, sortable by creation time, unique; monotonic within this process."""
+    ms = time.time_ns() // 1_000_000
+    with _id_lock:
+        if ms <= _last_id[0]:
+            ms, rand = _last_id[0], _last_id[1] + 1
+        else:
+            rand = int.from_bytes(os.urandom(10), "big")
+        _last_id[0], _last_id[1] = ms, rand
+    value = (ms << 80) | (rand & ((1 << 80) - 1))
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def iso(ts: float) -> str:
+    """A Unix time as ISO-8601 in UTC with milliseconds and an explicit offset."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+def parse_iso(text: str) -> float:
+    """An ISO-8601 time as a Unix time; a time without an offset is taken as UTC."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+# --- the task --------------------------------------------------------------------------------
+
+@dataclass
+class Task:
+    """A validated task. `raw` is the object as submitted (plus its id), kept in the outcome."""
+
+    raw: dict[str, Any]
+    id: str
+    content: str
+    messages: list[dict[str, Any]] | None = None
+    type: str = "general"
+    priority: int = 5
+    difficulty: str = "auto"
+    sensitivity: str = "auto"
+    craftsman: str = "auto"
+    model: str | None = None
+    system: str | None = None
+    context: dict[str, Any] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    max_tokens: int | None = None
+    temperature: float | None = None
+    reasoning_effort: str | None = None
+    timeout_s: float | None = None
+    max_attempts: int | None = None
+    attempts: int = 0
+    after: list[str] = field(default_factory=list)
+    not_before: float | None = None
+    expires_at: float | None = None
+    submitted_at: float | None = None
+    fresh_id: bool = False  # the id was generated here: no other task can hold it
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _fail(name: str, expected: str, value: Any) -> InvalidTask:
+    shown = json.dumps(value, ensure_ascii=False)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return InvalidTask(f"{name}: expected {expected}, got {shown} ({_kind(value)})")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _string(obj: dict, name: str, *, choices: tuple[str, ...] = (), pattern: re.Pattern | None = None,
+            non_empty: bool = False) -> str | None:
+    if name not in obj:
+        return None
+    value = obj[name]
+    if choices:
+        if value not in choices:
+            raise _fail(name, "one of " + ", ".join(choices), value)
+        return value
+    if not isinstance(value, str) or (non_empty and not value):
+        raise _fail(name, "a non-empty string" if non_empty else "a string", value)
+    if pattern is not None and not pattern.fullmatch(value):
+        raise _fail(name, "1-128 characters from A-Z a-z 0-9 . _ -", value)
+    return value
+
+
+def _int(obj: dict, name: str, low: int, high: int | None = None) -> int | None:
+    if name not in obj:
+        return None
+    value = obj[name]
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise _fail(name, f"an integer {span}", value)
+    return value
+
+
+def _number(obj: dict, name: str, low: float, high: float | None = None) -> float | None:
+    if name not in obj:
+        return None
+    value = obj[name]
+    if not _is_number(value) or value < low or (high is not None and value > high) or (
+            high is None and value <= low):
+        span = f"from {low:g} to {high:g}" if high is not None else f"greater than {low:g}"
+        raise _fail(name, f"a number {span}", value)
+    return float(value)
+
+
+def _object(obj: dict, name: str) -> dict:
+    value = obj.get(name, {})
+    if not isinstance(value, dict):
+        raise _fail(name, "an object", value)
+    return value
+
+
+def _string_list(obj: dict, name: str, pattern: re.Pattern | None = None) -> list[str]:
+    value = obj.get(name, [])
+    expected = "a list of task ids" if pattern else "a list of strings"
+    if not isinstance(value, list):
+        raise _fail(name, expected, value)
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or (pattern is not None and not pattern.fullmatch(item)):
+            raise _fail(f"{name}[{index}]", "a task id" if pattern else "a string", item)
+    return value
+
+
+def _time(obj: dict, name: str) -> float | None:
+    if name not in obj:
+        return None
+    value = obj[name]
+    try:
+        return parse_iso(value)
+    except (TypeError, ValueError):
+        raise _fail(name, "an ISO-8601 time such as 2026-11-21T04:47:06+00:00", value) from None
+
+
+def is_batch_line(obj: dict) -> bool:
+    """True for an OpenAI Batch API input line rather than a plain task."""
+    return "custom_id" in obj and "body" in obj
+
+
+def _messages_text(messages: list[dict[str, Any]]) -> str:
+    parts = []
+    for message in messages:
+        body = message.get("content")
+        if isinstance(body, list):  # content parts: keep the text ones
+            body = "\n".join(p.get("text", "") for p in body if isinstance(p, dict))
+        if isinstance(body, str):
+            parts.append(body)
+    return "\n\n".join(parts)
+
+
+def _batch_fields(obj: dict) -> dict[str, Any]:
+    """Check a Batch input line and give the task fields it stands for."""
+    custom_id = obj["custom_id"]
+    if not isinstance(custom_id, str) or not ID_RE.fullmatch(custom_id):
+        raise _fail("custom_id", "1-128 characters from A-Z a-z 0-9 . _ -", custom_id)
+    if obj.get("method", "POST") != "POST":
+        raise _fail("method", '"POST"', obj.get("method"))
+    if obj.get("url", BATCH_URL) != BATCH_URL:
+        raise _fail("url", f'"{BATCH_URL}"', obj.get("url"))
+    body = obj["body"]
+    if not isinstance(body, dict):
+        raise _fail("body", "an object", body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+        raise _fail("body.messages", "a non-empty list of {role, content} objects", messages)
+    content = _messages_text(messages)
+    if not content.strip():
+        raise _fail("body.messages", "at least one message with text content", messages)
+    fields: dict[str, Any] = {"id": custom_id, "content": content, "messages": messages}
+    for name in ("max_tokens", "max_completion_tokens", "temperature", "reasoning_effort"):
+        if name in body:
+            fields["max_tokens" if name == "max_completion_tokens" else name] = body[name]
+    return fields
+
+
+def validate(obj: Any, default_id: str | None = None) -> Task:
+    """Check a decoded task object against PRODUCT.md §3 and return the Task it describes.
+
+    Raises InvalidTask naming the field, what was expected and what was found.
+    """
+    if not isinstance(obj, dict):
+        raise _fail("task", "a JSON object", obj)
+    fields = dict(obj)
+    if is_batch_line(obj):
+        fields.update(_batch_fields(obj))
+    if "content" not in fields:
+        raise InvalidTask("content: required field is missing (the prompt for the craftsman)")
+    content = _string(fields, "content", non_empty=True)
+    if not content.strip():
+        raise _fail("content", "a non-empty string", content)
+    _string(fields, "created_by")
+    _object(fields, "metadata")
+    given_id = _string(fields, "id", pattern=ID_RE) or default_id
+    task_id = given_id or new_id()
+    raw = dict(obj)
+    raw["id"] = task_id
+    return Task(
+        raw=raw, id=task_id, content=content, messages=fields.get("messages"),
+        type=_string(fields, "type", non_empty=True) or "general",
+        priority=_int(fields, "priority", 1, 10) or 5,
+        difficulty=_string(fields, "difficulty", choices=DIFFICULTIES) or "auto",
+        sensitivity=_string(fields, "sensitivity", choices=SENSITIVITIES) or "auto",
+        craftsman=_string(fields, "craftsman", non_empty=True) or "auto",
+        model=_string(fields, "model", non_empty=True),
+        system=_string(fields, "system"),
+        context=_object(fields, "context"),
+        files=_string_list(fields, "files"),
+        max_tokens=_int(fields, "max_tokens", 1),
+        temperature=_number(fields, "temperature", 0.0, 2.0),
+        reasoning_effort=_string(fields, "reasoning_effort", non_empty=True),
+        timeout_s=_number(fields, "timeout_s", 0.0),
+        max_attempts=_int(fields, "max_attempts", 1),
+        attempts=_int(fields, "attempts", 0) or 0,
+        after=_string_list(fields, "after", ID_RE),
+        not_before=_time(fields, "not_before"),
+        expires_at=_time(fields, "expires_at"),
+        submitted_at=_time(fields, "submitted_at"),
+        fresh_id=given_id is None,
+    )
+
+
+def parse(data: bytes, default_id: str | None = None) -> Task:
+    """Decode and validate the bytes of a task file."""
+    return validate(decode(data), default_id)
+
+
+def decode(data: bytes) -> Any:
+    """The JSON document in a task file; UnreadableTask when there is none (yet)."""
+    if not data.strip():
+        raise UnreadableTask("the file is empty")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UnreadableTask(f"not UTF-8 text (binary data at byte {exc.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UnreadableTask(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") \
+            from None
+
+
+def id_from_name(name: str) -> str | None:
+    """The task id a file name stands for (`<id>.json`), or None when the stem is not an id."""
+    stem = name[:-5] if name.endswith(".json") else name
+    return stem if ID_RE.fullmatch(stem) else None
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    """The bytes of a task or outcome file."""
+    # One line: json.dumps with indent= runs the pure-Python encoder, 5-10x slower on the
+    # hot path; jq or `koubou result --json` pretty-print it for people.
+    return (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+# --- outcomes --------------------------------------------------------------------------------
+
+def completed_record(task: Task, result: dict[str, Any]) -> dict[str, Any]:
+    """The completed outcome: every field of the task, `status` and `result`."""
+    record = dict(task.raw)
+    record["status"] = "completed"
+    record["result"] = result
+    record.pop("error", None)
+    return record
+
+
+def failed_record(task_raw: dict[str, Any], kind: str, message: str, attempts: int,
+                  at: float) -> dict[str, Any]:
+    """The failed outcome: every field of the task, `status` and `error`."""
+    assert kind in ERROR_KINDS, kind
+    record = dict(task_raw)
+    record["status"] = "failed"
+    record["error"] = {"kind": kind, "message": message, "attempts": attempts, "at": iso(at)}
+    record.pop("result", None)
+    return record
