@@ -1,0 +1,116 @@
+"""Dispatch: a slot, then the claim, then the attempt; both given back when the attempt ends.
+
+A slot is taken (home-wide, see craft.limits.Slots) before the claim, so a task is only claimed
+when its craftsman can start it: a busy local model never holds up cloud tasks. The claims this
+process holds are tracked here, and so is who moved one: we (publish, requeue) or someone else
+(cancel, a lease takeover), which revokes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from ..craft.limits import Slots
+from ..spool.files import Claim, Spool
+from ..spool.watcher import ReadyQueue
+from .intake import FAIL_NOW
+
+Start = Callable[[Claim, str], Coroutine[Any, Any, None]]
+
+
+class Dispatch:
+    """Claims ready tasks while this process has room and their craftsmen have free slots."""
+
+    def __init__(self, spool: Spool, worker_id: str, ready: ReadyQueue, slots: Slots,
+                 serves: list[str], concurrency: int, start: Start,
+                 unroutable: Callable[[Claim], None], after_attempt: Callable[[], None]) -> None:
+        self.spool = spool
+        self.worker_id = worker_id
+        self.ready = ready
+        self.slots = slots
+        self.serves = serves
+        self.concurrency = max(1, concurrency)
+        self.start = start
+        self.unroutable = unroutable
+        self.after_attempt = after_attempt
+        self.in_flight: dict[str, asyncio.Task] = {}  # claim file -> its attempt
+        self.slot_of: dict[str, tuple[str, int]] = {}  # claim file -> (craftsman, slot)
+        self.starved = False  # tasks wait for a slot another process holds
+        self.letting_go: set[str] = set()  # our claims we are moving ourselves (publish, requeue)
+        self.revoked: set[str] = set()  # our claims someone else moved (cancel, lease takeover)
+
+    def pump(self) -> None:
+        """Claim and start tasks until this process or every ready craftsman is full."""
+        full: set[str] = set()
+        while len(self.in_flight) < self.concurrency:
+            craftsman = self._next_craftsman(full)
+            if craftsman is None:
+                break
+            slot = None
+            if craftsman != FAIL_NOW:
+                slot = self.slots.acquire(craftsman)
+                if slot is None:
+                    full.add(craftsman)
+                    continue
+            self._claim_next(craftsman, slot)
+        self.starved = any(self.ready.head(name) is not None for name in full)
+
+    def _next_craftsman(self, full: set[str]) -> str | None:
+        """The craftsman whose next task comes first, among those not known to be full."""
+        best, best_key = None, None
+        for name in (FAIL_NOW, *self.serves):
+            if name in full:
+                continue
+            head = self.ready.head(name)
+            if head is not None and (best is None or head < best):
+                best, best_key = head, name
+        return best_key
+
+    def _claim_next(self, craftsman: str, slot: int | None) -> None:
+        name = self.ready.pop(craftsman)
+        claim = self.spool.claim(name, self.worker_id)
+        if claim is None:  # another worker was first
+            if slot is not None:
+                self.slots.release(craftsman, slot)
+            return
+        if craftsman == FAIL_NOW:
+            self.unroutable(claim)
+            return
+        self.slot_of[claim.file_name] = (craftsman, slot)
+        running = asyncio.get_running_loop().create_task(self.start(claim, craftsman))
+        self.in_flight[claim.file_name] = running
+        running.add_done_callback(lambda _, c=claim: self._attempt_done(c))
+
+    def _attempt_done(self, claim: Claim) -> None:
+        craftsman, slot = self.slot_of.pop(claim.file_name)
+        self.slots.release(craftsman, slot)
+        self.in_flight.pop(claim.file_name, None)
+        self.letting_go.discard(claim.file_name)
+        self.revoked.discard(claim.file_name)
+        self.after_attempt()
+
+    def claim_moved(self, name: str) -> None:
+        """One of our claims left in_progress/ and we did not move it: abort its request."""
+        if name in self.letting_go:
+            self.letting_go.discard(name)
+            return
+        running = self.in_flight.get(name)
+        if running is None:
+            return
+        self.revoked.add(name)
+        running.cancel()
+
+    def let_go(self, claim: Claim) -> None:
+        """We are about to move this claim ourselves: its IN_MOVED_FROM is not a revocation."""
+        self.letting_go.add(claim.file_name)
+
+    def is_revoked(self, claim: Claim) -> bool:
+        """Whether someone else moved this claim away (cancel, takeover)."""
+        return claim.file_name in self.revoked
+
+    def abandon(self) -> None:
+        """Cancel every attempt in flight (stopping, out of grace)."""
+        for running in list(self.in_flight.values()):
+            running.cancel()
