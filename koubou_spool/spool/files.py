@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 
 from . import task as task_format
 from ..errors import SpoolError, TaskNotFound
+from .store import Store
 from .task import Task
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,8 @@ def new_worker_id() -> str:
     return f"{_hostname()}-{os.getpid()}-{os.urandom(2).hex()}"
 
 
-class Spool:
-    """The task directories of one home."""
+class Spool(Store):
+    """The file store: the task directories of one home, moved between by rename(2)."""
 
     def __init__(self, home: Path, *, fsync: bool = True, max_task_bytes: int = 1_048_576) -> None:
         self.home = home

@@ -1,0 +1,84 @@
+"""The store contract: what the rest of koubou asks of the place tasks live.
+
+Only docstrings and stubs, in the way huey's `BaseStorage` lists what a storage must do. The file
+spool (spool.files.Spool: directories and renames on one host) is the first implementation; a
+store shared by several hosts is the second one this contract is written for. A caller that keeps
+to these methods works on either; a caller that reads the directories itself is tied to one host.
+
+The guarantees every implementation keeps (the README's "Guarantees"): a task is in exactly one
+state at a time; a claim has one owner; a revoked claim can publish nothing (the fence); nothing
+a user submitted is deleted except by retention or an explicit command.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from .task import Task
+
+
+class Store:
+    """Tasks through their states: pending → in_progress → completed | failed."""
+
+    # --- the task's path ---------------------------------------------------------------------
+
+    def submit(self, tasks: Iterable[Task]) -> list[tuple[Task, str, bool]]:
+        """Queue tasks atomically; (task, state, new) for each. An id that exists in any state
+        queues nothing (new is False) and reports where it is."""
+        raise NotImplementedError
+
+    def claim(self, name: str, worker_id: str) -> Any:
+        """Take one pending task for a worker; None when another worker took it first."""
+        raise NotImplementedError
+
+    def read_claim(self, claim: Any) -> tuple[bytes, Any]:
+        """The bytes of a claimed task, as they are now."""
+        raise NotImplementedError
+
+    def publish(self, claim: Any, task_id: str, record: dict[str, Any]) -> bool:
+        """Publish a claim's outcome record (completed or failed); False, and nothing published,
+        when the claim was revoked meanwhile. This is the fence."""
+        raise NotImplementedError
+
+    def requeue(self, claim_file: str, attempts: int | None) -> bool:
+        """Give a claimed task back to pending (`attempts`: the count to record; None keeps it);
+        False when the claim is no longer ours."""
+        raise NotImplementedError
+
+    def reject(self, where: Any, entry: str, reason: str) -> str | None:
+        """Move input that is no valid task to failed, unchanged, with the reason beside it;
+        the name it got there, or None when someone else moved it first."""
+        raise NotImplementedError
+
+    # --- lookups ------------------------------------------------------------------------------
+
+    def find(self, key: str) -> Any:
+        """Where the task with this id (or the entry with this name) is; TaskNotFound if nowhere."""
+        raise NotImplementedError
+
+    def outcome(self, task_id: str) -> dict[str, Any] | None:
+        """The outcome record of a finished task; None while it is not finished."""
+        raise NotImplementedError
+
+    def names(self, state: str) -> list[str]:
+        """The entries of one state (counts and listings are built on this)."""
+        raise NotImplementedError
+
+    # --- workers ------------------------------------------------------------------------------
+
+    def register_worker(self, worker_id: str, info: dict[str, Any]) -> int:
+        """Register a live worker; its registration dies with it, however it dies."""
+        raise NotImplementedError
+
+    def unregister_worker(self, worker_id: str, handle: int) -> None:
+        """Remove a worker's registration on a clean exit."""
+        raise NotImplementedError
+
+    def orphaned_claims(self, lease_s: float) -> list[tuple[str, str]]:
+        """(claim, worker state) of the claims whose worker is dead or missed its lease."""
+        raise NotImplementedError
+
+    def worker_state(self, worker_id: str, lease_s: float) -> str:
+        """'alive', 'stale' (registered but no heartbeat within lease_s) or 'dead'."""
+        raise NotImplementedError
