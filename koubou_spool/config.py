@@ -1,4 +1,4 @@
-"""Settings from config/koubou.yaml (PRODUCT.md §6): craftsmen, routing and spool knobs."""
+"""Settings from config/koubou.yaml (README: Configuration): craftsmen, routing and spool knobs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One exception base for the whole package; the CLI maps each kind to an exit code (PRODUCT.md §5)."""
+"""One exception base for the whole package; the CLI maps each kind to an exit code (README: Commands)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class KoubouError(Exception):
 
 
 class InvalidTask(KoubouError, ValueError):
-    """Input that is not a valid task (PRODUCT.md §3)."""
+    """Input that is not a valid task (README: Tasks)."""
 
     exit_code = EXIT_USAGE
 

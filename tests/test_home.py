@@ -1,4 +1,4 @@
-"""Which home a command uses (PRODUCT.md §2): pure path logic, on pyfakefs."""
+"""Which home a command uses (README: Layout of a home): pure path logic, on pyfakefs."""
 
 from __future__ import annotations
 

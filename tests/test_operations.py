@@ -1,5 +1,5 @@
 """Operations under real processes and signals: leases, kill -9, cancel, retry, scheduling,
-dependencies, hooks and the systemd notify protocol (PRODUCT.md §4.2, §4.3, §9)."""
+dependencies, hooks and the systemd notify protocol (README: How it keeps its promises; Operations)."""
 
 from __future__ import annotations
 

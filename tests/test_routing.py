@@ -1,4 +1,5 @@
-"""Routing, the policy guard, attachments and `koubou route` (PRODUCT.md §4.7, §6). Pure parts."""
+"""Routing, the policy guard, attachments and `koubou route` (README: Configuration; How it
+keeps its promises). Pure parts."""
 
 from __future__ import annotations
 

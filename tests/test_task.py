@@ -1,4 +1,4 @@
-"""The task format (PRODUCT.md §3): validation messages, ids, Batch lines, outcomes."""
+"""The task format (README: Tasks): validation messages, ids, Batch lines, outcomes."""
 
 from __future__ import annotations
 

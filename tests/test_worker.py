@@ -1,4 +1,5 @@
-"""Real worker processes against the loopback fake server: the guarantees of PRODUCT.md §4."""
+"""Real worker processes against the loopback fake server: the guarantees (README: How it keeps
+its promises)."""
 
 from __future__ import annotations
 

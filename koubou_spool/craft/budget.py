@@ -1,4 +1,4 @@
-"""Budget arithmetic (PRODUCT.md §4.8): periods in the budget's time zone, worst-case cost,
+"""Budget arithmetic (README: Configuration, "Budgets"): periods in the budget's time zone, worst-case cost,
 alert thresholds. Pure; the shared reservations live in the ledger (limits.py does the I/O)."""
 
 from __future__ import annotations

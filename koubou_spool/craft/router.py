@@ -1,4 +1,4 @@
-"""Which craftsman a task goes to (PRODUCT.md §6, §4.7). Pure: no I/O.
+"""Which craftsman a task goes to (README: Configuration; How it keeps its promises). Pure: no I/O.
 
 Order of reasoning: is anything in the task confidential (declared, or a sensitive pattern
 anywhere in what would be sent)? How hard is it (declared, or keywords)? Then an explicit

@@ -1,4 +1,4 @@
-"""`koubou-mcp`: the spool as Model Context Protocol tools on stdio (PRODUCT.md §8).
+"""`koubou-mcp`: the spool as Model Context Protocol tools on stdio (README: MCP server for coding agents).
 
 A coding agent delegates work to the craftsmen without leaving its session: it queues a task,
 waits a bounded time (inotify, in a thread, well under the client's ~60 s tool timeout), and

@@ -1,7 +1,8 @@
 """Read-only gathering for reports, metrics, `koubou top` and the MCP server.
 
-Reports read only the ledger and the spool directories (PRODUCT.md §7). A missing or locked
-ledger gives empty figures, never an error: the spool still answers for the queues.
+Reports read only the ledger and the spool directories (README: How it keeps its promises).
+A missing or locked ledger gives empty figures, never an error: the spool still answers for the
+queues.
 """
 
 from __future__ import annotations

@@ -245,7 +245,7 @@ def check_openai(craftsman: Craftsman, timeout: float) -> list[Problem]:
 
 
 def _api_key(craftsman: Craftsman) -> str | None:
-    # Only ever sent to this craftsman's own base_url (PRODUCT.md §4.7).
+    # Only ever sent to this craftsman's own base_url (README: How it keeps its promises).
     return os.environ.get(craftsman.api_key_env) if craftsman.api_key_env else None
 
 

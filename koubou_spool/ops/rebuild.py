@@ -1,4 +1,4 @@
-"""`koubou ledger rebuild`: a fresh ledger from the outcome files (PRODUCT.md §4.5).
+"""`koubou ledger rebuild`: a fresh ledger from the outcome files (README: Rebuilding the ledger).
 
 The spool is the source of truth. Each outcome in completed/ and failed/ gives its tasks row
 (ledger.task_row) and one attempts row for its final attempt, which carries the task's tokens

@@ -1,4 +1,5 @@
-"""The spool: task files moved by rename(2) between state directories (PRODUCT.md §2, §4.1-4.4).
+"""The file spool: task files moved by rename(2) between state directories (README: Layout of a
+home; How it keeps its promises).
 
 Every state change is one rename, so a task is always wholly in one directory. A claim renames
 pending/NAME to in_progress/NAME@WORKER; publishing an outcome first renames that claim to

@@ -1,4 +1,4 @@
-"""Which home a command uses (PRODUCT.md §2), and `koubou init`."""
+"""Which home a command uses (README: Layout of a home), and `koubou init`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ledger: every SQL statement of koubou lives in this module (PRODUCT.md §7).
+"""The ledger: every SQL statement of koubou lives in this module (README: How it keeps its promises).
 
 SQLite in WAL mode. Workers write through one background thread per process that batches
 records into transactions and keeps them while the database is locked or missing, so a locked
@@ -117,7 +117,7 @@ def run(path: Path, operation: Callable[..., Any], *args: Any) -> Any:
 
 def read(path: Path, query: Callable[..., Any], *args: Any, default: Any = None) -> Any:
     """A read for status and reports: `default` when the ledger is missing, locked or broken,
-    since reports degrade rather than fail (PRODUCT.md §4.5)."""
+    since reports degrade rather than fail (README: Rebuilding the ledger)."""
     if not path.exists():
         return default
     try:

@@ -1,4 +1,4 @@
-"""The task file format (PRODUCT.md §3): ids, times, validation and outcome records. No I/O here."""
+"""The task file format (README: Tasks): ids, times, validation and outcome records. No I/O here."""
 
 from __future__ import annotations
 
@@ -230,7 +230,7 @@ def _batch_fields(obj: dict) -> dict[str, Any]:
 
 
 def validate(obj: Any, default_id: str | None = None) -> Task:
-    """Check a decoded task object against PRODUCT.md §3 and return the Task it describes.
+    """Check a decoded task object against the task format (README: Tasks) and return the Task it describes.
 
     Raises InvalidTask naming the field, what was expected and what was found.
     """
