@@ -1,0 +1,6 @@
+"""Repository tasks' git layer (PRODUCT.md §10): policy, mirrors, worktrees, diffs, verify, push.
+Imports only the foundation and the spool core; it knows nothing of craftsmen or the worker."""
+
+from .git import GitError, NotARepository
+
+__all__ = ["GitError", "NotARepository"]
