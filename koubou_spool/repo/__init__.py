@@ -2,5 +2,6 @@
 Imports only the foundation and the spool core; it knows nothing of craftsmen or the worker."""
 
 from .git import GitError, NotARepository
+from .policy import DEFAULT_AUTHOR, RepoRefused, RepoSettings, allowed, confidential
 
-__all__ = ["GitError", "NotARepository"]
+__all__ = ["DEFAULT_AUTHOR", "GitError", "NotARepository", "RepoRefused", "RepoSettings", "allowed", "confidential"]
