@@ -2,6 +2,10 @@
 Imports only the foundation and the spool core; it knows nothing of craftsmen or the worker."""
 
 from .git import GitError, NotARepository
+from .mirror import BaseNotFound, mirror_lock, mirror_path, mirrors_size, resolve_base, update_mirror
 from .policy import DEFAULT_AUTHOR, RepoRefused, RepoSettings, allowed, confidential
 
-__all__ = ["DEFAULT_AUTHOR", "GitError", "NotARepository", "RepoRefused", "RepoSettings", "allowed", "confidential"]
+__all__ = [
+    "DEFAULT_AUTHOR", "BaseNotFound", "GitError", "NotARepository", "RepoRefused", "RepoSettings",
+    "allowed", "confidential", "mirror_lock", "mirror_path", "mirrors_size", "resolve_base", "update_mirror",
+]
