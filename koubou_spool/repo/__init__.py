@@ -5,9 +5,12 @@ from .changes import Changes, PushRefused, commit_changes, commit_message, push,
 from .git import GitError, NotARepository
 from .mirror import BaseNotFound, mirror_lock, mirror_path, mirrors_size, resolve_base, update_mirror
 from .policy import DEFAULT_AUTHOR, RepoRefused, RepoSettings, allowed, confidential
+from .worktree import (Workspace, clean_up, live_worktrees, prepare, prune, push_result, read_journal,
+                       stale_worktrees)
 
 __all__ = [
     "DEFAULT_AUTHOR", "BaseNotFound", "Changes", "GitError", "NotARepository", "PushRefused", "RepoRefused",
-    "RepoSettings", "allowed", "commit_changes", "commit_message", "confidential", "mirror_lock",
-    "mirror_path", "mirrors_size", "push", "resolve_base", "summary", "update_mirror",
+    "RepoSettings", "Workspace", "allowed", "clean_up", "commit_changes", "commit_message", "confidential",
+    "live_worktrees", "mirror_lock", "mirror_path", "mirrors_size", "prepare", "prune", "push",
+    "push_result", "read_journal", "resolve_base", "stale_worktrees", "summary", "update_mirror",
 ]
