@@ -136,8 +136,7 @@ def prepare(home: Path, task_id: str, repo: str, settings: RepoSettings, *, base
     ws = Workspace(task_id, path, mirror, location, branch, base, base_sha)
     _journal_workspace(home, ws)
     try:
-        with mirrors.mirror_lock(mirror):
-            _add_worktree(ws)
+        _add_worktree(ws)
     except BaseException:
         clean_up(home, task_id)
         raise
@@ -146,15 +145,22 @@ def prepare(home: Path, task_id: str, repo: str, settings: RepoSettings, *, base
 
 def _add_worktree(ws: Workspace) -> None:
     ws.path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    # --no-track: upstream tracking would write branch.<name>.* into the shared config.
-    git.run(*NO_HOOKS, "worktree", "add", "--quiet", "--no-track", "-B", ws.branch, ws.path, ws.base_sha,
-            git_dir=ws.mirror)
+    with mirrors.mirror_lock(ws.mirror):
+        # --no-track: upstream tracking would write branch.<name>.* into the shared config.
+        git.run(*NO_HOOKS, "worktree", "add", "--quiet", "--no-checkout", "--no-track", "-B", ws.branch,
+                ws.path, ws.base_sha, git_dir=ws.mirror)
+    # The checkout is the slow part (seconds for thousands of files on a cold disk) and writes
+    # only this worktree's own index, files and branch, so it runs outside the lock. It is the
+    # command `git worktree add` itself runs after making the worktree.
+    git.run(*NO_HOOKS, "reset", "--hard", "--quiet", "--no-recurse-submodules", cwd=ws.path)
     if (ws.path / ".gitmodules").exists():
-        # Under the lock too: `submodule update --init` writes submodule.<name>.url into the
+        # Under the lock: `submodule update --init` writes submodule.<name>.url into the
         # mirror's shared config. A local source's submodules are named by local paths (relative
         # URLs resolve against the source), which git 2.38.1+ refuses unless file:// is allowed.
         allow = ["-c", "protocol.file.allow=always"] if not is_url(ws.source) else []
-        git.run(*NO_HOOKS, *allow, "submodule", "update", "--quiet", "--init", "--recursive", cwd=ws.path)
+        with mirrors.mirror_lock(ws.mirror):
+            git.run(*NO_HOOKS, *allow, "submodule", "update", "--quiet", "--init", "--recursive",
+                    cwd=ws.path)
 
 
 # --- after the craftsman -------------------------------------------------------------------
