@@ -464,10 +464,12 @@ def test_push_to_the_source_leaves_its_work_untouched(home: Path, source: Path, 
     before = g(source, "status", "--porcelain")
     (ws.path / "pushed.txt").write_text("result\n")
     sha = repo.commit_changes(ws.path, "t1", base_sha=ws.base_sha)
-    repo.push_result(home, ws)
+    g(ws.path, "checkout", "-q", "--detach")  # an agent that left its branch: the result is pushed
+    repo.push_result(home, ws, sha)
     assert g(source, "rev-parse", "koubou/t1") == sha
     assert (source / "README").read_text() == "the user's uncommitted edit\n"
     assert g(source, "status", "--porcelain") == before
+    g(ws.path, "checkout", "-q", "koubou/t1")
     g(ws.path, "reset", "-q", "--hard", ws.base_sha)  # a retry's result does not descend from the first
     (ws.path / "retry.txt").write_text("a retry's result\n")
     repo.commit_changes(ws.path, "t1", base_sha=ws.base_sha)

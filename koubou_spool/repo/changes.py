@@ -75,8 +75,12 @@ def summary(worktree: StrPath, base_sha: str) -> Changes:
                    deletions=sum(d or 0 for _, d, _ in stats), patch=git.patch(worktree, base_sha))
 
 
-def push(repository: StrPath, source: str, branch: str, *, timeout_s: float | None = None) -> None:
-    """Push `branch` from a mirror or worktree to the source repository.
+def push(repository: StrPath, source: str, branch: str, *, commit: str | None = None,
+         timeout_s: float | None = None) -> None:
+    """Push `branch` (or `commit`, the result, as that branch) from a mirror or worktree to the source.
+
+    Give `commit` when the agent may have switched branches in its worktree: the result commit
+    is then what lands on the branch.
 
     koubou/ branches are koubou's own, so a retry overwrites them (--force); any other branch
     must fast-forward. Pushing to a branch does not touch the source's working tree, so a user's
@@ -85,8 +89,8 @@ def push(repository: StrPath, source: str, branch: str, *, timeout_s: float | No
     force = ["--force"] if branch.startswith("koubou/") else []
     ref = f"refs/heads/{branch}"
     try:
-        git.run("-c", "core.hooksPath=/dev/null", "push", "--quiet", *force, "--", source, f"{ref}:{ref}",
-                cwd=Path(repository), timeout=timeout_s)
+        git.run("-c", "core.hooksPath=/dev/null", "push", "--quiet", *force, "--", source,
+                f"{commit or ref}:{ref}", cwd=Path(repository), timeout=timeout_s)
     except GitError as exc:
         raise PushRefused.reworded(exc, _refusal(exc.stderr, source, branch)) from None
 

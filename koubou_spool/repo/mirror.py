@@ -67,7 +67,7 @@ def mirror_lock(mirror: Path) -> Iterator[None]:
     flock locks belong to an open file description, so two threads of one process exclude each
     other as two processes do; the lock is not re-entrant (do not nest it for one mirror).
     """
-    mirror.parent.mkdir(parents=True, exist_ok=True)
+    mirror.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
     fd = os.open(lock_path(mirror), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

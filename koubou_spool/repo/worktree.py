@@ -166,10 +166,11 @@ def _add_worktree(ws: Workspace) -> None:
 # --- after the craftsman -------------------------------------------------------------------
 
 
-def push_result(home: Path, ws: Workspace, *, timeout_s: float = mirrors.FETCH_TIMEOUT_S) -> None:
-    """Push the workspace's branch to its source, recording first that it may now be published."""
+def push_result(home: Path, ws: Workspace, commit: str | None = None, *,
+                timeout_s: float = mirrors.FETCH_TIMEOUT_S) -> None:
+    """Push the result (`commit`, else the branch) to the source's branch, journalled first as published."""
     _journal_workspace(home, ws, pushed=True)
-    changes.push(ws.mirror, ws.source, ws.branch, timeout_s=timeout_s)
+    changes.push(ws.mirror, ws.source, ws.branch, commit=commit, timeout_s=timeout_s)
 
 
 # --- clean-up ------------------------------------------------------------------------------
