@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
-from conftest import Workers, submit, wait_outcomes, wait_ready
+from conftest import Workers, submit, wait_outcomes, wait_ready, write_config
 from fake_openai import FakeOpenAI
+from koubou_spool.cli.koubou import cli
 from koubou_spool.craft.backends import BackendError, Reply
 from koubou_spool.craft.backends.command import parse_output
 from koubou_spool.errors import InvalidTask
@@ -214,3 +216,23 @@ def test_batch_output_carries_the_servers_body(spool: Spool, fake_openai: FakeOp
         assert body["system_fingerprint"] == "fp_1"
     seeds = sorted(r["seed"] for r in fake_openai.completions() if "seed" in r)
     assert seeds == [0, 1, 2]
+
+
+def test_report_counts_truncated_and_invalid_outputs_per_craftsman(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
+    write_config(home, fake_openai.base_url, spool={"max_attempts": 2})
+    workers.start(home)
+    wait_ready(spool)
+    fake_openai.answer_next(content="cut", finish_reason="length")
+    run_one(spool, content="one")
+    fake_openai.answer_next(content="{}")
+    fake_openai.answer_next(content='{"a": 2}')
+    run_one(spool, content="two", params={"response_format": JSON_SCHEMA})
+    workers.terminate_all()
+    shown = CliRunner().invoke(cli, ["report", "--json", "--home", str(home)])
+    assert shown.exit_code == 0, shown.output
+    answers = {a["craftsman"]: a for a in json.loads(shown.output)["answers"]}
+    assert answers["local"] == {"craftsman": "local", "completed": 2, "truncated": 1,
+                                "invalid_output": 1}
+    text = CliRunner().invoke(cli, ["report", "--home", str(home)]).output
+    assert "invalid outputs" in text
