@@ -270,6 +270,99 @@ def json_schema_of(params: dict[str, Any]) -> dict[str, Any] | None:
         else None
 
 
+# --- references: {{ID}}, {{ID.diff}}, {{ID.json.a.b}} --------------------------------------
+
+REFERENCE_RE = re.compile(r"\{\{([A-Za-z0-9_-][A-Za-z0-9._-]*)\}\}")
+_REFERENCE_ID_RE = re.compile(r"(.+?)(?:\.diff|\.json(?:\..*)?)?")
+REFERENCED_FIELDS = ("content", "system")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """`{{ID}}` (the result's content), `{{ID.diff}}` (its patch) or `{{ID.json.a.b}}`."""
+
+    text: str
+    task_id: str
+    part: str  # content, diff or json
+    path: tuple[str, ...] = ()
+
+
+def reference(inner: str, after: list[str]) -> Reference:
+    """The reference `{{inner}}` of a task that runs after `after`; InvalidTask naming it when
+    it names no task in `after` or no part of one."""
+    text = "{{" + inner + "}}"
+    for task_id in sorted(after, key=len, reverse=True):  # ids may hold dots: longest first
+        if inner == task_id:
+            return Reference(text, task_id, "content")
+        if inner.startswith(task_id + "."):
+            rest = inner[len(task_id) + 1:].split(".")
+            if rest == ["diff"]:
+                return Reference(text, task_id, "diff")
+            if rest[0] == "json" and all(rest[1:]):
+                return Reference(text, task_id, "json", tuple(rest[1:]))
+            raise InvalidTask(f"{text}: a reference to {task_id} is {{{{{task_id}}}}}, "
+                              f"{{{{{task_id}.diff}}}} or {{{{{task_id}.json.FIELD}}}}")
+    named = _REFERENCE_ID_RE.fullmatch(inner).group(1)
+    raise InvalidTask(f"{text}: {named} is not in after ({', '.join(after) or 'empty'}); a "
+                      "task can only use the results of tasks it runs after")
+
+
+def references(text: str, after: list[str]) -> list[Reference]:
+    """Every reference in a text, checked against `after`."""
+    return [reference(m.group(1), after) for m in REFERENCE_RE.finditer(text)]
+
+
+def check_references(fields: dict[str, Any], after: list[str]) -> None:
+    """At submit: the references in content and system of a task with `after` name its
+    dependencies (a task without `after` has no references: its braces are its own)."""
+    if not after or fields.get("messages") is not None:
+        return
+    for name in REFERENCED_FIELDS:
+        if isinstance(fields.get(name), str):
+            references(fields[name], after)
+
+
+def fill_references(text: str, after: list[str], results: dict[str, dict[str, Any]],
+                    diffs: dict[str, str | None]) -> str:
+    """The text with each reference replaced by what it names in the dependencies' `results`
+    (and patches, `diffs`); InvalidTask naming a reference whose field is not there."""
+    def value(match: re.Match) -> str:
+        ref = reference(match.group(1), after)
+        result = results.get(ref.task_id) or {}
+        if ref.part == "content":
+            return str(result.get("content", ""))
+        if ref.part == "diff":
+            diff = diffs.get(ref.task_id)
+            if diff is None:
+                raise InvalidTask(f"{ref.text}: {ref.task_id} has no diff (only repository "
+                                  "tasks make one)")
+            return diff
+        found = _json_field(ref, result)
+        return found if isinstance(found, str) else json.dumps(found, ensure_ascii=False)
+    return REFERENCE_RE.sub(value, text)
+
+
+def _json_field(ref: Reference, result: dict[str, Any]) -> Any:
+    """The field a `{{ID.json.a.b}}` reference names in a result's parsed JSON."""
+    if "json" in result:
+        found = result["json"]
+    else:
+        try:
+            found = json.loads(result.get("content", ""))
+        except (TypeError, ValueError):
+            raise InvalidTask(f"{ref.text}: the result of {ref.task_id} is not JSON") from None
+    for depth, key in enumerate(ref.path):
+        if isinstance(found, dict) and key in found:
+            found = found[key]
+        elif isinstance(found, list) and key.isdigit() and int(key) < len(found):
+            found = found[int(key)]
+        else:
+            where = ".".join(ref.path[:depth + 1])
+            raise InvalidTask(f"{ref.text}: the JSON result of {ref.task_id} has no field "
+                              f"{where}")
+    return found
+
+
 def is_batch_line(obj: dict) -> bool:
     """True for an OpenAI Batch API input line rather than a plain task."""
     return "custom_id" in obj and "body" in obj
@@ -335,6 +428,7 @@ def validate(obj: Any, default_id: str | None = None) -> Task:
     task_id = given_id or new_id()
     params = _params(fields, "body" if is_batch_line(obj) else "params")
     after = _string_list(fields, "after", ID_RE)
+    check_references(fields, after)
     raw = dict(obj)
     raw["id"] = task_id
     return Task(

@@ -16,6 +16,7 @@ it goes when an attempt succeeds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -27,7 +28,9 @@ from ..craft import router
 from ..craft.attach import Attachment
 from ..craft.backends import BackendError, Reply, Request
 from ..craft.prompt import messages_for
+from ..errors import InvalidTask
 from ..spool import task as task_format
+from ..spool.files import Spool
 from ..spool.task import Task
 
 FEEDBACK = "feedback.json"
@@ -63,11 +66,14 @@ class TextWork:
     """A prompt in, an answer out: the chat messages, and what the server said as the result."""
 
     async def prepare(self, attempt: Attempt) -> Request:
-        """Messages from the task, its attachments, the craftsman's defaults and the word a
-        refused attempt left."""
-        messages = with_feedback(attempt, messages_for(attempt.task, attempt.craftsman.system,
+        """Messages from the task (its references filled in), its attachments, the craftsman's
+        defaults and the word a refused attempt left."""
+        task, confidential = with_references(attempt)
+        messages = with_feedback(attempt, messages_for(task, attempt.craftsman.system,
                                                        attempt.attachments))
-        return base_request(attempt, messages)
+        request = base_request(attempt, messages)
+        request.confidential = request.confidential or confidential
+        return request
 
     async def finish(self, attempt: Attempt, reply: Reply) -> dict[str, Any]:
         """The answer's text and what else the server said; with JSON asked for, the parsed
@@ -140,6 +146,41 @@ def parse_json_answer(reply: Reply, schema: dict[str, Any] | None) -> Any:
                                f"at ${where}: {error.message}", kind="invalid_output",
                                retryable=True)
     return answer
+
+
+# --- references to the results of the tasks a task runs after ------------------------------
+
+def with_references(attempt: Attempt) -> tuple[Task, bool]:
+    """The task with `{{ID}}` references in content and system filled in from its
+    dependencies' outcomes, and whether one of them was confidential (then so is this).
+    BackendError `invalid` naming a reference that is not there."""
+    task = attempt.task
+    texts = {name: getattr(task, name) for name in task_format.REFERENCED_FIELDS}
+    if not task.after or task.messages is not None or not any(
+            t and task_format.REFERENCE_RE.search(t) for t in texts.values()):
+        return task, False
+    spool = Spool(Path(attempt.home))
+    outcomes = {i: spool.outcome(i) or {} for i in task.after}
+    results = {i: o.get("result") or {} for i, o in outcomes.items()}
+    diffs = {i: _diff(attempt.home, r) for i, r in results.items()}
+    try:
+        filled = {name: task_format.fill_references(text, task.after, results, diffs)
+                  for name, text in texts.items() if text}
+    except InvalidTask as exc:
+        raise BackendError(str(exc), kind="invalid") from None
+    confidential = any(o.get("sensitivity") == "confidential" for o in outcomes.values())
+    return dataclasses.replace(task, **filled), confidential
+
+
+def _diff(home: str, result: dict[str, Any]) -> str | None:
+    """A repository task's patch (`result.repo.patch` names it under the home), or None."""
+    patch = (result.get("repo") or {}).get("patch")
+    if not isinstance(patch, str):
+        return None
+    try:
+        return (Path(home) / patch).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
 
 
 # --- feedback: what a refused attempt tells the next one -----------------------------------
