@@ -20,6 +20,7 @@ def main() -> None:
     if mode == "claude":
         print(json.dumps({"type": "result", "subtype": "success", "is_error": False,
                           "result": f"claude: {prompt.strip()[-40:]}", "total_cost_usd": 0.0123,
+                          "session_id": "0b7c-session", "num_turns": 3,
                           "usage": {"input_tokens": 10, "cache_read_input_tokens": 5,
                                     "cache_creation_input_tokens": 0, "output_tokens": 7}}))
     elif mode == "codex":

@@ -3,7 +3,11 @@
 `/v1/models` lists the model; `/v1/chat/completions` answers "echo: <last user message>" with a
 `usage` block. Knobs: `latency_s`, `fail_next` (answer that many requests with `fail_status`),
 `rate_limit_next` (answer that many with 429 and Retry-After), `reject_next` (400 with an
-OpenAI-style error). Every request is logged in `requests`. Binds 127.0.0.1 only.
+OpenAI-style error). What the answers say: `answer` (for every answer) and `answer_next(...)`
+(for the next one, in order) override the echo with `content`, `finish_reason` (None too),
+`message` (more message fields: reasoning, reasoning_content, tool_calls, refusal) and `body`
+(more top-level fields). Every request is logged in `requests`, its body as it arrived, so
+tests can assert what reached the server. Binds 127.0.0.1 only.
 Run it alone with `python tests/fake_openai.py [--latency-ms N]`: it prints its port.
 """
 
@@ -30,7 +34,10 @@ class FakeOpenAI:
         self.rate_limit_next = 0
         self.retry_after_s = 0.1
         self.reject_next = 0
+        self.answer: dict[str, Any] = {}
+        self.scripted: list[dict[str, Any]] = []
         self.requests: list[dict[str, Any]] = []
+        self.responses: list[dict[str, Any]] = []  # the bodies of the answers sent
         self.in_flight = 0
         self.usage: list[tuple[int, int]] = []  # (prompt, completion) of each answered request
         self.max_in_flight = 0
@@ -63,6 +70,15 @@ class FakeOpenAI:
         """Logged chat completion requests (bodies), in arrival order."""
         with self.lock:
             return [r["body"] for r in self.requests if r["path"].endswith("/chat/completions")]
+
+    def answer_next(self, **answer: Any) -> None:
+        """Script the next answer: content, finish_reason, message, body (see the module doc)."""
+        with self.lock:
+            self.scripted.append(answer)
+
+    def _next_answer(self) -> dict[str, Any]:
+        with self.lock:
+            return self.scripted.pop(0) if self.scripted else self.answer
 
     def _next_fault(self) -> tuple[int, dict[str, Any], dict[str, str]] | None:
         with self.lock:
@@ -159,16 +175,23 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             messages = body.get("messages") or []
             users = [m for m in messages if m.get("role") == "user"]
             text = "echo: " + str(users[-1].get("content", "")) if users else "echo:"
-            prompt_tokens, completion_tokens = _words(messages), len(text.split())
+            answer = fake._next_answer()
+            text = answer.get("content", text)
+            prompt_tokens, completion_tokens = _words(messages), len(str(text or "").split())
             with fake.lock:
                 fake.usage.append((prompt_tokens, completion_tokens))
-            self._send(200, {
+            response = {
                 "id": f"chatcmpl-{len(fake.requests)}", "object": "chat.completion",
                 "created": int(time.time()), "model": body.get("model", fake.model),
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": text}}],
+                "choices": [{"index": 0, "finish_reason": answer.get("finish_reason", "stop"),
+                             "message": {"role": "assistant", "content": text,
+                                         **answer.get("message", {})}}],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}})
+                          "total_tokens": prompt_tokens + completion_tokens},
+                **answer.get("body", {})}
+            with fake.lock:
+                fake.responses.append(response)
+            self._send(200, response)
 
     return Handler
 

@@ -205,6 +205,7 @@ def test_claude_and_codex_agents_record_tokens_and_cost(
     assert by_claude["content"].startswith("claude: ") and "write tests" in by_claude["content"]
     assert by_claude["cost_usd"] == 0.0123
     assert by_claude["usage"]["prompt_tokens"] == 15 and by_claude["usage"]["completion_tokens"] == 7
+    assert by_claude["session_id"] == "0b7c-session" and by_claude["num_turns"] == 3
     by_codex = outcomes[codex]["result"]
     assert by_codex["content"].startswith("codex: ")
     assert by_codex["cost_usd"] == pytest.approx((600 * 1.0 + 400 * 0.1 + 200 * 10.0) / 1e6)

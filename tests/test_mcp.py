@@ -75,19 +75,26 @@ def test_pending_task_is_cancelled_then_a_delegated_task_completes(
         done = answer(await session.call_tool(
             "delegate_task", {"content": "summarise the diff", "id": "via-mcp",
                               "type": "analysis", "sensitivity": "confidential"}))
+        chained = answer(await session.call_tool(
+            "delegate_task", {"content": "review: {{via-mcp}}", "after": ["via-mcp"],
+                              "params": {"seed": 7, "x_vendor": True}, "sensitivity": "confidential"}))
         status = answer(await session.call_tool("get_task_status", {"task_id": "via-mcp"}))
         listed = answer(await session.call_tool("list_tasks", {"state": "completed"}))
         workers_now = answer(await session.call_tool("get_worker_status", {}))
         report = answer(await session.call_tool("get_report", {}))
-        return done, status, listed, workers_now, report
+        return done, chained, status, listed, workers_now, report
 
-    done, status, listed, workers_now, report = anyio.run(session_run, home, with_worker)
+    done, chained, status, listed, workers_now, report = anyio.run(session_run, home, with_worker)
     assert done["state"] == "completed", done
     assert done["result"]["content"] == "echo: summarise the diff"
     assert done["result"]["craftsman"] == "local"
+    assert done["result"]["finish_reason"] == "stop" and "response" not in done["result"]
+    assert chained["result"]["content"] == "echo: review: echo: summarise the diff"
+    sent = fake_openai.completions()[-1]
+    assert sent["seed"] == 7 and sent["x_vendor"] is True
     assert status["state"] == "completed" and status["attempts"][0]["outcome"] == "completed"
     assert "via-mcp" in {t["id"] for t in listed["tasks"]}
     assert [w["liveness"] for w in workers_now["workers"]] == ["alive"]
     assert report["tasks"]["by_state"]["failed"] == 1  # the cancelled one
-    assert report["tasks"]["by_state"]["completed"] >= 2
+    assert report["tasks"]["by_state"]["completed"] >= 3
     assert report["failures_by_kind"] == {"cancelled": 1}

@@ -251,3 +251,15 @@ def test_html_report_renders_in_headless_chromium(report_home: Path, tmp_path: P
     assert len(colours) > 20, f"screenshot looks blank: {len(colours)} colours"
     bar_blue = bytes.fromhex("3b6ea5")
     assert sum(1 for p in pixels if p == bar_blue) > 500, "no chart bars on the screenshot"
+
+
+def test_answers_count_truncated_and_invalid_outputs_per_craftsman() -> None:
+    tasks = [{"craftsman": "local", "status": "completed", "truncated": 1},
+             {"craftsman": "local", "status": "completed", "truncated": 0},
+             {"craftsman": "cloud", "status": "completed", "truncated": None},
+             {"craftsman": "cloud", "status": "failed", "error_kind": "invalid_output"}]
+    kinds = [{"craftsman": "cloud", "error_kind": "invalid_output", "attempts": 3},
+             {"craftsman": "local", "error_kind": "timeout", "attempts": 1}]
+    assert report.answers_by_craftsman(tasks, kinds) == [
+        {"craftsman": "cloud", "completed": 1, "truncated": 0, "invalid_output": 3},
+        {"craftsman": "local", "completed": 2, "truncated": 1, "invalid_output": 0}]

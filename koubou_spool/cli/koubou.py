@@ -15,7 +15,7 @@ from ..craft.attach import read_attachments
 from ..craft.budget import BudgetSettings
 from ..craft.limits import Budget
 from ..spool.task import DIFFICULTIES, SENSITIVITIES
-from ..errors import EXIT_OK, EXIT_TASK_FAILED, WaitTimeout
+from ..errors import EXIT_OK, EXIT_TASK_FAILED, TaskNotFound, WaitTimeout
 from ..spool.home import STATE_DIRS
 from ..work.worker import run_worker
 from .common import KoubouGroup, emit_json, home_options, session, setup_logging
@@ -101,14 +101,22 @@ def worker(craftsmen: tuple[str, ...], concurrency: int, drain: bool) -> None:
 @json_option
 @click.argument("task_id", required=False)
 def status(task_id: str | None, as_json: bool) -> None:
-    """Queue depth per state and live workers; with an ID, that task's state and attempts."""
+    """Queue depth per state and live workers; with an ID, that task's state and attempts
+    (a workflow's id: its steps)."""
     where = session()
     config = where.config(required=False)
     spool = where.spool(config)
     if task_id:
-        found = status_module.task_status(spool, where.ledger_path, task_id)
+        try:
+            found = status_module.task_status(spool, where.ledger_path, task_id)
+        except TaskNotFound:
+            found = {"workflow": task_id, "steps": status_module.workflow_steps(spool, task_id)}
+            if not found["steps"]:
+                raise
         if as_json:
             emit_json(found)
+        elif "workflow" in found:
+            _print_workflow_status(found)
         else:
             _print_task_status(found)
         return
@@ -125,6 +133,13 @@ def status(task_id: str | None, as_json: bool) -> None:
         click.echo(f"worker {w['id']} {w['liveness']} in_flight={w.get('in_flight', '?')} "
                    f"done={w.get('done', '?')} failed={w.get('failed', '?')}")
     click.echo(_budget_line(facts["budget"]))
+
+
+def _print_workflow_status(found: dict) -> None:
+    click.echo(f"workflow {found['workflow']}: {len(found['steps'])} steps")
+    for step in found["steps"]:
+        held = f" by {step['worker_id']}" if step.get("worker_id") else ""
+        click.echo(f"  {step['step']}: {step['state']}{held}")
 
 
 def _print_task_status(found: dict) -> None:

@@ -18,6 +18,7 @@ from ..config import Config
 from ..errors import EXIT_OK, EXIT_TASK_FAILED, InvalidTask, UsageError, WaitTimeout
 from ..observe.gather import write_atomic
 from ..observe.progress import wait_with_progress
+from ..spool import workflow as workflow_format
 from ..spool.files import Spool
 from ..spool.task import DIFFICULTIES, SENSITIVITIES, Task
 from .common import KoubouCommand, home_options, session
@@ -33,6 +34,21 @@ def _json_object(value: str | None, what: str) -> dict | None:
     if not isinstance(decoded, dict):
         raise UsageError(f"{what} must be a JSON object")
     return decoded
+
+
+def _params(values: tuple[str, ...]) -> dict[str, Any]:
+    """`--param KEY=JSON`... as one object."""
+    params = {}
+    for value in values:
+        key, equals, text = value.partition("=")
+        if not key or not equals:
+            raise UsageError(f"--param {value}: expected KEY=JSON, e.g. --param seed=7")
+        try:
+            params[key] = json.loads(text)
+        except ValueError:
+            raise UsageError(f"--param {value}: {text!r} is not JSON; a string needs its quotes, "
+                             f"e.g. --param '{key}=\"{text}\"'") from None
+    return params
 
 
 def _read_task_file(path: str) -> dict:
@@ -95,8 +111,22 @@ def _single_task(text: str | None, file: str | None, fields: dict[str, Any]) -> 
         obj = {"content": text}
     else:
         raise UsageError("nothing to submit: give TEXT, - for stdin, --file or --batch")
+    after, params = fields.pop("after", ()), fields.pop("params", {})
     obj.update({k: v for k, v in fields.items() if v not in (None, ())})
+    if after:
+        known = obj.get("after") if isinstance(obj.get("after"), list) else []
+        obj["after"] = known + [a for a in after if a not in known]
+    if params:
+        obj["params"] = {**(obj.get("params") or {}), **params}
     return task_format.validate(obj)
+
+
+def _read_workflow(path: str) -> workflow_format.Workflow:
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    return workflow_format.load(data, path)
 
 
 @click.command(cls=KoubouCommand, context_settings={"help_option_names": ["-h", "--help"]})
@@ -119,6 +149,12 @@ def _single_task(text: str | None, file: str | None, fields: dict[str, Any]) -> 
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Output token limit.")
 @click.option("--id", "task_id", metavar="ID",
               help="Task id; resubmitting an existing id queues nothing and exits 0.")
+@click.option("--after", multiple=True, metavar="ID",
+              help="Run after this task completed (repeatable); {{ID}} in the text is its result.")
+@click.option("--param", "params", multiple=True, metavar="KEY=JSON",
+              help="A chat-completions body field sent as it is, e.g. seed=7 (repeatable).")
+@click.option("--workflow", metavar="FILE.yaml",
+              help="Queue a workflow: named steps with after between them (- for stdin).")
 @click.option("--wait", is_flag=True, help="Block until done and print the result.")
 @click.option("--timeout", type=float, help="With --wait: give up after S seconds (exit 3).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of ids/results.")
@@ -127,9 +163,11 @@ def _single_task(text: str | None, file: str | None, fields: dict[str, Any]) -> 
 def submit(text: str | None, file: str | None, batch: str | None, type_: str | None,
            priority: int | None, difficulty: str | None, sensitivity: str | None,
            craftsman: str | None, model: str | None, system: str | None, context: str | None,
-           attach: tuple[str, ...], max_tokens: int | None, task_id: str | None, wait: bool,
+           attach: tuple[str, ...], max_tokens: int | None, task_id: str | None,
+           after: tuple[str, ...], params: tuple[str, ...], workflow: str | None, wait: bool,
            timeout: float | None, as_json: bool, output: str | None) -> None:
-    """Queue a task for the craftsmen: TEXT, - (stdin), --file F, or --batch FILE.jsonl.
+    """Queue a task for the craftsmen: TEXT, - (stdin), --file F, --batch FILE.jsonl or
+    --workflow FILE.yaml.
 
     Prints the id of each task queued. Exit codes: 0 ok, 1 the task failed (with --wait),
     2 invalid input, 3 --timeout passed (the task stays queued), 4 spool unusable.
@@ -140,9 +178,17 @@ def submit(text: str | None, file: str | None, batch: str | None, type_: str | N
     fields = {"type": type_, "priority": priority, "difficulty": difficulty,
               "sensitivity": sensitivity, "craftsman": craftsman, "model": model,
               "system": system, "context": _json_object(context, "--context"),
-              "files": list(attach) or None, "max_tokens": max_tokens, "id": task_id}
+              "files": list(attach) or None, "max_tokens": max_tokens, "id": task_id,
+              "after": after, "params": _params(params)}
     if output is not None and not (batch is not None and wait):
         raise UsageError("--output goes with --batch FILE --wait")
+    if workflow is not None:
+        given = [f"--{k.replace('_', '-')}" for k, v in fields.items() if v not in (None, (), {})]
+        if text is not None or file is not None or batch is not None or given:
+            raise UsageError("--workflow takes its tasks from the file; drop TEXT, --file, "
+                             "--batch and task options (put shared fields under defaults:)")
+        click.get_current_context().exit(
+            _submit_workflow(spool, config, _read_workflow(workflow), wait, timeout, as_json))
     if batch is not None:
         if text is not None or file is not None or task_id is not None:
             raise UsageError("--batch takes its tasks from the file; drop TEXT, --file and --id")
@@ -162,6 +208,38 @@ def submit(text: str | None, file: str | None, batch: str | None, type_: str | N
         click.get_current_context().exit(_wait_batch(spool, [t.id for t in tasks], timeout, output))
     outcomes = status_module.wait_for_outcomes(spool, [t.id for t in tasks], timeout)
     click.get_current_context().exit(_report(outcomes, as_json))
+
+
+def _submit_workflow(spool: Spool, config: Config, workflow: workflow_format.Workflow,
+                     wait: bool, timeout: float | None, as_json: bool) -> int:
+    """Queue every step (nothing new when the workflow id was queued before); with wait, a
+    line per step as it ends, then the results of the steps nothing runs after."""
+    _check_craftsmen(workflow.tasks, config)
+    for task, state, new in spool.submit(workflow.tasks):
+        if as_json and not wait:
+            click.echo(json.dumps({"id": task.id, "state": state, "new": new}))
+        elif not as_json:
+            click.echo(task.id if new else f"{task.id} (already {state})", err=wait)
+    if not wait:
+        return EXIT_OK
+    ids = [t.id for t in workflow.tasks]
+    told: set[str] = set()
+
+    def progress(done: int, failed: int, total: int) -> None:
+        for task_id in ids:
+            outcome = None if task_id in told else spool.outcome(task_id)
+            if outcome is not None:
+                told.add(task_id)
+                error = outcome.get("error") or {}
+                said = f" ({error.get('kind')})" if error else ""
+                click.echo(f"step {workflow.steps[task_id]}: {outcome.get('status')}{said}",
+                           err=True)
+    finished = wait_with_progress(spool, ids, timeout, progress)
+    if len(finished) < len(ids):
+        missing = [workflow.steps[t] for t in ids if t not in finished]
+        raise WaitTimeout(f"timed out after {timeout:g} s; steps still open: "
+                          f"{', '.join(missing)}")
+    return _report({t: spool.outcome(t) for t in workflow.leaves}, as_json)
 
 
 def _wait_batch(spool: Spool, task_ids: list[str], timeout: float | None,

@@ -1,8 +1,9 @@
 """OpenAI Batch API compatibility: outcome records as Batch output lines, and the progress line.
 
 No I/O. An output line is `{"id", "custom_id", "response": {"status_code", "request_id",
-"body"}, "error"}`; `body` is a chat.completion object built from the outcome, so scripts
-written for the Batch API read koubou's results unchanged.
+"body"}, "error"}`; `body` is the server's own response body when the craftsman spoke chat
+completions (the outcome keeps it as `result.response`), else a chat.completion object built
+from the outcome, so scripts written for the Batch API read koubou's results unchanged.
 """
 
 from __future__ import annotations
@@ -13,14 +14,21 @@ from ..spool.task import parse_iso
 
 
 def chat_completion(task_id: str, result: dict[str, Any]) -> dict[str, Any]:
-    """A chat.completion object from a completed outcome's `result`."""
+    """The chat.completion of a completed outcome's `result`: the server's body as it came,
+    or one built from the result (echo and CLI agents, which answer in other shapes)."""
+    if isinstance(result.get("response"), dict):
+        return result["response"]
     finished = result.get("finished_at")
+    message = {"role": "assistant", "content": result.get("content", "")}
+    for key in ("reasoning", "tool_calls", "refusal"):
+        if result.get(key):
+            message[key] = result[key]
     return {
         "id": f"chatcmpl-{task_id}", "object": "chat.completion",
         "created": int(parse_iso(finished)) if isinstance(finished, str) else 0,
         "model": result.get("model"),
-        "choices": [{"index": 0, "finish_reason": "stop",
-                     "message": {"role": "assistant", "content": result.get("content", "")}}],
+        "choices": [{"index": 0, "finish_reason": result.get("finish_reason") or "stop",
+                     "message": message}],
         "usage": result.get("usage") or {"prompt_tokens": 0, "completion_tokens": 0,
                                          "total_tokens": 0},
     }

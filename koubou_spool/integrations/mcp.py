@@ -54,8 +54,13 @@ sensitivity: `confidential` means the content must never leave local craftsmen (
 secrets, credentials, private data or proprietary code), `public` allows cloud craftsmen, `auto`
 (default) lets the router decide by scanning for secrets; craftsman (a name, or auto); model;
 system (system prompt); context (object given to the model); files (paths on this machine whose
-text is attached); max_tokens. wait_s defaults to 20 and is capped at 50 (tool calls time out
-near 60 s); 0 returns at once."""
+text is attached); max_tokens; params (chat-completions body fields sent as they are, e.g.
+{"response_format": {"type": "json_object"}, "seed": 7}; the result then has `json`); after
+(ids of tasks to run after; {{ID}} in content or system is that task's result, {{ID.json.key}}
+a field of its JSON). wait_s defaults to 20 and is capped at 50 (tool calls time out near
+60 s); 0 returns at once."""
+
+REASONING_CHARS = 4000  # of a result's reasoning, in what a tool returns to the agent
 
 
 @contextmanager
@@ -65,6 +70,18 @@ def _told() -> Iterator[None]:
         yield
     except KoubouError as exc:
         raise ToolError(str(exc)) from None
+
+
+def _for_agent(answer: dict[str, Any]) -> dict[str, Any]:
+    """A tool's answer without the server's raw body, which repeats the result, and with the
+    reasoning cut to a bound: the agent's context is the scarce thing."""
+    result = answer.get("result")
+    if isinstance(result, dict):
+        result = {k: v for k, v in result.items() if k != "response"}
+        if isinstance(result.get("reasoning"), str):
+            result["reasoning"] = result["reasoning"][:REASONING_CHARS]
+        answer = dict(answer, result=result)
+    return answer
 
 
 def build_server(workshop: Workshop) -> MCPServer:
@@ -78,13 +95,16 @@ def build_server(workshop: Workshop) -> MCPServer:
                             model: str | None = None, system: str | None = None,
                             context: dict[str, Any] | None = None,
                             files: list[str] | None = None, max_tokens: int | None = None,
+                            params: dict[str, Any] | None = None,
+                            after: list[str] | None = None,
                             wait_s: float = DEFAULT_WAIT_S) -> dict[str, Any]:
         fields = {"content": content, "id": id, "type": type, "priority": priority,
                   "difficulty": difficulty, "sensitivity": sensitivity, "craftsman": craftsman,
                   "model": model, "system": system, "context": context, "files": files,
-                  "max_tokens": max_tokens, "created_by": "mcp"}
+                  "max_tokens": max_tokens, "params": params, "after": after,
+                  "created_by": "mcp"}
         with _told():
-            return await workshop.delegate(fields, wait_s)
+            return _for_agent(await workshop.delegate(fields, wait_s))
 
     @server.tool(description="A task's state (pending, in_progress, completed, failed), its "
                              "attempts so far, and its result or error when finished.")
@@ -93,10 +113,12 @@ def build_server(workshop: Workshop) -> MCPServer:
             return workshop.status(task_id)
 
     @server.tool(description="The result of a finished task (content, craftsman, model, usage, "
-                             "cost) or its error; for an unfinished task, its state. Does not wait.")
+                             "cost; finish_reason, json, reasoning, tool_calls when the server "
+                             "gave them) or its error; for an unfinished task, its state. "
+                             "Does not wait.")
     def get_task_result(task_id: str) -> dict[str, Any]:
         with _told():
-            return workshop.result(task_id)
+            return _for_agent(workshop.result(task_id))
 
     @server.tool(description="Tasks newest first, optionally only one state (pending, "
                              "in_progress, completed, failed); limit defaults to 20.")

@@ -35,7 +35,9 @@ def build_report(spool: Spool, ledger_path: Path, config: Config, period: report
         ledger.read(ledger_path, ledger.report_tasks, period.start, period.end, default=[]),
         ledger.read(ledger_path, ledger.report_spend, spend_start, spend_end, default=[]),
         ledger.read(ledger_path, ledger.report_rejects, period.start, period.end, default=[]),
-        queue_counts(spool), config.budget, now, tz)
+        queue_counts(spool), config.budget, now, tz,
+        ledger.read(ledger_path, ledger.report_attempt_kinds, period.start, period.end,
+                    default=[]))
 
 
 def report_for(spool: Spool, ledger_path: Path, config: Config, *, day: str | None = None,

@@ -71,6 +71,7 @@ def text(report: dict[str, Any]) -> str:
         [name, s["count"], seconds(s["mean"]), seconds(s["p50"]), seconds(s["p95"])]
         for name, s in (("queue wait", report["queue_wait_s"]), ("run time", report["run_time_s"]))])
     out += [""] + _usage(report)
+    out += [""] + _answers(report)
     out += [""] + _budget(report["budget"])
     failures = report["failures_by_kind"]
     out += [""] + (table(["failure", "tasks"], [[k, v] for k, v in failures.items()])
@@ -85,6 +86,15 @@ def _usage(report: dict[str, Any]) -> list[str]:
     rows.append(["total", "", report["tasks"]["total"], tokens["prompt"], tokens["completion"],
                  usd(cost["total_usd"])])
     return table(["craftsman", "model", "tasks", "tokens in", "tokens out", "cost"], rows)
+
+
+def _answers(report: dict[str, Any]) -> list[str]:
+    answers = report.get("answers") or []
+    if not answers:
+        return ["answers: none"]
+    return table(["craftsman", "answers", "truncated", "invalid outputs"],
+                 [[a["craftsman"], a["completed"], a["truncated"], a["invalid_output"]]
+                  for a in answers])
 
 
 def _budget(budget: dict[str, Any]) -> list[str]:
@@ -118,6 +128,9 @@ def csv_rows(report: dict[str, Any]) -> Iterator[tuple[str, str, str, Any]]:
         name = f"{usage['craftsman']}/{usage['model']}"
         for metric in ("tasks", "prompt_tokens", "completion_tokens", "cost_usd"):
             yield "usage", name, metric, usage[metric]
+    for answers in report.get("answers") or []:
+        for metric in ("completed", "truncated", "invalid_output"):
+            yield "answers", answers["craftsman"], metric, answers[metric]
     yield "tokens", "all", "prompt", report["tokens"]["prompt"]
     yield "tokens", "all", "completion", report["tokens"]["completion"]
     yield "cost", "all", "usd", report["cost"]["total_usd"]

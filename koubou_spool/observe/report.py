@@ -242,9 +242,29 @@ def failures_by_kind(tasks: list[dict], rejects: list[dict]) -> dict[str, int]:
     return dict(sorted(kinds.items()))
 
 
+def answers_by_craftsman(tasks: list[dict], attempt_kinds: list[dict]) -> list[dict[str, Any]]:
+    """Per craftsman: answers completed, how many of them were cut off at max_tokens
+    (`truncated`), and attempts whose answer was refused as `invalid_output`."""
+    rows: dict[str, dict[str, Any]] = {}
+
+    def row(craftsman: str | None) -> dict[str, Any]:
+        name = craftsman or "(none)"
+        return rows.setdefault(name, {"craftsman": name, "completed": 0, "truncated": 0,
+                                      "invalid_output": 0})
+    for task in tasks:
+        if task.get("status") == "completed":
+            entry = row(task.get("craftsman"))
+            entry["completed"] += 1
+            entry["truncated"] += 1 if task.get("truncated") else 0
+    for item in attempt_kinds:
+        if item.get("error_kind") == "invalid_output":
+            row(item.get("craftsman"))["invalid_output"] += item.get("attempts") or 0
+    return [rows[name] for name in sorted(rows)]
+
+
 def build(period: Period, tasks: list[dict], spend: list[dict], rejects: list[dict],
           queues: dict[str, int], budget: dict[str, Any], now: float,
-          tz: tzinfo | None) -> dict[str, Any]:
+          tz: tzinfo | None, attempt_kinds: list[dict] = ()) -> dict[str, Any]:
     """The whole report for a period, from ledger rows and the current queue depths."""
     in_period = [s for s in spend if period.start <= s["at"] < period.end]
     chart_start = min(period.start, budget_window(period, now, tz)[0])
@@ -267,6 +287,7 @@ def build(period: Period, tasks: list[dict], spend: list[dict], rejects: list[di
         "usage": usage_by_craftsman_model(tasks, in_period),
         "budget": budget_figures(budget, spend, period, now, tz),
         "failures_by_kind": failures_by_kind(tasks, rejects),
+        "answers": answers_by_craftsman(tasks, attempt_kinds),
         "cost_per_day": cost_per_day(spend, chart_start, chart_end, tz),
     }
 

@@ -96,6 +96,15 @@ def list_tasks(spool: Spool, states: list[str], limit: int) -> list[dict[str, An
     return listed
 
 
+def workflow_steps(spool: Spool, workflow_id: str) -> list[dict[str, Any]]:
+    """The tasks of a workflow (ids `<workflow id>.<step>`) with their states, by id."""
+    prefix = f"{workflow_id}."
+    steps = [dict(item, step=item["id"][len(prefix):])
+             for item in list_tasks(spool, list(STATE_DIRS), 1 << 30)
+             if (item.get("id") or "").startswith(prefix) and not item.get("rejected")]
+    return sorted(steps, key=lambda item: item["id"])
+
+
 def wait_for_outcomes(spool: Spool, task_ids: list[str], timeout: float | None) -> dict[str, dict]:
     """Outcome records of the tasks, waiting on inotify; WaitTimeout naming those still open."""
     for task_id in task_ids:

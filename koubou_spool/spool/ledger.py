@@ -59,6 +59,9 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE TABLE requests (craftsman TEXT NOT NULL, at REAL NOT NULL, tokens INTEGER);
         CREATE INDEX requests_at ON requests (craftsman, at);
     """),
+    ("0003_truncated_answers", """
+        ALTER TABLE tasks ADD COLUMN truncated INTEGER;
+    """),
 ]
 
 
@@ -152,6 +155,7 @@ def task_row(record: dict[str, Any]) -> dict[str, Any]:
         "completion_tokens": usage.get("completion_tokens"),
         "total_tokens": usage.get("total_tokens"), "cost_usd": result.get("cost_usd"),
         "created_by": record.get("created_by"),
+        "truncated": 1 if result.get("truncated") else 0 if result else None,
     }
 
 
@@ -462,6 +466,15 @@ def report_rejects(conn: sqlite3.Connection, start: float, end: float) -> list[d
     """Input rejected as not a task in the period."""
     return [dict(r) for r in conn.execute(
         "SELECT * FROM rejects WHERE at >= ? AND at < ? ORDER BY at", (start, end))]
+
+
+def report_attempt_kinds(conn: sqlite3.Connection, start: float,
+                         end: float) -> list[dict[str, Any]]:
+    """Failed attempts (retried or final) in the period, counted per craftsman and error kind."""
+    return [dict(r) for r in conn.execute(
+        "SELECT craftsman, error_kind, COUNT(*) AS attempts FROM attempts"
+        " WHERE finished_at >= ? AND finished_at < ? AND error_kind IS NOT NULL"
+        " GROUP BY 1, 2 ORDER BY 1, 2", (start, end))]
 
 
 def report_open_attempts(conn: sqlite3.Connection) -> list[dict[str, Any]]:

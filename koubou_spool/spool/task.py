@@ -18,8 +18,15 @@ ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 DIFFICULTIES = ("low", "medium", "high", "auto")
 SENSITIVITIES = ("public", "confidential", "auto")
 ERROR_KINDS = ("invalid", "backend", "timeout", "budget", "policy", "cancelled", "expired",
-               "dependency", "lost")
+               "dependency", "lost", "invalid_output")
 BATCH_URL = "/v1/chat/completions"
+# Body fields that stay koubou's: the prompt is built from the task, the model and token limit
+# have fields of their own (and the limit's name is the craftsman's `token_limit_param`), and
+# answers are read whole. A task's `params` naming one is refused; a Batch body's are taken
+# as the task's fields (model is routing's).
+RESERVED_PARAMS = ("messages", "model", "stream", "max_tokens", "max_completion_tokens")
+# Params that are task fields too: given in `params`, they are checked and used as the field.
+PARAM_FIELDS = ("temperature", "reasoning_effort")
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _id_lock = threading.Lock()
@@ -84,6 +91,7 @@ class Task:
     max_attempts: int | None = None
     attempts: int = 0
     after: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
     not_before: float | None = None
     expires_at: float | None = None
     submitted_at: float | None = None
@@ -187,6 +195,174 @@ def _time(obj: dict, name: str) -> float | None:
         raise _fail(name, "an ISO-8601 time such as 2026-11-21T04:47:06+00:00", value) from None
 
 
+# --- params: what else reaches the backend ---------------------------------------------------
+
+_RESERVED_WHY = {
+    "messages": "the prompt is built from content, system, context and files",
+    "model": "use the task's `model` field",
+    "stream": "koubou reads whole answers",
+    "max_tokens": "use the task's `max_tokens` field",
+    "max_completion_tokens": "use the task's `max_tokens` field; the craftsman's "
+                             "token_limit_param names it for its server",
+}
+
+
+def _params(fields: dict, where: str) -> dict[str, Any]:
+    """The task's backend parameters, checked; temperature and reasoning_effort given there
+    become the task's own fields (a task may not set one twice, differently)."""
+    params = fields.get("params", {})
+    if not isinstance(params, dict):
+        raise _fail(where, "an object", params)
+    params = dict(params)
+    for key in RESERVED_PARAMS:
+        if key in params:
+            raise InvalidTask(f"{where}.{key}: reserved, koubou sets it ({_RESERVED_WHY[key]})")
+    for name in PARAM_FIELDS:
+        if name in params:
+            value = params.pop(name)
+            if name in fields and fields[name] != value:
+                raise InvalidTask(f"{where}.{name}: the task sets {name} to another value; "
+                                  "give it once")
+            fields[name] = value
+    if "n" in params and not (_is_int(params["n"]) and params["n"] == 1):
+        raise _fail(f"{where}.n", "1 (a task has one answer)", params["n"])
+    _check_response_format(params.get("response_format"), f"{where}.response_format")
+    return params
+
+
+def _check_response_format(value: Any, where: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise _fail(where, 'an object with a "type"', value)
+    if value["type"] == "json_schema" and not (isinstance(value.get("json_schema"), dict) and
+                                               isinstance(value["json_schema"].get("schema"),
+                                                          dict)):
+        raise _fail(f"{where}.json_schema", 'an object with a "schema" object',
+                    value.get("json_schema"))
+    schema = json_schema_of({"response_format": value})
+    if schema is not None:
+        import jsonschema  # only tasks with a schema pay for the import
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            raise InvalidTask(f"{where}: the schema is not a valid JSON Schema: "
+                              f"{exc.message}") from None
+
+
+def asks_for_json(params: dict[str, Any]) -> bool:
+    """True when `response_format` asks the server for a JSON answer."""
+    response_format = params.get("response_format")
+    return isinstance(response_format, dict) and response_format.get("type") in (
+        "json_object", "json_schema")
+
+
+def json_schema_of(params: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON Schema the answer must match: OpenAI's `json_schema.schema`, or llama.cpp's
+    `schema` beside `type: json_object`; None when there is none."""
+    response_format = params.get("response_format")
+    if not isinstance(response_format, dict):
+        return None
+    if response_format.get("type") == "json_schema":
+        return (response_format.get("json_schema") or {}).get("schema")
+    schema = response_format.get("schema")
+    return schema if response_format.get("type") == "json_object" and isinstance(schema, dict) \
+        else None
+
+
+# --- references: {{ID}}, {{ID.diff}}, {{ID.json.a.b}} --------------------------------------
+
+REFERENCE_RE = re.compile(r"\{\{([A-Za-z0-9_-][A-Za-z0-9._-]*)\}\}")
+_REFERENCE_ID_RE = re.compile(r"(.+?)(?:\.diff|\.json(?:\..*)?)?")
+REFERENCED_FIELDS = ("content", "system")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """`{{ID}}` (the result's content), `{{ID.diff}}` (its patch) or `{{ID.json.a.b}}`."""
+
+    text: str
+    task_id: str
+    part: str  # content, diff or json
+    path: tuple[str, ...] = ()
+
+
+def reference(inner: str, after: list[str]) -> Reference:
+    """The reference `{{inner}}` of a task that runs after `after`; InvalidTask naming it when
+    it names no task in `after` or no part of one."""
+    text = "{{" + inner + "}}"
+    for task_id in sorted(after, key=len, reverse=True):  # ids may hold dots: longest first
+        if inner == task_id:
+            return Reference(text, task_id, "content")
+        if inner.startswith(task_id + "."):
+            rest = inner[len(task_id) + 1:].split(".")
+            if rest == ["diff"]:
+                return Reference(text, task_id, "diff")
+            if rest[0] == "json" and all(rest[1:]):
+                return Reference(text, task_id, "json", tuple(rest[1:]))
+            raise InvalidTask(f"{text}: a reference to {task_id} is {{{{{task_id}}}}}, "
+                              f"{{{{{task_id}.diff}}}} or {{{{{task_id}.json.FIELD}}}}")
+    named = _REFERENCE_ID_RE.fullmatch(inner).group(1)
+    raise InvalidTask(f"{text}: {named} is not in after ({', '.join(after) or 'empty'}); a "
+                      "task can only use the results of tasks it runs after")
+
+
+def references(text: str, after: list[str]) -> list[Reference]:
+    """Every reference in a text, checked against `after`."""
+    return [reference(m.group(1), after) for m in REFERENCE_RE.finditer(text)]
+
+
+def check_references(fields: dict[str, Any], after: list[str]) -> None:
+    """At submit: the references in content and system of a task with `after` name its
+    dependencies (a task without `after` has no references: its braces are its own)."""
+    if not after or fields.get("messages") is not None:
+        return
+    for name in REFERENCED_FIELDS:
+        if isinstance(fields.get(name), str):
+            references(fields[name], after)
+
+
+def fill_references(text: str, after: list[str], results: dict[str, dict[str, Any]],
+                    diffs: dict[str, str | None]) -> str:
+    """The text with each reference replaced by what it names in the dependencies' `results`
+    (and patches, `diffs`); InvalidTask naming a reference whose field is not there."""
+    def value(match: re.Match) -> str:
+        ref = reference(match.group(1), after)
+        result = results.get(ref.task_id) or {}
+        if ref.part == "content":
+            return str(result.get("content", ""))
+        if ref.part == "diff":
+            diff = diffs.get(ref.task_id)
+            if diff is None:
+                raise InvalidTask(f"{ref.text}: {ref.task_id} has no diff (only repository "
+                                  "tasks make one)")
+            return diff
+        found = _json_field(ref, result)
+        return found if isinstance(found, str) else json.dumps(found, ensure_ascii=False)
+    return REFERENCE_RE.sub(value, text)
+
+
+def _json_field(ref: Reference, result: dict[str, Any]) -> Any:
+    """The field a `{{ID.json.a.b}}` reference names in a result's parsed JSON."""
+    if "json" in result:
+        found = result["json"]
+    else:
+        try:
+            found = json.loads(result.get("content", ""))
+        except (TypeError, ValueError):
+            raise InvalidTask(f"{ref.text}: the result of {ref.task_id} is not JSON") from None
+    for depth, key in enumerate(ref.path):
+        if isinstance(found, dict) and key in found:
+            found = found[key]
+        elif isinstance(found, list) and key.isdigit() and int(key) < len(found):
+            found = found[int(key)]
+        else:
+            where = ".".join(ref.path[:depth + 1])
+            raise InvalidTask(f"{ref.text}: the JSON result of {ref.task_id} has no field "
+                              f"{where}")
+    return found
+
+
 def is_batch_line(obj: dict) -> bool:
     """True for an OpenAI Batch API input line rather than a plain task."""
     return "custom_id" in obj and "body" in obj
@@ -226,6 +402,8 @@ def _batch_fields(obj: dict) -> dict[str, Any]:
     for name in ("max_tokens", "max_completion_tokens", "temperature", "reasoning_effort"):
         if name in body:
             fields["max_tokens" if name == "max_completion_tokens" else name] = body[name]
+    fields["params"] = {k: v for k, v in body.items()
+                        if k not in RESERVED_PARAMS and k not in PARAM_FIELDS}
     return fields
 
 
@@ -248,6 +426,9 @@ def validate(obj: Any, default_id: str | None = None) -> Task:
     _object(fields, "metadata")
     given_id = _string(fields, "id", pattern=ID_RE) or default_id
     task_id = given_id or new_id()
+    params = _params(fields, "body" if is_batch_line(obj) else "params")
+    after = _string_list(fields, "after", ID_RE)
+    check_references(fields, after)
     raw = dict(obj)
     raw["id"] = task_id
     return Task(
@@ -267,7 +448,7 @@ def validate(obj: Any, default_id: str | None = None) -> Task:
         timeout_s=_number(fields, "timeout_s", 0.0),
         max_attempts=_int(fields, "max_attempts", 1),
         attempts=_int(fields, "attempts", 0) or 0,
-        after=_string_list(fields, "after", ID_RE),
+        after=after, params=params,
         not_before=_time(fields, "not_before"),
         expires_at=_time(fields, "expires_at"),
         submitted_at=_time(fields, "submitted_at"),

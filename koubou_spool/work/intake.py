@@ -72,11 +72,12 @@ class Intake:
         if self.spool.kind_of(self.spool.pending, name) == "other":
             self.consider(name)
 
-    def outcome_arrived(self, name: str) -> None:
-        """A task finished: tasks that waited for it (`after`) are judged again."""
+    def outcome_arrived(self, name: str) -> bool:
+        """A task finished: tasks that waited for it (`after`) are judged again; True if any."""
         waiting = self.waiting_on.pop(name[:-5] if name.endswith(".json") else name, ())
         for pending_name in waiting:
             self.consider(pending_name)
+        return bool(waiting)
 
     def budget_room(self) -> None:
         """The budget has room again: deferred tasks are judged again now."""

@@ -123,8 +123,8 @@ class Worker:
             elif directory == self.spool.in_progress:
                 self.dispatch.claim_moved(name)
             elif directory != self.spool.pending:
-                self.intake.outcome_arrived(name)
-                pump = pump or self.dispatch.starved  # a slot another worker held is free
+                # A task that waited for it may be ready; or a slot another worker held is free.
+                pump = self.intake.outcome_arrived(name) or pump or self.dispatch.starved
             elif mask & flags.CREATE:
                 self.intake.created(name)
             else:

@@ -21,6 +21,9 @@ class Request:
     reasoning_effort: str | None = None
     confidential: bool = False  # declared or detected: only a local craftsman may receive it
     workdir: str | None = None  # command backends run here
+    # Further chat-completions body fields (a task's `params`, a Batch line's body), sent as
+    # they are by OpenAI-compatible backends; never one of RESERVED_PARAMS.
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -31,6 +34,12 @@ class Reply:
     model: str
     usage: dict[str, int] = field(default_factory=dict)
     cost_usd: float | None = None  # set by backends that know their own cost (CLI agents)
+    finish_reason: str | None = None
+    reasoning: str | None = None  # the server's `reasoning` or `reasoning_content`
+    tool_calls: list[dict[str, Any]] | None = None
+    refusal: str | None = None
+    response: dict[str, Any] | None = None  # the server's own response body, as it came
+    details: dict[str, Any] = field(default_factory=dict)  # more result fields (session_id, ...)
 
 
 class BackendError(KoubouError):

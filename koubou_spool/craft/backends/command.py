@@ -18,6 +18,9 @@ from ...config import Craftsman
 from . import BackendError, Reply, Request, usage
 
 STDERR_TAIL = 2000
+# What claude -p's JSON says about the run besides the answer, kept in the result: the session
+# to resume (`claude -r`), how many turns it took, how it ended.
+CLAUDE_DETAILS = ("session_id", "num_turns", "duration_ms", "subtype")
 
 
 def prompt_text(messages: list[dict[str, Any]]) -> str:
@@ -140,7 +143,8 @@ def _claude(text: str, model: str) -> Reply:
     prompt = sum(int(used.get(k) or 0) for k in (
         "input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
     reply = Reply(content=str(data.get("result", "")), model=model,
-                  usage=usage(prompt, int(used.get("output_tokens") or 0)))
+                  usage=usage(prompt, int(used.get("output_tokens") or 0)),
+                  details={k: data[k] for k in CLAUDE_DETAILS if data.get(k) is not None})
     if data.get("total_cost_usd") is not None:
         reply.cost_usd = float(data["total_cost_usd"])
     return reply
@@ -148,14 +152,16 @@ def _claude(text: str, model: str) -> Reply:
 
 def _codex(text: str, model: str) -> Reply:
     """`codex exec --json`: JSONL events; the last agent message is the answer."""
-    message, prompt, cached, output = None, 0, 0, 0
+    message, prompt, cached, output, details = None, 0, 0, 0, {}
     for line in text.splitlines():
         try:
             event = json.loads(line)
         except ValueError:
             continue
         kind = event.get("type") if isinstance(event, dict) else None
-        if kind == "item.completed":
+        if kind == "thread.started" and event.get("thread_id"):
+            details["session_id"] = event["thread_id"]  # `codex exec resume` takes it
+        elif kind == "item.completed":
             item = event.get("item") or {}
             if (item.get("type") or item.get("item_type")) in ("agent_message",
                                                                 "assistant_message"):
@@ -172,4 +178,4 @@ def _codex(text: str, model: str) -> Reply:
         raise BackendError("codex output had no agent message")
     counted = usage(prompt, output)
     counted["cached_tokens"] = cached
-    return Reply(content=message, model=model, usage=counted)
+    return Reply(content=message, model=model, usage=counted, details=details)

@@ -2,14 +2,25 @@
 
 Retries, Retry-After and timeouts are the openai client's own: it retries connection errors,
 timeouts, 408, 409, 429 and 5xx up to `retries` times with backoff and honours Retry-After.
+
+A task's `params` go into the body as they are (the client's `extra_body`), and the answer is
+read from the body the server sent, not from the client's typed model: local servers add
+fields OpenAI does not have (gpt-oss's `reasoning` from LM Studio, Ollama and vLLM,
+`reasoning_content` from llama.cpp), and that body is what the result keeps.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import openai
 
 from ...config import Craftsman
 from . import BackendError, Reply, Request, usage
+
+# OpenAI's finish reasons. Anything else (vLLM's `abort`, `error`, a missing one) means the
+# server stopped for its own reasons: the answer cannot be trusted, another attempt may do.
+FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter", "function_call")
 
 
 class OpenAIChatBackend:
@@ -31,8 +42,9 @@ class OpenAIChatBackend:
         if request.reasoning_effort:
             params["reasoning_effort"] = request.reasoning_effort
         try:
-            response = await self.client.chat.completions.create(**params,
-                                                                 timeout=request.timeout_s)
+            raw = await self.client.chat.completions.with_raw_response.create(
+                **params, extra_body=request.params or None, timeout=request.timeout_s)
+            body = raw.http_response.json()
         except openai.APITimeoutError:
             raise BackendError(f"no answer from {self.craftsman.base_url} within "
                                f"{request.timeout_s:g} s", kind="timeout", retryable=True) from None
@@ -43,17 +55,43 @@ class OpenAIChatBackend:
             status = exc.status_code
             raise BackendError(f"HTTP {status} from {self.craftsman.base_url}: {_message(exc)}",
                                retryable=status in (408, 409, 429) or status >= 500) from None
-        if not response.choices:
+        except ValueError:
+            raise BackendError(f"{self.craftsman.base_url} answered with a body that is not JSON",
+                               retryable=True) from None
+        return self.reply(body, request.model)
+
+    def reply(self, body: Any, model: str) -> Reply:
+        """The Reply a chat.completion body stands for; BackendError when it is no answer."""
+        choices = body.get("choices") if isinstance(body, dict) else None
+        if not choices or not isinstance(choices[0], dict):
             raise BackendError(f"{self.craftsman.base_url} answered with no choices", retryable=True)
-        content = response.choices[0].message.content or ""
-        used = response.usage
-        return Reply(content=content, model=response.model or request.model,
-                     usage=usage(used.prompt_tokens or 0, used.completion_tokens or 0) if used
-                     else usage(0, 0))
+        choice = choices[0]
+        finish_reason = choice.get("finish_reason")
+        if finish_reason not in FINISH_REASONS:
+            raise BackendError(f"{self.craftsman.base_url} stopped with finish_reason "
+                               f"{finish_reason!r}, not one of OpenAI's "
+                               f"({', '.join(FINISH_REASONS)}); the answer is not trusted",
+                               retryable=True)
+        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        used = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+        return Reply(content=_text(message.get("content")), model=body.get("model") or model,
+                     usage=usage(int(used.get("prompt_tokens") or 0),
+                                 int(used.get("completion_tokens") or 0)),
+                     finish_reason=finish_reason,
+                     reasoning=message.get("reasoning") or message.get("reasoning_content"),
+                     tool_calls=message.get("tool_calls") or None,
+                     refusal=message.get("refusal") or None, response=body)
 
     async def close(self) -> None:
         """Close the HTTP connection pool."""
         await self.client.close()
+
+
+def _text(content: Any) -> str:
+    """Message content as text: a string, or the text of content parts."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
 
 
 def _message(exc: openai.APIStatusError) -> str:
