@@ -82,6 +82,7 @@ class Config:
     budget: dict[str, Any] = field(default_factory=dict)
     hooks: dict[str, Any] = field(default_factory=dict)
     attach: dict[str, Any] = field(default_factory=dict)
+    repos: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
 
@@ -202,6 +203,7 @@ def parse(data: Any, path: Path | None = None) -> Config:
         budget=data.get("budget") or {},
         hooks=data.get("hooks") or {},
         attach=data.get("attach") or {},
+        repos=data.get("repos") or {},
         path=path,
     )
 

@@ -138,10 +138,11 @@ def _holds(condition: Any, facts: dict[str, Any]) -> bool:
 
 
 def route(task: Task, config: Config, *, attachments: list[str] = (),
-          budget_exhausted: bool = False) -> Route:
-    """Pick the craftsman for a task, with the reasons."""
+          budget_exhausted: bool = False, confidential: bool = False) -> Route:
+    """Pick the craftsman for a task, with the reasons (`confidential`: known to be, e.g. a
+    task on a repository under `repos.confidential`)."""
     label = find_sensitive(texts_of(task, attachments), sensitive_patterns(config))
-    confidential = task.sensitivity == "confidential" or label is not None
+    confidential = confidential or task.sensitivity == "confidential" or label is not None
     difficulty, keywords = judge_difficulty(task, config)
     facts = {"sensitivity": "confidential" if confidential else "public",
              "difficulty": difficulty, "type": task.type}

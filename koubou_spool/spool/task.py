@@ -18,7 +18,7 @@ ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 DIFFICULTIES = ("low", "medium", "high", "auto")
 SENSITIVITIES = ("public", "confidential", "auto")
 ERROR_KINDS = ("invalid", "backend", "timeout", "budget", "policy", "cancelled", "expired",
-               "dependency", "lost", "invalid_output")
+               "dependency", "lost", "invalid_output", "verify")
 BATCH_URL = "/v1/chat/completions"
 # Body fields that stay koubou's: the prompt is built from the task, the model and token limit
 # have fields of their own (and the limit's name is the craftsman's `token_limit_param`), and
@@ -96,6 +96,11 @@ class Task:
     expires_at: float | None = None
     submitted_at: float | None = None
     fresh_id: bool = False  # the id was generated here: no other task can hold it
+    repo: str | None = None  # a repository task (README: Repository tasks)
+    base: str | None = None
+    branch: str | None = None
+    verify: list[str] = field(default_factory=list)
+    push: bool | None = None
 
 
 def _kind(value: Any) -> str:
@@ -453,7 +458,27 @@ def validate(obj: Any, default_id: str | None = None) -> Task:
         expires_at=_time(fields, "expires_at"),
         submitted_at=_time(fields, "submitted_at"),
         fresh_id=given_id is None,
+        **_repository_fields(fields),
     )
+
+
+def _repository_fields(fields: dict) -> dict[str, Any]:
+    """repo, base, branch, verify and push of a repository task; {} for any other task."""
+    repo = _string(fields, "repo", non_empty=True)
+    if repo is None:
+        for name in ("base", "branch", "verify", "push"):
+            if fields.get(name) is not None:
+                raise InvalidTask(f"{name}: only a repository task has one; add `repo`")
+        return {}
+    verify = fields.get("verify")
+    if isinstance(verify, list) and not verify:
+        raise _fail("verify", "an argv list with at least the command", verify)
+    push = fields.get("push")
+    if push is not None and not isinstance(push, bool):
+        raise _fail("push", "true or false", push)
+    return {"repo": repo, "base": _string(fields, "base", non_empty=True),
+            "branch": _string(fields, "branch", non_empty=True),
+            "verify": _string_list(fields, "verify") if verify is not None else [], "push": push}
 
 
 def parse(data: bytes, default_id: str | None = None) -> Task:

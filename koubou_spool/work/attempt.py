@@ -24,8 +24,9 @@ from ..spool.files import Claim
 from ..spool.ledger import LedgerWriter
 from ..spool.task import Task
 from .intake import Intake
-from .kinds import Attempt, work_for
+from .kinds import Attempt, TextWork, Work
 from .publish import Publisher
+from .repository import RepositoryWork
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,10 @@ class Attempts:
             raise
         except BackendError as exc:
             await self._failed_attempt(claim, task, attempt.number, exc)
+        except Exception as exc:  # a bug in a kind of work must fail one attempt, not strand it
+            log.exception("attempt %d of %s failed unexpectedly", attempt.number, task.id)
+            await self._failed_attempt(claim, task, attempt.number, BackendError(
+                f"internal error: {type(exc).__name__}: {exc}", retryable=True))
 
     async def _begin(self, claim: Claim, craftsman_name: str) -> Attempt | None:
         """The claimed task, routed again if anything changed since it was queued; None when
@@ -84,7 +89,9 @@ class Attempts:
         attachments = []
         if decision is None:  # judged again: the file, its attachments or the budget changed
             try:
-                attachments = read_attachments(task.files, self.config.attach)
+                # A repository task's files are read in its worktree, not from this host.
+                attachments = [] if task.repo else read_attachments(task.files,
+                                                                    self.config.attach)
                 decision = self.intake.route(task, attachments)
             except InvalidTask as exc:
                 await self.publisher.fail(claim, task, "invalid", str(exc), task.attempts + 1)
@@ -97,7 +104,7 @@ class Attempts:
 
     async def _work(self, claim: Claim, attempt: Attempt) -> None:
         """Prepare, call and finish through the task's kind of work, then publish."""
-        work = work_for(attempt.task)
+        work = self.work_for(attempt.task)
         succeeded = False
         try:
             request = await work.prepare(attempt)
@@ -107,6 +114,10 @@ class Attempts:
         finally:
             await work.close(attempt, succeeded)
         await self._complete(claim, attempt, reply, fields)
+
+    def work_for(self, task: Task) -> Work:
+        """The kind of work a task asks for: work on a repository, or a text answer."""
+        return RepositoryWork(self.intake.repos) if task.repo else TextWork()
 
     async def _call(self, craftsman: Craftsman, attempt: Attempt, request: Request) -> Reply:
         """The craftsman's reply, with the budget reserved before and settled after."""

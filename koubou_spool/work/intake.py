@@ -20,6 +20,8 @@ from ..craft import router
 from ..craft.attach import Attachment, read_attachments
 from ..craft.limits import Budget
 from ..errors import InvalidTask
+from ..repo import policy as repo_policy
+from ..repo.policy import RepoRefused, RepoSettings
 from ..spool import task as task_format
 from ..spool.files import Claim, Refused, Spool
 from ..spool.ledger import LedgerWriter
@@ -44,6 +46,7 @@ class Intake:
         self.ledger = ledger
         self.wake = wake
         self.grace_s = config.spool.grace_s
+        self.repos = RepoSettings.parse(config.repos)
         self.ready = ReadyQueue()
         self.young: dict[str, asyncio.TimerHandle] = {}  # files that may still be being written
         self.scheduled: dict[str, asyncio.TimerHandle] = {}  # not_before, deferred budget
@@ -159,11 +162,21 @@ class Intake:
         return waiting
 
     def route(self, task: Task, attachments: list[Attachment] | None = None) -> router.Route:
-        """Route with the attachments' text and the budget's state; InvalidTask for bad files."""
+        """Route with the attachments' text and the budget's state; InvalidTask for bad files.
+
+        A repository task's `files` are paths in its repository, read in its worktree; its
+        repository is judged against `repos.allowed` here, before any git command runs."""
+        confidential = False
+        if task.repo:
+            try:
+                repo_policy.check_allowed(task.repo, self.repos)
+            except RepoRefused as exc:
+                return router.Route(None, str(exc), "policy")
+            confidential, attachments = repo_policy.confidential(task.repo, self.repos), []
         if attachments is None:
             attachments = read_attachments(task.files, self.config.attach)
         return router.route(task, self.config, attachments=[a.text for a in attachments],
-                            budget_exhausted=self.budget.exhausted())
+                            budget_exhausted=self.budget.exhausted(), confidential=confidential)
 
     def _budget_wait(self) -> float:
         """Seconds until the exhausted budget period ends (deferred tasks wait that long)."""

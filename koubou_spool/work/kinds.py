@@ -6,7 +6,7 @@ whatever the call needs on disk), `finish` turns the reply into the result's own
 `close` undoes what `prepare` made, on every path. A failure in either raises BackendError with
 its kind (`invalid_output`, `verify`, ...) and whether another attempt may succeed.
 
-Text tasks are the one kind here; repository tasks add a kind of their own.
+Text tasks are the kind here; repository tasks are work/repository.py's.
 
 A failed attempt can leave word for the next one (`remember_feedback`): the reason its answer
 was refused, kept in outputs/<id>/feedback.json and added to the next attempt's prompt. It
@@ -218,8 +218,3 @@ def forget_feedback(attempt: Attempt) -> None:
         path.parent.rmdir()
     except OSError:
         pass  # usually there is none; or the folder holds a command craftsman's work
-
-
-def work_for(task: Task) -> Work:
-    """The kind of work a task asks for."""
-    return TextWork()

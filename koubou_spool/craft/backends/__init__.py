@@ -24,6 +24,7 @@ class Request:
     # Further chat-completions body fields (a task's `params`, a Batch line's body), sent as
     # they are by OpenAI-compatible backends; never one of RESERVED_PARAMS.
     params: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # and with these added to their environment
 
 
 @dataclass

@@ -8,6 +8,7 @@ started. Output is capped; a non-zero exit fails the attempt with the tail of st
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import os
 import signal
@@ -18,6 +19,8 @@ from ...config import Craftsman
 from . import BackendError, Reply, Request, usage
 
 STDERR_TAIL = 2000
+_libc = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
 # What claude -p's JSON says about the run besides the answer, kept in the result: the session
 # to resume (`claude -r`), how many turns it took, how it ended.
 CLAUDE_DETAILS = ("session_id", "num_turns", "duration_ms", "subtype")
@@ -54,7 +57,9 @@ class CommandBackend:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, cwd=workdir, start_new_session=True)
+                stderr=asyncio.subprocess.PIPE, cwd=workdir, start_new_session=True,
+                env={**os.environ, **request.env} if request.env else None,
+                preexec_fn=_die_with_parent)
         except OSError as exc:
             raise BackendError(f"cannot run {argv[0]}: {exc.strerror}") from None
         try:
@@ -90,6 +95,12 @@ class CommandBackend:
 
     async def close(self) -> None:
         """Nothing to release."""
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the worker dies, however it dies (PR_SET_PDEATHSIG),
+    so an orphaned agent does not go on editing, spending or pushing."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 async def _read_capped(stream: asyncio.StreamReader, limit: int) -> bytes:

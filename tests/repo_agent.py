@@ -1,0 +1,69 @@
+"""Stands in for `claude -p` / `codex exec` on a repository task: edits files as its prompt says.
+
+    python repo_agent.py [hang PIDFILE]
+
+Reads the prompt on stdin and acts on its lines, in the worktree it runs in:
+  WRITE path=text         write `text` (\\n for newlines) to path
+  COMMIT message          commit what is staged and unstaged, as the agent itself
+  FIX-FROM-VERIFY         if the prompt holds "missing: NAME" (a verify's output), create NAME
+  SLEEP seconds           sleep (to be killed mid-run); SLEEP-ONCE: only in the task's first run
+It prints "done". With REPO_AGENT_LOG set, it writes there, per run, its prompt and KOUBOU_*
+environment (<task>-<n>.json), outside the worktree so nothing of it is committed.
+`hang PIDFILE` writes its pid to PIDFILE and sleeps, for kill tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["hang"]:
+        Path(sys.argv[2]).write_text(str(os.getpid()))
+        time.sleep(120)
+        return
+    prompt = sys.stdin.read()
+    for line in prompt.splitlines():
+        command, _, rest = line.strip().partition(" ")
+        if command == "WRITE":
+            path, _, text = rest.partition("=")
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text.replace("\\n", "\n"))
+        elif command == "COMMIT":
+            subprocess.run(["git", "add", "-A"], check=True)
+            subprocess.run(["git", "-c", "user.name=agent", "-c", "user.email=agent@test",
+                            "commit", "-q", "-m", rest], check=True)
+        elif command == "FIX-FROM-VERIFY":
+            for name in re.findall(r"missing: ([\w.-]+)", prompt)[-1:]:
+                Path(name).write_text("fixed\n")
+        elif command == "SLEEP" or (command == "SLEEP-ONCE" and not _ran_before()):
+            _log(prompt, started=True)
+            time.sleep(float(rest))
+    _log(prompt)
+    print("done")
+
+
+def _ran_before() -> bool:
+    folder = os.environ.get("REPO_AGENT_LOG")
+    return bool(folder) and any(Path(folder).glob(f"{Path.cwd().name}-*.json"))
+
+
+def _log(prompt: str, started: bool = False) -> None:
+    folder = os.environ.get("REPO_AGENT_LOG")
+    if not folder:
+        return
+    task = Path.cwd().name
+    runs = len(list(Path(folder).glob(f"{task}-*.json")))
+    record = {"pid": os.getpid(), "cwd": os.getcwd(), "prompt": prompt, "started": started,
+              "env": {k: v for k, v in os.environ.items() if k.startswith("KOUBOU_")}}
+    Path(folder, f"{task}-{runs + 1}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,378 @@
+"""Repository tasks end to end: real git, real worker processes, a test agent standing in for
+`claude -p`, and the loopback fake OpenAI server answering with diffs (README: Repository tasks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import log_of, submit, wait_outcomes, wait_ready
+from koubou_spool.spool import home as home_module
+from koubou_spool.spool.files import Spool
+
+AGENT = str(Path(__file__).parent / "repo_agent.py")
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True,
+                          env={**os.environ, **GIT_ENV}).stdout.strip()
+
+
+def make_source(path: Path, files: int = 3) -> str:
+    """A repository with one commit; returns its sha."""
+    path.mkdir(parents=True)
+    git(path, "init", "-q", "-b", "main")
+    for n in range(files):
+        (path / f"file{n}.txt").write_text(f"line {n}\n")
+    git(path, "add", "-A")
+    git(path, "commit", "-q", "-m", "base")
+    return git(path, "rev-parse", "HEAD")
+
+
+@pytest.fixture
+def repo_home(isolated_env: Path, tmp_path: Path, fake_openai, monkeypatch) -> Path:
+    """A home with a command agent (`agent`), an LLM (`local`) and a cloud LLM (`cloud`), and
+    repos.allowed covering tmp_path/src."""
+    home_module.init(isolated_env)
+    log = tmp_path / "agent-log"
+    log.mkdir()
+    monkeypatch.setenv("REPO_AGENT_LOG", str(log))
+    write_repo_config(isolated_env, tmp_path, fake_openai.base_url)
+    return isolated_env
+
+
+def write_repo_config(home: Path, tmp_path: Path, base_url: str, **repos: object) -> None:
+    config = {
+        "craftsmen": {
+            "agent": {"backend": "command", "argv": [sys.executable, AGENT], "output": "text",
+                      "local": True, "max_concurrent": 8, "timeout_s": 60},
+            "local": {"backend": "openai", "base_url": base_url, "model": "fake-model",
+                      "local": True, "max_concurrent": 4, "timeout_s": 10, "retries": 0},
+            "cloud": {"backend": "openai", "base_url": base_url, "model": "cloud-model",
+                      "api_key_env": "KOUBOU_TEST_CLOUD_KEY", "max_concurrent": 4,
+                      "timeout_s": 10, "retries": 0},
+            "echo": {"backend": "echo", "max_concurrent": 4},
+        },
+        "routing": {"rules": [{"then": "agent"}]},
+        "spool": {"heartbeat_s": 1, "lease_s": 10, "grace_s": 0.5, "stop_grace_s": 10},
+        "repos": {"allowed": [str(tmp_path / "src")], "verify_timeout_s": 20, **repos},
+    }
+    (home / "config" / "koubou.yaml").write_text(yaml.safe_dump(config))
+
+
+def agent_runs(tmp_path: Path, task_id: str) -> list[dict]:
+    runs = sorted((tmp_path / "agent-log").glob(f"{task_id}-*.json"),
+                  key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    return [json.loads(p.read_text()) for p in runs]
+
+
+def test_an_agent_task_becomes_a_commit_on_a_branch_pushed_to_the_source(
+        repo_home: Path, tmp_path: Path, workers) -> None:
+    source = tmp_path / "src" / "app"
+    base = make_source(source)
+    (source / "file0.txt").write_text("the user's own uncommitted edit\n")
+    (source / "scratch.txt").write_text("untracked\n")
+    spool = Spool.open(repo_home)
+    workers.start(repo_home)
+    task_id = submit(spool, content="Add a greeting\nWRITE hello.txt=hi\\n", repo=str(source),
+                     verify=[sys.executable, "-c", "import pathlib,sys; "
+                             "sys.exit(0 if pathlib.Path('hello.txt').exists() else 1)"])
+    outcome = wait_outcomes(spool, [task_id], timeout=60)[task_id]
+    assert outcome["status"] == "completed", outcome
+    repo = outcome["result"]["repo"]
+    assert repo["base_sha"] == base and repo["branch"] == f"koubou/{task_id}"
+    assert repo["files_changed"] == 1 and repo["insertions"] == 1 and repo["pushed"] is True
+    assert repo["verify"]["exit_code"] == 0
+    # The branch is in the source repository, its commit's parent is the base.
+    assert git(source, "rev-parse", f"koubou/{task_id}") == repo["commit"]
+    assert git(source, "rev-parse", f"{repo['commit']}^") == base
+    message = git(source, "log", "-1", "--format=%B", repo["commit"])
+    assert message.startswith("Add a greeting") and f"Koubou-Task: {task_id}" in message
+    assert git(source, "show", f"{repo['commit']}:hello.txt") == "hi"
+    # The user's working tree is as it was.
+    assert (source / "file0.txt").read_text() == "the user's own uncommitted edit\n"
+    assert (source / "scratch.txt").exists() and not (source / "hello.txt").exists()
+    assert git(source, "rev-parse", "HEAD") == base
+    patch = (repo_home / repo["patch"]).read_text()
+    assert "+hi" in patch
+    # The agent ran in the worktree, told where it is; the worktree is gone now.
+    run, = agent_runs(tmp_path, task_id)
+    assert run["env"]["KOUBOU_WORKTREE"] == str(repo_home / "work" / task_id)
+    assert run["env"]["KOUBOU_BASE_SHA"] == base
+    assert not (repo_home / "work" / task_id).exists()
+
+
+def test_eight_tasks_on_one_repository_over_two_workers(repo_home: Path, tmp_path: Path,
+                                                        workers) -> None:
+    source = tmp_path / "src" / "app"
+    base = make_source(source)
+    spool = Spool.open(repo_home)
+    procs = [workers.start(repo_home), workers.start(repo_home)]
+    ids = [submit(spool, content=f"Task {n}\nWRITE out{n}.txt={n}", repo=str(source))
+           for n in range(8)]
+    outcomes = wait_outcomes(spool, ids, timeout=120)
+    for task_id, outcome in outcomes.items():
+        assert outcome["status"] == "completed", outcome
+        commit = outcome["result"]["repo"]["commit"]
+        assert git(source, "rev-parse", f"koubou/{task_id}") == commit
+        assert git(source, "rev-parse", f"{commit}^") == base
+    branches = git(source, "branch", "--list", "koubou/*").split("\n")
+    assert len(branches) == 8
+    for proc in procs:
+        assert "could not lock" not in log_of(proc) and "index.lock" not in log_of(proc)
+
+
+def test_a_failing_verify_is_retried_from_the_base_with_its_output_in_the_prompt(
+        repo_home: Path, tmp_path: Path, workers) -> None:
+    source = tmp_path / "src" / "app"
+    make_source(source)
+    counter = tmp_path / "verify-runs"
+    verify = [sys.executable, "-c", (
+        "import pathlib, sys\n"
+        f"c = pathlib.Path({str(counter)!r}); n = int(c.read_text()) + 1 if c.exists() else 1\n"
+        "c.write_text(str(n))\n"
+        "if n < 3 or not pathlib.Path('fixed.txt').exists():\n"
+        "    print(f'round {n}: missing: fixed.txt'); sys.exit(1)\n")]
+    spool = Spool.open(repo_home)
+    workers.start(repo_home)
+    task_id = submit(spool, content="Make verify pass\nFIX-FROM-VERIFY", repo=str(source),
+                     verify=verify, max_attempts=3)
+    outcome = wait_outcomes(spool, [task_id], timeout=90)[task_id]
+    assert outcome["status"] == "completed", outcome
+    assert outcome["result"]["attempts"] == 3
+    runs = agent_runs(tmp_path, task_id)
+    assert len(runs) == 3
+    assert "round" not in runs[0]["prompt"]
+    assert "round 2: missing: fixed.txt" in runs[2]["prompt"]  # the second attempt's output
+    assert git(source, "show", f"koubou/{task_id}:fixed.txt") == "fixed"
+
+
+def test_a_verify_that_fails_every_time_fails_the_task_as_verify(repo_home: Path, tmp_path: Path,
+                                                                workers) -> None:
+    source = tmp_path / "src" / "app"
+    make_source(source)
+    spool = Spool.open(repo_home)
+    workers.start(repo_home)
+    task_id = submit(spool, content="Nothing helps", repo=str(source), max_attempts=2,
+                     verify=[sys.executable, "-c", "print('tests: 3 failed'); raise SystemExit(1)"])
+    outcome = wait_outcomes(spool, [task_id], timeout=60)[task_id]
+    assert outcome["status"] == "failed"
+    assert outcome["error"]["kind"] == "verify" and outcome["error"]["attempts"] == 2
+    assert "tests: 3 failed" in outcome["error"]["message"]
+
+
+def test_a_hanging_verify_is_killed_with_its_process_group(repo_home: Path, tmp_path: Path,
+                                                          workers, fake_openai) -> None:
+    write_repo_config(repo_home, tmp_path, fake_openai.base_url, verify_timeout_s=2)
+    source = tmp_path / "src" / "app"
+    make_source(source)
+    pidfile = tmp_path / "grandchild.pid"
+    spool = Spool.open(repo_home)
+    workers.start(repo_home)
+    started = time.monotonic()
+    task_id = submit(spool, content="Hang", repo=str(source), max_attempts=1, verify=[
+        sys.executable, "-c",
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(pidfile)!r}, 'w').write(str(child.pid)); time.sleep(600)\n"])
+    outcome = wait_outcomes(spool, [task_id], timeout=60)[task_id]
+    assert outcome["status"] == "failed" and outcome["error"]["kind"] == "verify"
+    assert "timed out" in outcome["error"]["message"]
+    assert time.monotonic() - started < 30
+    grandchild = int(pidfile.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(grandchild)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+DIFF_OK = """Here is the change:
+```diff
+--- a/file1.txt
++++ b/file1.txt
+@@ -1 +1,2 @@
+ line 1
++line 1b
+```
+"""
+DIFF_BAD = """```diff
+--- a/file1.txt
++++ b/file1.txt
+@@ -1 +1,2 @@
+ no such line
++added
+```
+"""
+DIFF_OUTSIDE = """```diff
+--- /dev/null
++++ b/../outside.txt
+@@ -0,0 +1 @@
++escaped
+```
+"""
+
+
+def test_an_llm_answers_with_a_diff_that_fails_then_one_that_applies(
+        repo_home: Path, tmp_path: Path, workers, fake_openai) -> None:
+    source = tmp_path / "src" / "app"
+    base = make_source(source)
+    fake_openai.answer_next(content=DIFF_BAD)
+    fake_openai.answer_next(content=DIFF_OK)
+    spool = Spool.open(repo_home)
+    workers.start(repo_home)
+    task_id = submit(spool, content="Add line 1b to file1.txt", repo=str(source),
+                     craftsman="local", files=["file1.txt"], max_attempts=3)
+    outcome = wait_outcomes(spool, [task_id], timeout=60)[task_id]
+    assert outcome["status"] == "completed", outcome
+    assert outcome["result"]["attempts"] == 2
+    commit = outcome["result"]["repo"]["commit"]
+    assert git(source, "show", f"{commit}:file1.txt") == "line 1\nline 1b"
+    assert git(source, "rev-parse", f"{commit}^") == base
+    first, second = fake_openai.completions()[-2:]
+    prompt = json.dumps(first["messages"])
+    assert "file1.txt" in prompt and "line 1" in prompt  # the file list and the named file
+    assert "could not be applied" in json.dumps(second["messages"])  # git's word, next time
+
+
+def test_a_diff_reaching_outside_the_worktree_is_refused(repo_home: Path, tmp_path: Path,
+                                                         workers, fake_openai) -> None:
+    source = tmp_path / "src" / "app"
+    make_source(source)
+    fake_openai.answer = {"content": DIFF_OUTSIDE}
+    spool = Spool.open(repo_home)
+    workers.start(repo_home)
+    task_id = submit(spool, content="Escape", repo=str(source), craftsman="local",
+                     max_attempts=2)
+    outcome = wait_outcomes(spool, [task_id], timeout=60)[task_id]
+    assert outcome["status"] == "failed" and outcome["error"]["kind"] == "invalid_output"
+    assert not (repo_home / "work" / "outside.txt").exists()
+    assert not any(p.name == "outside.txt" for p in tmp_path.rglob("outside.txt"))
+
+
+def test_repositories_that_cannot_be_worked_on_fail_with_the_reason(
+        repo_home: Path, tmp_path: Path, workers) -> None:
+    source = tmp_path / "src" / "app"
+    make_source(source)
+    elsewhere = tmp_path / "elsewhere"
+    make_source(elsewhere)
+    not_a_repo = tmp_path / "src" / "plain"
+    not_a_repo.mkdir()
+    spool = Spool.open(repo_home)
+    workers.start(repo_home)
+    ids = {"outside": submit(spool, content="x", repo=str(elsewhere)),
+           "base": submit(spool, content="x", repo=str(source), base="no-such-ref"),
+           "plain": submit(spool, content="x", repo=str(not_a_repo))}
+    outcomes = wait_outcomes(spool, list(ids.values()), timeout=60)
+    outside = outcomes[ids["outside"]]["error"]
+    assert outside["kind"] == "policy" and "repos.allowed" in outside["message"]
+    base = outcomes[ids["base"]]["error"]
+    assert base["kind"] == "invalid" and "no-such-ref" in base["message"]
+    plain = outcomes[ids["plain"]]["error"]
+    assert plain["kind"] == "invalid" and "not a git repository" in plain["message"].lower()
+    assert not list((tmp_path / "agent-log").iterdir())  # no craftsman was called
+    assert not (repo_home / "repos").exists() or not any(
+        "elsewhere" in p.name for p in (repo_home / "repos").iterdir())
+
+
+def test_a_task_on_a_confidential_repository_runs_locally(repo_home: Path, tmp_path: Path,
+                                                          workers, fake_openai,
+                                                          monkeypatch) -> None:
+    monkeypatch.setenv("KOUBOU_TEST_CLOUD_KEY", "sk-test-not-a-real-key")
+    write_repo_config(repo_home, tmp_path, fake_openai.base_url,
+                      confidential=[str(tmp_path / "src" / "payroll")])
+    source = tmp_path / "src" / "payroll"
+    make_source(source)
+    fake_openai.answer = {"content": DIFF_OK}
+    spool = Spool.open(repo_home)
+    workers.start(repo_home)
+    task_id = submit(spool, content="Add a line", repo=str(source), craftsman="cloud")
+    outcome = wait_outcomes(spool, [task_id], timeout=60)[task_id]
+    assert outcome["status"] == "completed", outcome
+    assert outcome["result"]["craftsman"] != "cloud"
+    assert all(r.get("model") != "cloud-model" for r in fake_openai.completions())
+
+
+def test_a_repository_with_a_submodule_gets_it_in_the_worktree(repo_home: Path, tmp_path: Path,
+                                                               workers) -> None:
+    library = tmp_path / "src" / "lib"
+    make_source(library, files=1)
+    source = tmp_path / "src" / "app"
+    make_source(source)
+    git(source, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(library), "lib")
+    git(source, "commit", "-q", "-m", "add lib")
+    spool = Spool.open(repo_home)
+    workers.start(repo_home)
+    check = [sys.executable, "-c", "import pathlib,sys; "
+             "sys.exit(0 if pathlib.Path('lib/file0.txt').read_text() == 'line 0\\n' else 1)"]
+    task_id = submit(spool, content="WRITE notes.txt=uses lib", repo=str(source), verify=check)
+    outcome = wait_outcomes(spool, [task_id], timeout=60)[task_id]
+    assert outcome["status"] == "completed", outcome
+    assert outcome["result"]["repo"]["verify"]["exit_code"] == 0
+
+
+def test_kill_9_during_the_agents_run_kills_the_agent_and_the_retry_starts_clean(
+        repo_home: Path, tmp_path: Path, workers) -> None:
+    source = tmp_path / "src" / "app"
+    base = make_source(source)
+    spool = Spool.open(repo_home)
+    first = workers.start(repo_home)
+    task_id = submit(spool, content="Slow work\nWRITE half.txt=half\nSLEEP-ONCE 60\n"
+                     "WRITE done.txt=done", repo=str(source), id="slow-one")
+    deadline = time.monotonic() + 30
+    while not agent_runs(tmp_path, task_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run, = agent_runs(tmp_path, task_id)
+    assert run["started"]
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    deadline = time.monotonic() + 10
+    while _alive(run["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(run["pid"]), "the agent outlived its worker"
+    # A new worker takes the claim over; the next attempt starts from the base again.
+    second = workers.start(repo_home)
+    outcome = wait_outcomes(spool, [task_id], timeout=90)[task_id]
+    assert outcome["status"] == "completed", log_of(second)
+    assert outcome["result"]["attempts"] == 2
+    commit = outcome["result"]["repo"]["commit"]
+    assert git(source, "rev-parse", f"{commit}^") == base  # exactly one result commit
+    assert git(source, "show", "--stat", "--format=", commit).count("|") == 2  # half, done
+    mirror, = (repo_home / "repos").glob("*.git")
+    listed = git(mirror, "worktree", "list")
+    assert str(repo_home / "work" / task_id) not in listed
+
+
+def test_after_fifty_tasks_no_worktree_is_left_but_those_of_failed_tasks(
+        repo_home: Path, tmp_path: Path, workers) -> None:
+    source = tmp_path / "src" / "app"
+    make_source(source)
+    spool = Spool.open(repo_home)
+    workers.start(repo_home)
+    workers.start(repo_home)
+    wait_ready(spool)
+    ok = [submit(spool, content=f"WRITE n{n}.txt={n}", repo=str(source)) for n in range(48)]
+    bad = [submit(spool, content="fails", repo=str(source), max_attempts=1,
+                  verify=[sys.executable, "-c", "raise SystemExit(1)"]) for _ in range(2)]
+    outcomes = wait_outcomes(spool, ok + bad, timeout=240)
+    assert all(outcomes[i]["status"] == "completed" for i in ok)
+    assert all(outcomes[i]["error"]["kind"] == "verify" for i in bad)
+    left = sorted(p.name for p in (repo_home / "work").iterdir())
+    assert left == sorted(bad)
