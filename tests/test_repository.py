@@ -376,3 +376,29 @@ def test_after_fifty_tasks_no_worktree_is_left_but_those_of_failed_tasks(
     assert all(outcomes[i]["error"]["kind"] == "verify" for i in bad)
     left = sorted(p.name for p in (repo_home / "work").iterdir())
     assert left == sorted(bad)
+
+
+def test_koubou_submit_repo_base_verify(repo_home: Path, tmp_path: Path, workers) -> None:
+    source = tmp_path / "src" / "app"
+    make_source(source)
+    git(source, "tag", "v1")
+    (source / "later.txt").write_text("after v1\n")
+    git(source, "add", "-A")
+    git(source, "commit", "-q", "-m", "after v1")
+    workers.start(repo_home)
+    check = "python3 -c 'import pathlib,sys; sys.exit(pathlib.Path(\"later.txt\").exists())'"
+    done = subprocess.run(
+        ["koubou-submit", "--home", str(repo_home), "--repo", "src/app", "--base", "v1",
+         "--verify", check, "--id", "from-cli", "--wait", "--timeout", "60", "--json",
+         "WRITE cli.txt=from the command line"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    outcome = json.loads(done.stdout)
+    repo = outcome["result"]["repo"]
+    assert repo["base"] == "v1" and repo["base_sha"] == git(source, "rev-parse", "v1")
+    assert repo["verify"]["argv"][:2] == ["python3", "-c"] and repo["verify"]["exit_code"] == 0
+    assert outcome["repo"] == str(source)  # the relative path was made absolute
+    assert git(source, "show", "koubou/from-cli:cli.txt") == "from the command line"
+    refused = subprocess.run(["koubou-submit", "--home", str(repo_home), "--verify", "true", "x"],
+                             capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 2 and "go with --repo" in refused.stderr

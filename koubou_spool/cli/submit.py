@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ import click
 
 from .. import __version__
 from ..integrations import batch as batch_format
+from ..repo.policy import is_url
 from ..observe import status as status_module
 from ..spool import task as task_format
 from ..config import Config
@@ -121,6 +124,24 @@ def _single_task(text: str | None, file: str | None, fields: dict[str, Any]) -> 
     return task_format.validate(obj)
 
 
+def _repository_fields(repo: str | None, base: str | None, branch: str | None,
+                       verify: str | None, push: bool | None) -> dict[str, Any]:
+    """--repo and its companions as task fields; a local path is made absolute here, since
+    the worker does not run where this command runs."""
+    if repo is None:
+        if any(v is not None for v in (base, branch, verify, push)):
+            raise UsageError("--base, --branch, --verify and --push go with --repo")
+        return {}
+    try:
+        argv = shlex.split(verify) if verify is not None else None
+    except ValueError as exc:
+        raise UsageError(f"--verify: {exc}") from None
+    if argv == []:
+        raise UsageError("--verify: give the command to run, e.g. --verify 'pytest -q'")
+    location = repo if is_url(repo) else os.path.abspath(os.path.expanduser(repo))
+    return {"repo": location, "base": base, "branch": branch, "verify": argv, "push": push}
+
+
 def _read_workflow(path: str) -> workflow_format.Workflow:
     try:
         data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
@@ -153,6 +174,14 @@ def _read_workflow(path: str) -> workflow_format.Workflow:
               help="Run after this task completed (repeatable); {{ID}} in the text is its result.")
 @click.option("--param", "params", multiple=True, metavar="KEY=JSON",
               help="A chat-completions body field sent as it is, e.g. seed=7 (repeatable).")
+@click.option("--repo", metavar="PATH|URL",
+              help="A repository task: work on this git repository (under repos.allowed).")
+@click.option("--base", metavar="REF", help="With --repo: start from this ref (default HEAD).")
+@click.option("--branch", metavar="NAME", help="With --repo: the result branch (koubou/ID).")
+@click.option("--verify", metavar="'CMD ARGS'",
+              help="With --repo: run this in the worktree after the craftsman; exit 0 passes.")
+@click.option("--push/--no-push", default=None,
+              help="With --repo: push the result branch back (default: repos.push).")
 @click.option("--workflow", metavar="FILE.yaml",
               help="Queue a workflow: named steps with after between them (- for stdin).")
 @click.option("--wait", is_flag=True, help="Block until done and print the result.")
@@ -164,7 +193,9 @@ def submit(text: str | None, file: str | None, batch: str | None, type_: str | N
            priority: int | None, difficulty: str | None, sensitivity: str | None,
            craftsman: str | None, model: str | None, system: str | None, context: str | None,
            attach: tuple[str, ...], max_tokens: int | None, task_id: str | None,
-           after: tuple[str, ...], params: tuple[str, ...], workflow: str | None, wait: bool,
+           after: tuple[str, ...], params: tuple[str, ...], repo: str | None, base: str | None,
+           branch: str | None, verify: str | None, push: bool | None, workflow: str | None,
+           wait: bool,
            timeout: float | None, as_json: bool, output: str | None) -> None:
     """Queue a task for the craftsmen: TEXT, - (stdin), --file F, --batch FILE.jsonl or
     --workflow FILE.yaml.
@@ -179,7 +210,8 @@ def submit(text: str | None, file: str | None, batch: str | None, type_: str | N
               "sensitivity": sensitivity, "craftsman": craftsman, "model": model,
               "system": system, "context": _json_object(context, "--context"),
               "files": list(attach) or None, "max_tokens": max_tokens, "id": task_id,
-              "after": after, "params": _params(params)}
+              "after": after, "params": _params(params),
+              **_repository_fields(repo, base, branch, verify, push)}
     if output is not None and not (batch is not None and wait):
         raise UsageError("--output goes with --batch FILE --wait")
     if workflow is not None:
