@@ -402,3 +402,31 @@ def test_koubou_submit_repo_base_verify(repo_home: Path, tmp_path: Path, workers
     refused = subprocess.run(["koubou-submit", "--home", str(repo_home), "--verify", "true", "x"],
                              capture_output=True, text=True, timeout=30)
     assert refused.returncode == 2 and "go with --repo" in refused.stderr
+
+
+def test_the_open_pr_hook_calls_gh_for_a_pushed_branch(tmp_path: Path) -> None:
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    record = tmp_path / "gh-argv.json"
+    (fake_bin / "gh").write_text(f"#!{sys.executable}\nimport json, sys\n"
+                                 f"open({str(record)!r}, 'w').write(json.dumps(sys.argv[1:]))\n")
+    (fake_bin / "gh").chmod(0o755)
+    outcome = {"id": "t1", "status": "completed", "content": "Fix the parser\nmore",
+               "result": {"repo": {"repo": str(tmp_path), "base": "main", "base_sha": "a" * 40,
+                                   "branch": "koubou/t1", "pushed": True, "files_changed": 2,
+                                   "insertions": 5, "deletions": 1,
+                                   "verify": {"argv": ["pytest"], "duration_s": 1.5}}}}
+    path = tmp_path / "t1.json"
+    path.write_text(json.dumps(outcome))
+    hook = Path(__file__).parent.parent / "bin" / "koubou-open-pr"
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "KOUBOU_OUTCOME_FILE": str(path)}
+    subprocess.run([str(hook)], env=env, check=True, timeout=30)
+    argv = json.loads(record.read_text())
+    assert argv[:4] == ["pr", "create", "--head", "koubou/t1"]
+    assert argv[argv.index("--title") + 1] == "Fix the parser"
+    assert argv[argv.index("--base") + 1] == "main"
+    record.unlink()
+    outcome["status"] = "failed"
+    path.write_text(json.dumps(outcome))
+    subprocess.run([str(hook)], env=env, check=True, timeout=30)
+    assert not record.exists()
