@@ -430,3 +430,24 @@ def test_the_open_pr_hook_calls_gh_for_a_pushed_branch(tmp_path: Path) -> None:
     path.write_text(json.dumps(outcome))
     subprocess.run([str(hook)], env=env, check=True, timeout=30)
     assert not record.exists()
+
+
+def test_koubou_status_shows_a_running_tasks_worktree_and_a_finished_ones_branch(
+        repo_home: Path, tmp_path: Path, workers) -> None:
+    source = tmp_path / "src" / "app"
+    make_source(source)
+    spool = Spool.open(repo_home)
+    workers.start(repo_home)
+    task_id = submit(spool, content="Slow\nSLEEP-ONCE 3\nWRITE s.txt=s", repo=str(source),
+                     verify=[sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while not agent_runs(tmp_path, task_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    running = subprocess.run(["koubou", "status", "--home", str(repo_home), task_id],
+                             capture_output=True, text=True, timeout=30).stdout
+    assert f"worktree {repo_home / 'work' / task_id}" in running
+    wait_outcomes(spool, [task_id], timeout=60)
+    done = subprocess.run(["koubou", "status", "--home", str(repo_home), task_id],
+                          capture_output=True, text=True, timeout=30).stdout
+    assert f"branch   koubou/{task_id} at " in done and "(pushed)" in done
+    assert "verify   " in done and "exit 0" in done

@@ -146,6 +146,8 @@ def _print_task_status(found: dict) -> None:
     click.echo(f"{found.get('id') or found['file']}: {found['state']}")
     if found.get("worker_id"):
         click.echo(f"  worker   {found['worker_id']}")
+    if found.get("worktree"):
+        click.echo(f"  worktree {found['worktree']}")
     for attempt in found.get("attempts", []):
         tokens = attempt.get("total_tokens")
         click.echo(f"  attempt {attempt['attempt']}: {attempt.get('outcome') or 'running'} on "
@@ -158,6 +160,20 @@ def _print_task_status(found: dict) -> None:
         click.echo(f"  result   {len(result.get('content', ''))} characters from "
                    f"{result.get('craftsman')} ({result.get('model')}), "
                    f"{result.get('duration_s')} s; `koubou result {found['id']}` prints it")
+        _print_repository_result(result.get("repo"))
+
+
+def _print_repository_result(repo: dict | None) -> None:
+    """A repository task's branch, commit and verify result."""
+    if not repo:
+        return
+    commit = (repo.get("commit") or "none: nothing changed")[:12]
+    click.echo(f"  branch   {repo.get('branch')} at {commit} "
+               f"({'pushed' if repo.get('pushed') else 'not pushed'})")
+    verify = repo.get("verify")
+    if verify:
+        click.echo(f"  verify   {' '.join(verify.get('argv', []))}: exit {verify.get('exit_code')}"
+                   f" in {verify.get('duration_s')} s")
 
 
 @cli.command(name="list")

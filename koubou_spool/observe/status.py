@@ -62,6 +62,10 @@ def task_status(spool: Spool, ledger_path: Path, key: str) -> dict[str, Any]:
     status["id"] = task_id
     if found.state == "in_progress":
         status["worker_id"] = CLAIM_RE.fullmatch(found.path.name)["worker"]
+        if record.get("repo") and task_id:
+            status["worktree"] = str(spool.home / "work" / task_id)
+    if record.get("repo"):
+        status["repo"] = record["repo"]
     for name in ("type", "priority", "craftsman", "result", "error"):
         if name in record:
             status[name] = record[name]
