@@ -451,3 +451,26 @@ def test_koubou_status_shows_a_running_tasks_worktree_and_a_finished_ones_branch
                           capture_output=True, text=True, timeout=30).stdout
     assert f"branch   koubou/{task_id} at " in done and "(pushed)" in done
     assert "verify   " in done and "exit 0" in done
+
+
+def test_the_report_counts_repository_tasks_per_repository(repo_home: Path, tmp_path: Path,
+                                                           workers) -> None:
+    source = tmp_path / "src" / "app"
+    make_source(source)
+    spool = Spool.open(repo_home)
+    workers.start(repo_home)
+    passing = [sys.executable, "-c", "pass"]
+    ids = [submit(spool, content=f"WRITE r{n}.txt={n}", repo=str(source), verify=passing)
+           for n in range(2)]
+    ids.append(submit(spool, content="fails", repo=str(source), max_attempts=2,
+                      verify=[sys.executable, "-c", "raise SystemExit(1)"]))
+    wait_outcomes(spool, ids, timeout=90)
+    workers.terminate_all()  # the ledger records are all written when the workers exit
+    shown = subprocess.run(["koubou", "report", "--home", str(repo_home), "--json"],
+                           capture_output=True, text=True, timeout=30)
+    row, = json.loads(shown.stdout)["repositories"]
+    assert row["repo"] == str(source) and row["tasks"] == 3 and row["completed"] == 2
+    assert row["verified"] == 3 and row["verify_passed"] == 2 and row["attempts"] == 4
+    text = subprocess.run(["koubou", "report", "--home", str(repo_home)], capture_output=True,
+                          text=True, timeout=30).stdout
+    assert "repository" in text and "2/3" in text

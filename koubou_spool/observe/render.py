@@ -72,6 +72,8 @@ def text(report: dict[str, Any]) -> str:
         for name, s in (("queue wait", report["queue_wait_s"]), ("run time", report["run_time_s"]))])
     out += [""] + _usage(report)
     out += [""] + _answers(report)
+    if report.get("repositories"):
+        out += [""] + _repositories(report["repositories"])
     out += [""] + _budget(report["budget"])
     failures = report["failures_by_kind"]
     out += [""] + (table(["failure", "tasks"], [[k, v] for k, v in failures.items()])
@@ -95,6 +97,13 @@ def _answers(report: dict[str, Any]) -> list[str]:
     return table(["craftsman", "answers", "truncated", "invalid outputs"],
                  [[a["craftsman"], a["completed"], a["truncated"], a["invalid_output"]]
                   for a in answers])
+
+
+def _repositories(rows: list[dict[str, Any]]) -> list[str]:
+    return table(["repository", "tasks", "completed", "verify passed", "attempts", "cost"],
+                 [[r["repo"], r["tasks"], r["completed"],
+                   f"{r['verify_passed']}/{r['verified']}" if r["verified"] else "-",
+                   r["attempts"], usd(r["cost_usd"])] for r in rows])
 
 
 def _budget(budget: dict[str, Any]) -> list[str]:
@@ -131,6 +140,9 @@ def csv_rows(report: dict[str, Any]) -> Iterator[tuple[str, str, str, Any]]:
     for answers in report.get("answers") or []:
         for metric in ("completed", "truncated", "invalid_output"):
             yield "answers", answers["craftsman"], metric, answers[metric]
+    for repo in report.get("repositories") or []:
+        for metric in ("tasks", "completed", "verified", "verify_passed", "attempts", "cost_usd"):
+            yield "repositories", repo["repo"], metric, repo[metric]
     yield "tokens", "all", "prompt", report["tokens"]["prompt"]
     yield "tokens", "all", "completion", report["tokens"]["completion"]
     yield "cost", "all", "usd", report["cost"]["total_usd"]

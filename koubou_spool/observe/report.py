@@ -262,6 +262,28 @@ def answers_by_craftsman(tasks: list[dict], attempt_kinds: list[dict]) -> list[d
     return [rows[name] for name in sorted(rows)]
 
 
+def repositories(tasks: list[dict]) -> list[dict[str, Any]]:
+    """Per repository: tasks, how many ran a verify and how many passed it, attempts, cost."""
+    rows: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        if not task.get("repo"):
+            continue
+        entry = rows.setdefault(task["repo"], {"repo": task["repo"], "tasks": 0, "completed": 0,
+                                               "verified": 0, "verify_passed": 0,
+                                               "attempts": 0, "cost_usd": 0.0})
+        entry["tasks"] += 1
+        entry["completed"] += 1 if task.get("status") == "completed" else 0
+        if task.get("verify_passed") is not None:
+            entry["verified"] += 1
+            entry["verify_passed"] += task["verify_passed"]
+        entry["attempts"] += task.get("attempts") or 0
+        entry["cost_usd"] += task.get("cost_usd") or 0.0
+    for entry in rows.values():
+        entry["verify_pass_rate"] = (entry["verify_passed"] / entry["verified"]
+                                     if entry["verified"] else None)
+    return [rows[name] for name in sorted(rows)]
+
+
 def build(period: Period, tasks: list[dict], spend: list[dict], rejects: list[dict],
           queues: dict[str, int], budget: dict[str, Any], now: float,
           tz: tzinfo | None, attempt_kinds: list[dict] = ()) -> dict[str, Any]:
@@ -288,6 +310,7 @@ def build(period: Period, tasks: list[dict], spend: list[dict], rejects: list[di
         "budget": budget_figures(budget, spend, period, now, tz),
         "failures_by_kind": failures_by_kind(tasks, rejects),
         "answers": answers_by_craftsman(tasks, attempt_kinds),
+        "repositories": repositories(tasks),
         "cost_per_day": cost_per_day(spend, chart_start, chart_end, tz),
     }
 

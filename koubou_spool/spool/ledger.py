@@ -62,6 +62,10 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("0003_truncated_answers", """
         ALTER TABLE tasks ADD COLUMN truncated INTEGER;
     """),
+    ("0004_repository_tasks", """
+        ALTER TABLE tasks ADD COLUMN repo TEXT;
+        ALTER TABLE tasks ADD COLUMN verify_passed INTEGER;
+    """),
 ]
 
 
@@ -156,7 +160,16 @@ def task_row(record: dict[str, Any]) -> dict[str, Any]:
         "total_tokens": usage.get("total_tokens"), "cost_usd": result.get("cost_usd"),
         "created_by": record.get("created_by"),
         "truncated": 1 if result.get("truncated") else 0 if result else None,
+        "repo": record.get("repo"), "verify_passed": _verify_passed(record),
     }
+
+
+def _verify_passed(record: dict[str, Any]) -> int | None:
+    """1 when a repository task's verify passed, 0 when it failed it, None when none ran."""
+    verify = ((record.get("result") or {}).get("repo") or {}).get("verify")
+    if verify is not None:
+        return 1 if verify.get("exit_code") == 0 else 0
+    return 0 if (record.get("error") or {}).get("kind") == "verify" else None
 
 
 def _upsert(conn: sqlite3.Connection, table: str, row: dict[str, Any]) -> None:
