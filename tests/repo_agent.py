@@ -61,6 +61,7 @@ def _log(prompt: str, started: bool = False) -> None:
     task = Path.cwd().name
     runs = len(list(Path(folder).glob(f"{task}-*.json")))
     record = {"pid": os.getpid(), "cwd": os.getcwd(), "prompt": prompt, "started": started,
+              "at": time.time(),
               "env": {k: v for k, v in os.environ.items() if k.startswith("KOUBOU_")}}
     Path(folder, f"{task}-{runs + 1}.json").write_text(json.dumps(record))
 

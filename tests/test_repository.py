@@ -474,3 +474,24 @@ def test_the_report_counts_repository_tasks_per_repository(repo_home: Path, tmp_
     text = subprocess.run(["koubou", "report", "--home", str(repo_home)], capture_output=True,
                           text=True, timeout=30).stdout
     assert "repository" in text and "2/3" in text
+
+
+def test_max_worktrees_makes_repository_tasks_wait_without_spending_attempts(
+        repo_home: Path, tmp_path: Path, workers, fake_openai) -> None:
+    write_repo_config(repo_home, tmp_path, fake_openai.base_url, max_worktrees=1)
+    source = tmp_path / "src" / "app"
+    make_source(source)
+    spool = Spool.open(repo_home)
+    workers.start(repo_home)
+    workers.start(repo_home)
+    ids = [submit(spool, content=f"SLEEP 0.5\nWRITE w{n}.txt={n}", repo=str(source))
+           for n in range(4)]
+    outcomes = wait_outcomes(spool, ids, timeout=120)
+    assert all(o["status"] == "completed" and o["result"]["attempts"] == 1
+               for o in outcomes.values())
+    spans = []
+    for task_id in ids:
+        runs = agent_runs(tmp_path, task_id)
+        spans.append((min(r["at"] for r in runs), max(r["at"] for r in runs)))
+    spans.sort()
+    assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:], strict=False))

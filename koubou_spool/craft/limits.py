@@ -25,18 +25,19 @@ log = logging.getLogger(__name__)
 
 
 class Slots:
-    """The slot lock files of the craftsmen one worker serves."""
+    """Slot lock files, `counts[name]` of them per name: the craftsmen one worker serves
+    (`max_concurrent`), or the home's worktrees (`repos.max_worktrees`)."""
 
-    def __init__(self, directory: Path, craftsmen: list[Craftsman]) -> None:
+    def __init__(self, directory: Path, counts: dict[str, int]) -> None:
         self._fds: dict[str, list[int]] = {}
         self._held: dict[str, set[int]] = {}
-        for craftsman in craftsmen:
-            folder = directory / craftsman.name
+        for name, count in counts.items():
+            folder = directory / name
             folder.mkdir(parents=True, exist_ok=True)
-            self._fds[craftsman.name] = [
+            self._fds[name] = [
                 os.open(folder / str(n), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-                for n in range(craftsman.max_concurrent)]
-            self._held[craftsman.name] = set()
+                for n in range(count)]
+            self._held[name] = set()
 
     def acquire(self, craftsman: str) -> int | None:
         """Take a free slot of the craftsman (home-wide), or None when all are taken."""

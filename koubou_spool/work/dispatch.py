@@ -18,6 +18,7 @@ from ..spool.watcher import ReadyQueue
 from .intake import FAIL_NOW
 
 Start = Callable[[Claim, str], Coroutine[Any, Any, None]]
+WORKTREES = "worktrees"  # the one name of the worktree slots (repos.max_worktrees)
 
 
 class Dispatch:
@@ -25,7 +26,9 @@ class Dispatch:
 
     def __init__(self, spool: Spool, worker_id: str, ready: ReadyQueue, slots: Slots,
                  serves: list[str], concurrency: int, start: Start,
-                 unroutable: Callable[[Claim], None], after_attempt: Callable[[], None]) -> None:
+                 unroutable: Callable[[Claim], None], after_attempt: Callable[[], None],
+                 worktrees: Slots | None = None,
+                 repo_priority: Callable[[str], int | None] = lambda name: None) -> None:
         self.spool = spool
         self.worker_id = worker_id
         self.ready = ready
@@ -35,8 +38,10 @@ class Dispatch:
         self.start = start
         self.unroutable = unroutable
         self.after_attempt = after_attempt
+        self.worktrees = worktrees  # None: no cap on the home's live worktrees
+        self.repo_priority = repo_priority  # a queued repository task's priority, else None
         self.in_flight: dict[str, asyncio.Task] = {}  # claim file -> its attempt
-        self.slot_of: dict[str, tuple[str, int]] = {}  # claim file -> (craftsman, slot)
+        self.slot_of: dict[str, tuple[str, int, int | None]] = {}  # claim -> craftsman, slots
         self.starved = False  # tasks wait for a slot another process holds
         self.letting_go: set[str] = set()  # our claims we are moving ourselves (publish, requeue)
         self.revoked: set[str] = set()  # our claims someone else moved (cancel, lease takeover)
@@ -54,7 +59,8 @@ class Dispatch:
                 if slot is None:
                     full.add(craftsman)
                     continue
-            self._claim_next(craftsman, slot)
+            if not self._claim_next(craftsman, slot):
+                full.add(craftsman)
         self.starved = any(self.ready.head(name) is not None for name in full)
 
     def _next_craftsman(self, full: set[str]) -> str | None:
@@ -68,24 +74,39 @@ class Dispatch:
                 best, best_key = head, name
         return best_key
 
-    def _claim_next(self, craftsman: str, slot: int | None) -> None:
+    def _claim_next(self, craftsman: str, slot: int | None) -> bool:
+        """Claim the craftsman's next task; False when it must wait for a worktree slot."""
         name = self.ready.pop(craftsman)
+        worktree = None
+        if slot is not None and self.worktrees is not None:
+            priority = self.repo_priority(name)
+            if priority is not None:
+                worktree = self.worktrees.acquire(WORKTREES)
+                if worktree is None:  # the home has max_worktrees: wait, spending nothing
+                    self.ready.push(craftsman, priority, name)
+                    self.slots.release(craftsman, slot)
+                    return False
         claim = self.spool.claim(name, self.worker_id)
         if claim is None:  # another worker was first
-            if slot is not None:
-                self.slots.release(craftsman, slot)
-            return
+            self._release(craftsman, slot, worktree)
+            return True
         if craftsman == FAIL_NOW:
             self.unroutable(claim)
-            return
-        self.slot_of[claim.file_name] = (craftsman, slot)
+            return True
+        self.slot_of[claim.file_name] = (craftsman, slot, worktree)
         running = asyncio.get_running_loop().create_task(self.start(claim, craftsman))
         self.in_flight[claim.file_name] = running
         running.add_done_callback(lambda _, c=claim: self._attempt_done(c))
+        return True
+
+    def _release(self, craftsman: str, slot: int | None, worktree: int | None) -> None:
+        if slot is not None:
+            self.slots.release(craftsman, slot)
+        if worktree is not None:
+            self.worktrees.release(WORKTREES, worktree)
 
     def _attempt_done(self, claim: Claim) -> None:
-        craftsman, slot = self.slot_of.pop(claim.file_name)
-        self.slots.release(craftsman, slot)
+        self._release(*self.slot_of.pop(claim.file_name))
         self.in_flight.pop(claim.file_name, None)
         self.letting_go.discard(claim.file_name)
         self.revoked.discard(claim.file_name)

@@ -209,6 +209,11 @@ class Intake:
         if len(self.parsed) > PARSED_KEPT:
             del self.parsed[next(iter(self.parsed))]  # the oldest: bounded memory at any backlog
 
+    def repo_priority(self, name: str) -> int | None:
+        """The priority of a queued repository task (it needs a worktree), else None."""
+        kept = self.parsed.get(name)
+        return kept[1].priority if kept is not None and kept[1].repo else None
+
     def recalled(self, claim: Claim) -> tuple[Task, router.Route | None] | None:
         """The parse (and route, if still valid) from when the file was queued, if unchanged."""
         kept = self.parsed.pop(claim.name, None)

@@ -31,13 +31,14 @@ from ..craft.limits import Budget, Slots
 from ..craft.spending import Spending
 from ..errors import KoubouError, UsageError
 from ..ops.notify import Notifier
+from ..repo.policy import RepoSettings
 from ..spool import task as task_format
 from ..spool.files import Claim, Spool, new_worker_id
 from ..spool.ledger import LedgerWriter
 from ..spool.recovery import recover_orphans
 from ..spool.watcher import CLAIMS_MASK, OUTCOME_MASK, OVERFLOW, PENDING_MASK, Watcher
 from .attempt import Attempts
-from .dispatch import Dispatch
+from .dispatch import WORKTREES, Dispatch
 from .intake import Intake
 from .publish import Publisher
 
@@ -62,10 +63,13 @@ class Worker:
         self.stopping = False
         self.backends: dict[str, Backend] = {}
         self.backend_errors: dict[str, str] = {}
-        self.slots = Slots(home / "run" / "slots", [config.craftsmen[n] for n in self.serves])
+        self.slots = Slots(home / "run" / "slots",
+                           {n: config.craftsmen[n].max_concurrent for n in self.serves})
         self.intake = Intake(self.spool, config, self.serves, self.budget, self.ledger, self.wake)
+        self.worktrees = _worktree_slots(home, config)
         self.dispatch = Dispatch(self.spool, self.id, self.intake.ready, self.slots, self.serves,
-                                 concurrency, self._start, self._unroutable, self.wake)
+                                 concurrency, self._start, self._unroutable, self.wake,
+                                 self.worktrees, self.intake.repo_priority)
         self.publisher = Publisher(self.spool, self.ledger, config.hooks, self.dispatch.let_go)
         self.attempts = Attempts(config, self.id, self.intake, self.publisher,
                                  Spending(self.budget, home), self.ledger, self.backends,
@@ -189,6 +193,8 @@ class Worker:
         self.ledger.worker_stopped(self.id, time.time())
         await loop.run_in_executor(None, self.ledger.close)
         self.slots.close()
+        if self.worktrees is not None:
+            self.worktrees.close()
         self.spool.unregister_worker(self.id, self._lock_fd)
 
     def _status_line(self) -> str:
@@ -244,6 +250,12 @@ def _check_serves(config: Config, craftsmen: list[str] | None) -> None:
                          f"configured: {', '.join(sorted(config.craftsmen)) or 'none'}")
     if not config.craftsmen:
         raise UsageError(f"{config.path} configures no craftsmen; add one under `craftsmen:`")
+
+
+def _worktree_slots(home: Path, config: Config) -> Slots | None:
+    """Home-wide slots for repos.max_worktrees, or None when there is no cap."""
+    cap = RepoSettings.parse(config.repos).max_worktrees
+    return Slots(home / "run" / "worktree-slots", {WORKTREES: cap}) if cap else None
 
 
 def run_worker(home: Path, config: Config, **options: object) -> int:
