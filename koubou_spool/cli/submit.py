@@ -119,8 +119,8 @@ def _single_task(text: str | None, file: str | None, fields: dict[str, Any]) -> 
     if after:
         known = obj.get("after") if isinstance(obj.get("after"), list) else []
         obj["after"] = known + [a for a in after if a not in known]
-    if params:
-        obj["params"] = {**(obj.get("params") or {}), **params}
+    if params and isinstance(obj.get("params", {}), dict):  # else validation names the field
+        obj["params"] = {**obj.get("params", {}), **params}
     return task_format.validate(obj)
 
 
