@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 EXIT_OK = 0
 EXIT_TASK_FAILED = 1
 EXIT_USAGE = 2
@@ -28,9 +30,17 @@ class UsageError(KoubouError, ValueError):
 
 
 class ConfigError(KoubouError, ValueError):
-    """The configuration file is missing, unreadable or wrong."""
+    """The configuration file is missing, unreadable or wrong. `problems` holds every fault
+    found, one sentence each (the message leads with the first); `warnings` the unknown keys,
+    which often explain them (`bakend: echo`)."""
 
     exit_code = EXIT_UNUSABLE
+
+    def __init__(self, message: str, problems: Sequence[str] = (),
+                 warnings: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems) or [message]
+        self.warnings = list(warnings)
 
 
 class SpoolError(KoubouError, OSError):

@@ -89,8 +89,13 @@ def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, ensure_ascii=False, indent=1, default=str))
 
 
+def notice(message: str) -> None:
+    """One line on stderr, named like the errors, for what the user should know but is no error."""
+    click.echo(f"{click.get_current_context().find_root().info_name}: {message}", err=True)
+
+
 def _fail(error: Exception, code: int) -> None:
-    click.echo(f"{click.get_current_context().find_root().info_name}: {error}", err=True)
+    notice(str(error))
     raise click.exceptions.Exit(code)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
-from ..service import control
+from ..service import control, serving
 from ..spool import ledger
 from ..craft import router
 from ..spool import home as home_module
@@ -18,7 +18,7 @@ from ..spool.task import DIFFICULTIES, SENSITIVITIES
 from ..errors import EXIT_OK, EXIT_TASK_FAILED, TaskNotFound, WaitTimeout
 from ..spool.home import STATE_DIRS
 from ..work.worker import run_worker
-from .common import KoubouGroup, emit_json, home_options, session, setup_logging
+from .common import KoubouGroup, emit_json, home_options, notice, session, setup_logging
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
@@ -230,7 +230,11 @@ def _print_outcome(outcome: dict, as_json: bool) -> int:
 @click.argument("task_ids", nargs=-1, required=True)
 def wait(task_ids: tuple[str, ...], timeout: float | None, as_json: bool) -> None:
     """Block until the tasks finish (inotify, no polling); exit 1 if any failed."""
-    spool = session().spool()
+    where = session()
+    config = where.config(required=False)
+    spool = where.spool(config)
+    for line in serving.unserved(spool, config, status_module.unfinished_tasks(spool, list(task_ids))):
+        notice(line)
     outcomes = status_module.wait_for_outcomes(spool, list(task_ids), timeout)
     failed = [o for o in outcomes.values() if o.get("status") != "completed"]
     if as_json:

@@ -24,7 +24,8 @@ from ..observe.progress import wait_with_progress
 from ..spool import workflow as workflow_format
 from ..spool.files import Spool
 from ..spool.task import DIFFICULTIES, SENSITIVITIES, Task
-from .common import KoubouCommand, home_options, session
+from ..service import serving
+from .common import KoubouCommand, home_options, notice, session
 
 
 def _json_object(value: str | None, what: str) -> dict | None:
@@ -236,10 +237,18 @@ def submit(text: str | None, file: str | None, batch: str | None, type_: str | N
             click.echo(task.id if new else f"{task.id} (already {state})", err=wait)
     if not wait:
         return
+    _say_unserved(spool, config, submitted)
     if batch is not None:
         click.get_current_context().exit(_wait_batch(spool, [t.id for t in tasks], timeout, output))
     outcomes = status_module.wait_for_outcomes(spool, [t.id for t in tasks], timeout)
     click.get_current_context().exit(_report(outcomes, as_json))
+
+
+def _say_unserved(spool: Spool, config: Config, submitted: list[tuple[Task, str, bool]]) -> None:
+    """Before a wait: say at once which queued tasks no live worker serves."""
+    for line in serving.unserved(spool, config, [t for t, state, _ in submitted
+                                                 if state == "pending"]):
+        notice(line)
 
 
 def _submit_workflow(spool: Spool, config: Config, workflow: workflow_format.Workflow,
@@ -247,13 +256,15 @@ def _submit_workflow(spool: Spool, config: Config, workflow: workflow_format.Wor
     """Queue every step (nothing new when the workflow id was queued before); with wait, a
     line per step as it ends, then the results of the steps nothing runs after."""
     _check_craftsmen(workflow.tasks, config)
-    for task, state, new in spool.submit(workflow.tasks):
+    submitted = spool.submit(workflow.tasks)
+    for task, state, new in submitted:
         if as_json and not wait:
             click.echo(json.dumps({"id": task.id, "state": state, "new": new}))
         elif not as_json:
             click.echo(task.id if new else f"{task.id} (already {state})", err=wait)
     if not wait:
         return EXIT_OK
+    _say_unserved(spool, config, submitted)
     ids = [t.id for t in workflow.tasks]
     told: set[str] = set()
 

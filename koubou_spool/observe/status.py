@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from ..spool import ledger
 from ..spool import task as task_format
 from ..spool.home import STATE_DIRS
-from ..errors import WaitTimeout
+from ..errors import KoubouError, WaitTimeout
 from ..spool.files import CLAIM_RE, SIDECAR, Refused, Spool
 from ..spool.watcher import wait_for_files
 
@@ -32,6 +33,42 @@ def live_workers(spool: Spool, ledger_path: Path, lease_s: float) -> list[dict[s
         info["liveness"] = spool.worker_state(worker_id, lease_s)
         found.append(info)
     return found
+
+
+def served_craftsmen(spool: Spool) -> set[str]:
+    """The craftsmen that live workers serve: registered in run/workers/ with the lock held
+    (a worker that missed heartbeats still counts: it holds its lock, so it is not dead)."""
+    served: set[str] = set()
+    for entry in os.listdir(spool.workers):
+        if entry.startswith(".") or not entry.endswith(".lock"):
+            continue  # a worker still starting locks a hidden name first
+        if spool.worker_state(entry[:-5], math.inf) == "dead":
+            continue
+        info = _read_json(spool.workers / entry)
+        if isinstance(info, dict) and isinstance(info.get("craftsmen"), list):
+            served.update(str(name) for name in info["craftsmen"])
+    return served
+
+
+def unfinished_tasks(spool: Spool, task_ids: list[str]) -> list[task_format.Task]:
+    """The tasks among these that are queued, or claimed by a worker that is dead; others
+    (finished, unknown, unreadable, held by a live worker) are left out."""
+    found = []
+    for task_id in task_ids:
+        try:
+            where = spool.find(task_id)
+            if where.state not in ("pending", "in_progress") or _held_by_live_worker(spool, where):
+                continue
+            data = spool.read_entry(where.path.parent, where.path.name)[0]
+            found.append(task_format.parse(data, task_id))
+        except (KoubouError, Refused):
+            continue
+    return found
+
+
+def _held_by_live_worker(spool: Spool, where: Any) -> bool:
+    match = CLAIM_RE.fullmatch(where.path.name) if where.state == "in_progress" else None
+    return bool(match) and spool.worker_state(match["worker"], math.inf) != "dead"
 
 
 def _read_json(path: Path) -> Any:

@@ -73,9 +73,11 @@ def run(home: Path, config_path: Path, timeout: float = 5.0) -> list[Check]:
     try:
         config = config_module.load(config_path)
     except ConfigError as exc:
-        checks.insert(1, Check("config", [Problem(ERROR, f"{exc}")]))
+        checks.insert(1, Check("config", [Problem(ERROR, p) for p in exc.problems]
+                               + [Problem(WARNING, w) for w in exc.warnings]))
         return checks
-    checks.insert(1, Check("config", check_config_file(config_path, config)))
+    unknown = [Problem(WARNING, w) for w in config.warnings]
+    checks.insert(1, Check("config", unknown + check_config_file(config_path, config)))
     checks.append(Check("api keys", check_api_keys(config)))
     checks += check_craftsmen(config, timeout)
     return checks

@@ -4,6 +4,7 @@ re-read, so edits apply without a restart)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ from ..spool import home as home_module, task as task_format
 from ..spool.files import Spool
 from ..spool.home import STATE_DIRS
 from ..spool.watcher import wait_for_files
-from . import control
+from . import control, serving
+
+log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 50.0  # MCP clients give up on a tool call after about 60 s
 
@@ -53,6 +56,10 @@ class Workshop:
         (_, state, new), = spool.submit([task])
         answer = {"id": task.id, "new": new}
         wait_s = min(max(wait_s, 0.0), MAX_WAIT_S)
+        if wait_s > 0 and state == "pending":  # said at once, in the reply and the log
+            for line in serving.unserved(spool, self.config(), [task]):
+                log.warning("%s", line)
+                answer["warning"] = line
         if wait_s > 0 and state not in ("completed", "failed"):
             await anyio.to_thread.run_sync(
                 wait_for_files, [spool.completed, spool.failed], {f"{task.id}.json"}, wait_s)
