@@ -84,10 +84,12 @@ class Workshop:
 
     def status(self, task_id: str) -> dict[str, Any]:
         """One task's state, attempts and result or error."""
+        task_format.check_id(task_id, "task_id")
         return status_module.task_status(self.spool(), self.ledger_path, task_id)
 
     def result(self, task_id: str) -> dict[str, Any]:
         """The outcome of a finished task, or its state while it is not finished."""
+        task_format.check_id(task_id, "task_id")
         spool = self.spool()
         outcome = spool.outcome(task_id)
         if outcome is None:
@@ -109,6 +111,7 @@ class Workshop:
 
     def cancel(self, task_id: str) -> dict[str, Any]:
         """Cancel a pending or running task (failed as `cancelled`)."""
+        task_format.check_id(task_id, "task_id")
         try:
             record = control.cancel(self.spool(), self.ledger_path, task_id)
         except control.NotCancelled as exc:
@@ -140,7 +143,7 @@ review, drafting docs or tests, summaries, refactoring suggestions, analysis. Re
 state; when the task finished within wait_s, also its `result` (content, craftsman, model, usage)
 or `error`. If it is still pending or in_progress, call get_task_result(id) later.
 
-Fields: content (required, the prompt); id (optional, [A-Za-z0-9._-]; reusing an id queues
+Fields: content (required, the prompt); id (optional, [A-Za-z0-9._-], not starting with a dot; reusing an id queues
 nothing and reports the existing task, so retries are safe); type (code_review, documentation,
 analysis, ...); priority 1-10 (10 first); difficulty low|medium|high|auto (routing input);
 sensitivity: `confidential` means the content must never leave local craftsmen (use it for

@@ -321,7 +321,14 @@ class Spool:
                 yield entry, match
 
     def find(self, key: str) -> Found:
-        """Where the task with this id (or the file with this name) is; TaskNotFound if nowhere."""
+        """Where the task with this id (or the file with this name) is; TaskNotFound if nowhere.
+
+        A key that is neither an id nor a plain entry name (a path, `..`, a hidden name) is
+        nowhere: the lookup never leaves the state directories.
+        """
+        if not (task_format.ID_RE.fullmatch(key) or _entry_name(key)):
+            raise TaskNotFound(f"no task {key!r}: give a task id ({task_format.ID_RULE}) "
+                               "or the name of a file in the spool")
         name = key if key.endswith(".json") else f"{key}.json"
         for state in ("completed", "failed"):
             path = self.state_dir(state) / name
@@ -355,6 +362,8 @@ class Spool:
 
     def outcome(self, task_id: str) -> dict[str, Any] | None:
         """The outcome record of a finished task, or None while it is not finished."""
+        if not task_format.ID_RE.fullmatch(task_id):
+            raise TaskNotFound(f"no task {task_id!r}: a task id is {task_format.ID_RULE}")
         for directory in (self.completed, self.failed):
             path = directory / f"{task_id}.json"
             try:
@@ -435,6 +444,11 @@ class Spool:
         finally:
             os.close(fd)
         return "dead"
+
+
+def _entry_name(key: str) -> bool:
+    """A name that can only mean an entry of a directory: one component, not hidden."""
+    return bool(key) and "/" not in key and "\0" not in key and not key.startswith(".")
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
