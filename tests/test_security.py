@@ -66,3 +66,61 @@ def test_the_spool_finds_only_ids_and_names_inside_its_directories(
         spool.find(key)
     with pytest.raises(TaskNotFound):
         spool.outcome(key)
+
+
+def _swap_after_check(monkeypatch: pytest.MonkeyPatch, checked: Path, swap: object) -> None:
+    """Run `swap` right after the attachment's path is resolved and checked: the race window."""
+    real_resolve = Path.resolve
+
+    def resolve(self: Path, strict: bool = False) -> Path:
+        resolved = real_resolve(self, strict)
+        if resolved == checked:
+            swap()
+        return resolved
+
+    monkeypatch.setattr(Path, "resolve", resolve)
+
+
+@pytest.mark.parametrize("swapped", ["file", "directory"])
+def test_an_attachment_swapped_for_a_link_after_its_check_is_not_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swapped: str) -> None:
+    from koubou_spool.craft.attach import read_attachments
+    allowed, outside = tmp_path / "repo", tmp_path / "private"
+    (allowed / "src").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "notes.txt").write_text("OPENAI_API_KEY=sk-secret")  # as /proc/self/environ
+    attached = allowed / "src" / "notes.txt"
+    attached.write_text("harmless")
+    if swapped == "file":
+        def swap() -> None:
+            attached.unlink()
+            attached.symlink_to(outside / "notes.txt")
+    else:
+        def swap() -> None:
+            attached.unlink()
+            (allowed / "src").rmdir()
+            (allowed / "src").symlink_to(outside)
+    _swap_after_check(monkeypatch, attached, swap)
+    with pytest.raises(InvalidTask, match="files: cannot read"):
+        read_attachments([str(attached)], {"allowed_dirs": [str(allowed)]})
+
+
+def test_an_attachment_is_judged_by_what_was_opened(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # Checked as a regular file, then replaced by a FIFO: the opened descriptor is what counts.
+    import os
+    from koubou_spool.craft.attach import read_attachments
+    allowed = tmp_path / "repo"
+    allowed.mkdir()
+    attached = allowed / "a.txt"
+    attached.write_text("text")
+    _swap_after_check(monkeypatch, attached, lambda: (attached.unlink(), os.mkfifo(attached)))
+    with pytest.raises(InvalidTask, match="not a regular file"):
+        read_attachments([str(attached)], {"allowed_dirs": [str(allowed)]})
+    outside = tmp_path / "secret.txt"
+    outside.write_text("password: x")
+    monkeypatch.undo()
+    attached.unlink()
+    attached.symlink_to(outside)  # a link leading out is refused before anything is opened
+    with pytest.raises(InvalidTask, match="outside attach.allowed_dirs"):
+        read_attachments([str(attached)], {"allowed_dirs": [str(allowed)]})
