@@ -124,3 +124,49 @@ def test_an_attachment_is_judged_by_what_was_opened(tmp_path: Path,
     attached.symlink_to(outside)  # a link leading out is refused before anything is opened
     with pytest.raises(InvalidTask, match="outside attach.allowed_dirs"):
         read_attachments([str(attached)], {"allowed_dirs": [str(allowed)]})
+
+
+AGENT = str(Path(__file__).parent / "fake_agent.py")
+
+
+def _agent(argv: list[str]) -> object:
+    from koubou_spool.config import parse
+    return parse({"craftsmen": {"agent": {"backend": "command", "local": True,
+                                          "argv": argv}}}).craftsmen["agent"]
+
+
+def _run_agent(craftsman: object, prompt: str, *, confidential: bool = False,
+               model: str = "m") -> object:
+    import asyncio
+    from koubou_spool.craft.backends import Request, make_backend
+    request = Request(messages=[{"role": "user", "content": prompt}], model=model,
+                      max_tokens=10, timeout_s=20, confidential=confidential)
+    return asyncio.run(make_backend(craftsman).complete(request))
+
+
+def test_a_prompt_in_argv_that_starts_with_a_dash_is_not_an_option() -> None:
+    craftsman = _agent([sys.executable, AGENT, "args", "{prompt}"])
+    reply = _run_agent(craftsman, "--evil")  # a prompt of one word, as models write them
+    assert json.loads(reply.content) == {"evil": False, "prompt": "--evil"}
+
+
+def test_a_confidential_prompt_is_never_put_in_an_argv(tmp_path: Path) -> None:
+    from koubou_spool.craft.backends import BackendError
+    marker = tmp_path / "started"
+    craftsman = _agent([sys.executable, "-c", f"open({str(marker)!r}, 'w')", "{prompt}"])
+    with pytest.raises(BackendError) as caught:
+        _run_agent(craftsman, "password: hunter2", confidential=True)
+    assert caught.value.kind == "policy" and not caught.value.retryable
+    assert "stdin" in str(caught.value) and "hunter2" not in str(caught.value)
+    assert not marker.exists()  # refused before anything ran
+
+
+def test_task_values_never_become_options_of_an_agent() -> None:
+    from koubou_spool.craft.backends import BackendError, make_backend
+    from koubou_spool.errors import ConfigError
+    with pytest.raises(BackendError) as caught:  # a task's model override, e.g. "--yolo"
+        _run_agent(_agent([sys.executable, AGENT, "args", "--model", "{model}"]), "x",
+                   model="--evil")
+    assert caught.value.kind == "invalid"
+    with pytest.raises(ConfigError, match=r"after \{prompt\}"):  # `--` would swallow --json
+        make_backend(_agent(["agent", "{prompt}", "--json"]))

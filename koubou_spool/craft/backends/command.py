@@ -1,8 +1,13 @@
 """CLI agents as craftsmen (`claude -p`, `codex exec`): an argv list, never a shell.
 
-The prompt goes on stdin, or into the argv where `{prompt}` stands. Each task runs in its own
-working directory, in its own process group, so a timeout kills the agent and everything it
-started. Output is capped; a non-zero exit fails the attempt with the tail of stderr.
+The prompt goes on stdin, or into the argv where `{prompt}` stands. Stdin is the better way: an
+argv is world-readable in /proc/PID/cmdline while the agent runs, so a confidential prompt is
+never put there (the attempt fails as `policy`). A `{prompt}` argument is passed after `--`
+(added when the argv has none before it), so a prompt such as `--help` is never an option; a
+value from the task (`{model}`) that starts with `-` is refused for the same reason. Each task
+runs in its own working directory, in its own process group, so a timeout kills the agent and
+everything it started. Output is capped; a non-zero exit fails the attempt with the tail of
+stderr.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ...config import Craftsman
+from ...errors import ConfigError
 from . import BackendError, Reply, Request, usage
 
 STDERR_TAIL = 2000
@@ -35,16 +41,26 @@ class CommandBackend:
 
     def __init__(self, craftsman: Craftsman) -> None:
         self.craftsman = craftsman
+        self.template = _operands_after_dashes(craftsman)
+        self.prompt_in_argv = any("{prompt}" in arg for arg in self.template)
 
-    def _argv(self, prompt: str, model: str) -> tuple[list[str], bytes | None]:
-        placeholder = any("{prompt}" in arg for arg in self.craftsman.argv)
-        argv = [arg.replace("{prompt}", prompt).replace("{model}", model)
-                for arg in self.craftsman.argv]
-        return argv, None if placeholder else prompt.encode()
+    def _argv(self, request: Request) -> tuple[list[str], bytes | None]:
+        if self.prompt_in_argv and request.confidential:
+            raise BackendError(f"confidential prompt refused: craftsman {self.craftsman.name} "
+                               "puts {prompt} in its argv, which every user of this machine "
+                               "can read; configure it to read the prompt on stdin",
+                               kind="policy")
+        if request.model.startswith("-") and any("{model}" in a for a in self.template):
+            raise BackendError(f"model {request.model!r} starts with '-': it would be an "
+                               f"option of {self.template[0]}", kind="invalid")
+        prompt = prompt_text(request.messages)
+        argv = [arg.replace("{prompt}", prompt).replace("{model}", request.model)
+                for arg in self.template]
+        return argv, None if self.prompt_in_argv else prompt.encode()
 
     async def complete(self, request: Request) -> Reply:
         """Run the agent and read its answer in the configured output format."""
-        argv, stdin = self._argv(prompt_text(request.messages), request.model)
+        argv, stdin = self._argv(request)
         workdir = Path(request.workdir) if request.workdir else None
         if workdir is not None:
             workdir.mkdir(parents=True, exist_ok=True)
@@ -87,6 +103,25 @@ class CommandBackend:
 
     async def close(self) -> None:
         """Nothing to release."""
+
+
+def _operands_after_dashes(craftsman: Craftsman) -> tuple[str, ...]:
+    """The argv with `--` before a `{prompt}` argument, unless one is there already.
+
+    Options after `{prompt}` would be taken as operands once `--` is in front of it, so that
+    argv is refused with the fix rather than run wrong.
+    """
+    argv = craftsman.argv
+    if "{prompt}" not in argv:
+        return argv
+    at = argv.index("{prompt}")
+    if "--" in argv[:at]:
+        return argv
+    if any(arg.startswith("-") for arg in argv[at + 1:]):
+        raise ConfigError(f"craftsmen.{craftsman.name}.argv: options after {{prompt}}; put "
+                          "{prompt} last (koubou passes it after `--`), or leave it out to "
+                          "give the prompt on stdin")
+    return (*argv[:at], "--", *argv[at:])
 
 
 async def _read_capped(stream: asyncio.StreamReader, limit: int) -> bytes:
