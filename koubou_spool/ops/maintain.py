@@ -31,7 +31,7 @@ from ..errors import InvalidTask, UsageError
 from ..spool.ledger import LedgerWriter
 from ..craft.limits import Budget
 from ..spool.recovery import recover_orphans
-from ..spool.files import SIDECAR, Refused, Spool, new_worker_id
+from ..spool.files import SIDECAR, Refused, Spool, Unavailable, new_worker_id
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _pending_task(spool: Spool, name: str) -> task_format.Task | None:
     try:
         data, _ = spool.read_entry(spool.pending, name)
         return task_format.parse(data, task_format.id_from_name(name))
-    except (Refused, InvalidTask):
+    except (Refused, Unavailable, InvalidTask):
         return None
 
 
@@ -177,7 +177,7 @@ def _expire(spool: Spool, name: str, owner_id: str, writer: LedgerWriter, now: f
         return 0  # a worker took it first; it will see expires_at itself
     try:
         task = task_format.parse(spool.read_claim(claim)[0], task_format.id_from_name(name))
-    except (Refused, InvalidTask):
+    except (Refused, Unavailable, InvalidTask):
         spool.requeue(claim.file_name, None)  # changed under us: the workers judge it
         return 0
     record = task_format.failed_record(

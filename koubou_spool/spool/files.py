@@ -38,12 +38,22 @@ _claim_seq = itertools.count(1)
 SIDECAR = ".error.json"
 
 
+# The machine's trouble, not the file's: out of descriptors (each worker holds slot files per
+# craftsman), out of memory, an I/O error. A good task read at such a moment must stay queued.
+TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EIO, errno.ENOMEM,
+                              errno.ENOBUFS})
+
+
 class Refused(Exception):
     """A pending entry that must not be read: not a regular file, too large, or gone."""
 
     def __init__(self, reason: str, gone: bool = False) -> None:
         super().__init__(reason)
         self.gone = gone
+
+
+class Unavailable(SpoolError):
+    """An entry that cannot be read now (TRANSIENT_ERRNOS): no verdict; read it again later."""
 
 
 @dataclass(frozen=True)
@@ -197,6 +207,7 @@ class Spool:
         except FileNotFoundError:
             raise Refused("gone", gone=True) from None
         except OSError as exc:
+            _raise_if_transient(exc, path)
             if exc.errno == errno.ELOOP:
                 raise Refused("a symbolic link; tasks must be regular files") from None
             if exc.errno == errno.ENXIO:
@@ -215,6 +226,9 @@ class Spool:
             if len(data) > self.max_task_bytes:
                 raise Refused(f"over spool.max_task_bytes ({self.max_task_bytes})")
             return data, info
+        except OSError as exc:
+            _raise_if_transient(exc, path)
+            raise Refused(f"cannot be read: {exc.strerror}") from None
         finally:
             os.close(fd)
 
@@ -274,6 +288,9 @@ class Spool:
             except Refused as exc:
                 if exc.gone:
                     return False
+            except Unavailable as exc:
+                # Back uncounted rather than stuck in in_progress/: one attempt may go unseen.
+                log.warning("%s; %s goes back without its attempt count", exc, name)
             except (ValueError, TypeError, AttributeError):
                 pass  # not a task object: it goes back as it is and is rejected when read again
         try:
@@ -354,7 +371,7 @@ class Spool:
             for entry in os.listdir(directory):
                 try:
                     obj = task_format.decode(self.read_entry(directory, entry)[0])
-                except (Refused, ValueError):
+                except (Refused, Unavailable, ValueError):
                     continue
                 if isinstance(obj, dict) and task_id in (obj.get("id"), obj.get("custom_id")):
                     return Found(state, directory / entry)
@@ -444,6 +461,12 @@ class Spool:
         finally:
             os.close(fd)
         return "dead"
+
+
+def _raise_if_transient(exc: OSError, path: str) -> None:
+    if exc.errno in TRANSIENT_ERRNOS:
+        raise Unavailable(f"{path} cannot be read now ({exc.strerror}); it stays where it is "
+                          "and is read again later") from None
 
 
 def _entry_name(key: str) -> bool:
