@@ -102,7 +102,6 @@ class Spool:
         self.completed = tasks / "completed"
         self.failed = tasks / "failed"
         self.workers = home / "run" / "workers"
-        self._dir_fds: dict[Path, int] = {}
 
     @classmethod
     def open(cls, home: Path, settings: Any = None) -> Spool:
@@ -129,10 +128,15 @@ class Spool:
         """fsync a directory so the renames in it survive a crash (when spool.fsync is on)."""
         if not self.fsync:
             return
-        fd = self._dir_fds.get(path)
-        if fd is None:
-            fd = self._dir_fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        os.fsync(fd)
+        # Opened each time, not cached: a Spool has no close, so cached descriptors leaked
+        # one per short-lived Spool (the MCP server makes one a call), and a cached one kept
+        # a replaced directory alive (and its inotify watch from ending). The open costs
+        # microseconds beside the fsync's milliseconds.
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _write_tmp(self, label: str, data: bytes) -> str:
         path = f"{self.tmp}/.{label}.{os.getpid()}.{os.urandom(4).hex()}"
