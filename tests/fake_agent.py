@@ -2,8 +2,9 @@
 
     python fake_agent.py claude|codex|fail|hang [PIDFILE]|args [--evil] [PROMPT...]
 
-Reads the prompt on stdin (`args`: in its arguments, and says whether --evil was an option). `hang` starts a child that would outlive it, writes the child's pid
-to PIDFILE, and sleeps: the worker's timeout must kill the whole process group.
+Reads the prompt on stdin (`args`: in its arguments, and says whether --evil was an option).
+`hang` starts a child that would outlive it, writes the child's pid to PIDFILE, and sleeps: the
+worker's timeout must kill the whole process group.
 """
 
 from __future__ import annotations

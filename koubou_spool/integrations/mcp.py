@@ -143,15 +143,15 @@ review, drafting docs or tests, summaries, refactoring suggestions, analysis. Re
 state; when the task finished within wait_s, also its `result` (content, craftsman, model, usage)
 or `error`. If it is still pending or in_progress, call get_task_result(id) later.
 
-Fields: content (required, the prompt); id (optional, [A-Za-z0-9._-], not starting with a dot; reusing an id queues
-nothing and reports the existing task, so retries are safe); type (code_review, documentation,
-analysis, ...); priority 1-10 (10 first); difficulty low|medium|high|auto (routing input);
-sensitivity: `confidential` means the content must never leave local craftsmen (use it for
-secrets, credentials, private data or proprietary code), `public` allows cloud craftsmen, `auto`
-(default) lets the router decide by scanning for secrets; craftsman (a name, or auto); model;
-system (system prompt); context (object given to the model); files (paths on this machine whose
-text is attached); max_tokens. wait_s defaults to 20 and is capped at 50 (tool calls time out
-near 60 s); 0 returns at once."""
+Fields: content (required, the prompt); id (optional, [A-Za-z0-9._-], not starting with a dot;
+reusing an id queues nothing and reports the existing task, so retries are safe); type
+(code_review, documentation, analysis, ...); priority 1-10 (10 first); difficulty
+low|medium|high|auto (routing input); sensitivity: `confidential` means the content must never
+leave local craftsmen (use it for secrets, credentials, private data or proprietary code),
+`public` allows cloud craftsmen, `auto` (default) lets the router decide by scanning for
+secrets; craftsman (a name, or auto); model; system (system prompt); context (object given to
+the model); files (paths on this machine whose text is attached); max_tokens. wait_s defaults to
+20 and is capped at 50 (tool calls time out near 60 s); 0 returns at once."""
 
 
 @contextmanager
