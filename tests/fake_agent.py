@@ -1,10 +1,11 @@
 """Stands in for CLI agents in tests: `claude -p --output-format json`, `codex exec --json`.
 
-    python fake_agent.py claude|codex|fail|hang [PIDFILE]|args [--evil] [PROMPT...]
+    python fake_agent.py claude|codex|fail|hang [PIDFILE]|args [--evil] [PROMPT...]|flood STREAM
 
 Reads the prompt on stdin (`args`: in its arguments, and says whether --evil was an option).
 `hang` starts a child that would outlive it, writes the child's pid to PIDFILE, and sleeps: the
-worker's timeout must kill the whole process group.
+worker's timeout must kill the whole process group. `flood` writes 10 MB to stdout or stderr,
+then answers "done".
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ def main() -> None:
         parser.add_argument("prompt", nargs="*")
         args = parser.parse_args(sys.argv[2:])
         print(json.dumps({"evil": args.evil, "prompt": " ".join(args.prompt)}))
+    elif mode == "flood":
+        stream = sys.stdout if sys.argv[2] == "stdout" else sys.stderr
+        for _ in range(10 * 1024):
+            stream.write("x" * 1023 + "\n")
+        stream.flush()
+        print("done")
     elif mode == "claude":
         print(json.dumps({"type": "result", "subtype": "success", "is_error": False,
                           "result": f"claude: {prompt.strip()[-40:]}", "total_cost_usd": 0.0123,

@@ -91,13 +91,21 @@ class CommandBackend:
             proc.stdin.write(stdin)
         proc.stdin.close()
         limit = self.craftsman.max_output_bytes
-        out_task = asyncio.ensure_future(_read_capped(proc.stdout, limit))
-        err_task = asyncio.ensure_future(_read_capped(proc.stderr, limit))
-        out, err = await asyncio.gather(out_task, err_task)
-        if len(out) > limit:
-            await _kill_group(proc)
-            raise BackendError(f"{self.craftsman.argv[0]} wrote more than max_output_bytes "
-                               f"({limit}); it was stopped")
+        # stderr is drained to its end whatever its size (only its tail is kept), and stdout is
+        # judged on its own: a reader that stops at the cap while the other waits for EOF
+        # leaves the agent blocked on a full pipe until the timeout, a retryable failure.
+        err_task = asyncio.ensure_future(_read_tail(proc.stderr, STDERR_TAIL * 4))
+        try:
+            out = await _read_capped(proc.stdout, limit)
+            if len(out) > limit:
+                await _kill_group(proc)
+                raise BackendError(
+                    f"{self.craftsman.argv[0]} wrote more than max_output_bytes ({limit}); it "
+                    f"was stopped and the task is not retried (raise craftsmen."
+                    f"{self.craftsman.name}.max_output_bytes if answers are this long)")
+            err = await err_task
+        finally:
+            err_task.cancel()
         await proc.wait()
         return out, err
 
@@ -133,6 +141,15 @@ async def _read_capped(stream: asyncio.StreamReader, limit: int) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
+
+
+async def _read_tail(stream: asyncio.StreamReader, keep: int) -> bytes:
+    """Read a stream to its end, keeping only its last `keep` bytes."""
+    tail = bytearray()
+    while chunk := await stream.read(65536):
+        tail += chunk
+        del tail[:-keep]
+    return bytes(tail)
 
 
 async def _kill_group(proc: asyncio.subprocess.Process) -> None:
