@@ -1,13 +1,16 @@
 """Stands in for CLI agents in tests: `claude -p --output-format json`, `codex exec --json`.
 
-    python fake_agent.py claude|codex|fail|hang [PIDFILE]
+    python fake_agent.py claude|codex|fail|hang [PIDFILE]|args [--evil] [PROMPT...]|flood STREAM
 
-Reads the prompt on stdin. `hang` starts a child that would outlive it, writes the child's pid
-to PIDFILE, and sleeps: the worker's timeout must kill the whole process group.
+Reads the prompt on stdin (`args`: in its arguments, and says whether --evil was an option).
+`hang` starts a child that would outlive it, writes the child's pid to PIDFILE, and sleeps: the
+worker's timeout must kill the whole process group. `flood` writes 10 MB to stdout or stderr,
+then answers "done".
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -17,7 +20,19 @@ import time
 def main() -> None:
     mode = sys.argv[1]
     prompt = sys.stdin.read()
-    if mode == "claude":
+    if mode == "args":
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--evil", action="store_true")
+        parser.add_argument("prompt", nargs="*")
+        args = parser.parse_args(sys.argv[2:])
+        print(json.dumps({"evil": args.evil, "prompt": " ".join(args.prompt)}))
+    elif mode == "flood":
+        stream = sys.stdout if sys.argv[2] == "stdout" else sys.stderr
+        for _ in range(10 * 1024):
+            stream.write("x" * 1023 + "\n")
+        stream.flush()
+        print("done")
+    elif mode == "claude":
         print(json.dumps({"type": "result", "subtype": "success", "is_error": False,
                           "result": f"claude: {prompt.strip()[-40:]}", "total_cost_usd": 0.0123,
                           "session_id": "0b7c-session", "num_turns": 3,

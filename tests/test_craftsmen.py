@@ -243,7 +243,10 @@ def test_an_agent_timeout_kills_its_whole_process_group(
     error = wait_outcomes(spool, [task_id])[task_id]["error"]
     assert error["kind"] == "timeout"
     child = int(pidfile.read_text())
-    assert not _alive(child), "the agent's child outlived the timeout"
+    deadline = time.monotonic() + 5  # the signal is sent at once; dying takes a moment
+    while _alive(child):
+        assert time.monotonic() < deadline, "the agent's child outlived the timeout"
+        threading.Event().wait(0.05)
 
 
 def _alive(pid: int) -> bool:
@@ -315,3 +318,31 @@ def test_a_cli_agent_under_a_budget_reserves_max_cost_and_settles_its_own_cost(
     assert wait_outcomes(spool, [first])[first]["result"]["cost_usd"] == 0.0123
     second = submit(spool, content="two", craftsman="claude")  # 0.0123 + 0.015 > 0.02
     assert wait_outcomes(spool, [second])[second]["error"]["kind"] == "budget"
+
+
+def _command(argv: list[str], **settings: object) -> object:
+    from koubou_spool.config import parse
+    return parse({"craftsmen": {"agent": {"backend": "command", "local": True, "argv": argv,
+                                          **settings}}}).craftsmen["agent"]
+
+
+def _complete(craftsman: object, timeout_s: float = 30) -> object:
+    import asyncio
+    from koubou_spool.craft.backends import Request, make_backend
+    request = Request(messages=[{"role": "user", "content": "x"}], model="m", max_tokens=10,
+                      timeout_s=timeout_s)
+    return asyncio.run(make_backend(craftsman).complete(request))
+
+
+def test_an_agent_over_max_output_bytes_is_stopped_at_once_and_not_retried() -> None:
+    from koubou_spool.craft.backends import BackendError
+    craftsman = _command([sys.executable, AGENT, "flood", "stdout"], max_output_bytes=1 << 20)
+    with pytest.raises(BackendError) as caught:
+        _complete(craftsman)  # it waited for the 30 s timeout, a retryable failure
+    assert caught.value.kind == "backend" and not caught.value.retryable
+    assert "more than max_output_bytes (1048576)" in str(caught.value)
+
+
+def test_an_agent_that_floods_stderr_still_answers() -> None:
+    craftsman = _command([sys.executable, AGENT, "flood", "stderr"], max_output_bytes=1 << 20)
+    assert _complete(craftsman).content == "done\n"

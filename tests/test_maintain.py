@@ -214,3 +214,23 @@ def test_the_summary_is_one_line(home: Path) -> None:
 def test_a_bad_duration_is_a_usage_error(home: Path) -> None:
     result = CliRunner().invoke(cli, ["maintain", "--purge-after", "soon"])
     assert result.exit_code == 2 and "30m, 12h or 7d" in result.stderr
+
+
+def test_a_purged_outcome_takes_its_outputs_directory_with_it(home: Path, spool: Spool,
+                                                              tmp_path: Path) -> None:
+    outside = tmp_path / "not-ours"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("x")
+    for task_id in ("old-one", "new-one", "still-queued"):
+        work = home / "outputs" / task_id
+        (work / "src").mkdir(parents=True)
+        (work / "src" / "main.py").write_text("print()")
+        (work / "link").symlink_to(outside)  # an agent's link is removed, never followed
+        age(work, 8 * DAY)
+    _outcome(spool, "old-one", old=True)
+    _outcome(spool, "new-one", old=False)
+    submit(spool, id="still-queued")
+    summary = invoke("--purge-after", "7d")
+    assert summary["purged"] == 1 and summary["outputs_purged"] == 1
+    assert sorted(os.listdir(home / "outputs")) == ["new-one", "still-queued"]
+    assert (outside / "keep.txt").exists()

@@ -495,3 +495,32 @@ def test_max_worktrees_makes_repository_tasks_wait_without_spending_attempts(
         spans.append((min(r["at"] for r in runs), max(r["at"] for r in runs)))
     spans.sort()
     assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:], strict=False))
+
+
+def test_mcp_delegate_task_takes_a_repository_task(repo_home: Path, tmp_path: Path,
+                                                   workers) -> None:
+    import anyio
+    from mcp import ClientSession, StdioServerParameters
+    from mcp.client.stdio import stdio_client
+
+    source = tmp_path / "src" / "app"
+    make_source(source)
+    workers.start(repo_home)
+    params = StdioServerParameters(command=sys.executable, args=[
+        "-m", "koubou_spool.integrations.mcp", "--home", str(repo_home)])
+
+    async def delegate() -> dict:
+        with anyio.fail_after(90):
+            async with stdio_client(params) as (read, write):
+                async with ClientSession(read, write) as session:
+                    await session.initialize()
+                    done = await session.call_tool("delegate_task", {
+                        "content": "WRITE mcp.txt=from mcp", "repo": str(source),
+                        "verify": [sys.executable, "-c", "pass"], "id": "via-mcp",
+                        "wait_s": 45})
+                    return json.loads(done.content[0].text)
+
+    answer = anyio.run(delegate)
+    assert answer["state"] == "completed", answer
+    assert answer["result"]["repo"]["branch"] == "koubou/via-mcp"
+    assert git(source, "show", "koubou/via-mcp:mcp.txt") == "from mcp"

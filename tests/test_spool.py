@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -163,3 +166,56 @@ def test_spool_fsync_false_skips_every_fsync(home: Path, monkeypatch: pytest.Mon
     assert spool.publish(claim, "t1", task_format.completed_record(task, {"content": "ok"}))
     # submit: file + pending/; outcome: file + completed/ (+ in_progress/ for the fence)
     assert (len(synced) >= 4) if durable else synced == []
+
+
+def test_a_task_unreadable_for_lack_of_descriptors_is_not_refused(spool: Spool) -> None:
+    # EMFILE for real: a child process with RLIMIT_NOFILE low and every descriptor taken.
+    submit(spool, id="t1")
+    script = """
+import os, resource, sys
+from pathlib import Path
+from koubou_spool.spool.files import Refused, Spool
+spool = Spool(Path(sys.argv[1]))
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+try:
+    spool.read_entry(spool.pending, "t1.json")
+    print("read")
+except Refused as exc:
+    print("Refused", exc)
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+    child = subprocess.run([sys.executable, "-c", script, str(spool.home)], capture_output=True,
+                           text=True, timeout=60)
+    assert child.stdout.startswith("Unavailable "), child.stdout + child.stderr
+    assert "Too many open files" in child.stdout
+    assert os.listdir(spool.pending) == ["t1.json"]
+
+
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.EIO, errno.ENOMEM,
+                                  errno.ENOBUFS])
+@pytest.mark.parametrize("at", ["open", "read"])
+def test_transient_errors_while_reading_are_not_a_verdict_on_the_file(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch, code: int, at: str) -> None:
+    from koubou_spool.spool import files
+    submit(spool, id="t1")
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError(code, os.strerror(code))
+
+    if at == "open":
+        real_open = os.open
+        monkeypatch.setattr(files.os, "open", lambda path, *a, **k: fail() if str(path).endswith(
+            "t1.json") else real_open(path, *a, **k))
+    else:
+        monkeypatch.setattr(files, "_read_all", fail)
+    with pytest.raises(files.Unavailable, match=os.strerror(code)):
+        spool.read_entry(spool.pending, "t1.json")
+    assert spool.requeue(spool.claim("t1.json", "w-1-aaaa").file_name, attempts=2)
+    assert os.listdir(spool.pending) == ["t1.json"]  # back, uncounted, rather than stuck

@@ -29,7 +29,8 @@ def test_only_content_is_required_and_defaults_are_filled() -> None:
     ({"content": "x", "priority": 11}, "priority: expected an integer from 1 to 10, got 11"),
     ({"content": "x", "priority": True}, "priority: expected an integer from 1 to 10, got true"),
     ({"content": "x", "id": "../etc/passwd"},
-     'id: expected 1-128 characters from A-Z a-z 0-9 . _ -, got "../etc/passwd"'),
+     'id: expected 1-128 characters from A-Z a-z 0-9 . _ -, not starting with a dot, '
+     'got "../etc/passwd"'),
     ({"content": "x", "difficulty": "hard"}, "difficulty: expected one of low, medium, high"),
     ({"content": "x", "sensitivity": "secret"}, "sensitivity: expected one of public"),
     ({"content": "x", "context": "text"}, 'context: expected an object, got "text"'),

@@ -14,7 +14,7 @@ from . import budget as budget_module
 from .backends import BackendError, Request
 from ..config import Craftsman
 from ..errors import KoubouError
-from ..hooks import run_argv
+from .. import hooks
 from .limits import Budget
 from .pricing import price_of
 
@@ -84,4 +84,4 @@ class Spending:
         env = dict(os.environ, KOUBOU_BUDGET_PERIOD=period, KOUBOU_BUDGET_PERCENT=str(percent),
                    KOUBOU_BUDGET_SPENT_USD=f"{spent:.6f}", KOUBOU_BUDGET_LIMIT_USD=f"{limit:.2f}",
                    KOUBOU_HOME=str(self.home))
-        asyncio.get_running_loop().create_task(run_argv(list(argv), env, "alert_command"))
+        hooks.start(list(argv), env, "budget.alert_command")

@@ -47,18 +47,21 @@ review, drafting docs or tests, summaries, refactoring suggestions, analysis. Re
 state; when the task finished within wait_s, also its `result` (content, craftsman, model, usage)
 or `error`. If it is still pending or in_progress, call get_task_result(id) later.
 
-Fields: content (required, the prompt); id (optional, [A-Za-z0-9._-]; reusing an id queues
-nothing and reports the existing task, so retries are safe); type (code_review, documentation,
-analysis, ...); priority 1-10 (10 first); difficulty low|medium|high|auto (routing input);
-sensitivity: `confidential` means the content must never leave local craftsmen (use it for
-secrets, credentials, private data or proprietary code), `public` allows cloud craftsmen, `auto`
-(default) lets the router decide by scanning for secrets; craftsman (a name, or auto); model;
-system (system prompt); context (object given to the model); files (paths on this machine whose
-text is attached); max_tokens; params (chat-completions body fields sent as they are, e.g.
-{"response_format": {"type": "json_object"}, "seed": 7}; the result then has `json`); after
-(ids of tasks to run after; {{ID}} in content or system is that task's result, {{ID.json.key}}
-a field of its JSON). wait_s defaults to 20 and is capped at 50 (tool calls time out near
-60 s); 0 returns at once."""
+Fields: content (required, the prompt); id (optional, [A-Za-z0-9._-], not starting with a dot;
+reusing an id queues nothing and reports the existing task, so retries are safe); type
+(code_review, documentation, analysis, ...); priority 1-10 (10 first); difficulty
+low|medium|high|auto (routing input); sensitivity: `confidential` means the content must never
+leave local craftsmen (use it for secrets, credentials, private data or proprietary code),
+`public` allows cloud craftsmen, `auto` (default) lets the router decide by scanning for
+secrets; craftsman (a name, or auto); model; system (system prompt); context (object given to
+the model); files (paths on this machine whose text is attached); max_tokens; params
+(chat-completions body fields sent as they are, e.g. {"response_format": {"type":
+"json_object"}, "seed": 7}; the result then has `json`); after (ids of tasks to run after;
+{{ID}} in content or system is that task's result, {{ID.json.key}} a field of its JSON). A
+repository task: repo (a path or URL under the config's repos.allowed), base (ref), branch
+(default koubou/ID), verify (argv list run in the worktree; exit 0 passes), push (true/false);
+its result's `repo` names the branch and commit, and files are then paths in the repository.
+wait_s defaults to 20 and is capped at 50 (tool calls time out near 60 s); 0 returns at once."""
 
 REASONING_CHARS = 4000  # of a result's reasoning, in what a tool returns to the agent
 
@@ -96,12 +99,15 @@ def build_server(workshop: Workshop) -> MCPServer:
                             context: dict[str, Any] | None = None,
                             files: list[str] | None = None, max_tokens: int | None = None,
                             params: dict[str, Any] | None = None,
-                            after: list[str] | None = None,
+                            after: list[str] | None = None, repo: str | None = None,
+                            base: str | None = None, branch: str | None = None,
+                            verify: list[str] | None = None, push: bool | None = None,
                             wait_s: float = DEFAULT_WAIT_S) -> dict[str, Any]:
         fields = {"content": content, "id": id, "type": type, "priority": priority,
                   "difficulty": difficulty, "sensitivity": sensitivity, "craftsman": craftsman,
                   "model": model, "system": system, "context": context, "files": files,
-                  "max_tokens": max_tokens, "params": params, "after": after,
+                  "max_tokens": max_tokens, "params": params, "after": after, "repo": repo,
+                  "base": base, "branch": branch, "verify": verify, "push": push,
                   "created_by": "mcp"}
         with _told():
             return _for_agent(await workshop.delegate(fields, wait_s))

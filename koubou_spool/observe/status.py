@@ -12,7 +12,7 @@ from ..spool import ledger
 from ..spool import task as task_format
 from ..spool.home import STATE_DIRS
 from ..errors import KoubouError, WaitTimeout
-from ..spool.files import CLAIM_RE, SIDECAR, Refused, Spool
+from ..spool.files import CLAIM_RE, SIDECAR, Refused, Spool, Unavailable
 from ..spool.watcher import wait_for_files
 
 
@@ -92,7 +92,7 @@ def task_status(spool: Spool, ledger_path: Path, key: str) -> dict[str, Any]:
     else:
         try:
             record = task_format.decode(spool.read_entry(found.path.parent, found.path.name)[0])
-        except (Refused, ValueError):
+        except (Refused, Unavailable, ValueError):
             record = None
     record = record if isinstance(record, dict) else {}
     task_id = record.get("id") or record.get("custom_id") or task_format.id_from_name(key)

@@ -1,7 +1,8 @@
 """`koubou maintain`: the periodic chores of a home, safe to run from cron and a timer at once.
 
 Requeue the tasks of dead workers, fail pending tasks past their `expires_at`, purge outcomes
-older than a retention period (and their ledger rows), remove stale staging files and the lock
+older than a retention period (with their outputs/<id>/ directories and ledger rows), remove
+stale staging files and the lock
 files of workers dead for a day, vacuum the ledger. A non-blocking file lock lets one run work
 while concurrent ones exit at once.
 """
@@ -31,7 +32,7 @@ from ..errors import InvalidTask, UsageError
 from ..spool.ledger import LedgerWriter
 from ..craft.limits import Budget
 from ..spool.recovery import recover_orphans
-from ..spool.files import SIDECAR, Refused, Spool, new_worker_id
+from ..spool.files import SIDECAR, Refused, Spool, Unavailable, new_worker_id
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Summary:
     lost: int = 0
     expired: int = 0
     purged: int = 0
+    outputs_purged: int = 0
     purged_ledger_rows: int = 0
     tmp_removed: int = 0
     workers_removed: int = 0
@@ -65,7 +67,8 @@ class Summary:
         if self.skipped:
             return "maintain: another maintain is running; nothing done"
         return (f"maintain: requeued {self.requeued}, lost {self.lost}, expired {self.expired}, "
-                f"purged {self.purged} outcome files ({self.purged_ledger_rows} ledger rows), "
+                f"purged {self.purged} outcome files ({self.outputs_purged} outputs "
+                f"directories, {self.purged_ledger_rows} ledger rows), "
                 f"removed {self.tmp_removed} stale tmp files and {self.workers_removed} "
                 "dead workers' lock files"
                 + (", vacuumed the ledger" if self.vacuumed else ""))
@@ -105,6 +108,7 @@ def _chores(spool: Spool, config: Config, ledger_path: Path, purge_after: float 
     if purge_after is not None:
         task_ids, reject_files = purge_outcomes(spool, now - purge_after)
         summary.purged = len(task_ids) + len(reject_files)
+        summary.outputs_purged = purge_outputs(spool, task_ids)
         if purge_ledger and ledger_path.exists():
             summary.purged_ledger_rows = _with_ledger(ledger_path, ledger.purge, task_ids,
                                                       reject_files, summary=summary) or 0
@@ -167,7 +171,7 @@ def _pending_task(spool: Spool, name: str) -> task_format.Task | None:
     try:
         data, _ = spool.read_entry(spool.pending, name)
         return task_format.parse(data, task_format.id_from_name(name))
-    except (Refused, InvalidTask):
+    except (Refused, Unavailable, InvalidTask):
         return None
 
 
@@ -177,7 +181,7 @@ def _expire(spool: Spool, name: str, owner_id: str, writer: LedgerWriter, now: f
         return 0  # a worker took it first; it will see expires_at itself
     try:
         task = task_format.parse(spool.read_claim(claim)[0], task_format.id_from_name(name))
-    except (Refused, InvalidTask):
+    except (Refused, Unavailable, InvalidTask):
         spool.requeue(claim.file_name, None)  # changed under us: the workers judge it
         return 0
     record = task_format.failed_record(
@@ -212,6 +216,25 @@ def purge_outcomes(spool: Spool, cutoff: float) -> tuple[list[str], list[str]]:
                 task_ids.append(task_format.id_from_name(entry) or entry)
     _purge_orphan_sidecars(spool.failed, cutoff)
     return task_ids, reject_files
+
+
+def purge_outputs(spool: Spool, task_ids: list[str]) -> int:
+    """Remove outputs/<id>/ of tasks whose outcome was purged; returns how many went.
+
+    rmtree removes an agent's links without following them (it works on descriptors).
+    """
+    removed = 0
+    for task_id in task_ids:
+        if not task_format.ID_RE.fullmatch(task_id):
+            continue  # not an id: names no directory of ours
+        try:
+            _remove(spool.home / "outputs" / task_id)
+            removed += 1
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("cannot remove outputs/%s: %s", task_id, exc.strerror)
+    return removed
 
 
 def _purge_entry(directory: Path, entry: str, cutoff: float) -> bool | None:

@@ -18,7 +18,7 @@ from typing import Any
 from ..spool import task as task_format
 from ..errors import InvalidTask, KoubouError, UsageError
 from ..spool.ledger import LedgerWriter
-from ..spool.files import CLAIM_RE, SIDECAR, Claim, Spool
+from ..spool.files import CLAIM_RE, SIDECAR, Claim, Spool, Unavailable
 
 
 class NotCancelled(KoubouError):
@@ -69,6 +69,9 @@ def cancel(spool: Spool, ledger_path: Path, task_id: str) -> dict[str, Any]:
             spool.reject(spool.in_progress, claim.file_name, str(exc))
             raise NotCancelled(f"{task_id} was not a valid task; moved to failed/: {exc}") \
                 from None
+        except Unavailable:
+            spool.requeue(claim.file_name, None)  # not cancelled: it goes on; try again later
+            raise
         attempts = task.attempts + (1 if was == "in_progress" else 0)
         record = task_format.failed_record(task.raw, "cancelled", f"cancelled while {was}",
                                            attempts, time.time())

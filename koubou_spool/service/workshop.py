@@ -67,10 +67,12 @@ class Workshop:
 
     def status(self, task_id: str) -> dict[str, Any]:
         """One task's state, attempts and result or error."""
+        task_format.check_id(task_id, "task_id")
         return status_module.task_status(self.spool(), self.ledger_path, task_id)
 
     def result(self, task_id: str) -> dict[str, Any]:
         """The outcome of a finished task, or its state while it is not finished."""
+        task_format.check_id(task_id, "task_id")
         spool = self.spool()
         outcome = spool.outcome(task_id)
         if outcome is None:
@@ -92,6 +94,7 @@ class Workshop:
 
     def cancel(self, task_id: str) -> dict[str, Any]:
         """Cancel a pending or running task (failed as `cancelled`)."""
+        task_format.check_id(task_id, "task_id")
         try:
             record = control.cancel(self.spool(), self.ledger_path, task_id)
         except control.NotCancelled as exc:

@@ -40,12 +40,22 @@ _claim_seq = itertools.count(1)
 SIDECAR = ".error.json"
 
 
+# The machine's trouble, not the file's: out of descriptors (each worker holds slot files per
+# craftsman), out of memory, an I/O error. A good task read at such a moment must stay queued.
+TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EIO, errno.ENOMEM,
+                              errno.ENOBUFS})
+
+
 class Refused(Exception):
     """A pending entry that must not be read: not a regular file, too large, or gone."""
 
     def __init__(self, reason: str, gone: bool = False) -> None:
         super().__init__(reason)
         self.gone = gone
+
+
+class Unavailable(SpoolError):
+    """An entry that cannot be read now (TRANSIENT_ERRNOS): no verdict; read it again later."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +104,6 @@ class Spool(Store):
         self.completed = tasks / "completed"
         self.failed = tasks / "failed"
         self.workers = home / "run" / "workers"
-        self._dir_fds: dict[Path, int] = {}
 
     @classmethod
     def open(cls, home: Path, settings: Any = None) -> Spool:
@@ -121,10 +130,15 @@ class Spool(Store):
         """fsync a directory so the renames in it survive a crash (when spool.fsync is on)."""
         if not self.fsync:
             return
-        fd = self._dir_fds.get(path)
-        if fd is None:
-            fd = self._dir_fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        os.fsync(fd)
+        # Opened each time, not cached: a Spool has no close, so cached descriptors leaked
+        # one per short-lived Spool (the MCP server makes one a call), and a cached one kept
+        # a replaced directory alive (and its inotify watch from ending). The open costs
+        # microseconds beside the fsync's milliseconds.
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _write_tmp(self, label: str, data: bytes) -> str:
         path = f"{self.tmp}/.{label}.{os.getpid()}.{os.urandom(4).hex()}"
@@ -199,6 +213,7 @@ class Spool(Store):
         except FileNotFoundError:
             raise Refused("gone", gone=True) from None
         except OSError as exc:
+            _raise_if_transient(exc, path)
             if exc.errno == errno.ELOOP:
                 raise Refused("a symbolic link; tasks must be regular files") from None
             if exc.errno == errno.ENXIO:
@@ -217,6 +232,9 @@ class Spool(Store):
             if len(data) > self.max_task_bytes:
                 raise Refused(f"over spool.max_task_bytes ({self.max_task_bytes})")
             return data, info
+        except OSError as exc:
+            _raise_if_transient(exc, path)
+            raise Refused(f"cannot be read: {exc.strerror}") from None
         finally:
             os.close(fd)
 
@@ -276,6 +294,9 @@ class Spool(Store):
             except Refused as exc:
                 if exc.gone:
                     return False
+            except Unavailable as exc:
+                # Back uncounted rather than stuck in in_progress/: one attempt may go unseen.
+                log.warning("%s; %s goes back without its attempt count", exc, name)
             except (ValueError, TypeError, AttributeError):
                 pass  # not a task object: it goes back as it is and is rejected when read again
         try:
@@ -323,7 +344,14 @@ class Spool(Store):
                 yield entry, match
 
     def find(self, key: str) -> Found:
-        """Where the task with this id (or the file with this name) is; TaskNotFound if nowhere."""
+        """Where the task with this id (or the file with this name) is; TaskNotFound if nowhere.
+
+        A key that is neither an id nor a plain entry name (a path, `..`, a hidden name) is
+        nowhere: the lookup never leaves the state directories.
+        """
+        if not (task_format.ID_RE.fullmatch(key) or _entry_name(key)):
+            raise TaskNotFound(f"no task {key!r}: give a task id ({task_format.ID_RULE}) "
+                               "or the name of a file in the spool")
         name = key if key.endswith(".json") else f"{key}.json"
         for state in ("completed", "failed"):
             path = self.state_dir(state) / name
@@ -349,7 +377,7 @@ class Spool(Store):
             for entry in os.listdir(directory):
                 try:
                     obj = task_format.decode(self.read_entry(directory, entry)[0])
-                except (Refused, ValueError):
+                except (Refused, Unavailable, ValueError):
                     continue
                 if isinstance(obj, dict) and task_id in (obj.get("id"), obj.get("custom_id")):
                     return Found(state, directory / entry)
@@ -357,6 +385,8 @@ class Spool(Store):
 
     def outcome(self, task_id: str) -> dict[str, Any] | None:
         """The outcome record of a finished task, or None while it is not finished."""
+        if not task_format.ID_RE.fullmatch(task_id):
+            raise TaskNotFound(f"no task {task_id!r}: a task id is {task_format.ID_RULE}")
         for directory in (self.completed, self.failed):
             path = directory / f"{task_id}.json"
             try:
@@ -437,6 +467,17 @@ class Spool(Store):
         finally:
             os.close(fd)
         return "dead"
+
+
+def _raise_if_transient(exc: OSError, path: str) -> None:
+    if exc.errno in TRANSIENT_ERRNOS:
+        raise Unavailable(f"{path} cannot be read now ({exc.strerror}); it stays where it is "
+                          "and is read again later") from None
+
+
+def _entry_name(key: str) -> bool:
+    """A name that can only mean an entry of a directory: one component, not hidden."""
+    return bool(key) and "/" not in key and "\0" not in key and not key.startswith(".")
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

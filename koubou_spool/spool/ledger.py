@@ -2,16 +2,19 @@
 
 SQLite in WAL mode. Workers write through one background thread per process that batches
 records into transactions and keeps them while the database is locked or missing, so a locked
-ledger never stops local work: the spool is the source of truth and the records follow.
+ledger never stops local work: the spool is the source of truth and the records follow. What
+waits is bounded: a heartbeat replaces its worker's previous one still queued, and past
+MAX_QUEUED records new ones are dropped with a warning (`koubou ledger rebuild` restores tasks
+and attempts from the outcome files).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,8 @@ log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 2000
 MAX_BACKOFF_S = 2.0
+MAX_QUEUED = 100_000  # records waiting for a locked ledger (rows, not outcome texts: ~1 KB each)
+BATCH = 1000
 
 MIGRATIONS: list[tuple[str, str]] = [
     ("0001_initial", """
@@ -183,19 +188,52 @@ def _upsert(conn: sqlite3.Connection, table: str, row: dict[str, Any]) -> None:
 class LedgerWriter:
     """One thread that owns the write connection; records wait in memory while SQLite is busy."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_queued: int = MAX_QUEUED) -> None:
         self.path = path
         self.backlog = False
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.max_queued = max_queued
+        self.dropped = 0  # records refused since the ledger was last writable
+        self._items: deque[list] = deque()  # [operation, future, key]
+        self._keyed: dict[tuple, list] = {}  # key -> its item still in _items
+        self._ready = threading.Condition()
+        self._closing = False
         self._wake = threading.Event()
         self._conn: sqlite3.Connection | None = None
         self._thread = threading.Thread(target=self._run, name="ledger", daemon=True)
         self._thread.start()
 
-    def _submit(self, op: Callable[[sqlite3.Connection], None]) -> Future:
-        future: Future = Future()
-        self._queue.put((op, future))
+    @property
+    def queued(self) -> int:
+        """Records waiting to be taken by the writer thread."""
+        with self._ready:
+            return len(self._items)
+
+    def _submit(self, op: Callable[[sqlite3.Connection], None],
+                key: tuple | None = None) -> Future:
+        """Queue a record; one with the key of a record still queued replaces that one."""
+        with self._ready:
+            item = self._keyed.get(key) if key is not None else None
+            if item is not None:
+                item[0] = op  # newer state, same place in the queue, same future
+                return item[1]
+            future: Future = Future()
+            if len(self._items) >= self.max_queued:
+                self._drop(future)
+                return future
+            item = [op, future, key]
+            self._items.append(item)
+            if key is not None:
+                self._keyed[key] = item
+            self._ready.notify()
         return future
+
+    def _drop(self, future: Future) -> None:
+        self.dropped += 1
+        if self.dropped == 1:
+            log.warning("ledger %s locked with %d records queued; further records are dropped "
+                        "until it is free", self.path, len(self._items))
+        future.set_exception(sqlite3.OperationalError(
+            f"ledger {self.path} locked with {len(self._items)} records queued; record dropped"))
 
     # Each public method is one record; the SQL stays here.
 
@@ -211,7 +249,8 @@ class LedgerWriter:
         """A worker is alive: its state and counters."""
         return self._submit(lambda c: c.execute(
             "UPDATE workers SET heartbeat_at = ?, state = ?, in_flight = ?, done = ?, failed = ?"
-            " WHERE id = ?", (at, state, in_flight, done, failed, worker_id)))
+            " WHERE id = ?", (at, state, in_flight, done, failed, worker_id)),
+            key=("heartbeat", worker_id))
 
     def attempt_started(self, task_id: str, attempt: int, worker_id: str, craftsman: str,
                         model: str, claimed_at: float) -> Future:
@@ -226,6 +265,7 @@ class LedgerWriter:
                          model: str | None = None, record: dict[str, Any] | None = None) -> Future:
         """An attempt ended (completed, failed, or retry); with `record` the task's outcome too."""
         usage = usage or {}
+        row = task_row(record) if record is not None else None  # not the record: it is big
         params = (finished_at, outcome, error_kind, message, usage.get("prompt_tokens"),
                   usage.get("completion_tokens"), usage.get("total_tokens"), cost_usd, model,
                   task_id, attempt)
@@ -244,13 +284,14 @@ class LedgerWriter:
                 " completion_tokens = excluded.completion_tokens,"
                 " total_tokens = excluded.total_tokens, cost_usd = excluded.cost_usd,"
                 " model = COALESCE(excluded.model, attempts.model)", params)
-            if record is not None:
-                _upsert(conn, "tasks", task_row(record))
+            if row is not None:
+                _upsert(conn, "tasks", row)
         return self._submit(write)
 
     def task_finished(self, record: dict[str, Any]) -> Future:
         """A task reached completed/ or failed/ without an attempt of its own (e.g. lost)."""
-        return self._submit(lambda c: _upsert(c, "tasks", task_row(record)))
+        row = task_row(record)
+        return self._submit(lambda c: _upsert(c, "tasks", row))
 
     def rejected(self, file: str, reason: str, at: float) -> Future:
         """Input that was not a task went to failed/."""
@@ -267,36 +308,39 @@ class LedgerWriter:
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued (waiting up to `timeout` for a locked ledger), then stop."""
-        self._queue.put(None)
+        with self._ready:
+            self._closing = True
+            self._ready.notify()
         self._wake.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("ledger %s stayed locked; %d records not written (the outcome files keep "
-                        "them: `koubou ledger rebuild`)", self.path, self._queue.qsize())
+                        "them: `koubou ledger rebuild`)", self.path, self.queued)
+
+    def _take(self) -> list[list] | None:
+        """The next batch, waiting for one; None once closing with nothing left."""
+        with self._ready:
+            while not self._items and not self._closing:
+                self._ready.wait()
+            batch = []
+            while self._items and len(batch) < BATCH:
+                item = self._items.popleft()
+                if item[2] is not None:
+                    del self._keyed[item[2]]  # taken: a later record of its key queues anew
+                batch.append(item)
+            return batch or None
 
     def _run(self) -> None:
-        pending: list[tuple[Callable, Future]] = []
-        stopping = False
+        batch: list[list] | None = None
         backoff = 0.05
         while True:
-            if not pending:
-                item = self._queue.get()
-                if item is None:
+            if not batch:
+                batch = self._take()
+                if batch is None:
                     break
-                pending.append(item)
-            while len(pending) < 1000:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                pending.append(item)
-            if self._write(pending):
-                pending, backoff, self.backlog = [], 0.05, False
-                if stopping:
-                    break
+            if self._write(batch):
+                batch, backoff, self.backlog = None, 0.05, False
+                self._report_dropped()
                 continue
             self.backlog = True
             self._wake.wait(backoff)  # retry backoff while the ledger is locked or missing
@@ -305,7 +349,15 @@ class LedgerWriter:
         if self._conn is not None:
             self._conn.close()
 
-    def _write(self, batch: list[tuple[Callable, Future]]) -> bool:
+    def _report_dropped(self) -> None:
+        with self._ready:
+            dropped, self.dropped = self.dropped, 0
+        if dropped:
+            log.warning("ledger %s writable again; %d records dropped while it was locked "
+                        "(`koubou ledger rebuild` restores them from the outcome files)",
+                        self.path, dropped)
+
+    def _write(self, batch: list[list]) -> bool:
         try:
             if self._conn is None:
                 self._conn = open_ledger(self.path)
@@ -315,7 +367,7 @@ class LedgerWriter:
             self._drop_connection()
             return False
         try:
-            for op, _ in batch:
+            for op, _, _ in batch:
                 op(self._conn)
             self._conn.execute("COMMIT")
         except sqlite3.OperationalError as exc:
@@ -325,11 +377,11 @@ class LedgerWriter:
         except sqlite3.Error as exc:
             log.error("ledger write failed, %d records dropped: %s", len(batch), exc)
             self._rollback()
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.cancelled():
                     future.set_exception(exc)
             return True
-        for _, future in batch:
+        for _, future, _ in batch:
             if not future.cancelled():  # a waiter that gave up may have cancelled it
                 future.set_result(None)
         return True

@@ -19,7 +19,7 @@ from ..config import SpoolSettings
 from ..errors import InvalidTask
 from .ledger import LedgerWriter
 from ..craft.limits import Budget
-from .files import CLAIM_RE, Claim, Refused, Spool
+from .files import CLAIM_RE, Claim, Refused, Spool, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _claim(spool: Spool, settings: SpoolSettings, claim: Claim, ledger: LedgerWr
     try:
         data, _ = spool.read_claim(claim)
         task = task_format.parse(data, task_format.id_from_name(claim.name))
-    except (Refused, InvalidTask):
+    except (Refused, Unavailable, InvalidTask):
         spool.requeue(claim.file_name, None)
         return Recovered(claim.name, None, "rejudged")
     attempt = task.attempts + 1

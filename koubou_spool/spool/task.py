@@ -14,7 +14,11 @@ from typing import Any
 
 from ..errors import InvalidTask
 
-ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# Not starting with a dot: an id names files and directories (pending/<id>.json,
+# outputs/<id>/), so "." and ".." would name the directory itself or its parent, and a hidden
+# name is skipped by every scan (a task that would never run).
+ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+ID_RULE = "1-128 characters from A-Z a-z 0-9 . _ -, not starting with a dot"
 DIFFICULTIES = ("low", "medium", "high", "auto")
 SENSITIVITIES = ("public", "confidential", "auto")
 ERROR_KINDS = ("invalid", "backend", "timeout", "budget", "policy", "cancelled", "expired",
@@ -147,7 +151,7 @@ def _string(obj: dict, name: str, *, choices: tuple[str, ...] = (), pattern: re.
     if not isinstance(value, str) or (non_empty and not value):
         raise _fail(name, "a non-empty string" if non_empty else "a string", value)
     if pattern is not None and not pattern.fullmatch(value):
-        raise _fail(name, "1-128 characters from A-Z a-z 0-9 . _ -", value)
+        raise _fail(name, ID_RULE, value)
     return value
 
 
@@ -388,7 +392,7 @@ def _batch_fields(obj: dict) -> dict[str, Any]:
     """Check a Batch input line and give the task fields it stands for."""
     custom_id = obj["custom_id"]
     if not isinstance(custom_id, str) or not ID_RE.fullmatch(custom_id):
-        raise _fail("custom_id", "1-128 characters from A-Z a-z 0-9 . _ -", custom_id)
+        raise _fail("custom_id", ID_RULE, custom_id)
     if obj.get("method", "POST") != "POST":
         raise _fail("method", '"POST"', obj.get("method"))
     if obj.get("url", BATCH_URL) != BATCH_URL:
@@ -499,6 +503,13 @@ def decode(data: bytes) -> Any:
     except json.JSONDecodeError as exc:
         raise UnreadableTask(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") \
             from None
+
+
+def check_id(value: Any, name: str = "id") -> str:
+    """value when it is a task id; InvalidTask saying the rule otherwise (for ids from callers)."""
+    if not isinstance(value, str) or not ID_RE.fullmatch(value):
+        raise _fail(name, ID_RULE, value)
+    return value
 
 
 def id_from_name(name: str) -> str | None:

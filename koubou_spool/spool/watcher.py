@@ -3,14 +3,20 @@
 inotify is only a wake-up: the directory is the truth. A worker scans pending/ once at start and
 again if the event queue overflows; between scans, events feed the order, so a claim costs the
 same with 10 or 100,000 tasks pending (a heap pop, not a listdir).
+
+A watch follows a path, not an inode: a watched directory that is removed, renamed away or
+replaced (a restore, `rm -r pending && mkdir pending`) is watched again at its path as soon
+as a directory is there (its parent is watched for that), and the consumer is told to rescan.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import os
 import select
+import stat
 import time
 from pathlib import Path
 from collections.abc import Iterator
@@ -22,7 +28,11 @@ from inotify_simple import INotify, flags
 PENDING_MASK = flags.MOVED_TO | flags.CLOSE_WRITE | flags.CREATE
 OUTCOME_MASK = flags.MOVED_TO | flags.CLOSE_WRITE
 CLAIMS_MASK = flags.MOVED_FROM
-OVERFLOW = ""
+OVERFLOW = ""  # the name of a rescan event: events may have been missed
+_SELF = flags.IGNORED | flags.MOVE_SELF  # the watched directory itself left its path
+_ARRIVALS = flags.CREATE | flags.MOVED_TO  # in a parent: a directory came to a watched path
+
+log = logging.getLogger(__name__)
 
 
 class Watcher:
@@ -30,23 +40,65 @@ class Watcher:
 
     def __init__(self) -> None:
         self._inotify = INotify(nonblocking=True)
-        self._dirs: dict[int, Path] = {}
+        self._dirs: dict[int, Path] = {}  # watch descriptor -> the path it stands for
+        self._masks: dict[Path, int] = {}  # every path asked for, watched now or not
+        self._parents: dict[int, Path] = {}  # watches on their parents
 
     def watch(self, directory: Path, mask: int) -> None:
-        """Start watching a directory."""
-        self._dirs[self._inotify.add_watch(directory, mask)] = directory
+        """Start watching a directory (and keep watching whatever directory is at its path).
+
+        Its parent gets a watch of its own, so one Watcher cannot also watch that parent.
+        """
+        self._masks[directory] = mask | flags.MOVE_SELF
+        if directory.parent not in self._parents.values():
+            self._parents[self._inotify.add_watch(directory.parent, _ARRIVALS)] = \
+                directory.parent
+        self._dirs[self._inotify.add_watch(directory, self._masks[directory])] = directory
 
     def fileno(self) -> int:
         """The inotify descriptor, for select or an event loop."""
         return self._inotify.fileno()
 
     def events(self) -> Iterator[tuple[Path | None, str, int]]:
-        """Pending events; (None, OVERFLOW, mask) when the kernel queue overflowed."""
+        """Pending events; (None, OVERFLOW, mask) when the consumer must rescan: the kernel
+        queue overflowed, or a watched directory was replaced and the new one is watched."""
         for event in self._inotify.read(timeout=0):
             if event.mask & flags.Q_OVERFLOW:
                 yield None, OVERFLOW, event.mask
-            elif event.wd in self._dirs:
+            elif event.wd in self._parents:
+                path = self._parents[event.wd] / event.name
+                if event.mask & flags.ISDIR and path in self._masks and self._rewatch(path):
+                    yield None, OVERFLOW, event.mask
+            elif event.wd not in self._dirs:
+                continue  # a watch we dropped; its IN_IGNORED trails behind
+            elif event.mask & _SELF:
+                # Not a file event, though its name is empty like OVERFLOW's.
+                if self._rewatch(self._dirs[event.wd]):
+                    yield None, OVERFLOW, event.mask
+            else:
                 yield self._dirs[event.wd], event.name, event.mask
+
+    def _rewatch(self, path: Path) -> bool:
+        """Watch what is at `path` now, dropping a watch on what was; True if that changed."""
+        old = next((wd for wd, watched in self._dirs.items() if watched == path), None)
+        try:
+            wd = self._inotify.add_watch(path, self._masks[path] | flags.ONLYDIR)
+        except OSError:
+            wd = None  # nothing there yet: the parent's watch sees it come
+        if wd == old:
+            return False
+        if old is not None:
+            del self._dirs[old]
+            try:
+                self._inotify.rm_watch(old)
+            except OSError:
+                pass  # already gone with its directory
+        if wd is None:
+            log.warning("%s is gone; it is watched again when it is created", path)
+            return False
+        self._dirs[wd] = path
+        log.warning("%s was replaced; watching the new one and rescanning", path)
+        return True
 
     def wait(self, timeout: float | None) -> bool:
         """Block until an event is ready or `timeout` seconds pass; True when one is ready."""
@@ -121,6 +173,24 @@ def scan_order(directory: Path) -> list[str]:
             entries.append((mtime, entry.name))
     entries.sort()
     return [name for _, name in entries]
+
+
+def settle_delay(directory: Path, name: str, grace_s: float) -> float:
+    """Seconds after its IN_CREATE until a new entry of pending/ may be judged.
+
+    0 for what arrives whole: anything but a regular file (refused unread; it never gets an
+    IN_CLOSE_WRITE), and a regular file with more than one link (link(2) brought a file
+    written elsewhere, with no IN_CLOSE_WRITE to wait for). A regular file with one link is
+    being written (cp: judged at its IN_CLOSE_WRITE, which comes first) or was linked and its
+    first name already removed: it is judged after grace_s, as a young file found by a scan.
+    """
+    try:
+        info = os.lstat(directory / name)
+    except FileNotFoundError:
+        return 0.0
+    if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+        return grace_s
+    return 0.0
 
 
 def wait_for_files(directories: list[Path], names: set[str], timeout: float | None) -> set[str]:

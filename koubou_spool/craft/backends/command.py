@@ -1,8 +1,13 @@
 """CLI agents as craftsmen (`claude -p`, `codex exec`): an argv list, never a shell.
 
-The prompt goes on stdin, or into the argv where `{prompt}` stands. Each task runs in its own
-working directory, in its own process group, so a timeout kills the agent and everything it
-started. Output is capped; a non-zero exit fails the attempt with the tail of stderr.
+The prompt goes on stdin, or into the argv where `{prompt}` stands. Stdin is the better way: an
+argv is world-readable in /proc/PID/cmdline while the agent runs, so a confidential prompt is
+never put there (the attempt fails as `policy`). A `{prompt}` argument is passed after `--`
+(added when the argv has none before it), so a prompt such as `--help` is never an option; a
+value from the task (`{model}`) that starts with `-` is refused for the same reason. Each task
+runs in its own working directory, in its own process group, so a timeout kills the agent and
+everything it started. Output is capped; a non-zero exit fails the attempt with the tail of
+stderr.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ...config import Craftsman
+from ...errors import ConfigError
 from . import BackendError, Reply, Request, usage
 
 STDERR_TAIL = 2000
@@ -41,16 +47,26 @@ class CommandBackend:
 
     def __init__(self, craftsman: Craftsman) -> None:
         self.craftsman = craftsman
+        self.template = _operands_after_dashes(craftsman)
+        self.prompt_in_argv = any("{prompt}" in arg for arg in self.template)
 
-    def _argv(self, prompt: str, model: str) -> tuple[list[str], bytes | None]:
-        placeholder = any("{prompt}" in arg for arg in self.craftsman.argv)
-        argv = [arg.replace("{prompt}", prompt).replace("{model}", model)
-                for arg in self.craftsman.argv]
-        return argv, None if placeholder else prompt.encode()
+    def _argv(self, request: Request) -> tuple[list[str], bytes | None]:
+        if self.prompt_in_argv and request.confidential:
+            raise BackendError(f"confidential prompt refused: craftsman {self.craftsman.name} "
+                               "puts {prompt} in its argv, which every user of this machine "
+                               "can read; configure it to read the prompt on stdin",
+                               kind="policy")
+        if request.model.startswith("-") and any("{model}" in a for a in self.template):
+            raise BackendError(f"model {request.model!r} starts with '-': it would be an "
+                               f"option of {self.template[0]}", kind="invalid")
+        prompt = prompt_text(request.messages)
+        argv = [arg.replace("{prompt}", prompt).replace("{model}", request.model)
+                for arg in self.template]
+        return argv, None if self.prompt_in_argv else prompt.encode()
 
     async def complete(self, request: Request) -> Reply:
         """Run the agent and read its answer in the configured output format."""
-        argv, stdin = self._argv(prompt_text(request.messages), request.model)
+        argv, stdin = self._argv(request)
         workdir = Path(request.workdir) if request.workdir else None
         if workdir is not None:
             workdir.mkdir(parents=True, exist_ok=True)
@@ -83,18 +99,45 @@ class CommandBackend:
             proc.stdin.write(stdin)
         proc.stdin.close()
         limit = self.craftsman.max_output_bytes
-        out_task = asyncio.ensure_future(_read_capped(proc.stdout, limit))
-        err_task = asyncio.ensure_future(_read_capped(proc.stderr, limit))
-        out, err = await asyncio.gather(out_task, err_task)
-        if len(out) > limit:
-            await _kill_group(proc)
-            raise BackendError(f"{self.craftsman.argv[0]} wrote more than max_output_bytes "
-                               f"({limit}); it was stopped")
+        # stderr is drained to its end whatever its size (only its tail is kept), and stdout is
+        # judged on its own: a reader that stops at the cap while the other waits for EOF
+        # leaves the agent blocked on a full pipe until the timeout, a retryable failure.
+        err_task = asyncio.ensure_future(_read_tail(proc.stderr, STDERR_TAIL * 4))
+        try:
+            out = await _read_capped(proc.stdout, limit)
+            if len(out) > limit:
+                await _kill_group(proc)
+                raise BackendError(
+                    f"{self.craftsman.argv[0]} wrote more than max_output_bytes ({limit}); it "
+                    f"was stopped and the task is not retried (raise craftsmen."
+                    f"{self.craftsman.name}.max_output_bytes if answers are this long)")
+            err = await err_task
+        finally:
+            err_task.cancel()
         await proc.wait()
         return out, err
 
     async def close(self) -> None:
         """Nothing to release."""
+
+
+def _operands_after_dashes(craftsman: Craftsman) -> tuple[str, ...]:
+    """The argv with `--` before a `{prompt}` argument, unless one is there already.
+
+    Options after `{prompt}` would be taken as operands once `--` is in front of it, so that
+    argv is refused with the fix rather than run wrong.
+    """
+    argv = craftsman.argv
+    if "{prompt}" not in argv:
+        return argv
+    at = argv.index("{prompt}")
+    if "--" in argv[:at]:
+        return argv
+    if any(arg.startswith("-") for arg in argv[at + 1:]):
+        raise ConfigError(f"craftsmen.{craftsman.name}.argv: options after {{prompt}}; put "
+                          "{prompt} last (koubou passes it after `--`), or leave it out to "
+                          "give the prompt on stdin")
+    return (*argv[:at], "--", *argv[at:])
 
 
 def _die_with_parent() -> None:
@@ -112,6 +155,15 @@ async def _read_capped(stream: asyncio.StreamReader, limit: int) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
+
+
+async def _read_tail(stream: asyncio.StreamReader, keep: int) -> bytes:
+    """Read a stream to its end, keeping only its last `keep` bytes."""
+    tail = bytearray()
+    while chunk := await stream.read(65536):
+        tail += chunk
+        del tail[:-keep]
+    return bytes(tail)
 
 
 async def _kill_group(proc: asyncio.subprocess.Process) -> None:
