@@ -12,17 +12,29 @@ from typing import Any
 from ..spool.task import parse_iso
 
 
+MESSAGE_FIELDS = ("tool_calls", "refusal")
+
+
 def chat_completion(task_id: str, result: dict[str, Any]) -> dict[str, Any]:
-    """A chat.completion object from a completed outcome's `result`."""
+    """A chat.completion object from a completed outcome's `result`: what the server said
+    (finish_reason, tool_calls, refusal, reasoning) when the result kept it."""
     finished = result.get("finished_at")
+    message: dict[str, Any] = {"role": "assistant", "content": result.get("content", "")}
+    for name in MESSAGE_FIELDS:
+        if result.get(name) is not None:
+            message[name] = result[name]
+    if result.get("reasoning") is not None:  # gpt-oss through LM Studio, Ollama, vLLM, llama.cpp
+        message["reasoning_content"] = result["reasoning"]
+    finish = result.get("finish_reason") or ("tool_calls" if message.get("tool_calls") else "stop")
     return {
         "id": f"chatcmpl-{task_id}", "object": "chat.completion",
         "created": int(parse_iso(finished)) if isinstance(finished, str) else 0,
         "model": result.get("model"),
-        "choices": [{"index": 0, "finish_reason": "stop",
-                     "message": {"role": "assistant", "content": result.get("content", "")}}],
+        "choices": [{"index": 0, "finish_reason": finish, "message": message,
+                     "logprobs": result.get("logprobs")}],
         "usage": result.get("usage") or {"prompt_tokens": 0, "completion_tokens": 0,
                                          "total_tokens": 0},
+        "system_fingerprint": None,
     }
 
 

@@ -11,6 +11,10 @@ from typing import Any
 import anyio
 
 from ..config import Config, SpoolSettings
+from ..craft import router
+from ..craft.attach import read_attachments
+from ..craft.budget import BudgetSettings
+from ..craft.limits import Budget
 from ..errors import ConfigError, UsageError
 from ..observe import gather as observe, status as status_module
 from ..spool import home as home_module, task as task_format
@@ -18,6 +22,7 @@ from ..spool.files import Spool
 from ..spool.home import STATE_DIRS
 from ..spool.watcher import wait_for_files
 from . import control
+from .events import SpoolEvents
 
 MAX_WAIT_S = 50.0  # MCP clients give up on a tool call after about 60 s
 
@@ -57,6 +62,41 @@ class Workshop:
             await anyio.to_thread.run_sync(
                 wait_for_files, [spool.completed, spool.failed], {f"{task.id}.json"}, wait_s)
         return answer | self.result(task.id)
+
+    def submit(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """Queue one task without waiting: its id, state, and whether it is new."""
+        return self.submit_many([fields])[0]
+
+    def submit_many(self, objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Queue tasks (or Batch lines) in one go; all are checked before any is queued."""
+        tasks = [task_format.validate(obj) for obj in objects]
+        return [{"id": task.id, "state": state, "new": new}
+                for task, state, new in self.spool().submit(tasks)]
+
+    def route(self, fields: dict[str, Any]) -> router.Route:
+        """Where a task would go now, and why (the dry run of `koubou route`)."""
+        config = self.config()
+        task = task_format.validate(fields)
+        keeper = Budget(self.ledger_path, BudgetSettings.parse(config.budget))
+        exhausted = False
+        if keeper.settings.enabled and self.ledger_path.exists():
+            exhausted = bool(keeper.state().get("exhausted"))
+        texts = [a.text for a in read_attachments(task.files, config.attach)] if task.files \
+            else []
+        return router.route(task, config, attachments=texts, budget_exhausted=exhausted)
+
+    def retry(self, task_id: str) -> dict[str, Any]:
+        """Queue a failed task again with its attempts reset."""
+        name = control.retry(self.spool(), task_id)
+        return {"id": task_id, "state": "pending", "file": name}
+
+    def metrics(self) -> str:
+        """The Prometheus exposition of the home right now."""
+        return observe.metrics_text(self.spool(), self.ledger_path, self.config(), time.time())
+
+    def events(self) -> SpoolEvents:
+        """A watcher of the spool's changes, to start on a running event loop."""
+        return SpoolEvents(self.spool())
 
     def status(self, task_id: str) -> dict[str, Any]:
         """One task's state, attempts and result or error."""
