@@ -25,6 +25,9 @@ from . import control
 from .events import SpoolEvents
 
 MAX_WAIT_S = 50.0  # MCP clients give up on a tool call after about 60 s
+PROMPT_FIELDS = ("content", "system", "messages", "context", "files", "type", "priority",
+                 "craftsman", "model", "created_by", "metadata", "repo", "branch", "after")
+MAX_PATCH_BYTES = 256 * 1024
 
 
 class Workshop:
@@ -101,6 +104,19 @@ class Workshop:
     def status(self, task_id: str) -> dict[str, Any]:
         """One task's state, attempts and result or error."""
         return status_module.task_status(self.spool(), self.ledger_path, task_id)
+
+    def detail(self, task_id: str) -> dict[str, Any]:
+        """Everything a person looks at for one task: its status and attempts, the prompt
+        (content, system, messages) and, for a repository task, its patch."""
+        found = self.status(task_id)
+        record = status_module.read_record(self.spool(), task_id) or {}
+        found["task"] = {k: record[k] for k in PROMPT_FIELDS if k in record}
+        found["task"].update({k: v for k, v in (record.get("body") or {}).items()
+                              if k == "messages"})
+        patch = self.home / "outputs" / str(found.get("id")) / "changes.patch"
+        if found.get("id") and patch.is_file():
+            found["patch"] = patch.read_bytes()[:MAX_PATCH_BYTES].decode("utf-8", "replace")
+        return found
 
     def result(self, task_id: str) -> dict[str, Any]:
         """The outcome of a finished task, or its state while it is not finished."""

@@ -35,7 +35,7 @@ async def submit(request: Request) -> JSONResponse:
 
 async def status(request: Request) -> JSONResponse:
     """One task: state, attempts, result or error, and the task itself (prompt, fields)."""
-    found = await _call(request, "status", request.path_params["task_id"])
+    found = await _call(request, "detail", request.path_params["task_id"])
     return JSONResponse(found)
 
 
