@@ -41,9 +41,9 @@ def check(home: Path, config: Config, timeout: float) -> Check:
     tokens = settings.tokens()
     status, _ = _get(base + "/v1/models", tokens[0] if tokens else None, timeout)
     if status == 401:
-        problems.append(Problem(ERROR, f"the server at {base} refuses "
-                                       f"{'the token in ' + settings.tokens_env if tokens else 'requests without a token'}"
-                                       f"; set {settings.tokens_env} as the server has it"))
+        what = f"the token in {settings.tokens_env}" if tokens else "requests without a token"
+        problems.append(Problem(ERROR, f"the server at {base} refuses {what}; set "
+                                       f"{settings.tokens_env} as the server has it"))
     elif status != 200:
         problems.append(Problem(ERROR, f"{base}/v1/models answered {status}; see the server's log"))
     return Check(NAME, problems)
