@@ -4,6 +4,7 @@ re-read, so edits apply without a restart)."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -36,19 +37,41 @@ class Workshop:
     def __init__(self, home: Path, config_path: Path) -> None:
         self.home = home
         self.config_path = config_path
+        self._kept: tuple[Any, Config, Spool | None] | None = None  # (file stamp, config, spool)
+
+    def _stamp(self) -> Any:
+        try:
+            found = os.stat(self.config_path)
+        except OSError:
+            return None
+        return (found.st_mtime_ns, found.st_size, found.st_ino)
 
     def config(self) -> Config:
-        """The configuration, re-read each call so edits apply without a restart."""
+        """The configuration as the file is now: read again whenever the file changed, so
+        edits apply without a restart (a long-running server asks for it on every request)."""
+        stamp = self._stamp()
+        kept = self._kept
+        if kept is not None and stamp is not None and kept[0] == stamp:
+            return kept[1]
         try:
-            return home_module.load_config(self.home, self.config_path)
+            config = home_module.load_config(self.home, self.config_path)
         except ConfigError:
             if self.config_path.exists():
                 raise
-            return Config(craftsmen={}, spool=SpoolSettings())
+            config = Config(craftsmen={}, spool=SpoolSettings())
+        self._kept = (stamp, config, None)
+        return config
 
     def spool(self) -> Spool:
         """The spool of the home."""
-        return Spool.open(self.home, self.config().spool)
+        config = self.config()
+        kept = self._kept
+        if kept is not None and kept[1] is config and kept[2] is not None:
+            return kept[2]
+        spool = Spool.open(self.home, config.spool)
+        if kept is not None and kept[1] is config:
+            self._kept = (kept[0], config, spool)
+        return spool
 
     @property
     def ledger_path(self) -> Path:
