@@ -232,3 +232,32 @@ def test_a_file_upload_needs_purpose_batch(home: Path) -> None:
                                       files={"file": ("x.jsonl", b"{}\n")})).status_code
 
     assert anyio.run(steps) == 400
+
+
+def test_a_batch_killed_while_queueing_resumes_without_queueing_a_line_twice(
+        home: Path, spool: Spool) -> None:
+    from koubou_spool.integrations.batches import Batches, Files
+    from koubou_spool.service.workshop import Workshop
+
+    workshop = Workshop(home, home / "config" / "koubou.yaml")
+    made = Files(home).create("r.jsonl", "batch", io.BytesIO(batch_file([f"r{n}" for n in
+                                                                          range(10)])))
+    batches = Batches(workshop)
+    batch = batches.create(made["id"], "/v1/chat/completions", "24h", None)
+    tasks = batches.validate(batch["id"])
+    batches.queue(tasks[:4])  # the server died here: 4 lines queued, the batch still validating
+    assert batches.stored(batch["id"])["status"] == "validating"
+
+    async def steps() -> dict:
+        async with serve_client(home) as client:  # starting again resumes it
+            with anyio.fail_after(20):
+                while True:
+                    found = (await client.get(f"/v1/batches/{batch['id']}")).json()
+                    if found["status"] == "in_progress":
+                        return found
+                    await anyio.sleep(0.05)
+
+    found = anyio.run(steps)
+    assert found["request_counts"] == {"total": 10, "completed": 0, "failed": 0}
+    queued = sorted(n for n in spool.names("pending") if n.startswith(batch["id"]))
+    assert queued == [f"{batch['id']}-{n:06d}.json" for n in range(1, 11)]

@@ -55,6 +55,7 @@ def test_a_completion_is_a_task_answered_when_a_worker_finishes_it(
     outcome = spool.outcome(task_id)
     assert outcome["status"] == "completed" and outcome["created_by"] == "serve"
     assert outcome["body"]["seed"] == 7 and "model" not in outcome["body"]
+    assert outcome["params"] == {"seed": 7}  # temperature has a task field of its own
     assert fake_openai.completions()[-1]["messages"] == CHAT["messages"]
 
 

@@ -17,6 +17,9 @@ from .batch import chat_completion
 
 AUTO = "auto"
 KOUBOU_FIELDS = ("model", "stream", "stream_options")  # koubou's, not the backend's (§3.1)
+# Body fields the task format has a field of its own for; the rest are the task's `params`.
+TASK_FIELDS = ("messages", "max_tokens", "max_completion_tokens", "temperature",
+               "reasoning_effort", "metadata", "n")
 
 # What each kind of task error means to an OpenAI client: (HTTP status, error type).
 ERROR_KINDS: dict[str, tuple[int, str]] = {
@@ -83,11 +86,14 @@ def check_body(body: Any) -> dict[str, Any]:
 
 def task_fields(body: dict[str, Any], task_id: str, craftsman: str,
                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The task standing for one chat-completions request (a Batch line plus koubou's fields)."""
+    """The task standing for one chat-completions request: a Batch line (whose body's fields
+    reach the backend, §3.1) plus koubou's fields, with the fields the task format has no
+    field of its own for also named as `params` (tools, response_format, seed, ...)."""
+    kept = {k: v for k, v in body.items() if k not in KOUBOU_FIELDS}
     fields: dict[str, Any] = {
-        "custom_id": task_id, "method": "POST", "url": BATCH_URL,
-        "body": {k: v for k, v in body.items() if k not in KOUBOU_FIELDS},
-        "craftsman": craftsman, "created_by": "serve"}
+        "custom_id": task_id, "method": "POST", "url": BATCH_URL, "body": kept,
+        "craftsman": craftsman, "created_by": "serve",
+        "params": {k: v for k, v in kept.items() if k not in TASK_FIELDS}}
     if isinstance(body.get("metadata"), dict):
         fields["metadata"] = body["metadata"]
     return fields | (extra or {})
