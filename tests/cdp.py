@@ -89,8 +89,11 @@ class Browser:
         """Seconds until the expression is true in the page; TimeoutError after timeout."""
         start = time.monotonic()
         while time.monotonic() - start < timeout:
-            if self.evaluate(expression):
-                return time.monotonic() - start
+            try:
+                if self.evaluate(expression):
+                    return time.monotonic() - start
+            except RuntimeError:  # the page is still about:blank, or between two documents
+                pass
             time.sleep(0.02)  # a page has no event a test can wait on from outside
         raise TimeoutError(f"not true within {timeout} s: {expression}")
 

@@ -66,6 +66,7 @@ def test_with_tokens_every_route_but_the_data_free_page_is_401_without_one(
     assert answers["cancel"].status_code == 404  # the dashboard's action, past the gate
     assert answers[("GET", "/")].status_code == 200
     assert TOKEN not in answers[("GET", "/")].text
+    assert answers[("GET", "/healthz")].json() == {"ok": True}  # the home only with the token
 
 
 def test_a_token_in_the_query_string_is_refused(home: Path,

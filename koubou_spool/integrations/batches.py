@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -252,6 +253,7 @@ class Batches:
         self.workshop = workshop
         self.root = workshop.home / "batches"
         self.files = Files(workshop.home)
+        self._lock = threading.Lock()  # the runner's threads and the views' read-modify-writes
 
     def _dir(self, batch_id: str) -> Path:
         if not isinstance(batch_id, str) or not BATCH_ID_RE.fullmatch(batch_id):
@@ -303,11 +305,18 @@ class Batches:
             batch["request_counts"] = self.counts(batch_id)
         return batch
 
-    def update(self, batch_id: str, **changes: Any) -> dict[str, Any]:
-        """Write new fields of a batch (one atomic replace)."""
-        batch = self.stored(batch_id) | changes
-        _write_json(self._dir(batch_id) / "batch.json", batch)
-        return batch
+    def update(self, batch_id: str, *, only_from: tuple[str, ...] = (),
+               **changes: Any) -> dict[str, Any]:
+        """Write new fields of a batch (one atomic replace); with `only_from`, only while its
+        status is one of those (a cancel and the runner's next step must not undo each other).
+        Returns the batch as it is now."""
+        with self._lock:
+            batch = self.stored(batch_id)
+            if only_from and batch["status"] not in only_from:
+                return batch
+            batch |= changes
+            _write_json(self._dir(batch_id) / "batch.json", batch)
+            return batch
 
     def lines(self, batch_id: str) -> list[list[str]] | None:
         """[task id, custom_id] per request, once the batch was validated."""
@@ -403,8 +412,8 @@ class Batches:
 
     def finalize(self, batch_id: str) -> dict[str, Any]:
         """Build the output and error files from the outcomes, and end the batch."""
-        batch = self.update(self.stored(batch_id)["id"], status="finalizing",
-                            finalizing_at=int(time.time()))
+        batch = self.update(batch_id, only_from=("in_progress", "cancelling"),
+                            status="finalizing", finalizing_at=int(time.time()))
         lines = self.lines(batch_id) or []
         output, errors = output_files(lines, self.workshop.spool().outcome)
         changes: dict[str, Any] = {"request_counts": self.counts(batch_id)}
@@ -470,14 +479,12 @@ class BatchRunner:
 
     def cancel(self, batch_id: str) -> dict[str, Any]:
         """Ask a batch to stop: `cancelling` now, `cancelled` once its lines have ended."""
-        batch = self.batches.get(batch_id)
-        if batch["status"] in ("validating", "in_progress"):
-            batch = self.batches.update(batch_id, status="cancelling",
-                                        cancelling_at=int(time.time()))
-            batch["request_counts"] = self.batches.counts(batch_id)
+        batch = self.batches.update(batch_id, only_from=("validating", "in_progress"),
+                                    status="cancelling", cancelling_at=int(time.time()))
+        if batch["status"] == "cancelling":
             self.drive(batch_id)
             self.poke(batch_id)
-        return batch
+        return self.batches.get(batch_id)
 
     def _on_event(self, event: dict[str, Any]) -> None:
         if event["change"] == "overflow":
@@ -514,11 +521,11 @@ class BatchRunner:
             tasks = await run(self.batches.validate, batch_id)
             if tasks is None:
                 return
-            batch = await run(self.batches.stored, batch_id)
-            if batch["status"] == "validating":
+            if (await run(self.batches.stored, batch_id))["status"] == "validating":
                 await run(self.batches.queue, tasks)
-                batch = await run(lambda: self.batches.update(
-                    batch_id, status="in_progress", in_progress_at=int(time.time())))
+            batch = await run(lambda: self.batches.update(
+                batch_id, only_from=("validating",), status="in_progress",
+                in_progress_at=int(time.time())))
         if batch["status"] in ("in_progress", "cancelling"):
             await self._wait_lines(batch_id)
         await run(self.batches.finalize, batch_id)

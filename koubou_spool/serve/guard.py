@@ -75,12 +75,13 @@ class Guard:
                                    "invalid_request_error", code="token_in_query"), {}
         tokens = self.tokens()
         if not tokens:
+            scope["koubou.authorized"] = True
             return _local_only(scope)
-        if _public(scope["path"]):
-            return None
         auth = _header(scope, b"authorization") or ""
         scheme, _, given = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token_matches(given.strip(), tokens):
+        authorized = scheme.lower() == "bearer" and token_matches(given.strip(), tokens)
+        scope["koubou.authorized"] = authorized
+        if not authorized and not _public(scope["path"]):
             return 401, error_body("a valid bearer token is required (header Authorization: "
                                    "Bearer TOKEN)", "invalid_request_error",
                                    code="invalid_api_key"), {"www-authenticate": "Bearer"}

@@ -29,7 +29,8 @@ def check(home: Path, config: Config, timeout: float) -> Check:
                                        "refuse to start; set tokens or use 127.0.0.1"))
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     base = f"http://{'[' + host + ']' if ':' in host else host}:{settings.port}"
-    status, body = _get(base + "/healthz", None, timeout)
+    tokens = settings.tokens()
+    status, body = _get(base + "/healthz", tokens[0] if tokens else None, timeout)
     if status is None:
         return Check(NAME, problems)  # not running here: nothing to check
     if status != 200:
@@ -38,7 +39,6 @@ def check(home: Path, config: Config, timeout: float) -> Check:
     served = (_json(body) or {}).get("home")
     if served and Path(served) != home:
         problems.append(Problem(WARNING, f"the server at {base} serves another home ({served})"))
-    tokens = settings.tokens()
     status, _ = _get(base + "/v1/models", tokens[0] if tokens else None, timeout)
     if status == 401:
         what = f"the token in {settings.tokens_env}" if tokens else "requests without a token"

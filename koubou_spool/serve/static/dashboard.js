@@ -77,7 +77,7 @@ function showWorkers(workers, inFlight) {
     w.id, w.liveness, w.heartbeat_age_s == null ? "–" : w.heartbeat_age_s.toFixed(1) + " s ago",
     (w.craftsmen || []).join(", "),
     (w.endpoints || []).map((e) => e.base_url || e).join(", ") || "–",
-    w.done ?? w.tasks_done ?? "", w.failed ?? w.tasks_failed ?? ""])));
+    w.done ?? "", w.failed ?? ""])));
   const flying = Object.entries(inFlight || {}).map(([c, n]) => c + ": " + n).join(", ");
   $("in-flight").textContent = flying ? "in flight: " + flying : "nothing in flight";
 }
@@ -91,16 +91,22 @@ function bar(spent, limit) {
 }
 
 function showBudget(budget) {
+  // observe.gather.today_budget: {configured, daily: {period, limit_usd, used_usd, left_usd}, monthly}
   const box = $("budget");
   box.replaceChildren();
-  if (!budget || budget.enabled === false || (!budget.daily_usd && !budget.monthly_usd)) {
-    box.append(el("p", "no budget configured; spend today " + money(budget && budget.day_spent_usd)));
+  const lines = [["today", budget && budget.daily], ["this month", budget && budget.monthly]];
+  if (!budget || !budget.configured) {
+    const spent = budget && budget.daily ? budget.daily.used_usd : null;
+    box.append(el("p", "no budget configured; spent today " + money(spent)));
     return;
   }
-  for (const [label, spent, limit] of [["today", budget.day_spent_usd, budget.daily_usd],
-                                        ["this month", budget.month_spent_usd, budget.monthly_usd]]) {
-    if (limit == null) continue;
-    box.append(el("div", label + ": " + money(spent) + " of " + money(limit)), bar(spent || 0, limit));
+  for (const [label, line] of lines) {
+    if (!line || line.limit_usd == null) continue;
+    const text = label + ": " + money(line.used_usd) + " of " + money(line.limit_usd) +
+      " (" + money(line.left_usd) + " left)";
+    const item = el("div", text);
+    item.className = "spend";
+    box.append(item, bar(line.used_usd || 0, line.limit_usd));
   }
 }
 

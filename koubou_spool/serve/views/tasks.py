@@ -85,5 +85,7 @@ async def metrics(request: Request) -> PlainTextResponse:
 
 
 async def health(request: Request) -> JSONResponse:
-    """Up, and which home (for `koubou doctor`)."""
+    """Up; and which home (for `koubou doctor`), to a caller with the token."""
+    if not request.scope.get("koubou.authorized"):
+        return JSONResponse({"ok": True})
     return JSONResponse({"ok": True, "home": str(workshop(request).home)})
