@@ -264,3 +264,27 @@ def test_a_batch_killed_while_queueing_resumes_without_queueing_a_line_twice(
     assert found["request_counts"] == {"total": 10, "completed": 0, "failed": 0}
     queued = sorted(n for n in spool.names("pending") if n.startswith(batch["id"]))
     assert queued == [f"{batch['id']}-{n:06d}.json" for n in range(1, 11)]
+
+
+def test_a_file_over_the_line_limit_fails_the_batch(home: Path, spool: Spool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from koubou_spool.integrations import batches
+
+    monkeypatch.setattr(batches, "MAX_LINES", 3)  # 50,000 in earnest: the same code path
+
+    async def steps() -> dict:
+        async with serve_client(home) as client:
+            up = (await client.post("/v1/files", data={"purpose": "batch"}, files={
+                "file": ("big.jsonl", batch_file([f"l{n}" for n in range(5)]))})).json()
+            batch = (await client.post("/v1/batches", json={"input_file_id": up["id"]})).json()
+            with anyio.fail_after(20):
+                while batch["status"] not in FINAL:
+                    await anyio.sleep(0.05)
+                    batch = (await client.get(f"/v1/batches/{batch['id']}")).json()
+            return batch
+
+    batch = anyio.run(steps)
+    assert batch["status"] == "failed"
+    assert batch["errors"]["data"][0] == {"code": "too_many_lines", "line": 4, "param": None,
+                                          "message": "a batch holds at most 3 requests"}
+    assert not spool.names("pending")

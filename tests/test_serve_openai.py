@@ -170,3 +170,22 @@ def test_confidential_naming_the_cloud_is_403_and_a_spent_budget_429(
     assert budget.json()["error"]["code"] == "budget"
     assert routed.status_code == 200 and routed.json()["model"] == "fake-model"
     assert "hunter2" not in json.dumps(cloud.requests)
+
+
+def test_a_stream_keeps_alive_while_it_waits_and_ends_with_the_timeout_naming_the_task(
+        home: Path, spool: Spool) -> None:
+    async def steps() -> tuple:
+        async with serve_client(home, wait_s=0.5, keepalive_s=0.1) as client:
+            answer = await client.post("/v1/chat/completions", json=CHAT | {"stream": True})
+            return answer, answer.text
+
+    answer, text = anyio.run(steps)
+    task_id = answer.headers["x-koubou-task-id"]
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith(
+        "text/event-stream")
+    assert text.count(": keep-alive") >= 3
+    events = [json.loads(line[6:]) for line in text.splitlines()
+              if line.startswith("data: {")]
+    assert events[-1]["error"]["code"] == "timeout" and task_id in events[-1]["error"]["message"]
+    assert text.rstrip().endswith("data: [DONE]")
+    assert spool.find(task_id).state == "pending"
