@@ -189,3 +189,16 @@ def test_a_stream_keeps_alive_while_it_waits_and_ends_with_the_timeout_naming_th
     assert events[-1]["error"]["code"] == "timeout" and task_id in events[-1]["error"]["message"]
     assert text.rstrip().endswith("data: [DONE]")
     assert spool.find(task_id).state == "pending"
+
+
+def test_a_named_craftsman_is_served_or_refused_never_swapped() -> None:
+    from koubou_spool.craft.router import Route
+    from koubou_spool.integrations import chat
+
+    assert chat.refusal(Route("local", "rule 1"), "auto") is None
+    assert chat.refusal(Route("local", "asked for"), "local") is None
+    assert chat.refusal(Route("local", "rule", confidential=True), "cloud").kind == "policy"
+    assert chat.refusal(Route("local", "budget exhausted, so local"), "cloud").kind == "budget"
+    assert chat.refusal(Route(None, "cloud waits for the next period", "defer"),
+                        "auto").kind == "budget"
+    assert chat.refusal(Route(None, "no local craftsman", "policy"), "auto").kind == "policy"

@@ -157,3 +157,18 @@ def test_the_console_script_shows_serve_in_its_help() -> None:
     result = subprocess.run([sys.executable, "-m", "koubou_spool.cli.koubou", "--help"],
                             capture_output=True, text=True, timeout=60, check=True)
     assert "serve" in result.stdout
+
+
+def test_an_upload_over_the_file_limit_is_413(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from koubou_spool.serve import app as app_module
+
+    monkeypatch.setattr(app_module, "BATCH_FILE_BYTES", 1000)  # 200 MB in earnest
+    monkeypatch.setattr(app_module, "MULTIPART_SLACK", 500)
+
+    async def steps() -> httpx.Response:
+        async with serve_client(home) as client:
+            return await client.post("/v1/files", data={"purpose": "batch"},
+                                     files={"file": ("big.jsonl", b"x" * 3000)})
+
+    answer = anyio.run(steps)
+    assert answer.status_code == 413 and not (home / "files").exists()

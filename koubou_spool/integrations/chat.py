@@ -109,7 +109,9 @@ def refusal(route: Any, asked: str) -> Refused | None:
     if route.craftsman is None:
         if route.kind in ("policy", "budget"):
             return Refused(route.kind, route.reason)
-        return None  # invalid and defer: the task's own outcome says it
+        if route.kind == "defer":  # the task would wait for the next period: say so now
+            return Refused("budget", route.reason)
+        return None  # invalid: the task's own outcome says it
     if asked != AUTO and route.craftsman != asked:
         if route.confidential:
             return Refused("policy", f"the request is confidential ({route.pattern or 'declared'})"

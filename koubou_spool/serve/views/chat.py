@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +21,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from ...integrations import chat
 from ...spool.task import new_id
 from .common import error, read_json, workshop
+
+log = logging.getLogger(__name__)
 
 
 def task_id_for(request: Request) -> str:
@@ -50,6 +53,8 @@ async def create(request: Request) -> Response:
                                  media_type="text/event-stream",
                                  headers=headers | {"cache-control": "no-cache"})
     outcome = await request.app.state.events.outcome(task_id, wait_s)
+    log.info("chat completion %s (%s): %s", task_id, craftsman,
+             (outcome or {}).get("status", "not finished in time"))
     return _answer(task_id, outcome, wait_s, headers)
 
 
