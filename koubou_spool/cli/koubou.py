@@ -250,6 +250,8 @@ from .observe import register as _register_observe  # noqa: E402
 _register_observe(cli)
 from .operate import register as _register_operate  # noqa: E402
 _register_operate(cli)
+from .serve import serve as _serve  # noqa: E402
+cli.add_command(_serve)
 
 
 @cli.command()

@@ -51,13 +51,19 @@ def maintain(purge_after: str | None, purge_ledger: bool, vacuum: bool, as_json:
               help="Seconds to wait for each craftsman's /v1/models.")
 @click.option("--strict", is_flag=True, help="Exit 4 on warnings too.")
 def doctor(timeout: float, strict: bool, as_json: bool) -> None:
-    """Check the home, config, API keys, inotify limits, ledger and every craftsman's endpoint.
+    """Check the home, config, API keys, inotify limits, ledger, every craftsman's endpoint,
+    and a running `koubou serve`.
 
     Exits 0 when nothing is broken (warnings are printed), 4 naming each broken craftsman.
     """
     setup_logging()
     where = session()
     checks = doctor_module.run(where.home, where.config_path, timeout)
+    if where.config_path.exists() and all(c.name != "config" or c.status != "error"
+                                          for c in checks):
+        from ..serve import probe  # the HTTP face's own check, when a server runs
+
+        checks.append(probe.check(where.home, where.config(), timeout))
     if as_json:
         emit_json(doctor_module.as_dict(checks))
     else:

@@ -13,24 +13,31 @@ from typing import Any
 from ..spool.task import parse_iso
 
 
+MESSAGE_FIELDS = ("tool_calls", "refusal")
+
+
 def chat_completion(task_id: str, result: dict[str, Any]) -> dict[str, Any]:
     """The chat.completion of a completed outcome's `result`: the server's body as it came,
-    or one built from the result (echo and CLI agents, which answer in other shapes)."""
+    or one built from what the result kept (echo and CLI agents answer in other shapes)."""
     if isinstance(result.get("response"), dict):
         return result["response"]
     finished = result.get("finished_at")
-    message = {"role": "assistant", "content": result.get("content", "")}
-    for key in ("reasoning", "tool_calls", "refusal"):
-        if result.get(key):
-            message[key] = result[key]
+    message: dict[str, Any] = {"role": "assistant", "content": result.get("content", "")}
+    for name in MESSAGE_FIELDS:
+        if result.get(name) is not None:
+            message[name] = result[name]
+    if result.get("reasoning") is not None:  # gpt-oss through LM Studio, Ollama, vLLM, llama.cpp
+        message["reasoning_content"] = result["reasoning"]
+    finish = result.get("finish_reason") or ("tool_calls" if message.get("tool_calls") else "stop")
     return {
         "id": f"chatcmpl-{task_id}", "object": "chat.completion",
         "created": int(parse_iso(finished)) if isinstance(finished, str) else 0,
         "model": result.get("model"),
-        "choices": [{"index": 0, "finish_reason": result.get("finish_reason") or "stop",
-                     "message": message}],
+        "choices": [{"index": 0, "finish_reason": finish, "message": message,
+                     "logprobs": result.get("logprobs")}],
         "usage": result.get("usage") or {"prompt_tokens": 0, "completion_tokens": 0,
                                          "total_tokens": 0},
+        "system_fingerprint": None,
     }
 
 

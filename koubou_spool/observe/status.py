@@ -111,6 +111,19 @@ def task_status(spool: Spool, ledger_path: Path, key: str) -> dict[str, Any]:
     return status
 
 
+def read_record(spool: Spool, key: str) -> dict[str, Any] | None:
+    """The task (or outcome) record as it is now, wherever it is; None when unreadable."""
+    found = spool.find(key)
+    if found.state in ("completed", "failed"):
+        record = _read_json(found.path)
+    else:
+        try:
+            record = task_format.decode(spool.read_entry(found.path.parent, found.path.name)[0])
+        except (Refused, ValueError):
+            record = None
+    return record if isinstance(record, dict) else None
+
+
 def list_tasks(spool: Spool, states: list[str], limit: int) -> list[dict[str, Any]]:
     """Tasks in the given states, newest first (by file time), at most `limit`."""
     entries = []

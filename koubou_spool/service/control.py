@@ -37,7 +37,7 @@ def _controller(spool: Spool, what: str) -> Iterator[str]:
         spool.unregister_worker(owner, lock)
 
 
-def _take(spool: Spool, owner: str, task_id: str) -> tuple[Claim, str]:
+def _take(spool: Spool, owner: str, task_id: str, running: bool = True) -> tuple[Claim, str]:
     """Claim a pending task, or take over a running one; (claim, the state it was in)."""
     found = spool.find(task_id)
     if found.state == "pending":
@@ -45,7 +45,7 @@ def _take(spool: Spool, owner: str, task_id: str) -> tuple[Claim, str]:
         if claim is not None:
             return claim, "pending"
         found = spool.find(task_id)
-    if found.state == "in_progress":
+    if found.state == "in_progress" and running:
         match = CLAIM_RE.fullmatch(found.path.name)
         if match and not match["fin"]:
             claim = Claim(match["name"], owner, time.time())
@@ -58,10 +58,12 @@ def _take(spool: Spool, owner: str, task_id: str) -> tuple[Claim, str]:
     raise NotCancelled(f"task {task_id} is {found.state}; nothing to cancel")
 
 
-def cancel(spool: Spool, ledger_path: Path, task_id: str) -> dict[str, Any]:
-    """Fail a pending or running task as `cancelled`; returns its failed outcome."""
+def cancel(spool: Spool, ledger_path: Path, task_id: str, *, kind: str = "cancelled",
+           running: bool = True) -> dict[str, Any]:
+    """Fail a pending (or, with `running`, a running) task as `kind` (cancelled, or expired for
+    a batch line past its window); returns its failed outcome."""
     with _controller(spool, "cancel") as owner:
-        claim, was = _take(spool, owner, task_id)
+        claim, was = _take(spool, owner, task_id, running)
         try:
             task = task_format.parse(spool.read_claim(claim)[0],
                                      task_format.id_from_name(claim.name))
@@ -73,8 +75,9 @@ def cancel(spool: Spool, ledger_path: Path, task_id: str) -> dict[str, Any]:
             spool.requeue(claim.file_name, None)  # not cancelled: it goes on; try again later
             raise
         attempts = task.attempts + (1 if was == "in_progress" else 0)
-        record = task_format.failed_record(task.raw, "cancelled", f"cancelled while {was}",
-                                           attempts, time.time())
+        message = f"cancelled while {was}" if kind == "cancelled" else \
+            f"{kind} while {was}: not started in time"
+        record = task_format.failed_record(task.raw, kind, message, attempts, time.time())
         spool.publish(claim, task.id, record)
     _record(ledger_path, record)
     return record

@@ -5,6 +5,7 @@ re-read, so edits apply without a restart)."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,10 @@ from typing import Any
 import anyio
 
 from ..config import Config, SpoolSettings
+from ..craft import router
+from ..craft.attach import read_attachments
+from ..craft.budget import BudgetSettings
+from ..craft.limits import Budget
 from ..errors import ConfigError, UsageError
 from ..observe import gather as observe, status as status_module
 from ..spool import home as home_module, task as task_format
@@ -19,10 +24,14 @@ from ..spool.files import Spool
 from ..spool.home import STATE_DIRS
 from ..spool.watcher import wait_for_files
 from . import control, serving
+from .events import SpoolEvents
 
 log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 50.0  # MCP clients give up on a tool call after about 60 s
+PROMPT_FIELDS = ("content", "system", "messages", "context", "files", "type", "priority",
+                 "craftsman", "model", "created_by", "metadata", "repo", "branch", "after")
+MAX_PATCH_BYTES = 256 * 1024
 
 
 class Workshop:
@@ -31,19 +40,41 @@ class Workshop:
     def __init__(self, home: Path, config_path: Path) -> None:
         self.home = home
         self.config_path = config_path
+        self._kept: tuple[Any, Config, Spool | None] | None = None  # (file stamp, config, spool)
+
+    def _stamp(self) -> Any:
+        try:
+            found = os.stat(self.config_path)
+        except OSError:
+            return None
+        return (found.st_mtime_ns, found.st_size, found.st_ino)
 
     def config(self) -> Config:
-        """The configuration, re-read each call so edits apply without a restart."""
+        """The configuration as the file is now: read again whenever the file changed, so
+        edits apply without a restart (a long-running server asks for it on every request)."""
+        stamp = self._stamp()
+        kept = self._kept
+        if kept is not None and stamp is not None and kept[0] == stamp:
+            return kept[1]
         try:
-            return home_module.load_config(self.home, self.config_path)
+            config = home_module.load_config(self.home, self.config_path)
         except ConfigError:
             if self.config_path.exists():
                 raise
-            return Config(craftsmen={}, spool=SpoolSettings())
+            config = Config(craftsmen={}, spool=SpoolSettings())
+        self._kept = (stamp, config, None)
+        return config
 
     def spool(self) -> Spool:
         """The spool of the home."""
-        return Spool.open(self.home, self.config().spool)
+        config = self.config()
+        kept = self._kept
+        if kept is not None and kept[1] is config and kept[2] is not None:
+            return kept[2]
+        spool = Spool.open(self.home, config.spool)
+        if kept is not None and kept[1] is config:
+            self._kept = (kept[0], config, spool)
+        return spool
 
     @property
     def ledger_path(self) -> Path:
@@ -65,10 +96,58 @@ class Workshop:
                 wait_for_files, [spool.completed, spool.failed], {f"{task.id}.json"}, wait_s)
         return answer | self.result(task.id)
 
+    def submit(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """Queue one task without waiting: its id, state, and whether it is new."""
+        return self.submit_many([fields])[0]
+
+    def submit_many(self, objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Queue tasks (or Batch lines) in one go; all are checked before any is queued."""
+        tasks = [task_format.validate(obj) for obj in objects]
+        return [{"id": task.id, "state": state, "new": new}
+                for task, state, new in self.spool().submit(tasks)]
+
+    def route(self, fields: dict[str, Any]) -> router.Route:
+        """Where a task would go now, and why (the dry run of `koubou route`)."""
+        config = self.config()
+        task = task_format.validate(fields)
+        keeper = Budget(self.ledger_path, BudgetSettings.parse(config.budget))
+        exhausted = False
+        if keeper.settings.enabled and self.ledger_path.exists():
+            exhausted = bool(keeper.state().get("exhausted"))
+        texts = [a.text for a in read_attachments(task.files, config.attach)] if task.files \
+            else []
+        return router.route(task, config, attachments=texts, budget_exhausted=exhausted)
+
+    def retry(self, task_id: str) -> dict[str, Any]:
+        """Queue a failed task again with its attempts reset."""
+        name = control.retry(self.spool(), task_id)
+        return {"id": task_id, "state": "pending", "file": name}
+
+    def metrics(self) -> str:
+        """The Prometheus exposition of the home right now."""
+        return observe.metrics_text(self.spool(), self.ledger_path, self.config(), time.time())
+
+    def events(self) -> SpoolEvents:
+        """A watcher of the spool's changes, to start on a running event loop."""
+        return SpoolEvents(self.spool())
+
     def status(self, task_id: str) -> dict[str, Any]:
         """One task's state, attempts and result or error."""
         task_format.check_id(task_id, "task_id")
         return status_module.task_status(self.spool(), self.ledger_path, task_id)
+
+    def detail(self, task_id: str) -> dict[str, Any]:
+        """Everything a person looks at for one task: its status and attempts, the prompt
+        (content, system, messages) and, for a repository task, its patch."""
+        found = self.status(task_id)
+        record = status_module.read_record(self.spool(), task_id) or {}
+        found["task"] = {k: record[k] for k in PROMPT_FIELDS if k in record}
+        found["task"].update({k: v for k, v in (record.get("body") or {}).items()
+                              if k == "messages"})
+        patch = self.home / "outputs" / str(found.get("id")) / "changes.patch"
+        if found.get("id") and patch.is_file():
+            found["patch"] = patch.read_bytes()[:MAX_PATCH_BYTES].decode("utf-8", "replace")
+        return found
 
     def result(self, task_id: str) -> dict[str, Any]:
         """The outcome of a finished task, or its state while it is not finished."""

@@ -1,0 +1,1 @@
+"""One module per resource: models, chat, files, batches, tasks (REST), events, dashboard."""
