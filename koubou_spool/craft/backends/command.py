@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from ...config import Craftsman
+from ...spool import permissions
 from . import BackendError, Reply, Request, usage
 
 STDERR_TAIL = 2000
+AGENT_UMASK = 0o027  # what an agent writes in outputs/<id>/: group-readable, never others'
 
 
 def prompt_text(messages: list[dict[str, Any]]) -> str:
@@ -47,11 +49,14 @@ class CommandBackend:
         argv, stdin = self._argv(prompt_text(request.messages), request.model)
         workdir = Path(request.workdir) if request.workdir else None
         if workdir is not None:
-            workdir.mkdir(parents=True, exist_ok=True)
+            permissions.make_dir(workdir, permissions.OWNER_DIR, parents=True)
         try:
+            # The agent's files in outputs/ are the group's to read and nobody else's, whatever
+            # the worker's umask: the child gets its own (set after fork, not process-wide).
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, cwd=workdir, start_new_session=True)
+                stderr=asyncio.subprocess.PIPE, cwd=workdir, start_new_session=True,
+                umask=AGENT_UMASK)
         except OSError as exc:
             raise BackendError(f"cannot run {argv[0]}: {exc.strerror}") from None
         try:
