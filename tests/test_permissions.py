@@ -9,6 +9,7 @@ lives under a directory only root may enter, so the home is under a directory of
 from __future__ import annotations
 
 import json
+import grp
 import os
 import pwd
 import shutil
@@ -419,6 +420,14 @@ def test_init_again_repairs_modes_and_says_what_it_changed(accounts: Accounts) -
     assert checks["permissions"]["status"] == "ok", checks["permissions"]
     third = accounts.koubou(owner, "init", "--home", str(home), check=True)
     assert "repaired" not in third.stderr
+
+
+def test_a_group_the_workers_user_is_not_in_is_refused(accounts: Accounts) -> None:
+    home = _owner_area(accounts, "strange-group")
+    other = grp.getgrgid(pwd.getpwnam(accounts.outsider).pw_gid).gr_name
+    proc = accounts.koubou(accounts.owner, "init", "--home", str(home), "--group", other)
+    assert proc.returncode == 4 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert f"sudo usermod -aG {other} {accounts.owner}" in proc.stderr
 
 
 def test_only_the_workers_user_may_init_a_home(accounts: Accounts, team: TeamHome) -> None:
