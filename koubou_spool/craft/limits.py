@@ -163,14 +163,14 @@ class Budget:
     def state(self) -> dict[str, object]:
         """Spend so far in this day and month against the limits (for `koubou route`, status).
 
-        Read-only: members of the home's group see the budget without write access to it.
+        Read-only, so it needs no write access to the ledger and never creates one.
         """
         day, month = self.settings.periods(time.time())
         nothing_yet = None if os.path.exists(self.path) else (0.0, 0.0)
         spent = ledger.read(self.path, ledger.spent, day, month, default=nothing_yet)
         if spent is None:
             return {"enabled": self.settings.enabled,
-                    "error": "ledger unreadable (missing, locked or closed to this user)"}
+                    "error": "ledger unreadable (locked, damaged or closed to this user)"}
         day_spent, month_spent = spent
         daily, monthly = self.settings.daily_usd, self.settings.monthly_usd
         return {"enabled": self.settings.enabled, "day": day, "month": month,
