@@ -60,7 +60,7 @@ def test_units_keep_the_contract() -> None:
                  "TimeoutStopSec=45", "NoNewPrivileges=yes", "ProtectSystem=strict",
                  "ReadWritePaths=/var/koubou", "PrivateTmp=yes", "ProtectHome=read-only",
                  "Environment=KOUBOU_HOME=/var/koubou", "EnvironmentFile=-/etc/koubou/env",
-                 f"ExecStart={WRAPPER} %i"):
+                 f"ExecStart={WRAPPER} %i", "UMask=0027", "Group=koubou"):
         assert line in worker.splitlines(), line
     timer = (ROOT / "systemd" / "koubou-maintain.timer").read_text()
     assert "Persistent=true" in timer and "OnCalendar=daily" in timer

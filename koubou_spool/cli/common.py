@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from collections.abc import Callable
 
 import click
 
-from ..spool import home as home_module
+from ..spool import home as home_module, permissions
 from ..config import Config, SpoolSettings
 from ..errors import ConfigError, KoubouError, EXIT_UNUSABLE
 from ..spool.files import Spool
@@ -29,7 +30,10 @@ def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
 def home_options(command: Callable) -> Callable:
     """--home, --config and --log-level, accepted before or after the subcommand."""
     for option in reversed([
-        click.option("--home", type=click.Path(file_okay=False), expose_value=False,
+        # readable=False: a home closed to this user is refused by the spool, with the group
+        # to join, not by click.
+        click.option("--home", type=click.Path(file_okay=False, readable=False),
+                     expose_value=False,
                      callback=_remember, help="The spool home (default: $KOUBOU_HOME, "
                      "/var/koubou if writable, else ~/.local/share/koubou)."),
         click.option("--config", type=click.Path(dir_okay=False), expose_value=False,
@@ -49,11 +53,12 @@ class Session:
     config_path: Path
 
     def config(self, required: bool = True) -> Config:
-        """The configuration; without `required`, defaults when the file is missing."""
+        """The configuration; without `required`, defaults when the file is missing, or hidden
+        from this user (config/ is the owner's alone: members run on the defaults)."""
         try:
             return home_module.load_config(self.home, self.config_path)
         except ConfigError:
-            if required or self.config_path.exists():
+            if required or os.path.exists(self.config_path):  # False when config/ is closed
                 raise
             return Config(craftsmen={}, spool=SpoolSettings())
 
@@ -107,6 +112,10 @@ class _Guarded:
             return super().invoke(ctx)  # type: ignore[misc]
         except KoubouError as exc:
             _fail(exc, exc.exit_code)
+        except PermissionError as exc:
+            if not exc.filename:
+                raise
+            _fail(RuntimeError(permissions.denied(exc.filename)), EXIT_UNUSABLE)
         except OSError as exc:
             where = f" ({exc.filename})" if exc.filename else ""
             _fail(RuntimeError(f"{exc.strerror or exc}{where}; check the home's permissions"),

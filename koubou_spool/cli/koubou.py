@@ -8,7 +8,7 @@ from .. import __version__
 from ..service import control, serving
 from ..spool import ledger
 from ..craft import router
-from ..spool import home as home_module
+from ..spool import home as home_module, permissions
 from ..observe import status as status_module
 from ..spool import task as task_format
 from ..craft.attach import read_attachments
@@ -37,17 +37,31 @@ def cli() -> None:
 @cli.command()
 @home_options
 @json_option
-def init(as_json: bool) -> None:
-    """Create the home: directories, a commented config, the ledger. Safe to run again."""
+@click.option("--group", metavar="NAME",
+              help="The group that may submit and read (default: the home's group, or for a "
+                   "new home your primary group).")
+def init(group: str | None, as_json: bool) -> None:
+    """Create the home: directories, a commented config, the ledger. Safe to run again.
+
+    Sets the modes of the home (closed to others, open to the group, written only by you, the
+    workers' user); run again on an existing home, it repairs them and says what it changed.
+    """
     where = session()
-    made = home_module.init(where.home)
+    made = home_module.init(where.home, group)
     ledger.open_ledger(where.ledger_path).close()
+    repaired = permissions.repair(where.home, group)
     if as_json:
-        emit_json({"home": str(where.home), "created": [str(p) for p in made]})
+        emit_json({"home": str(where.home), "created": [str(p) for p in made],
+                   "repaired": repaired})
         return
     click.echo(str(where.home))
     if made:
         click.echo(f"created {len(made)} entries; edit {where.config_path} to add craftsmen",
+                   err=True)
+    for line in repaired[:permissions.SHOWN]:
+        click.echo(f"repaired {line}", err=True)
+    if len(repaired) > permissions.SHOWN:
+        click.echo(f"repaired {len(repaired) - permissions.SHOWN} more paths the same way",
                    err=True)
 
 

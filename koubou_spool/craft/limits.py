@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..spool import ledger
+from ..spool import ledger, permissions
 from .budget import BudgetSettings, reached
 from ..config import Craftsman
 
@@ -33,9 +33,10 @@ class Slots:
         self._held: dict[str, set[int]] = {}
         for name, count in counts.items():
             folder = directory / name
-            folder.mkdir(parents=True, exist_ok=True)
+            permissions.make_dir(folder, permissions.OWNER_DIR, parents=True)
+            # Private: a member who could open a slot could flock it and stall the craftsman.
             self._fds[name] = [
-                os.open(folder / str(n), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                permissions.open_file(folder / str(n), os.O_RDWR | os.O_CREAT, permissions.PRIVATE)
                 for n in range(count)]
             self._held[name] = set()
 
@@ -161,12 +162,17 @@ class Budget:
         return self.settings.next_day_start(now)
 
     def state(self) -> dict[str, object]:
-        """Spend so far in this day and month against the limits (for `koubou route`, reports)."""
+        """Spend so far in this day and month against the limits (for `koubou route`, status).
+
+        Read-only, so it needs no write access to the ledger and never creates one.
+        """
         day, month = self.settings.periods(time.time())
-        try:
-            day_spent, month_spent = ledger.spent(self._conn(), day, month)
-        except sqlite3.Error as exc:
-            return {"enabled": self.settings.enabled, "error": f"ledger unreadable: {exc}"}
+        nothing_yet = None if os.path.exists(self.path) else (0.0, 0.0)
+        spent = ledger.read(self.path, ledger.spent, day, month, default=nothing_yet)
+        if spent is None:
+            return {"enabled": self.settings.enabled,
+                    "error": "ledger unreadable (locked, damaged or closed to this user)"}
+        day_spent, month_spent = spent
         daily, monthly = self.settings.daily_usd, self.settings.monthly_usd
         return {"enabled": self.settings.enabled, "day": day, "month": month,
                 "day_spent_usd": round(day_spent, 6), "daily_usd": daily,

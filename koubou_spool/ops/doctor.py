@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..spool import ledger
+from ..spool import ledger, permissions
 from .. import config as config_module
 from ..config import Config, Craftsman
 from ..errors import ConfigError
@@ -69,7 +69,8 @@ class Check:
 def run(home: Path, config_path: Path, timeout: float = 5.0) -> list[Check]:
     """Every check of a home, in a fixed order."""
     checks = [Check("home", check_home(home)), Check("inotify", check_inotify(INOTIFY)),
-              Check("ledger", check_ledger(home / "db" / "koubou.db"))]
+              Check("ledger", check_ledger(home / "db" / "koubou.db")),
+              Check("permissions", check_permissions(home))]
     try:
         config = config_module.load(config_path)
     except ConfigError as exc:
@@ -117,6 +118,15 @@ def check_home(home: Path) -> list[Problem]:
             problems.append(Problem(ERROR, f"{path} is not writable by this user; chown the "
                                     "home to the user that runs the workers"))
     return problems
+
+
+def check_permissions(home: Path) -> list[Problem]:
+    """Every path whose mode or group breaks PRODUCT.md §2 (who may do what), by name.
+
+    Warnings, like a readable config: the home still works, but it is open to the wrong people
+    or closed to the right ones.
+    """
+    return [Problem(WARNING, message) for message in permissions.audit(home)]
 
 
 def check_config_file(path: Path, config: Config) -> list[Problem]:

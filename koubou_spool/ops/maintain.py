@@ -86,7 +86,7 @@ def parse_duration(text: str) -> float:
 def run(spool: Spool, config: Config, ledger_path: Path, *, purge_after: float | None = None,
         purge_ledger: bool = False, vacuum: bool = False, now: float | None = None) -> Summary:
     """Do every chore once, unless another run holds run/maintain.lock (then skip, not wait)."""
-    lock = FileLock(str(spool.home / "run" / "maintain.lock"))
+    lock = FileLock(str(spool.home / "run" / "maintain.lock"), mode=0o600)  # not the umask's
     try:
         lock.acquire(timeout=0)
     except Timeout:

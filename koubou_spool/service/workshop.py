@@ -59,7 +59,7 @@ class Workshop:
         try:
             config = home_module.load_config(self.home, self.config_path)
         except ConfigError:
-            if self.config_path.exists():
+            if os.path.exists(self.config_path):  # a member may not stat config/ (0700)
                 raise
             config = Config(craftsmen={}, spool=SpoolSettings())
         self._kept = (stamp, config, None)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Iterable, Iterator
 
-from . import task as task_format
+from . import permissions, task as task_format
 from ..errors import SpoolError, TaskNotFound
 from .store import Store
 from .task import Task
@@ -112,11 +112,12 @@ class Spool(Store):
         if settings is not None:
             kwargs = {"fsync": settings.fsync, "max_task_bytes": settings.max_task_bytes}
         spool = cls(home, **kwargs)
+        permissions.require_entry(home)
         for path in (spool.tmp, spool.pending, spool.in_progress, spool.completed, spool.failed):
             if not path.is_dir():
                 raise SpoolError(f"{home} is not a koubou home ({path} is missing); "
                                  f"run `koubou init --home {home}`")
-        spool.workers.mkdir(parents=True, exist_ok=True)
+        permissions.make_dir(spool.workers, permissions.OWNER_DIR, parents=True)
         return spool
 
     def state_dir(self, state: str) -> Path:
@@ -142,11 +143,14 @@ class Spool(Store):
 
     def _write_tmp(self, label: str, data: bytes) -> str:
         path = f"{self.tmp}/.{label}.{os.getpid()}.{os.urandom(4).hex()}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = permissions.open_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, permissions.RECORD)
         try:
             _write_all(fd, data)
             if self.fsync:
                 os.fsync(fd)
+        except BaseException:
+            os.unlink(path)
+            raise
         finally:
             os.close(fd)
         return path
@@ -161,6 +165,7 @@ class Spool(Store):
 
     def submit(self, tasks: Iterable[Task]) -> list[tuple[Task, str, bool]]:
         """Queue tasks atomically; returns (task, state, new) each. An existing id is left alone."""
+        permissions.require_submit(self.home, self.tmp, self.pending)
         results = []
         now = time.time()
         for task in tasks:
@@ -202,6 +207,9 @@ class Spool(Store):
         except FileExistsError:
             os.unlink(tmp)
             return False
+        except BaseException:
+            os.unlink(tmp)  # nothing partial is left behind
+            raise
 
     # --- reading pending entries -----------------------------------------------------------
 
@@ -218,6 +226,8 @@ class Spool(Store):
                 raise Refused("a symbolic link; tasks must be regular files") from None
             if exc.errno == errno.ENXIO:
                 raise Refused("a FIFO or socket; tasks must be regular files") from None
+            if exc.errno == errno.EACCES:
+                raise Refused(_unreadable(path)) from None
             raise Refused(f"cannot be opened: {exc.strerror}") from None
         try:
             info = os.fstat(fd)
@@ -408,7 +418,7 @@ class Spool(Store):
         be locked is dead for good: probes never race a worker that is starting.
         """
         staging = self.workers / f".{worker_id}.lock.new"
-        fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = permissions.open_file(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, permissions.RECORD)
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.write(fd, json.dumps(info).encode())
         os.rename(staging, self.workers / f"{worker_id}.lock")
@@ -506,6 +516,17 @@ def rename_noreplace(source: Path, target: Path) -> None:
     if os.path.lexists(target):
         raise FileExistsError(errno.EEXIST, "File exists", str(target))
     os.rename(source, target)
+
+
+def _unreadable(path: str) -> str:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return "not readable by the workers' user"
+    return (f"not readable by the workers' user (mode {stat.S_IMODE(info.st_mode):04o}, owner "
+            f"{permissions.user_name(info.st_uid)}, group {permissions.group_name(info.st_gid)}); "
+            "make task files group-readable (umask 027, or chmod g+r before copying them in), "
+            "or submit with koubou-submit")
 
 
 def _read_all(fd: int, limit: int) -> bytes:

@@ -8,6 +8,7 @@ from pathlib import Path
 from .. import config as config_module
 from ..config import Config
 from ..errors import SpoolError
+from . import permissions
 
 SYSTEM_HOME = Path("/var/koubou")
 STATE_DIRS = ("pending", "in_progress", "completed", "failed")
@@ -44,24 +45,23 @@ def load_config(home: Path, override: str | os.PathLike | None = None) -> Config
     return config_module.load(config_path(home, override))
 
 
-def init(home: Path) -> list[Path]:
-    """Create the home's directories and a default config; never overwrite. Returns what it made."""
-    made = []
-    wanted = [(home, 0o755), (home / "config", 0o700), (home / "tasks", 0o755),
-              (home / "tasks" / "tmp", 0o755), (home / "db", 0o755), (home / "outputs", 0o755),
-              (home / "run", 0o755), (home / "run" / "workers", 0o755)]
-    wanted += [(home / "tasks" / state, 0o755) for state in STATE_DIRS]
+def init(home: Path, group: str | None = None) -> list[Path]:
+    """Create the home's directories with the modes of §2, shared with `group` (default: an
+    existing home's group, else the owner's primary group), and a default config; never
+    overwrite. Returns what it made; `permissions.repair` fixes what already existed."""
+    permissions.require_owner(home)
+    gid = permissions.home_gid(home, group)
     try:
-        for path, mode in wanted:
-            if not path.is_dir():
-                path.mkdir(mode=mode, parents=True, exist_ok=True)
-                made.append(path)
+        made = permissions.lay_out(home, gid)
         config_file = home / "config" / "koubou.yaml"
         if not config_file.exists():
-            fd = os.open(config_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = permissions.open_file(config_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                                       permissions.PRIVATE)
             with os.fdopen(fd, "w", encoding="utf-8") as out:
                 out.write(config_module.DEFAULT_CONFIG)
             made.append(config_file)
+    except SpoolError:
+        raise
     except OSError as exc:
         raise SpoolError(f"cannot create the home at {home}: {exc.strerror}; choose another with "
                          "--home or KOUBOU_HOME") from None

@@ -11,6 +11,7 @@ and attempts from the outcome files).
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
+from . import permissions
 from .task import parse_iso
 
 log = logging.getLogger(__name__)
@@ -76,12 +78,53 @@ MIGRATIONS: list[tuple[str, str]] = [
 
 def connect(path: Path) -> sqlite3.Connection:
     """A connection in autocommit mode (we issue BEGIN ourselves), WAL, with a busy timeout."""
+    if not os.path.exists(path):
+        _create(path)
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                            check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
         conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def _create(path: Path) -> None:
+    """An empty database file (SQLite takes it as a new database) that is group-readable
+    whatever the umask: SQLite gives the -wal and -shm files it creates the same mode."""
+    try:
+        os.close(permissions.open_file(path, os.O_RDWR | os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        pass
+
+
+def connect_readonly(path: Path) -> sqlite3.Connection:
+    """A connection that cannot write, for readers without write access (PRODUCT.md §2).
+
+    SQLite (3.22+) reads a WAL database read-only when its -wal and -shm files exist and are
+    readable, keeping a private copy of the -shm (https://sqlite.org/wal.html, "Read-Only
+    Databases"). They exist while a writer has the ledger open (a running worker always does).
+    The last writer to close checkpoints and deletes them; a reader who may not create files in
+    db/ then gets SQLITE_READONLY_DIRECTORY, and since no -wal means the database file alone is
+    complete, it is read as `immutable` (no locks, no -shm). A writer that checkpoints during
+    such a read can make it fail: readers treat that like a locked ledger.
+    """
+    uri = Path(path).absolute().as_uri()
+    conn = _open_uri(f"{uri}?mode=ro")
+    try:
+        conn.execute("SELECT 1 FROM sqlite_master LIMIT 1")  # the -wal and -shm open here
+    except sqlite3.OperationalError:
+        conn.close()
+        if os.path.exists(f"{path}-wal"):
+            raise
+        conn = _open_uri(f"{uri}?immutable=1")
+    return conn
+
+
+def _open_uri(uri: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                           check_same_thread=False)
     conn.row_factory = sqlite3.Row
     return conn
 
@@ -128,12 +171,17 @@ def run(path: Path, operation: Callable[..., Any], *args: Any) -> Any:
 
 
 def read(path: Path, query: Callable[..., Any], *args: Any, default: Any = None) -> Any:
-    """A read for status and reports: `default` when the ledger is missing, locked or broken,
-    since reports degrade rather than fail (README: Rebuilding the ledger)."""
-    if not path.exists():
+    """A read for status and reports, on a read-only connection: `default` when the ledger is
+    missing, locked, broken or closed to this user, since reports degrade rather than fail
+    (README: Rebuilding the ledger); the spool still answers for the queues."""
+    if not os.path.exists(path):
         return default
     try:
-        return run(path, query, *args)
+        conn = connect_readonly(path)
+        try:
+            return query(conn, *args)
+        finally:
+            conn.close()
     except sqlite3.Error as exc:
         log.warning("ledger %s unreadable (%s); figures from it are left out", path, exc)
         return default

@@ -22,11 +22,13 @@ from typing import Any
 
 from ...config import Craftsman
 from ...errors import ConfigError
+from ...spool import permissions
 from . import BackendError, Reply, Request, usage
 
 STDERR_TAIL = 2000
 _libc = ctypes.CDLL(None, use_errno=True)
 _PR_SET_PDEATHSIG = 1
+AGENT_UMASK = 0o027  # what an agent writes in outputs/<id>/: group-readable, never others'
 # What claude -p's JSON says about the run besides the answer, kept in the result: the session
 # to resume (`claude -r`), how many turns it took, how it ended.
 CLAUDE_DETAILS = ("session_id", "num_turns", "duration_ms", "subtype")
@@ -69,13 +71,15 @@ class CommandBackend:
         argv, stdin = self._argv(request)
         workdir = Path(request.workdir) if request.workdir else None
         if workdir is not None:
-            workdir.mkdir(parents=True, exist_ok=True)
+            permissions.make_dir(workdir, permissions.OWNER_DIR, parents=True)
         try:
+            # The agent's files in outputs/ are the group's to read and nobody else's, whatever
+            # the worker's umask: the child gets its own (set after fork, not process-wide).
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, cwd=workdir, start_new_session=True,
                 env={**os.environ, **request.env} if request.env else None,
-                preexec_fn=_die_with_parent)
+                preexec_fn=_die_with_parent, umask=AGENT_UMASK)
         except OSError as exc:
             raise BackendError(f"cannot run {argv[0]}: {exc.strerror}") from None
         try:
