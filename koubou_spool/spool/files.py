@@ -36,6 +36,7 @@ CLAIM_RE = re.compile(r"(?P<name>.+)@(?P<worker>[A-Za-z0-9-]+)(?:\+(?P<seq>[0-9]
                       r"(?P<fin>\.fin)?")
 _claim_seq = itertools.count(1)
 SIDECAR = ".error.json"
+NAME_MAX = 255  # bytes in one file name on ext4, xfs, btrfs and tmpfs
 
 
 class Refused(Exception):
@@ -125,7 +126,8 @@ class Spool:
         os.fsync(fd)
 
     def _write_tmp(self, label: str, data: bytes) -> str:
-        path = f"{self.tmp}/.{label}.{os.getpid()}.{os.urandom(4).hex()}"
+        # The label only helps a person reading tmp/: cut, so a long name still fits NAME_MAX.
+        path = f"{self.tmp}/.{label[:100]}.{os.getpid()}.{os.urandom(4).hex()}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             _write_all(fd, data)
@@ -229,7 +231,9 @@ class Spool:
     # --- claim and outcome -----------------------------------------------------------------
 
     def claim(self, name: str, worker_id: str) -> Claim | None:
-        """Take pending/<name> by renaming it into in_progress/; None if another worker won."""
+        """Take pending/<name> by renaming it into in_progress/; None if another worker won.
+
+        OSError when the rename cannot be made (a name too long for the claim's suffix)."""
         claim = Claim(name, worker_id, time.time())
         try:
             os.rename(f"{self.pending}/{name}", f"{self.in_progress}/{claim.file_name}")
@@ -289,9 +293,7 @@ class Spool:
         Returns the name it got in failed/, or None when another process moved it first.
         """
         name = CLAIM_RE.fullmatch(entry)["name"] if directory == self.in_progress else entry
-        target = name
-        if os.path.lexists(self.failed / target) or os.path.lexists(self.completed / target):
-            target = f"{name}.{task_format.new_id()}"
+        target = self._failed_name(name)
         try:
             os.rename(directory / entry, self.failed / target)
         except FileNotFoundError:
@@ -299,11 +301,22 @@ class Spool:
         except OSError as exc:
             log.error("cannot move %s to failed/: %s", directory / entry, exc.strerror)
             return None
-        sidecar = {"file": target, "original_name": name, "status": "failed",
-                   "error": {"kind": "invalid", "message": reason, "attempts": 0,
+        sidecar = {"file": printable(target), "original_name": printable(name),
+                   "status": "failed",
+                   "error": {"kind": "invalid", "message": printable(reason), "attempts": 0,
                              "at": task_format.iso(time.time())}}
         self.write_atomic(self.failed, target + SIDECAR, task_format.encode(sidecar))
         return target
+
+    def _failed_name(self, name: str) -> str:
+        """The name rejected input gets in failed/: its own, unless that is taken or leaves no
+        room for the sidecar's suffix within NAME_MAX."""
+        fits = len(os.fsencode(name)) + len(SIDECAR) <= NAME_MAX
+        if fits and not os.path.lexists(self.failed / name) and not os.path.lexists(
+                self.completed / name):
+            return name
+        room = NAME_MAX - len(SIDECAR) - 27  # "." and a new id
+        return f"{os.fsdecode(os.fsencode(name)[:room])}.{task_format.new_id()}"
 
     # --- lookups ---------------------------------------------------------------------------
 
@@ -435,6 +448,15 @@ class Spool:
         finally:
             os.close(fd)
         return "dead"
+
+
+def printable(text: str) -> str:
+    """Text safe to write as UTF-8: undecodable bytes of a file name (surrogate escapes)
+    become U+FFFD."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

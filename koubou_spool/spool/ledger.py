@@ -305,7 +305,7 @@ class LedgerWriter:
             log.debug("ledger write deferred: %s", exc)
             self._rollback()
             return False
-        except sqlite3.Error as exc:
+        except Exception as exc:  # a bad record (or a broken file) must not stop the thread
             log.error("ledger write failed, %d records dropped: %s", len(batch), exc)
             self._rollback()
             for _, future in batch:

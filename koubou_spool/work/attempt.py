@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 
 from ..config import Config, Craftsman
-from ..craft.attach import read_attachments
 from ..craft.backends import Backend, BackendError, Reply, Request
 from ..craft.pricing import cost_of
 from ..craft.spending import BudgetExhausted, Spending
@@ -48,7 +47,22 @@ class Attempts:
         self.home = str(intake.spool.home)
 
     async def run(self, claim: Claim, craftsman_name: str) -> None:
-        """One attempt at a claimed task, to its outcome or its requeue."""
+        """One attempt at a claimed task, to its outcome or its requeue.
+
+        An error no path below foresaw must not leave the claim held by a live worker, where
+        nothing would ever recover it: the claimed file goes to failed/ with the error."""
+        try:
+            await self._run(claim, craftsman_name)
+        except Exception as exc:
+            log.exception("attempt at %s failed unexpectedly", claim.name)
+            self.give_up(claim, f"the worker could not run this task: {exc}")
+
+    def give_up(self, claim: Claim, reason: str) -> None:
+        """Move a claim nothing else can be done with to failed/, with the reason."""
+        self.publisher.let_go(claim)
+        self.intake.reject_safely(self.intake.spool.in_progress, claim.file_name, reason)
+
+    async def _run(self, claim: Claim, craftsman_name: str) -> None:
         attempt = await self._begin(claim, craftsman_name)
         if attempt is None:
             return
@@ -84,7 +98,7 @@ class Attempts:
         attachments = []
         if decision is None:  # judged again: the file, its attachments or the budget changed
             try:
-                attachments = read_attachments(task.files, self.config.attach)
+                attachments = self.intake.attachments(task)
                 decision = self.intake.route(task, attachments)
             except InvalidTask as exc:
                 await self.publisher.fail(claim, task, "invalid", str(exc), task.attempts + 1)
@@ -177,6 +191,13 @@ class Attempts:
     def unroutable(self, claim: Claim) -> None:
         """A claimed task that routes nowhere: fail it with the reason, or requeue it when
         things changed since it was queued."""
+        try:
+            self._unroutable(claim)
+        except Exception as exc:  # as in run: never a claim left behind
+            log.exception("could not settle unroutable %s", claim.name)
+            self.give_up(claim, f"the worker could not route this task: {exc}")
+
+    def _unroutable(self, claim: Claim) -> None:
         task = self.intake.read_claimed(claim)
         if task is None:
             return

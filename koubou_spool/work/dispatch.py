@@ -18,6 +18,7 @@ from ..spool.watcher import ReadyQueue
 from .intake import FAIL_NOW
 
 Start = Callable[[Claim, str], Coroutine[Any, Any, None]]
+ClaimFailed = Callable[[str, OSError], None]
 
 
 class Dispatch:
@@ -25,7 +26,8 @@ class Dispatch:
 
     def __init__(self, spool: Spool, worker_id: str, ready: ReadyQueue, slots: Slots,
                  serves: list[str], concurrency: int, start: Start,
-                 unroutable: Callable[[Claim], None], after_attempt: Callable[[], None]) -> None:
+                 unroutable: Callable[[Claim], None], after_attempt: Callable[[], None],
+                 claim_failed: ClaimFailed) -> None:
         self.spool = spool
         self.worker_id = worker_id
         self.ready = ready
@@ -35,6 +37,7 @@ class Dispatch:
         self.start = start
         self.unroutable = unroutable
         self.after_attempt = after_attempt
+        self.claim_failed = claim_failed
         self.in_flight: dict[str, asyncio.Task] = {}  # claim file -> its attempt
         self.slot_of: dict[str, tuple[str, int]] = {}  # claim file -> (craftsman, slot)
         self.starved = False  # tasks wait for a slot another process holds
@@ -70,10 +73,16 @@ class Dispatch:
 
     def _claim_next(self, craftsman: str, slot: int | None) -> None:
         name = self.ready.pop(craftsman)
-        claim = self.spool.claim(name, self.worker_id)
-        if claim is None:  # another worker was first
+        failure = None
+        try:
+            claim = self.spool.claim(name, self.worker_id)
+        except OSError as exc:  # the slot goes back; intake decides what becomes of the file
+            claim, failure = None, exc
+        if claim is None:  # another worker was first, or the rename failed
             if slot is not None:
                 self.slots.release(craftsman, slot)
+            if failure is not None:
+                self.claim_failed(name, failure)
             return
         if craftsman == FAIL_NOW:
             self.unroutable(claim)

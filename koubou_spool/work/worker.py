@@ -65,7 +65,8 @@ class Worker:
         self.slots = Slots(home / "run" / "slots", [config.craftsmen[n] for n in self.serves])
         self.intake = Intake(self.spool, config, self.serves, self.budget, self.ledger, self.wake)
         self.dispatch = Dispatch(self.spool, self.id, self.intake.ready, self.slots, self.serves,
-                                 concurrency, self._start, self._unroutable, self.wake)
+                                 concurrency, self._start, self._unroutable, self.wake,
+                                 self.intake.claim_failed)
         self.publisher = Publisher(self.spool, self.ledger, config.hooks, self.dispatch.let_go)
         self.attempts = Attempts(config, self.id, self.intake, self.publisher,
                                  Spending(self.budget, home), self.ledger, self.backends,
