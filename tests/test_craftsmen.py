@@ -180,6 +180,22 @@ def test_budget_exhausted_with_fail_fails_cloud_tasks_as_budget(
     assert error["kind"] == "budget" and cloud.completions() == []
 
 
+def test_an_exhausted_budget_is_the_homes_when_workers_are_split_per_craftsman(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI, workers: Workers,
+        cloud_key: str) -> None:
+    # The README's systemd layout: koubou-worker@cloud and koubou-worker@local. The cloud
+    # worker finds the budget spent; the local worker must see that too, or the task that
+    # routes to the cloud is left in pending/ by both.
+    configure(home, fake_openai, cloud, budget={"daily_usd": 0.0001, "when_exhausted": "local"})
+    workers.start(home, "--craftsman", "cloud")
+    workers.start(home, "--craftsman", "local")
+    task_id = submit(spool, content="design the architecture")  # high: routes to the cloud
+    outcome = wait_outcomes(spool, [task_id], timeout=20)[task_id]
+    assert outcome["result"]["craftsman"] == "local" and cloud.completions() == []
+    later = submit(spool, content="design the architecture")  # judged with the mark up
+    assert wait_outcomes(spool, [later], timeout=20)[later]["result"]["craftsman"] == "local"
+
+
 def test_a_missing_api_key_fails_that_craftsmans_tasks_not_the_worker(
         home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI,
         workers: Workers) -> None:

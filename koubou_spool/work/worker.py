@@ -212,7 +212,7 @@ class Worker:
                               self.publisher.failed, now)
         self._recover()
         loop = asyncio.get_running_loop()
-        if self.budget.exhausted():
+        if self.budget.settings.enabled:  # the mark is the home's: another may have lifted it
             loop.run_in_executor(None, self.budget.recheck).add_done_callback(
                 self._budget_rechecked)
         loop.call_later(self.settings.heartbeat_s, self._heartbeat)
