@@ -16,6 +16,7 @@ import yaml
 
 from conftest import Workers, log_of, submit, wait_outcomes
 from fake_openai import FakeOpenAI
+from koubou_spool.spool import ledger
 from koubou_spool.spool import task as task_format
 from koubou_spool.spool.files import Spool
 
@@ -287,7 +288,6 @@ def test_max_concurrent_holds_across_worker_processes(
 
 
 def test_the_rate_window_is_shared_through_the_ledger(tmp_path: Path) -> None:
-    from koubou_spool.spool import ledger
     conn = ledger.open_ledger(tmp_path / "koubou.db")
     kwargs = {"attempt": 1, "craftsman": "cloud", "amount": 0.0, "day": "d", "month": "m",
               "daily_limit": None, "monthly_limit": None, "max_rpm": 2, "max_tpm": 1000,
@@ -298,6 +298,20 @@ def test_the_rate_window_is_shared_through_the_ledger(tmp_path: Path) -> None:
     assert ledger.reserve(conn, task_id="c", now=1061.0, **kwargs)[0] == "ok"
     big = dict(kwargs, tokens=900, max_rpm=None)
     assert ledger.reserve(conn, task_id="d", now=1062.0, **big)[0] == "rate"  # tpm
+
+
+@pytest.mark.parametrize("write", [
+    lambda conn: ledger.settle(conn, 1, 0.5),
+    lambda conn: ledger.record_alert(conn, "2026-12", 50, 1.0, 2.0, 0.0),
+    lambda conn: ledger.settle_lost(conn, "task")], ids=["settle", "record_alert", "settle_lost"])
+def test_a_failed_budget_write_rolls_back_and_the_connection_stays_usable(
+        tmp_path: Path, write: object) -> None:
+    conn = ledger.connect(tmp_path / "koubou.db")  # no tables yet: the write fails mid-way
+    with pytest.raises(sqlite3.OperationalError):
+        write(conn)
+    assert not conn.in_transaction
+    ledger.migrate(conn)  # the same connection writes again
+    write(conn)
 
 
 @pytest.mark.parametrize("limit", [{"max_rpm": 1}, {"max_tpm": 80}])
@@ -330,3 +344,91 @@ def test_a_cli_agent_under_a_budget_reserves_max_cost_and_settles_its_own_cost(
     assert wait_outcomes(spool, [first])[first]["result"]["cost_usd"] == 0.0123
     second = submit(spool, content="two", craftsman="claude")  # 0.0123 + 0.015 > 0.02
     assert wait_outcomes(spool, [second])[second]["error"]["kind"] == "budget"
+
+
+def assert_no_claims(spool: Spool, timeout: float = 5) -> None:
+    """in_progress/ empties: a publish unlinks its finishing claim just after the outcome."""
+    deadline = time.monotonic() + timeout
+    while os.listdir(spool.in_progress):
+        assert time.monotonic() < deadline, f"claims left: {os.listdir(spool.in_progress)}"
+        threading.Event().wait(0.05)
+
+
+class LedgerHolder:
+    """Another process's connection holding the ledger's write lock (BEGIN EXCLUSIVE)."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(path, timeout=10, isolation_level=None)
+        self.conn.execute("BEGIN EXCLUSIVE")
+
+    def release(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+        self.conn.close()
+
+
+@pytest.mark.parametrize("when_exhausted, craftsman, kind", [("local", "local", None),
+                                                             ("fail", None, "budget")])
+def test_a_locked_ledger_makes_no_cloud_call_and_leaves_no_claim_stuck(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI, workers: Workers,
+        cloud_key: str, when_exhausted: str, craftsman: str | None, kind: str | None) -> None:
+    configure(home, fake_openai, cloud, budget={"daily_usd": 1,
+                                                 "when_exhausted": when_exhausted})
+    workers.start(home)
+    warm = submit(spool, craftsman="echo")
+    wait_outcomes(spool, [warm])
+    holder = LedgerHolder(home / "db" / "koubou.db")
+    try:
+        task_id = submit(spool, content="design the architecture")  # routes to the cloud
+        outcome = wait_outcomes(spool, [task_id], timeout=20)[task_id]
+    finally:
+        holder.release()
+    assert cloud.completions() == []  # the budget could not vouch for it
+    if craftsman:
+        assert outcome["result"]["craftsman"] == craftsman
+    else:
+        assert outcome["error"]["kind"] == kind and "ledger" in outcome["error"]["message"]
+    assert_no_claims(spool)
+
+
+def test_a_settle_that_fails_keeps_the_paid_answer_and_settles_later(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI, workers: Workers,
+        cloud_key: str) -> None:
+    configure(home, fake_openai, cloud, budget={"daily_usd": 1})
+    proc = workers.start(home)
+    warm = submit(spool, craftsman="echo")
+    wait_outcomes(spool, [warm])
+    cloud.latency_s = 1.0
+    task_id = submit(spool, content="design the architecture")
+    assert cloud.request_seen.wait(10)
+    holder = LedgerHolder(home / "db" / "koubou.db")  # locked when the answer comes back
+    try:
+        outcome = wait_outcomes(spool, [task_id], timeout=20)[task_id]
+    finally:
+        holder.release()
+    assert outcome["status"] == "completed" and outcome["result"]["craftsman"] == "cloud"
+    cost = outcome["result"]["cost_usd"]
+    assert cost > 0 and len(cloud.completions()) == 1
+    conn = sqlite3.connect(home / "db" / "koubou.db", timeout=10)
+    deadline = time.monotonic() + 20
+    while conn.execute("SELECT settled, cost_usd FROM reservations WHERE task_id = ?",
+                       (task_id,)).fetchone() != (1, pytest.approx(cost)):
+        assert time.monotonic() < deadline, "the settle did not follow"
+        threading.Event().wait(0.2)
+    assert proc.poll() is None and "Traceback" not in log_of(proc)
+
+
+def test_a_corrupt_ledger_makes_no_cloud_call_and_local_work_goes_on(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI, workers: Workers,
+        cloud_key: str) -> None:
+    configure(home, fake_openai, cloud, budget={"daily_usd": 1, "when_exhausted": "fail"})
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{home}/db/koubou.db{suffix}").unlink(missing_ok=True)
+    (home / "db" / "koubou.db").write_bytes(b"this is not a database" * 1000)
+    workers.start(home)
+    cloud_task = submit(spool, content="design the architecture")
+    local_task = submit(spool, content="hello")
+    outcomes = wait_outcomes(spool, [cloud_task, local_task], timeout=20)
+    assert outcomes[cloud_task]["error"]["kind"] == "budget" and cloud.completions() == []
+    assert outcomes[local_task]["result"]["craftsman"] == "local"
+    assert_no_claims(spool)

@@ -134,24 +134,36 @@ class Budget:
 
     def needed(self, craftsman: Craftsman) -> bool:
         """Whether calls to this craftsman go through the ledger (cloud with a budget, or rates)."""
-        return (self.settings.enabled and not craftsman.local) or bool(
-            craftsman.max_rpm or craftsman.max_tpm)
+        return self.budgets(craftsman) or bool(craftsman.max_rpm or craftsman.max_tpm)
 
     def reserve(self, task_id: str, attempt: int, craftsman: Craftsman, amount: float,
                 tokens: int) -> tuple[str, float]:
-        """ledger.reserve with this home's limits; local craftsmen reserve nothing."""
+        """ledger.reserve with this home's limits; local craftsmen reserve nothing.
+
+        sqlite3.Error when the ledger is locked or broken: then a budgeted call cannot be
+        vouched for, and the home is marked exhausted (routing sends cloud tasks where
+        when_exhausted says) until a recheck finds the ledger readable and room in it."""
         now = time.time()
         day, month = self.settings.periods(now)
         budgeted = not craftsman.local
-        result = ledger.reserve(
-            self._conn(), task_id=task_id, attempt=attempt, craftsman=craftsman.name,
-            amount=amount if budgeted else 0.0, day=day, month=month,
-            daily_limit=self.settings.daily_usd if budgeted else None,
-            monthly_limit=self.settings.monthly_usd if budgeted else None,
-            max_rpm=craftsman.max_rpm, max_tpm=craftsman.max_tpm, tokens=tokens, now=now)
+        try:
+            result = ledger.reserve(
+                self._conn(), task_id=task_id, attempt=attempt, craftsman=craftsman.name,
+                amount=amount if budgeted else 0.0, day=day, month=month,
+                daily_limit=self.settings.daily_usd if budgeted else None,
+                monthly_limit=self.settings.monthly_usd if budgeted else None,
+                max_rpm=craftsman.max_rpm, max_tpm=craftsman.max_tpm, tokens=tokens, now=now)
+        except sqlite3.Error:
+            if self.budgets(craftsman):
+                self.mark.set(self._period_end(now), amount)
+            raise
         if result[0] == "budget":
             self.mark.set(self._period_end(now), amount)
         return result
+
+    def budgets(self, craftsman: Craftsman) -> bool:
+        """Whether this craftsman's calls count against the budget."""
+        return self.settings.enabled and not craftsman.local
 
     def settle(self, reservation_id: int, cost: float | None) -> list[tuple[str, int, float, float]]:
         """Record the real cost; returns the alerts (period, percent, spent, limit) now due."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -25,12 +26,16 @@ class BudgetExhausted(KoubouError):
     """A cloud call's worst case does not fit what the budget has left."""
 
 
+SETTLE_RETRY_S = (1.0, 60.0)  # the first and the longest wait between tries of a late settle
+
+
 class Spending:
     """Reservations and alerts for one worker."""
 
     def __init__(self, budget: Budget, home: Path) -> None:
         self.budget = budget
         self.home = home
+        self._late: set[asyncio.Task] = set()  # settles waiting for the ledger
 
     async def reserve(self, craftsman: Craftsman, task_id: str, attempt: int,
                       request: Request) -> int | None:
@@ -42,9 +47,12 @@ class Spending:
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + request.timeout_s
         while True:
-            verdict, value = await loop.run_in_executor(
-                None, self.budget.reserve, task_id, attempt, craftsman, amount,
-                tokens + request.max_tokens)
+            try:
+                verdict, value = await loop.run_in_executor(
+                    None, self.budget.reserve, task_id, attempt, craftsman, amount,
+                    tokens + request.max_tokens)
+            except sqlite3.Error as exc:
+                return self._unvouched(craftsman, exc)
             if verdict == "ok":
                 return int(value)
             if verdict == "budget":
@@ -54,6 +62,17 @@ class Spending:
                 raise BackendError(f"{craftsman.name} is at its max_rpm/max_tpm for longer than "
                                    "the attempt's timeout", kind="timeout", retryable=True)
             await asyncio.sleep(value)  # a timer until the rate window has room, not a poll
+
+    def _unvouched(self, craftsman: Craftsman, error: sqlite3.Error) -> None:
+        """No reservation could be made: a budgeted call is not made (BudgetExhausted, and
+        when_exhausted decides); a call that only has a rate window goes on without it, since
+        a locked ledger never stops work that spends nothing (PRODUCT.md §4.5)."""
+        if self.budget.budgets(craftsman):
+            raise BudgetExhausted(f"the ledger is unavailable ({error}), so the budget cannot "
+                                  f"vouch for a call to {craftsman.name}")
+        log.warning("ledger unavailable (%s); %s's max_rpm/max_tpm not kept for this call",
+                    error, craftsman.name)
+        return None
 
     def _worst_case(self, craftsman: Craftsman, request: Request, tokens: int) -> float:
         """What a call may cost at most: max_cost_usd when set (CLI agents), else by tokens."""
@@ -69,10 +88,42 @@ class Spending:
         return 0.0
 
     async def settle(self, reservation: int, cost: float | None) -> None:
-        """Replace a reservation by the real cost (None: unknown, the reservation stands)."""
+        """Replace a reservation by the real cost (None: unknown, the reservation stands).
+
+        Never raises for the ledger: a call already made (and paid) must publish its answer.
+        A settle the ledger refuses is tried again in the background; meanwhile the whole
+        reservation counts, which errs on the side of the budget. Shielded: a cancel landing
+        now does not stop the settle."""
         loop = asyncio.get_running_loop()
-        for period, percent, spent, limit in await loop.run_in_executor(
-                None, self.budget.settle, reservation, cost):
+        try:
+            alerts = await asyncio.shield(loop.run_in_executor(
+                None, self.budget.settle, reservation, cost))
+        except sqlite3.Error as exc:
+            log.warning("could not settle reservation %d (%s); trying again in the background",
+                        reservation, exc)
+            late = loop.create_task(self._settle_later(reservation, cost))
+            self._late.add(late)
+            late.add_done_callback(self._late.discard)
+            return
+        self._alerts(alerts)
+
+    async def _settle_later(self, reservation: int, cost: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        wait, longest = SETTLE_RETRY_S
+        while True:
+            await asyncio.sleep(wait)  # a timer with backoff, while the ledger is unavailable
+            try:
+                alerts = await loop.run_in_executor(None, self.budget.settle, reservation, cost)
+            except sqlite3.Error as exc:
+                log.debug("settle of reservation %d deferred again: %s", reservation, exc)
+                wait = min(wait * 2, longest)
+                continue
+            log.info("reservation %d settled", reservation)
+            self._alerts(alerts)
+            return
+
+    def _alerts(self, alerts: list[tuple[str, int, float, float]]) -> None:
+        for period, percent, spent, limit in alerts:
             log.warning("budget alert: %s spend $%.4f is %d%% of $%.2f", period, spent,
                         percent, limit)
             self._alert(period, percent, spent, limit)

@@ -12,7 +12,9 @@ import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable
@@ -66,10 +68,14 @@ def connect(path: Path) -> sqlite3.Connection:
     """A connection in autocommit mode (we issue BEGIN ourselves), WAL, with a busy timeout."""
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                            check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-        conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+    except BaseException:
+        conn.close()  # not a database (corrupt), or locked while switching to WAL
+        raise
     conn.row_factory = sqlite3.Row
     return conn
 
@@ -102,7 +108,11 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
 def open_ledger(path: Path) -> sqlite3.Connection:
     """A migrated connection."""
     conn = connect(path)
-    migrate(conn)
+    try:
+        migrate(conn)
+    except BaseException:
+        conn.close()  # a locked or broken ledger: callers try again later, without a leak
+        raise
     return conn
 
 
@@ -125,6 +135,27 @@ def read(path: Path, query: Callable[..., Any], *args: Any, default: Any = None)
     except sqlite3.Error as exc:
         log.warning("ledger %s unreadable (%s); figures from it are left out", path, exc)
         return default
+
+
+@contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction; rolled back on any error, so the connection stays usable (a
+    connection left inside a failed transaction refuses every later BEGIN)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback_quietly(conn)
+        raise
+
+
+def _rollback_quietly(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:  # the error being raised matters more than this one
+            log.debug("rollback failed: %s", exc)
 
 
 # --- rows --------------------------------------------------------------------------------------
@@ -370,27 +401,20 @@ def reserve(conn: sqlite3.Connection, *, task_id: str, attempt: int, craftsman: 
     Returns ("ok", reservation id), ("budget", 0) when it does not fit what is left, or
     ("rate", seconds to wait) when the craftsman's per-minute window is full.
     """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         wait = _rate_wait(conn, craftsman, max_rpm, max_tpm, tokens, now)
         if wait > 0:
-            conn.execute("ROLLBACK")
             return "rate", wait
         day_spent, month_spent = spent(conn, day, month)
         if (daily_limit is not None and day_spent + amount > daily_limit) or (
                 monthly_limit is not None and month_spent + amount > monthly_limit):
-            conn.execute("ROLLBACK")
             return "budget", 0.0
         cursor = conn.execute(
             "INSERT INTO reservations (task_id, attempt, craftsman, day, month, reserved_usd, at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)", (task_id, attempt, craftsman, day, month, amount, now))
         conn.execute("INSERT INTO requests VALUES (?, ?, ?)", (craftsman, now, tokens))
         conn.execute("DELETE FROM requests WHERE at < ?", (now - 120,))
-        conn.execute("COMMIT")
         return "ok", float(cursor.lastrowid)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def _rate_wait(conn: sqlite3.Connection, craftsman: str, max_rpm: int | None,
@@ -408,27 +432,24 @@ def _rate_wait(conn: sqlite3.Connection, craftsman: str, max_rpm: int | None,
 
 def settle(conn: sqlite3.Connection, reservation_id: int, cost: float | None) -> None:
     """Replace a reservation by the real cost (unknown cost: the reservation stands)."""
-    conn.execute("BEGIN IMMEDIATE")
-    conn.execute("UPDATE reservations SET settled = 1, cost_usd = COALESCE(?, reserved_usd)"
-                 " WHERE id = ?", (cost, reservation_id))
-    conn.execute("COMMIT")
+    with _immediate(conn):
+        conn.execute("UPDATE reservations SET settled = 1, cost_usd = COALESCE(?, reserved_usd)"
+                     " WHERE id = ?", (cost, reservation_id))
 
 
 def settle_lost(conn: sqlite3.Connection, task_id: str) -> None:
     """A task's worker died mid-call: its reservations count in full (the call may have run)."""
-    conn.execute("BEGIN IMMEDIATE")
-    conn.execute("UPDATE reservations SET settled = 1, cost_usd = reserved_usd"
-                 " WHERE task_id = ? AND settled = 0", (task_id,))
-    conn.execute("COMMIT")
+    with _immediate(conn):
+        conn.execute("UPDATE reservations SET settled = 1, cost_usd = reserved_usd"
+                     " WHERE task_id = ? AND settled = 0", (task_id,))
 
 
 def record_alert(conn: sqlite3.Connection, period: str, threshold: int, spent_usd: float,
                  limit_usd: float, at: float) -> bool:
     """Note that a threshold alerted in a period; False when it already had."""
-    conn.execute("BEGIN IMMEDIATE")
-    cursor = conn.execute("INSERT OR IGNORE INTO budget_alerts VALUES (?, ?, ?, ?, ?)",
-                          (period, threshold, spent_usd, limit_usd, at))
-    conn.execute("COMMIT")
+    with _immediate(conn):
+        cursor = conn.execute("INSERT OR IGNORE INTO budget_alerts VALUES (?, ?, ?, ?, ?)",
+                              (period, threshold, spent_usd, limit_usd, at))
     return cursor.rowcount == 1
 
 
@@ -517,10 +538,28 @@ def purge(conn: sqlite3.Connection, task_ids: list[str], reject_files: list[str]
     return deleted
 
 
-def vacuum(conn: sqlite3.Connection) -> None:
-    """Rewrite the database compactly, then truncate the WAL (outside any transaction)."""
-    conn.execute("VACUUM")
+def vacuum(conn: sqlite3.Connection, max_s: float) -> bool:
+    """Rewrite the database compactly, then truncate the WAL; False when it was given up.
+
+    VACUUM holds the write lock from start to end, and every worker's write waits for it:
+    one that would run past `max_s` (keep it under BUSY_TIMEOUT_MS) is interrupted and rolled
+    back, so no writer's busy timeout runs out behind it. The checkpoint copies pages without
+    blocking anyone first, and truncates with a short busy timeout of its own.
+    """
+    deadline = time.monotonic() + max_s
+    conn.set_progress_handler(lambda: time.monotonic() > deadline, 1000)
+    try:
+        conn.execute("VACUUM")
+    except sqlite3.OperationalError as exc:
+        if "interrupt" not in str(exc):
+            raise
+        return False
+    finally:
+        conn.set_progress_handler(None, 0)
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    conn.execute(f"PRAGMA busy_timeout = {int(min(max_s * 1000, BUSY_TIMEOUT_MS))}")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return True
 
 
 def integrity_problems(conn: sqlite3.Connection) -> list[str]:
