@@ -121,8 +121,11 @@ class Spool:
         if not self.fsync:
             return
         fd = self._dir_fds.get(path)
-        if fd is None:
-            fd = self._dir_fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        if fd is None:  # recovery runs in a thread: keep one descriptor whoever opened first
+            opened = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = self._dir_fds.setdefault(path, opened)
+            if fd != opened:
+                os.close(opened)
         os.fsync(fd)
 
     def _write_tmp(self, label: str, data: bytes) -> str:
@@ -172,11 +175,7 @@ class Spool:
         claimed = name + "@"
         if any(entry.startswith(claimed) for entry in os.listdir(self.in_progress)):
             return "in_progress"
-        for state, directory in (("completed", self.completed), ("failed", self.failed)):
-            if os.path.lexists(f"{directory}/{name}") and not os.path.lexists(
-                    f"{directory}/{name}{SIDECAR}"):
-                return state
-        return None
+        return self.outcome_state(task_id)
 
     def _link_pending(self, task: Task, now: float) -> bool:
         raw = dict(task.raw)
@@ -364,6 +363,16 @@ class Spool:
                     continue
                 if isinstance(obj, dict) and task_id in (obj.get("id"), obj.get("custom_id")):
                     return Found(state, directory / entry)
+        return None
+
+    def outcome_state(self, task_id: str) -> str | None:
+        """'completed' or 'failed' when the task has an outcome file, else None. No read: a
+        rejected input that happens to bear the name (it has a sidecar) is no outcome."""
+        name = f"{task_id}.json"
+        for state, directory in (("completed", self.completed), ("failed", self.failed)):
+            if os.path.lexists(f"{directory}/{name}") and not os.path.lexists(
+                    f"{directory}/{name}{SIDECAR}"):
+                return state
         return None
 
     def outcome(self, task_id: str) -> dict[str, Any] | None:
