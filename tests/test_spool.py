@@ -74,6 +74,45 @@ def test_a_revoked_claim_cannot_publish(spool: Spool) -> None:
     assert os.listdir(spool.tmp) == []
 
 
+def test_a_requeue_racing_a_cancel_never_brings_the_task_back(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from koubou_spool.service import control
+    task_id = submit(spool, content="x")
+    claim = spool.claim(f"{task_id}.json", "w-1-aaaa")
+    write_tmp = spool._write_tmp
+    cancels = []
+
+    def cancel_meanwhile(label: str, data: bytes) -> str:  # `koubou cancel` lands mid-requeue
+        if not cancels:
+            cancels.append(label)
+            try:
+                control.cancel(spool, spool.home / "db" / "koubou.db", task_id)
+            except control.NotCancelled:
+                pass  # the requeue had fenced the claim first
+        return write_tmp(label, data)
+
+    monkeypatch.setattr(spool, "_write_tmp", cancel_meanwhile)
+    spool.requeue(claim.file_name, attempts=1)
+    monkeypatch.undo()
+    places = [d for d in ("pending", "failed") if os.listdir(spool.state_dir(d))]
+    assert len(places) == 1, f"the task is in {places}"
+    assert os.listdir(spool.in_progress) == []
+
+
+def test_a_second_outcome_for_an_id_is_refused_not_written_over_the_first(spool: Spool) -> None:
+    tasks = [task_format.validate({"id": "t1", "content": n}) for n in ("one", "two")]
+    for name, task in zip(("a.json", "b.json"), tasks):
+        (spool.pending / name).write_bytes(task_format.encode(task.raw))
+    claims = [spool.claim(name, "w-1-aaaa") for name in ("a.json", "b.json")]
+    records = [task_format.completed_record(t, {"content": t.content}) for t in tasks]
+    assert spool.publish(claims[0], "t1", records[0])
+    assert not spool.publish(claims[1], "t1", records[1])
+    assert read_json(spool.completed / "t1.json")["result"] == {"content": "one"}
+    assert (spool.failed / "b.json").exists() and os.listdir(spool.in_progress) == []
+    reason = read_json(spool.failed / "b.json.error.json")["error"]["message"]
+    assert "an outcome for id t1 already exists" in reason
+
+
 def test_publish_moves_the_claim_to_its_outcome(spool: Spool) -> None:
     task = task_format.validate({"id": "t1", "content": "x"})
     spool.submit([task])

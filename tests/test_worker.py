@@ -20,6 +20,7 @@ from conftest import (Workers, log_of, read_json, submit, wait_file, wait_outcom
 from fake_openai import FakeOpenAI
 from koubou_spool.spool import task as task_format
 from koubou_spool.spool.files import Spool
+from koubou_spool.spool.watcher import wait_for_files
 
 
 def test_a_task_reaches_the_craftsman_and_its_outcome_is_recorded(
@@ -481,3 +482,29 @@ def test_a_queued_file_rewritten_before_its_claim_runs_with_its_new_content(
         json.dumps({"id": second, "content": "new text"}))  # rewritten in place
     wait_outcomes(spool, [first, second])
     assert fake_openai.completions()[-1]["messages"][-1]["content"] == "new text"
+
+
+def test_two_files_with_one_id_run_once_and_the_duplicate_is_refused(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers,
+        tmp_path: Path) -> None:
+    fake_openai.latency_s = 0.5  # both are claimed and running at once
+    workers.start(home)
+    wait_ready(spool)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    for name in ("first.json", "second.json"):
+        (stage / name).write_text(json.dumps({"id": "dup", "content": name}))
+    for name in ("first.json", "second.json"):
+        os.rename(stage / name, spool.pending / name)
+    outcome = wait_outcomes(spool, ["dup"])["dup"]
+    refused = wait_for_files([spool.failed], {"first.json.error.json",
+                                              "second.json.error.json"}, 10)
+    assert len(refused) == 1, "the second outcome was written over the first"
+    reason = read_json(spool.failed / refused.pop())["error"]["message"]
+    assert "an outcome for id dup already exists" in reason
+    (stage / "third.json").write_text(json.dumps({"id": "dup", "content": "third.json"}))
+    os.rename(stage / "third.json", spool.pending / "third.json")  # after it finished
+    wait_file(spool.failed, "third.json.error.json")
+    assert read_json(spool.completed / "dup.json") == outcome
+    sent = [b["messages"][-1]["content"] for b in fake_openai.completions()]
+    assert "third.json" not in sent  # refused when judged: no call made

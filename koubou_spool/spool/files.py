@@ -247,7 +247,9 @@ class Spool:
         return self.read_entry(self.in_progress, claim.file_name)
 
     def publish(self, claim: Claim, task_id: str, record: dict[str, Any]) -> bool:
-        """Publish an outcome for a claim; False (and nothing written) when the claim was revoked."""
+        """Publish an outcome for a claim; False (and nothing written) when the claim was revoked,
+        or when another task of the same id has its outcome already: then this claim goes to
+        failed/ as rejected input, and the first outcome stands."""
         directory = self.completed if record["status"] == "completed" else self.failed
         tmp = self._write_tmp(task_id, task_format.encode(record))
         claimed = f"{self.in_progress}/{claim.file_name}"
@@ -257,34 +259,62 @@ class Spool:
         except FileNotFoundError:
             os.unlink(tmp)
             return False
-        os.rename(tmp, f"{directory}/{task_id}.json")
+        try:
+            self._place_outcome(tmp, directory, task_id)
+        except FileExistsError:
+            os.unlink(tmp)
+            self.reject(self.in_progress, claim.file_name + ".fin", duplicate_reason(
+                task_id, self.outcome_state(task_id) or "completed"))
+            return False
         self.sync_dir(directory)
         # A crash before this unlink leaves a .fin beside a published outcome: recovery removes it.
         os.unlink(finishing)
         return True
 
+    def _place_outcome(self, tmp: str, directory: Path, task_id: str) -> None:
+        """Rename an outcome into place without replacing one; FileExistsError if the id has one.
+
+        Two files with one id under different names both get claimed; the no-replace rename
+        keeps the first outcome. Rejected input that bears the name is moved aside first."""
+        name = f"{task_id}.json"
+        if self.outcome_state(task_id) is not None:
+            raise FileExistsError(errno.EEXIST, "an outcome exists", name)
+        if os.path.lexists(f"{directory}/{name}{SIDECAR}"):
+            aside = f"{name}.{task_format.new_id()}"
+            os.rename(directory / name, directory / aside)
+            os.rename(directory / (name + SIDECAR), directory / (aside + SIDECAR))
+        rename_noreplace(tmp, directory / name)
+
     def requeue(self, claim_file: str, attempts: int | None) -> bool:
-        """Put a claimed task back in pending/ with its attempt count; False if the claim is gone."""
-        source = self.in_progress / claim_file
+        """Put a claimed task back in pending/ with its attempt count; False if the claim is gone.
+
+        The claim is fenced first, as publish does: renamed to its finishing name, so a cancel
+        or a recoverer that moved it before has won, and one that comes later finds nothing to
+        move. The rewrite then touches only the finishing file, which nobody else renames while
+        this process lives (a crash leaves it to recovery, like any finishing claim)."""
         name = CLAIM_RE.fullmatch(claim_file)["name"]
-        if attempts is not None:
-            try:
-                data, _ = self.read_entry(self.in_progress, claim_file)
-                obj = json.loads(data)
-                obj["attempts"] = attempts
-                # Replacing the claim file in place keeps the task in exactly one directory.
-                os.rename(self._write_tmp(name, task_format.encode(obj)), source)
-            except Refused as exc:
-                if exc.gone:
-                    return False
-            except (ValueError, TypeError, AttributeError):
-                pass  # not a task object: it goes back as it is and is rejected when read again
+        finishing = f"{claim_file}.fin"
         try:
-            os.rename(source, self.pending / name)
+            os.rename(self.in_progress / claim_file, self.in_progress / finishing)
         except FileNotFoundError:
             return False
+        if attempts is not None:
+            self._set_attempts(finishing, name, attempts)
+        try:
+            os.rename(self.in_progress / finishing, self.pending / name)
+        except FileNotFoundError:
+            return False  # this process was taken for dead and the claim taken over
         self.sync_dir(self.pending)
         return True
+
+    def _set_attempts(self, entry: str, name: str, attempts: int) -> None:
+        """Rewrite a fenced claim with its attempt count (tmp, then rename over it)."""
+        try:
+            obj = json.loads(self.read_entry(self.in_progress, entry)[0])
+            obj["attempts"] = attempts
+        except (Refused, ValueError, TypeError, AttributeError, RecursionError):
+            return  # not a task object: it goes back as it is and is rejected when read again
+        os.rename(self._write_tmp(name, task_format.encode(obj)), self.in_progress / entry)
 
     def reject(self, directory: Path, entry: str, reason: str) -> str | None:
         """Move input that is not a valid task to failed/ unchanged, with its reason beside it.
@@ -457,6 +487,12 @@ class Spool:
         finally:
             os.close(fd)
         return "dead"
+
+
+def duplicate_reason(task_id: str, state: str) -> str:
+    """Why a second task with an id already finished is refused."""
+    return (f"an outcome for id {task_id} already exists ({state}/{task_id}.json); an id "
+            "runs once: give this task another id, or `koubou retry` the first")
 
 
 def printable(text: str) -> str:

@@ -19,7 +19,7 @@ from ..craft.pricing import cost_of
 from ..craft.spending import BudgetExhausted, Spending
 from ..errors import InvalidTask
 from ..spool import task as task_format
-from ..spool.files import Claim
+from ..spool.files import Claim, duplicate_reason
 from ..spool.ledger import LedgerWriter
 from ..spool.task import Task
 from .intake import Intake
@@ -94,6 +94,10 @@ class Attempts:
         recalled = self.intake.recalled(claim)
         task, decision = recalled if recalled else (self.intake.read_claimed(claim), None)
         if task is None:
+            return None
+        finished = self.intake.finished(task)
+        if finished:  # another file with this id ran since this one was queued
+            self.give_up(claim, duplicate_reason(task.id, finished))
             return None
         attachments = []
         if decision is None:  # judged again: the file, its attachments or the budget changed

@@ -22,7 +22,7 @@ from ..craft.attach import Attachment, read_attachments
 from ..craft.limits import Budget
 from ..errors import InvalidTask
 from ..spool import task as task_format
-from ..spool.files import NAME_MAX, Claim, Refused, Spool, printable
+from ..spool.files import NAME_MAX, Claim, Refused, Spool, duplicate_reason, printable
 from ..spool.ledger import LedgerWriter
 from ..spool.task import Task, UnreadableTask
 from ..spool.watcher import ReadyQueue, scan_order
@@ -126,6 +126,11 @@ class Intake:
 
     def _queue(self, name: str, info: os.stat_result, task: Task) -> None:
         """Hold a valid task (schedule, dependencies, budget) or queue it for its craftsman."""
+        finished = self.finished(task)
+        if finished:
+            self.ready.discard(name)
+            self.reject(self.spool.pending, name, duplicate_reason(task.id, finished))
+            return
         if task.not_before and task.not_before > time.time():
             self._defer(self.scheduled, name, task.not_before - time.time())
             return
@@ -158,6 +163,12 @@ class Intake:
                 self.waiting_on.setdefault(dependency, set()).add(name)
             return True
         return False
+
+    def finished(self, task: Task) -> str | None:
+        """The state of the outcome this task's id already has (another file with the same
+        id ran), or None. Two stats: the publish fence is the guarantee, this spares the
+        call."""
+        return None if task.fresh_id else self.spool.outcome_state(task.id)
 
     def dependencies(self, task: Task) -> list[str] | str:
         """'failed' if a task it runs after failed, else the ids it still waits for."""
