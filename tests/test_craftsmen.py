@@ -181,13 +181,25 @@ def test_budget_exhausted_with_fail_fails_cloud_tasks_as_budget(
     assert error["kind"] == "budget" and cloud.completions() == []
 
 
+def spend_today(home: Path, usd: float) -> None:
+    """A settled call of `usd` in today's budget period, as an earlier worker left it."""
+    from koubou_spool.craft.budget import BudgetSettings
+    day, month = BudgetSettings().periods(time.time())
+    conn = ledger.open_ledger(home / "db" / "koubou.db")
+    conn.execute("INSERT INTO reservations (task_id, attempt, craftsman, day, month, "
+                 "reserved_usd, cost_usd, settled, at) VALUES ('earlier', 1, 'cloud', ?, ?, ?, ?,"
+                 " 1, ?)", (day, month, usd, usd, time.time()))
+    conn.close()
+
+
 def test_an_exhausted_budget_is_the_homes_when_workers_are_split_per_craftsman(
         home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI, workers: Workers,
         cloud_key: str) -> None:
     # The README's systemd layout: koubou-worker@cloud and koubou-worker@local. The cloud
     # worker finds the budget spent; the local worker must see that too, or the task that
     # routes to the cloud is left in pending/ by both.
-    configure(home, fake_openai, cloud, budget={"daily_usd": 0.0001, "when_exhausted": "local"})
+    configure(home, fake_openai, cloud, budget={"daily_usd": 0.008, "when_exhausted": "local"})
+    spend_today(home, 0.0079)  # a call's worst case is $0.0052: it does not fit what is left
     workers.start(home, "--craftsman", "cloud")
     workers.start(home, "--craftsman", "local")
     task_id = submit(spool, content="design the architecture")  # high: routes to the cloud
@@ -432,3 +444,89 @@ def test_a_corrupt_ledger_makes_no_cloud_call_and_local_work_goes_on(
     assert outcomes[cloud_task]["error"]["kind"] == "budget" and cloud.completions() == []
     assert outcomes[local_task]["result"]["craftsman"] == "local"
     assert_no_claims(spool)
+
+
+def _with_cloud(home: Path, **changes: object) -> None:
+    config = yaml.safe_load((home / "config" / "koubou.yaml").read_text())
+    config["craftsmen"]["cloud"].update(changes)
+    (home / "config" / "koubou.yaml").write_text(yaml.safe_dump(config))
+
+
+def test_a_model_override_is_priced_as_its_own_model_or_refused_under_a_budget(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI, workers: Workers,
+        cloud_key: str) -> None:
+    configure(home, fake_openai, cloud, budget={"daily_usd": 1, "when_exhausted": "fail"})
+    _with_cloud(home, provider="openai")  # the price table knows gpt-4o-mini from OpenAI
+    workers.start(home)
+    known = submit(spool, content="design the architecture", model="gpt-4o-mini")
+    unknown = submit(spool, content="design the architecture", model="my-finetune-xyz")
+    outcomes = wait_outcomes(spool, [known, unknown])
+    result = outcomes[known]["result"]
+    usage = result["usage"]
+    table = (usage["prompt_tokens"] * 0.15 + usage["completion_tokens"] * 0.6) / 1e6
+    assert result["cost_usd"] == pytest.approx(table)  # not the craftsman's $100/Mtok
+    error = outcomes[unknown]["error"]
+    assert error["kind"] == "budget" and "my-finetune-xyz" in error["message"]
+    assert [b["model"] for b in cloud.completions()] == ["gpt-4o-mini"]
+
+
+def test_a_task_asking_more_tokens_than_its_craftsman_is_capped_not_holding_the_mark(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI, workers: Workers,
+        cloud_key: str) -> None:
+    # $0.008 a day; a call's worst case with the craftsman's 20 tokens is $0.0052. Asked with
+    # max_tokens 10**9, it would be $100,000: refused, and the exhausted mark would stay up
+    # for the whole day, since that refusal never fits.
+    configure(home, fake_openai, cloud, budget={"daily_usd": 0.008, "when_exhausted": "local"})
+    workers.start(home)
+    greedy = submit(spool, content="design the architecture", max_tokens=10**9)
+    outcome = wait_outcomes(spool, [greedy])[greedy]
+    assert outcome["result"]["craftsman"] == "cloud"
+    assert cloud.completions()[0]["max_tokens"] == 20
+    later = submit(spool, content="design the architecture")
+    assert wait_outcomes(spool, [later])[later]["result"]["craftsman"] == "cloud"
+
+
+def test_a_call_that_can_never_fit_the_budget_fails_without_holding_the_mark(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI, workers: Workers,
+        cloud_key: str) -> None:
+    configure(home, fake_openai, cloud, budget={"daily_usd": 0.008, "when_exhausted": "local"})
+    workers.start(home)
+    huge = submit(spool, content="design the architecture " + "word " * 200)  # > $0.008
+    error = wait_outcomes(spool, [huge])[huge]["error"]
+    assert error["kind"] == "budget" and "never" in error["message"]
+    later = submit(spool, content="design the architecture")
+    assert wait_outcomes(spool, [later])[later]["result"]["craftsman"] == "cloud"
+
+
+def test_a_cancel_landing_while_reserve_runs_settles_the_reservation(tmp_path: Path) -> None:
+    import asyncio
+
+    from koubou_spool.config import Craftsman
+    from koubou_spool.craft.backends import Request
+    from koubou_spool.craft.budget import BudgetSettings
+    from koubou_spool.craft.limits import Budget
+    from koubou_spool.craft.spending import Spending
+    path = tmp_path / "db" / "koubou.db"
+    path.parent.mkdir()
+    (tmp_path / "run").mkdir()
+    ledger.open_ledger(path).close()
+    cloud = Craftsman(name="cloud", backend="openai", model="gpt-5",
+                      price={"input_per_mtok": PRICE, "output_per_mtok": PRICE})
+    request = Request(messages=[{"role": "user", "content": "hi"}], model="gpt-5",
+                      max_tokens=20, timeout_s=10)
+    spending = Spending(Budget(path, BudgetSettings(daily_usd=1.0)), tmp_path)
+
+    async def scenario() -> None:
+        holder = LedgerHolder(path)  # the reservation waits for the lock...
+        reserving = asyncio.ensure_future(spending.reserve(cloud, "t1", 1, request))
+        await asyncio.sleep(0.3)
+        reserving.cancel()  # ...when a cancel or a stop lands
+        holder.release()  # and then gets it, in its thread
+        with pytest.raises(asyncio.CancelledError):
+            await reserving
+        await asyncio.sleep(1.0)
+
+    asyncio.run(scenario())
+    conn = sqlite3.connect(path)
+    rows = conn.execute("SELECT settled, cost_usd FROM reservations").fetchall()
+    assert rows == [(1, 0.0)]  # no call was made: nothing stays reserved

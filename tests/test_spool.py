@@ -101,7 +101,7 @@ def test_a_requeue_racing_a_cancel_never_brings_the_task_back(
 
 def test_a_second_outcome_for_an_id_is_refused_not_written_over_the_first(spool: Spool) -> None:
     tasks = [task_format.validate({"id": "t1", "content": n}) for n in ("one", "two")]
-    for name, task in zip(("a.json", "b.json"), tasks):
+    for name, task in zip(("a.json", "b.json"), tasks, strict=True):
         (spool.pending / name).write_bytes(task_format.encode(task.raw))
     claims = [spool.claim(name, "w-1-aaaa") for name in ("a.json", "b.json")]
     records = [task_format.completed_record(t, {"content": t.content}) for t in tasks]

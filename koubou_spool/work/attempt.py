@@ -76,7 +76,7 @@ class Attempts:
         try:
             await self._work(claim, attempt)
         except BudgetExhausted as exc:
-            await self._budget_exhausted(claim, task, attempt.number, str(exc))
+            await self._budget_exhausted(claim, task, attempt.number, exc)
         except asyncio.CancelledError:
             if self.is_revoked(claim):
                 log.warning("claim on %s was revoked (cancelled or taken over); its request "
@@ -130,6 +130,10 @@ class Attempts:
         """The craftsman's reply, with the budget reserved before and settled after."""
         if craftsman.name in self.backend_errors:
             raise BackendError(self.backend_errors[craftsman.name])
+        # The craftsman's max_tokens is a ceiling, not only a default: it is what the operator
+        # let one call of this craftsman cost, and what bounds every reservation, so a task
+        # asking 10**9 gets the ceiling (and `truncated` says so) rather than a refusal.
+        request.max_tokens = min(request.max_tokens, craftsman.max_tokens)
         reservation = await self.spending.reserve(craftsman, attempt.task.id, attempt.number,
                                                   request)
         try:
@@ -138,8 +142,8 @@ class Attempts:
             if reservation is not None:  # the call may have been billed: keep the reservation
                 await self.spending.settle(reservation, None)
             raise
+        reply.cost_usd = cost_of(craftsman, request.model, reply.usage, reply.cost_usd)
         if reservation is not None:
-            reply.cost_usd = cost_of(craftsman, reply.model, reply.usage, reply.cost_usd)
             await self.spending.settle(reservation, reply.cost_usd)
         return reply
 
@@ -159,7 +163,7 @@ class Attempts:
     async def _complete(self, claim: Claim, attempt: Attempt, reply: Reply,
                         fields: dict) -> None:
         finished = time.time()
-        cost = cost_of(attempt.craftsman, reply.model, reply.usage, reply.cost_usd)
+        cost = reply.cost_usd  # priced in _call, by the model asked for
         task = attempt.task
         queued = task.submitted_at or claim.claimed_at
         result = {
@@ -173,9 +177,11 @@ class Attempts:
         await self.publisher.complete(claim, task, attempt.number, result, cost)
 
     async def _budget_exhausted(self, claim: Claim, task: Task, attempt: int,
-                                message: str) -> None:
-        """The reservation did not fit: per when_exhausted, go local, wait, or fail."""
-        if self.spending.budget.settings.when_exhausted == "fail":
+                                error: BudgetExhausted) -> None:
+        """The reservation did not fit: per when_exhausted, go local, wait, or fail; a call
+        that could never fit fails at once."""
+        message = str(error)
+        if error.final or self.spending.budget.settings.when_exhausted == "fail":
             await self.publisher.fail(claim, task, "budget", message, attempt)
             return
         log.info("budget exhausted for %s (%s); requeued", task.id, message)
