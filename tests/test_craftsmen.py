@@ -312,6 +312,23 @@ def test_the_rate_window_is_shared_through_the_ledger(tmp_path: Path) -> None:
     assert ledger.reserve(conn, task_id="d", now=1062.0, **big)[0] == "rate"  # tpm
 
 
+def test_rate_rows_dated_in_the_future_never_stretch_a_wait_past_the_window(
+        tmp_path: Path) -> None:
+    conn = ledger.open_ledger(tmp_path / "koubou.db")
+    kwargs = {"attempt": 1, "craftsman": "cloud", "amount": 0.0, "day": "d", "month": "m",
+              "daily_limit": None, "monthly_limit": None, "max_rpm": 1, "max_tpm": None,
+              "tokens": 10}
+    # Rows written before the clock stepped back an hour (or by a peer an hour ahead).
+    assert ledger.reserve(conn, task_id="a", now=4600.0, **kwargs)[0] == "ok"
+    assert ledger.reserve(conn, task_id="b", now=1000.0, **kwargs)[0] == "ok"
+    verdict, wait = ledger.reserve(conn, task_id="c", now=1000.0, **kwargs)
+    assert verdict == "rate" and 0 < wait <= 60
+    other = dict(kwargs, craftsman="other")
+    assert ledger.reserve(conn, task_id="d", now=1030.0, **other)[0] == "ok"  # 30 s ahead
+    verdict, wait = ledger.reserve(conn, task_id="e", now=1000.0, **other)
+    assert verdict == "rate" and wait <= 60
+
+
 @pytest.mark.parametrize("write", [
     lambda conn: ledger.settle(conn, 1, 0.5),
     lambda conn: ledger.record_alert(conn, "2026-12", 50, 1.0, 2.0, 0.0),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -183,9 +184,26 @@ def test_dead_worker_claims_are_orphaned_live_ones_are_not(spool: Spool) -> None
     spool.claim("b.json", "gone-2-bbbb")  # no lock file: its process is gone
     [(orphan, state)] = spool.orphaned_claims(lease_s=60)
     assert orphan.startswith("b.json@gone-2-bbbb+") and state == "dead"
-    os.utime(fd, (0, 0))  # a heartbeat long ago: alive but stale (e.g. SIGSTOPped)
+    # Alive but stale (SIGSTOPped): its lock is held and its heartbeat stops changing for
+    # lease_s, on this process's own clock.
+    [orphan] = spool.orphaned_claims(lease_s=0.2)
+    assert orphan[1] == "dead"
+    time.sleep(0.3)
     assert ("a.json@me-1-aaaa", "stale") in [(o.split("+")[0], s)
-                                             for o, s in spool.orphaned_claims(lease_s=60)]
+                                             for o, s in spool.orphaned_claims(lease_s=0.2)]
+    spool.unregister_worker("me-1-aaaa", fd)
+
+
+def test_a_clock_step_never_makes_a_live_worker_stale(spool: Spool) -> None:
+    submit(spool, id="a")
+    fd = spool.register_worker("me-1-aaaa", {})
+    spool.claim("a.json", "me-1-aaaa")
+    for step in (-3600, 3600, -86400):  # this recoverer's clock jumped (or a suspend ended)
+        moment = time.time() + step
+        os.utime(fd, (moment, moment))  # the peer's heartbeat, by the peer's clock
+        assert spool.orphaned_claims(lease_s=0.2) == [], f"stolen after a {step} s step"
+    time.sleep(0.3)  # and no heartbeat since: now it is stale
+    assert [s for _, s in spool.orphaned_claims(lease_s=0.2)] == ["stale"]
     spool.unregister_worker("me-1-aaaa", fd)
 
 

@@ -49,12 +49,15 @@ class Refused(Exception):
 
 @dataclass(frozen=True)
 class Claim:
-    """A task this worker holds: in_progress/<name>@<worker>."""
+    """A task this worker holds: in_progress/<name>@<worker>. `claimed_at` is wall time, for
+    records; `clock` is this process's monotonic time, for measuring (a clock step cannot
+    make a duration negative)."""
 
     name: str
     worker_id: str
     claimed_at: float
     seq: int = field(default_factory=lambda: next(_claim_seq))
+    clock: float = field(default_factory=time.monotonic, compare=False)
 
     @property
     def file_name(self) -> str:
@@ -68,6 +71,34 @@ class Found:
     state: str
     path: Path
     rejected: bool = False
+
+
+class Heartbeats:
+    """When this process saw each live worker's heartbeat (its lock file's mtime) last change,
+    on this process's own monotonic clock.
+
+    Lock-file mtimes are set by each worker from its own wall clock: comparing them with ours
+    lets a clock step (or a suspend longer than the lease) make every peer look stale at once,
+    and a step back hide a hung one. So the mtime is only compared with itself: a worker is
+    stale once its mtime has not changed for lease_s of our monotonic time, counted from when
+    we first saw that value. Whether it is dead at all is its lock's business, not a clock's.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[int, float]] = {}  # worker id -> (mtime_ns, first seen)
+
+    def stale(self, worker_id: str, mtime_ns: int, lease_s: float) -> bool:
+        """Whether this heartbeat value has stood unchanged for longer than lease_s."""
+        now = time.monotonic()
+        seen = self._seen.get(worker_id)
+        if seen is None or seen[0] != mtime_ns:
+            self._seen[worker_id] = (mtime_ns, now)
+            return False
+        return now - seen[1] > lease_s
+
+    def forget(self, worker_id: str) -> None:
+        """A worker is gone."""
+        self._seen.pop(worker_id, None)
 
 
 def _hostname() -> str:
@@ -94,6 +125,7 @@ class Spool:
         self.failed = tasks / "failed"
         self.workers = home / "run" / "workers"
         self._dir_fds: dict[Path, int] = {}
+        self.heartbeats = Heartbeats()
 
     @classmethod
     def open(cls, home: Path, settings: Any = None) -> Spool:
@@ -472,20 +504,28 @@ class Spool:
                 orphans.append((entry, states[worker]))
         return orphans
 
-    def worker_state(self, worker_id: str, lease_s: float) -> str:
-        """'alive', 'stale' (lock held but no heartbeat within lease_s) or 'dead'."""
+    def worker_state(self, worker_id: str, lease_s: float, *, observed: bool = True) -> str:
+        """'alive', 'stale' (lock held, heartbeat unchanged for lease_s as this process saw
+        it: see Heartbeats) or 'dead' (lock free: the kernel drops it with the process).
+
+        observed=False judges staleness by the heartbeat's wall-clock age instead, for a
+        one-shot look by a person (`koubou workers`), never for taking claims over."""
         path = self.workers / f"{worker_id}.lock"
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
+            self.heartbeats.forget(worker_id)
             return "dead"
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            age = time.time() - os.fstat(fd).st_mtime
-            return "stale" if age > lease_s else "alive"
+            mtime = os.fstat(fd).st_mtime_ns
+            if not observed:
+                return "stale" if time.time() - mtime / 1e9 > lease_s else "alive"
+            return "stale" if self.heartbeats.stale(worker_id, mtime, lease_s) else "alive"
         finally:
             os.close(fd)
+        self.heartbeats.forget(worker_id)
         return "dead"
 
 

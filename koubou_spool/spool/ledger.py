@@ -402,6 +402,9 @@ def reserve(conn: sqlite3.Connection, *, task_id: str, attempt: int, craftsman: 
     ("rate", seconds to wait) when the craftsman's per-minute window is full.
     """
     with _immediate(conn):
+        # Rows dated past the window's end were written before the clock stepped back (or by
+        # a clock that ran ahead): they say nothing about this minute.
+        conn.execute("DELETE FROM requests WHERE at > ?", (now + 60,))
         wait = _rate_wait(conn, craftsman, max_rpm, max_tpm, tokens, now)
         if wait > 0:
             return "rate", wait
@@ -421,8 +424,9 @@ def _rate_wait(conn: sqlite3.Connection, craftsman: str, max_rpm: int | None,
                max_tpm: int | None, tokens: int, now: float) -> float:
     if max_rpm is None and max_tpm is None:
         return 0.0
-    rows = conn.execute("SELECT at, tokens FROM requests WHERE craftsman = ? AND at > ?"
-                        " ORDER BY at", (craftsman, now - 60)).fetchall()
+    # A row dated ahead of now counts as now: a wait never runs past one window.
+    rows = conn.execute("SELECT MIN(at, ?) AS at, tokens FROM requests WHERE craftsman = ?"
+                        " AND at > ? ORDER BY at", (now, craftsman, now - 60)).fetchall()
     if max_rpm is not None and len(rows) >= max_rpm:
         return rows[len(rows) - max_rpm]["at"] + 60 - now
     if max_tpm is not None and sum(r["tokens"] or 0 for r in rows) + tokens > max_tpm and rows:

@@ -46,6 +46,8 @@ def recover_orphans(spool: Spool, settings: SpoolSettings, owner_id: str, ledger
     done = []
     for entry, state in spool.orphaned_claims(settings.lease_s):
         match = CLAIM_RE.fullmatch(entry)
+        if match["worker"] == owner_id:
+            continue  # our own, seen stale from this thread while our loop was held up
         mine = Claim(match["name"], owner_id, time.time())
         taken = mine.file_name + (match["fin"] or "")
         try:

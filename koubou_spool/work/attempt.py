@@ -173,7 +173,7 @@ class Attempts:
             "attempts": attempt.number, "queued_at": task_format.iso(queued),
             "started_at": task_format.iso(claim.claimed_at),
             "finished_at": task_format.iso(finished),
-            "duration_s": round(finished - claim.claimed_at, 3)}
+            "duration_s": round(time.monotonic() - claim.clock, 3)}
         await self.publisher.complete(claim, task, attempt.number, result, cost)
 
     async def _budget_exhausted(self, claim: Claim, task: Task, attempt: int,
