@@ -100,12 +100,15 @@ class ExhaustedMark:
         if current is not None:
             until, refused = max(until, current[0]), min(refused, current[1])
         staging = f"{self.path}.{os.getpid()}.{threading.get_ident()}"
-        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            os.write(fd, json.dumps({"until": until, "refused": refused}).encode())
-        finally:
-            os.close(fd)
-        os.rename(staging, self.path)
+            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, json.dumps({"until": until, "refused": refused}).encode())
+            finally:
+                os.close(fd)
+            os.rename(staging, self.path)
+        except OSError as exc:  # without the mark the refusal only repeats: never worse
+            log.warning("cannot write %s: %s", self.path, exc.strerror)
 
     def clear(self) -> None:
         """Lift the mark."""

@@ -185,9 +185,9 @@ class Intake:
         """The task's attached files; InvalidTask for any that cannot be read, however."""
         try:
             return read_attachments(task.files, self.config.attach)
+        except InvalidTask:
+            raise
         except (OSError, RuntimeError, ValueError) as exc:  # a link loop, a NUL in a path
-            if isinstance(exc, InvalidTask):
-                raise
             raise InvalidTask(f"files: cannot be read: {exc}") from None
 
     def route(self, task: Task, attachments: list[Attachment] | None = None) -> router.Route:
