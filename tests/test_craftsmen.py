@@ -16,6 +16,7 @@ import yaml
 
 from conftest import Workers, log_of, submit, wait_outcomes
 from fake_openai import FakeOpenAI
+from koubou_spool.spool import ledger
 from koubou_spool.spool import task as task_format
 from koubou_spool.spool.files import Spool
 
@@ -180,6 +181,34 @@ def test_budget_exhausted_with_fail_fails_cloud_tasks_as_budget(
     assert error["kind"] == "budget" and cloud.completions() == []
 
 
+def spend_today(home: Path, usd: float) -> None:
+    """A settled call of `usd` in today's budget period, as an earlier worker left it."""
+    from koubou_spool.craft.budget import BudgetSettings
+    day, month = BudgetSettings().periods(time.time())
+    conn = ledger.open_ledger(home / "db" / "koubou.db")
+    conn.execute("INSERT INTO reservations (task_id, attempt, craftsman, day, month, "
+                 "reserved_usd, cost_usd, settled, at) VALUES ('earlier', 1, 'cloud', ?, ?, ?, ?,"
+                 " 1, ?)", (day, month, usd, usd, time.time()))
+    conn.close()
+
+
+def test_an_exhausted_budget_is_the_homes_when_workers_are_split_per_craftsman(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI, workers: Workers,
+        cloud_key: str) -> None:
+    # The README's systemd layout: koubou-worker@cloud and koubou-worker@local. The cloud
+    # worker finds the budget spent; the local worker must see that too, or the task that
+    # routes to the cloud is left in pending/ by both.
+    configure(home, fake_openai, cloud, budget={"daily_usd": 0.008, "when_exhausted": "local"})
+    spend_today(home, 0.0079)  # a call's worst case is $0.0052: it does not fit what is left
+    workers.start(home, "--craftsman", "cloud")
+    workers.start(home, "--craftsman", "local")
+    task_id = submit(spool, content="design the architecture")  # high: routes to the cloud
+    outcome = wait_outcomes(spool, [task_id], timeout=20)[task_id]
+    assert outcome["result"]["craftsman"] == "local" and cloud.completions() == []
+    later = submit(spool, content="design the architecture")  # judged with the mark up
+    assert wait_outcomes(spool, [later], timeout=20)[later]["result"]["craftsman"] == "local"
+
+
 def test_a_missing_api_key_fails_that_craftsmans_tasks_not_the_worker(
         home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI,
         workers: Workers) -> None:
@@ -275,7 +304,6 @@ def test_max_concurrent_holds_across_worker_processes(
 
 
 def test_the_rate_window_is_shared_through_the_ledger(tmp_path: Path) -> None:
-    from koubou_spool.spool import ledger
     conn = ledger.open_ledger(tmp_path / "koubou.db")
     kwargs = {"attempt": 1, "craftsman": "cloud", "amount": 0.0, "day": "d", "month": "m",
               "daily_limit": None, "monthly_limit": None, "max_rpm": 2, "max_tpm": 1000,
@@ -286,6 +314,37 @@ def test_the_rate_window_is_shared_through_the_ledger(tmp_path: Path) -> None:
     assert ledger.reserve(conn, task_id="c", now=1061.0, **kwargs)[0] == "ok"
     big = dict(kwargs, tokens=900, max_rpm=None)
     assert ledger.reserve(conn, task_id="d", now=1062.0, **big)[0] == "rate"  # tpm
+
+
+def test_rate_rows_dated_in_the_future_never_stretch_a_wait_past_the_window(
+        tmp_path: Path) -> None:
+    conn = ledger.open_ledger(tmp_path / "koubou.db")
+    kwargs = {"attempt": 1, "craftsman": "cloud", "amount": 0.0, "day": "d", "month": "m",
+              "daily_limit": None, "monthly_limit": None, "max_rpm": 1, "max_tpm": None,
+              "tokens": 10}
+    # Rows written before the clock stepped back an hour (or by a peer an hour ahead).
+    assert ledger.reserve(conn, task_id="a", now=4600.0, **kwargs)[0] == "ok"
+    assert ledger.reserve(conn, task_id="b", now=1000.0, **kwargs)[0] == "ok"
+    verdict, wait = ledger.reserve(conn, task_id="c", now=1000.0, **kwargs)
+    assert verdict == "rate" and 0 < wait <= 60
+    other = dict(kwargs, craftsman="other")
+    assert ledger.reserve(conn, task_id="d", now=1030.0, **other)[0] == "ok"  # 30 s ahead
+    verdict, wait = ledger.reserve(conn, task_id="e", now=1000.0, **other)
+    assert verdict == "rate" and wait <= 60
+
+
+@pytest.mark.parametrize("write", [
+    lambda conn: ledger.settle(conn, 1, 0.5),
+    lambda conn: ledger.record_alert(conn, "2026-12", 50, 1.0, 2.0, 0.0),
+    lambda conn: ledger.settle_lost(conn, "task")], ids=["settle", "record_alert", "settle_lost"])
+def test_a_failed_budget_write_rolls_back_and_the_connection_stays_usable(
+        tmp_path: Path, write: object) -> None:
+    conn = ledger.connect(tmp_path / "koubou.db")  # no tables yet: the write fails mid-way
+    with pytest.raises(sqlite3.OperationalError):
+        write(conn)
+    assert not conn.in_transaction
+    ledger.migrate(conn)  # the same connection writes again
+    write(conn)
 
 
 @pytest.mark.parametrize("limit", [{"max_rpm": 1}, {"max_tpm": 80}])
@@ -346,3 +405,177 @@ def test_an_agent_over_max_output_bytes_is_stopped_at_once_and_not_retried() -> 
 def test_an_agent_that_floods_stderr_still_answers() -> None:
     craftsman = _command([sys.executable, AGENT, "flood", "stderr"], max_output_bytes=1 << 20)
     assert _complete(craftsman).content == "done\n"
+
+
+def assert_no_claims(spool: Spool, timeout: float = 5) -> None:
+    """in_progress/ empties: a publish unlinks its finishing claim just after the outcome."""
+    deadline = time.monotonic() + timeout
+    while os.listdir(spool.in_progress):
+        assert time.monotonic() < deadline, f"claims left: {os.listdir(spool.in_progress)}"
+        threading.Event().wait(0.05)
+
+
+class LedgerHolder:
+    """Another process's connection holding the ledger's write lock (BEGIN EXCLUSIVE)."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(path, timeout=10, isolation_level=None)
+        self.conn.execute("BEGIN EXCLUSIVE")
+
+    def release(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+        self.conn.close()
+
+
+@pytest.mark.parametrize("when_exhausted, craftsman, kind", [("local", "local", None),
+                                                             ("fail", None, "budget")])
+def test_a_locked_ledger_makes_no_cloud_call_and_leaves_no_claim_stuck(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI, workers: Workers,
+        cloud_key: str, when_exhausted: str, craftsman: str | None, kind: str | None) -> None:
+    configure(home, fake_openai, cloud, budget={"daily_usd": 1,
+                                                 "when_exhausted": when_exhausted})
+    workers.start(home)
+    warm = submit(spool, craftsman="echo")
+    wait_outcomes(spool, [warm])
+    holder = LedgerHolder(home / "db" / "koubou.db")
+    try:
+        task_id = submit(spool, content="design the architecture")  # routes to the cloud
+        outcome = wait_outcomes(spool, [task_id], timeout=20)[task_id]
+    finally:
+        holder.release()
+    assert cloud.completions() == []  # the budget could not vouch for it
+    if craftsman:
+        assert outcome["result"]["craftsman"] == craftsman
+    else:
+        assert outcome["error"]["kind"] == kind and "ledger" in outcome["error"]["message"]
+    assert_no_claims(spool)
+
+
+def test_a_settle_that_fails_keeps_the_paid_answer_and_settles_later(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI, workers: Workers,
+        cloud_key: str) -> None:
+    configure(home, fake_openai, cloud, budget={"daily_usd": 1})
+    proc = workers.start(home)
+    warm = submit(spool, craftsman="echo")
+    wait_outcomes(spool, [warm])
+    cloud.latency_s = 1.0
+    task_id = submit(spool, content="design the architecture")
+    assert cloud.request_seen.wait(10)
+    holder = LedgerHolder(home / "db" / "koubou.db")  # locked when the answer comes back
+    try:
+        outcome = wait_outcomes(spool, [task_id], timeout=20)[task_id]
+    finally:
+        holder.release()
+    assert outcome["status"] == "completed" and outcome["result"]["craftsman"] == "cloud"
+    cost = outcome["result"]["cost_usd"]
+    assert cost > 0 and len(cloud.completions()) == 1
+    conn = sqlite3.connect(home / "db" / "koubou.db", timeout=10)
+    deadline = time.monotonic() + 20
+    while conn.execute("SELECT settled, cost_usd FROM reservations WHERE task_id = ?",
+                       (task_id,)).fetchone() != (1, pytest.approx(cost)):
+        assert time.monotonic() < deadline, "the settle did not follow"
+        threading.Event().wait(0.2)
+    assert proc.poll() is None and "Traceback" not in log_of(proc)
+
+
+def test_a_corrupt_ledger_makes_no_cloud_call_and_local_work_goes_on(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI, workers: Workers,
+        cloud_key: str) -> None:
+    configure(home, fake_openai, cloud, budget={"daily_usd": 1, "when_exhausted": "fail"})
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{home}/db/koubou.db{suffix}").unlink(missing_ok=True)
+    (home / "db" / "koubou.db").write_bytes(b"this is not a database" * 1000)
+    workers.start(home)
+    cloud_task = submit(spool, content="design the architecture")
+    local_task = submit(spool, content="hello")
+    outcomes = wait_outcomes(spool, [cloud_task, local_task], timeout=20)
+    assert outcomes[cloud_task]["error"]["kind"] == "budget" and cloud.completions() == []
+    assert outcomes[local_task]["result"]["craftsman"] == "local"
+    assert_no_claims(spool)
+
+
+def _with_cloud(home: Path, **changes: object) -> None:
+    config = yaml.safe_load((home / "config" / "koubou.yaml").read_text())
+    config["craftsmen"]["cloud"].update(changes)
+    (home / "config" / "koubou.yaml").write_text(yaml.safe_dump(config))
+
+
+def test_a_model_override_is_priced_as_its_own_model_or_refused_under_a_budget(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI, workers: Workers,
+        cloud_key: str) -> None:
+    configure(home, fake_openai, cloud, budget={"daily_usd": 1, "when_exhausted": "fail"})
+    _with_cloud(home, provider="openai")  # the price table knows gpt-4o-mini from OpenAI
+    workers.start(home)
+    known = submit(spool, content="design the architecture", model="gpt-4o-mini")
+    unknown = submit(spool, content="design the architecture", model="my-finetune-xyz")
+    outcomes = wait_outcomes(spool, [known, unknown])
+    result = outcomes[known]["result"]
+    usage = result["usage"]
+    table = (usage["prompt_tokens"] * 0.15 + usage["completion_tokens"] * 0.6) / 1e6
+    assert result["cost_usd"] == pytest.approx(table)  # not the craftsman's $100/Mtok
+    error = outcomes[unknown]["error"]
+    assert error["kind"] == "budget" and "my-finetune-xyz" in error["message"]
+    assert [b["model"] for b in cloud.completions()] == ["gpt-4o-mini"]
+
+
+def test_a_task_asking_more_tokens_than_its_craftsman_is_capped_not_holding_the_mark(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI, workers: Workers,
+        cloud_key: str) -> None:
+    # $0.008 a day; a call's worst case with the craftsman's 20 tokens is $0.0052. Asked with
+    # max_tokens 10**9, it would be $100,000: refused, and the exhausted mark would stay up
+    # for the whole day, since that refusal never fits.
+    configure(home, fake_openai, cloud, budget={"daily_usd": 0.008, "when_exhausted": "local"})
+    workers.start(home)
+    greedy = submit(spool, content="design the architecture", max_tokens=10**9)
+    outcome = wait_outcomes(spool, [greedy])[greedy]
+    assert outcome["result"]["craftsman"] == "cloud"
+    assert cloud.completions()[0]["max_tokens"] == 20
+    later = submit(spool, content="design the architecture")
+    assert wait_outcomes(spool, [later])[later]["result"]["craftsman"] == "cloud"
+
+
+def test_a_call_that_can_never_fit_the_budget_fails_without_holding_the_mark(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, cloud: FakeOpenAI, workers: Workers,
+        cloud_key: str) -> None:
+    configure(home, fake_openai, cloud, budget={"daily_usd": 0.008, "when_exhausted": "local"})
+    workers.start(home)
+    huge = submit(spool, content="design the architecture " + "word " * 200)  # > $0.008
+    error = wait_outcomes(spool, [huge])[huge]["error"]
+    assert error["kind"] == "budget" and "never" in error["message"]
+    later = submit(spool, content="design the architecture")
+    assert wait_outcomes(spool, [later])[later]["result"]["craftsman"] == "cloud"
+
+
+def test_a_cancel_landing_while_reserve_runs_settles_the_reservation(tmp_path: Path) -> None:
+    import asyncio
+
+    from koubou_spool.config import Craftsman
+    from koubou_spool.craft.backends import Request
+    from koubou_spool.craft.budget import BudgetSettings
+    from koubou_spool.craft.limits import Budget
+    from koubou_spool.craft.spending import Spending
+    path = tmp_path / "db" / "koubou.db"
+    path.parent.mkdir()
+    (tmp_path / "run").mkdir()
+    ledger.open_ledger(path).close()
+    cloud = Craftsman(name="cloud", backend="openai", model="gpt-5",
+                      price={"input_per_mtok": PRICE, "output_per_mtok": PRICE})
+    request = Request(messages=[{"role": "user", "content": "hi"}], model="gpt-5",
+                      max_tokens=20, timeout_s=10)
+    spending = Spending(Budget(path, BudgetSettings(daily_usd=1.0)), tmp_path)
+
+    async def scenario() -> None:
+        holder = LedgerHolder(path)  # the reservation waits for the lock...
+        reserving = asyncio.ensure_future(spending.reserve(cloud, "t1", 1, request))
+        await asyncio.sleep(0.3)
+        reserving.cancel()  # ...when a cancel or a stop lands
+        holder.release()  # and then gets it, in its thread
+        with pytest.raises(asyncio.CancelledError):
+            await reserving
+        await asyncio.sleep(1.0)
+
+    asyncio.run(scenario())
+    conn = sqlite3.connect(path)
+    rows = conn.execute("SELECT settled, cost_usd FROM reservations").fetchall()
+    assert rows == [(1, 0.0)]  # no call was made: nothing stays reserved

@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -234,3 +235,63 @@ def test_a_purged_outcome_takes_its_outputs_directory_with_it(home: Path, spool:
     assert summary["purged"] == 1 and summary["outputs_purged"] == 1
     assert sorted(os.listdir(home / "outputs")) == ["new-one", "still-queued"]
     assert (outside / "keep.txt").exists()
+
+
+def _bulky_ledger(path: Path) -> None:
+    """About 100 MB of ledger, half of it freed: a VACUUM with real work to do."""
+    conn = ledger.open_ledger(path)
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO rejects VALUES (?, ?, ?)",
+                     ((f"file-{n}", "x" * 1000, 0.0) for n in range(100_000)))
+    conn.execute("COMMIT")
+    conn.execute("DELETE FROM rejects WHERE rowid % 2 = 0")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+
+
+def test_vacuum_never_holds_the_ledger_past_its_bound_while_workers_run(
+        home: Path, spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from koubou_spool.config import Config
+    from koubou_spool.ops import maintain as maintain_module
+    path = home / "db" / "koubou.db"
+    _bulky_ledger(path)
+    monkeypatch.setattr(maintain_module, "VACUUM_MAX_S", 0.05, raising=False)
+    worker_lock = spool.register_worker("worker-alive", {})  # a worker is running
+    waits: list[float] = []
+    stop = threading.Event()
+
+    def write() -> None:  # a worker's ledger writes, timed
+        conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+        while not stop.is_set():
+            started = time.monotonic()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("COMMIT")
+            waits.append(time.monotonic() - started)
+            stop.wait(0.005)
+        conn.close()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        summary = maintain_module.run(spool, Config(craftsmen={}), path, vacuum=True)
+    finally:
+        stop.set()
+        writer.join(30)
+        spool.unregister_worker("worker-alive", worker_lock)
+    assert max(waits) < 0.4, f"a write waited {max(waits):.2f} s behind the vacuum"
+    assert not summary.vacuumed and "vacuum skipped" in " ".join(summary.errors)
+    conn = ledger.open_ledger(path)  # rolled back whole: the ledger is as it was
+    assert conn.execute("SELECT COUNT(*) FROM rejects").fetchone()[0] == 50_000
+    summary = maintain_module.run(spool, Config(craftsmen={}), path, vacuum=True)
+    assert summary.vacuumed  # no worker running: the vacuum may take its time
+
+
+def test_vacuum_of_a_locked_ledger_is_skipped_and_maintain_exits_zero(home: Path) -> None:
+    holder = sqlite3.connect(home / "db" / "koubou.db", timeout=0, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        summary = invoke("--home", str(home), "--vacuum")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert summary["vacuumed"] is False and summary["errors"]

@@ -3,6 +3,8 @@ dependencies, hooks and the systemd notify protocol (README: How it keeps its pr
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
 import random
 import signal
@@ -14,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from conftest import Workers, log_of, read_json, submit, wait_outcomes, wait_ready, write_config
@@ -201,3 +204,62 @@ def test_systemd_notify_ready_watchdog_and_status(home: Path, tmp_path: Path) ->
             proc.kill()
             proc.wait(timeout=10)
         sock.close()
+
+
+def _heartbeats_while(home: Path, recovery: object, monkeypatch: pytest.MonkeyPatch,
+                      seconds: float) -> tuple[list[int], list[str]]:
+    """Run a worker in this process with `recovery` in place of recover_orphans; the lock
+    file's mtimes seen over `seconds`, and the tasks completed meanwhile."""
+    from koubou_spool import config as config_module
+    from koubou_spool.work import worker as worker_module
+    monkeypatch.setattr(worker_module, "recover_orphans", recovery)
+    write_config(home, spool={"heartbeat_s": 0.2, "lease_s": 10})
+    config = config_module.load(home / "config" / "koubou.yaml")
+    spool = Spool.open(home)
+
+    async def scenario() -> tuple[list[int], list[str]]:
+        worker = worker_module.Worker(home, config, craftsmen=["echo"])
+        running = asyncio.ensure_future(worker.run())
+        lock = spool.workers / f"{worker.id}.lock"
+        mtimes: list[int] = []
+        started = time.monotonic()
+        while time.monotonic() - started < seconds and not running.done():
+            if lock.exists():
+                mtimes.append(lock.stat().st_mtime_ns)
+            await asyncio.sleep(0.05)
+        task_id = submit(spool, craftsman="echo", content="still served")
+        for _ in range(100):
+            if running.done() or (spool.completed / f"{task_id}.json").exists():
+                break
+            await asyncio.sleep(0.05)
+        done = [task_id] if (spool.completed / f"{task_id}.json").exists() else []
+        worker.stop()
+        await asyncio.wait_for(running, 20)
+        return sorted(set(mtimes)), done
+
+    return asyncio.run(scenario())
+
+
+def test_a_failing_recovery_does_not_stop_the_heartbeat(
+        home: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    calls = []
+
+    def no_space(*args: object, **kwargs: object) -> list:
+        calls.append(time.monotonic())
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    mtimes, done = _heartbeats_while(home, no_space, monkeypatch, 1.5)
+    assert len(mtimes) >= 4, "the heartbeat stopped"
+    assert len(calls) >= 3 and done
+    assert "No space left on device" in caplog.text
+
+
+def test_a_slow_recovery_does_not_block_the_loop(
+        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def slow(*args: object, **kwargs: object) -> list:
+        time.sleep(2)  # a locked ledger: up to seconds per orphan
+        return []
+
+    mtimes, done = _heartbeats_while(home, slow, monkeypatch, 1.5)
+    assert len(mtimes) >= 4, "the loop was blocked by recovery"
+    assert done

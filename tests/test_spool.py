@@ -6,6 +6,9 @@ import errno
 import os
 import subprocess
 import sys
+
+
+import time
 from pathlib import Path
 
 import pytest
@@ -75,6 +78,45 @@ def test_a_revoked_claim_cannot_publish(spool: Spool) -> None:
     assert os.listdir(spool.completed) == []
     assert read_json(spool.pending / "t1.json")["attempts"] == 1
     assert os.listdir(spool.tmp) == []
+
+
+def test_a_requeue_racing_a_cancel_never_brings_the_task_back(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from koubou_spool.service import control
+    task_id = submit(spool, content="x")
+    claim = spool.claim(f"{task_id}.json", "w-1-aaaa")
+    write_tmp = spool._write_tmp
+    cancels = []
+
+    def cancel_meanwhile(label: str, data: bytes) -> str:  # `koubou cancel` lands mid-requeue
+        if not cancels:
+            cancels.append(label)
+            try:
+                control.cancel(spool, spool.home / "db" / "koubou.db", task_id)
+            except control.NotCancelled:
+                pass  # the requeue had fenced the claim first
+        return write_tmp(label, data)
+
+    monkeypatch.setattr(spool, "_write_tmp", cancel_meanwhile)
+    spool.requeue(claim.file_name, attempts=1)
+    monkeypatch.undo()
+    places = [d for d in ("pending", "failed") if os.listdir(spool.state_dir(d))]
+    assert len(places) == 1, f"the task is in {places}"
+    assert os.listdir(spool.in_progress) == []
+
+
+def test_a_second_outcome_for_an_id_is_refused_not_written_over_the_first(spool: Spool) -> None:
+    tasks = [task_format.validate({"id": "t1", "content": n}) for n in ("one", "two")]
+    for name, task in zip(("a.json", "b.json"), tasks, strict=True):
+        (spool.pending / name).write_bytes(task_format.encode(task.raw))
+    claims = [spool.claim(name, "w-1-aaaa") for name in ("a.json", "b.json")]
+    records = [task_format.completed_record(t, {"content": t.content}) for t in tasks]
+    assert spool.publish(claims[0], "t1", records[0])
+    assert not spool.publish(claims[1], "t1", records[1])
+    assert read_json(spool.completed / "t1.json")["result"] == {"content": "one"}
+    assert (spool.failed / "b.json").exists() and os.listdir(spool.in_progress) == []
+    reason = read_json(spool.failed / "b.json.error.json")["error"]["message"]
+    assert "an outcome for id t1 already exists" in reason
 
 
 def test_publish_moves_the_claim_to_its_outcome(spool: Spool) -> None:
@@ -147,9 +189,26 @@ def test_dead_worker_claims_are_orphaned_live_ones_are_not(spool: Spool) -> None
     spool.claim("b.json", "gone-2-bbbb")  # no lock file: its process is gone
     [(orphan, state)] = spool.orphaned_claims(lease_s=60)
     assert orphan.startswith("b.json@gone-2-bbbb+") and state == "dead"
-    os.utime(fd, (0, 0))  # a heartbeat long ago: alive but stale (e.g. SIGSTOPped)
+    # Alive but stale (SIGSTOPped): its lock is held and its heartbeat stops changing for
+    # lease_s, on this process's own clock.
+    [orphan] = spool.orphaned_claims(lease_s=0.2)
+    assert orphan[1] == "dead"
+    time.sleep(0.3)
     assert ("a.json@me-1-aaaa", "stale") in [(o.split("+")[0], s)
-                                             for o, s in spool.orphaned_claims(lease_s=60)]
+                                             for o, s in spool.orphaned_claims(lease_s=0.2)]
+    spool.unregister_worker("me-1-aaaa", fd)
+
+
+def test_a_clock_step_never_makes_a_live_worker_stale(spool: Spool) -> None:
+    submit(spool, id="a")
+    fd = spool.register_worker("me-1-aaaa", {})
+    spool.claim("a.json", "me-1-aaaa")
+    for step in (-3600, 3600, -86400):  # this recoverer's clock jumped (or a suspend ended)
+        moment = time.time() + step
+        os.utime(fd, (moment, moment))  # the peer's heartbeat, by the peer's clock
+        assert spool.orphaned_claims(lease_s=0.2) == [], f"stolen after a {step} s step"
+    time.sleep(0.3)  # and no heartbeat since: now it is stale
+    assert [s for _, s in spool.orphaned_claims(lease_s=0.2)] == ["stale"]
     spool.unregister_worker("me-1-aaaa", fd)
 
 

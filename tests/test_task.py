@@ -39,6 +39,15 @@ def test_only_content_is_required_and_defaults_are_filled() -> None:
     ({"content": "x", "temperature": 3}, "temperature: expected a number from 0 to 2"),
     ({"content": "x", "max_tokens": 0}, "max_tokens: expected an integer of at least 1"),
     ({"content": "x", "metadata": []}, "metadata: expected an object, got [] (array)"),
+    ({"content": "x", "not_before": 1700000000}, "not_before: expected an ISO-8601 time"),
+    ({"content": "x", "expires_at": None}, "expires_at: expected an ISO-8601 time"),
+    ({"content": "x", "files": None}, "files: expected a list of strings, got null"),
+    ({"content": "x", "after": "a"}, 'after: expected a list of task ids, got "a"'),
+    ({"content": "x", "attempts": 10**20}, "attempts: expected an integer of at least 0"),
+    ({"custom_id": "b", "body": {"messages": [{"role": "user", "content": [{"text": 5}]}]}},
+     "body.messages[0].content[0]: expected a content part"),
+    ({"custom_id": "b", "body": {"messages": [{"role": "user", "content": 5}]}},
+     "body.messages[0].content: expected a string or a list of content parts"),
 ])
 def test_invalid_tasks_name_field_expected_and_got(obj: object, message: str) -> None:
     with pytest.raises(InvalidTask) as caught:
@@ -110,3 +119,23 @@ def test_times_are_utc_with_offset() -> None:
     assert task_format.iso(1_700_000_000.5) == "2023-11-14T22:13:20.500+00:00"
     assert task_format.parse_iso("2023-11-14T22:13:20.500+00:00") == 1_700_000_000.5
     assert task_format.parse_iso("2023-11-15T07:13:20.500+09:00") == 1_700_000_000.5
+
+
+@pytest.mark.parametrize("data, message", [
+    (b'{"content": "a", "content": "b"}', "duplicate key 'content'"),
+    (b'{"content": "x", "temperature": NaN}', "NaN is not a JSON number"),
+    (b'{"content": "x", "timeout_s": -Infinity}', "-Infinity is not a JSON number"),
+    (b'{"content": "\\udc00"}', "lone surrogate"),
+    (b'{"content": "x", "c": ' + b"[" * 101 + b"]" * 101 + b"}", "nested too deeply"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"content": "x", "max_tokens": ' + b"9" * 5000 + b"}", "digits"),
+])
+def test_json_that_is_not_strict_is_invalid_not_a_crash(data: bytes, message: str) -> None:
+    with pytest.raises(InvalidTask, match=message) as caught:
+        task_format.parse(data)
+    assert not isinstance(caught.value, UnreadableTask)  # whole documents: no wait for a writer
+
+
+def test_escaped_surrogate_pairs_and_moderate_nesting_are_fine() -> None:
+    task = task_format.parse(b'{"content": "\\ud83d\\ude00", "context": {"a": [[[1]]]}}')
+    assert task.content == "\U0001f600"

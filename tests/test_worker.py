@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from conftest import (Workers, log_of, read_json, submit, wait_file, wait_outcom
 from fake_openai import FakeOpenAI
 from koubou_spool.spool import task as task_format
 from koubou_spool.spool.files import Spool
+from koubou_spool.spool.watcher import wait_for_files
 
 
 def test_a_task_reaches_the_craftsman_and_its_outcome_is_recorded(
@@ -90,31 +92,97 @@ BAD_INPUTS = {
     "binary.json": bytes(range(256)),
     "empty.json": b"",
     "escape.json": b'{"content": "x", "id": "../../etc/passwd"}',
+    # issue 18: each of these killed the worker or was run instead of refused
+    "not-before-number.json": b'{"content": "x", "not_before": 1700000000}',
+    "not-before-null.json": b'{"content": "x", "not_before": null}',
+    "expires-list.json": b'{"content": "x", "expires_at": []}',
+    "submitted-object.json": b'{"content": "x", "submitted_at": {}}',
+    "after-string.json": b'{"content": "x", "after": "other"}',
+    "after-null.json": b'{"content": "x", "after": null}',
+    "files-object.json": b'{"content": "x", "files": {"a": 1}}',
+    "files-number.json": b'{"content": "x", "files": [1]}',
+    "priority-null.json": b'{"content": "x", "priority": null}',
+    "priority-float.json": b'{"content": "x", "priority": 5.5}',
+    "priority-huge.json": b'{"content": "x", "priority": 1e400}',
+    "attempts-huge.json": b'{"content": "x", "attempts": 100000000000000000000000}',
+    "max-tokens-digits.json": b'{"content": "x", "max_tokens": ' + b"9" * 5000 + b"}",
+    "temperature-nan.json": b'{"content": "x", "temperature": NaN}',
+    "timeout-infinity.json": b'{"content": "x", "timeout_s": Infinity}',
+    "metadata-nan.json": b'{"content": "x", "metadata": {"score": NaN}}',
+    "nested-deep.json": b'{"content": "x", "context": {"a": ' + b"[" * 100_000
+                        + b"]" * 100_000 + b"}}",
+    "utf8-invalid.json": b'{"content": "caf\xc3\x28 \xff"}',
+    "bom.json": b'\xef\xbb\xbf{"content": "x"}',
+    "top-number.json": b"42",
+    "top-string.json": b'"do the thing"',
+    "top-null.json": b"null",
+    "duplicate-keys.json": b'{"content": "a", "content": "b"}',
+    "lone-surrogate.json": b'{"content": "x \\ud800 y"}',
+    "batch-part-number.json": b'{"custom_id": "b1", "body": {"messages": '
+                              b'[{"role": "user", "content": [{"text": 5}]}]}}',
+    "batch-body-null.json": b'{"custom_id": "b2", "body": null}',
+    "batch-message-string.json": b'{"custom_id": "b3", "body": {"messages": ["hi"]}}',
+    "context-list.json": b'{"content": "x", "context": [1]}',
+    "content-blank.json": b'{"content": "   "}',
+    "type-number.json": b'{"content": "x", "type": 7}',
+    "sensitivity-list.json": b'{"content": "x", "sensitivity": ["confidential"]}',
+    "id-too-long.json": b'{"content": "x", "id": "' + b"a" * 200 + b'"}',
+    "created-by-number.json": b'{"content": "x", "created_by": 5}',
+    "max-attempts-zero.json": b'{"content": "x", "max_attempts": 0}',
 }
+LONG_NAME = "n" * 245 + ".json"  # the claim's rename would pass NAME_MAX
+ODD_NAME = os.fsdecode(b"odd-\xff\xfe.json")  # a name that is not UTF-8
+
+
+def drop_bad_inputs(directory: Path, stage: Path) -> set[str]:
+    """Every kind of bad input, staged and renamed into `directory` at once; their names."""
+    stage.mkdir()
+    for name, data in BAD_INPUTS.items():
+        (stage / name).write_bytes(data)
+    (stage / "large.json").write_bytes(b'{"content": "' + b"x" * 300_000 + b'"}')
+    (stage / LONG_NAME).write_bytes(b'{"content": "a valid task under a name too long"}')
+    (stage / ODD_NAME).write_bytes(b"not json at all")
+    target = stage.parent / "target.json"
+    target.write_text('{"content": "read through a link"}')
+    os.symlink(target, stage / "link.json")
+    (stage / "directory.json").mkdir()
+    os.mkfifo(stage / "fifo.json")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(stage / "socket.json"))
+    server.close()
+    names = set(os.listdir(stage))
+    for name in names:
+        os.rename(stage / name, directory / name)
+    return names
 
 
 def test_each_kind_of_bad_input_lands_in_failed_with_its_reason(
         home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers,
         tmp_path: Path) -> None:
-    write_config(home, fake_openai.base_url, spool={"max_task_bytes": 4096, "grace_s": 0.3})
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    os.symlink(allowed / "loop", allowed / "loop")
+    write_config(home, fake_openai.base_url, spool={"max_task_bytes": 300_000, "grace_s": 0.3},
+                 attach={"allowed_dirs": [str(allowed)]})
     proc = workers.start(home)
     wait_ready(spool)
-    for name, data in BAD_INPUTS.items():
-        (spool.pending / name).write_bytes(data)
-    (spool.pending / "large.json").write_bytes(b'{"content": "' + b"x" * 5000 + b'"}')
-    target = tmp_path / "target.json"
-    target.write_text('{"content": "read through a link"}')
-    os.symlink(target, spool.pending / "link.json")
-    (spool.pending / "directory.json").mkdir()
-    os.mkfifo(spool.pending / "fifo.json")
-    expected = set(BAD_INPUTS) | {"large.json", "link.json", "directory.json", "fifo.json"}
-    sidecars = {n + ".error.json" for n in expected}
-    for name in sidecars:
-        wait_file(spool.failed, name)
+    invalid_files = {"loop": [str(allowed / "loop")], "nul": ["/tmp/a\0b"]}
+    expected = drop_bad_inputs(spool.pending, tmp_path / "stage")
+    for task_id, files in invalid_files.items():  # valid tasks whose attachments cannot be read
+        (spool.pending / f"{task_id}.json").write_text(json.dumps({"content": "x",
+                                                                   "files": files}))
+    assert len(expected) + len(invalid_files) >= 50
+    rejected = {}
+    for name in expected:
+        sidecar = long_name_sidecar(spool) if name == LONG_NAME else name + ".error.json"
+        wait_file(spool.failed, sidecar, timeout=20)
+        rejected[name] = read_json(spool.failed / sidecar)
+    for task_id in invalid_files:
+        outcome = wait_outcomes(spool, [task_id])[task_id]
+        assert outcome["error"]["kind"] == "invalid" and "files:" in outcome["error"]["message"]
     for name, data in BAD_INPUTS.items():
         assert (spool.failed / name).read_bytes() == data, name
-    reasons = {n: read_json(spool.failed / (n + ".error.json"))["error"]["message"]
-               for n in expected}
+    reasons = {n: r["error"]["message"] for n, r in rejected.items()}
     assert "not valid JSON" in reasons["bad.json"]
     assert "expected a JSON object" in reasons["array.json"]
     assert "content: required" in reasons["missing.json"]
@@ -125,10 +193,21 @@ def test_each_kind_of_bad_input_lands_in_failed_with_its_reason(
     assert "over spool.max_task_bytes" in reasons["large.json"]
     assert "symbolic link" in reasons["link.json"]
     assert "directory" in reasons["directory.json"]
-    assert "FIFO" in reasons["fifo.json"]
+    assert "FIFO" in reasons["fifo.json"] and "FIFO or socket" in reasons["socket.json"]
+    assert "not_before: expected an ISO-8601 time" in reasons["not-before-number.json"]
+    assert "not_before: expected" in reasons["not-before-null.json"]
+    assert "nested too deeply" in reasons["nested-deep.json"]
+    assert "duplicate key" in reasons["duplicate-keys.json"]
+    assert "NaN" in reasons["temperature-nan.json"]
+    assert "surrogate" in reasons["lone-surrogate.json"]
+    assert "body.messages" in reasons["batch-part-number.json"]
+    assert "name is too long" in reasons[LONG_NAME]
+    assert rejected[LONG_NAME]["original_name"] == LONG_NAME
+    for name, reason in reasons.items():
+        assert reason and "Error" not in reason, (name, reason)  # a reason, not an exception
     assert os.path.islink(spool.failed / "link.json")
-    assert target.read_text() == '{"content": "read through a link"}'
-    assert os.listdir(spool.pending) == []
+    assert target_unchanged(tmp_path)
+    assert os.listdir(spool.pending) == [] and os.listdir(spool.in_progress) == []
     # the worker is still serving
     task_id = submit(spool, content="still alive")
     assert wait_outcomes(spool, [task_id])[task_id]["status"] == "completed"
@@ -137,6 +216,36 @@ def test_each_kind_of_bad_input_lands_in_failed_with_its_reason(
     out = subprocess.run([sys.executable, "-m", "koubou_spool.cli.koubou", "status", "bad.json",
                           "--json"], capture_output=True, text=True, check=True)
     assert '"rejected": true' in out.stdout and "not valid JSON" in out.stdout
+
+
+def long_name_sidecar(spool: Spool, timeout: float = 20) -> str:
+    """The sidecar of LONG_NAME, rejected under a shorter name that leaves room for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [n for n in os.listdir(spool.failed)
+                 if n.startswith("nnnnnnnn") and n.endswith(".error.json")]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, "the file with the long name was not rejected"
+        threading.Event().wait(0.1)
+
+
+def target_unchanged(tmp_path: Path) -> bool:
+    return (tmp_path / "target.json").read_text() == '{"content": "read through a link"}'
+
+
+def test_maintain_survives_every_kind_of_bad_input(home: Path, spool: Spool,
+                                                   tmp_path: Path) -> None:
+    names = drop_bad_inputs(spool.pending, tmp_path / "stage")
+    for name in sorted(names - {LONG_NAME})[:10]:  # a dead worker's claims, for recovery
+        os.rename(spool.pending / name, spool.in_progress / f"{name}@deadhost-1-dead")
+    done = subprocess.run([sys.executable, "-m", "koubou_spool.cli.koubou", "maintain",
+                           "--home", str(home), "--purge-after", "1d"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert set(os.listdir(spool.pending)) == names  # judged by workers, not by maintain
+    assert os.listdir(spool.in_progress) == []
 
 
 def test_fencing_a_worker_whose_claim_was_revoked_cannot_complete(
@@ -374,3 +483,29 @@ def test_a_queued_file_rewritten_before_its_claim_runs_with_its_new_content(
         json.dumps({"id": second, "content": "new text"}))  # rewritten in place
     wait_outcomes(spool, [first, second])
     assert fake_openai.completions()[-1]["messages"][-1]["content"] == "new text"
+
+
+def test_two_files_with_one_id_run_once_and_the_duplicate_is_refused(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers,
+        tmp_path: Path) -> None:
+    fake_openai.latency_s = 0.5  # both are claimed and running at once
+    workers.start(home)
+    wait_ready(spool)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    for name in ("first.json", "second.json"):
+        (stage / name).write_text(json.dumps({"id": "dup", "content": name}))
+    for name in ("first.json", "second.json"):
+        os.rename(stage / name, spool.pending / name)
+    outcome = wait_outcomes(spool, ["dup"])["dup"]
+    refused = wait_for_files([spool.failed], {"first.json.error.json",
+                                              "second.json.error.json"}, 10)
+    assert len(refused) == 1, "the second outcome was written over the first"
+    reason = read_json(spool.failed / refused.pop())["error"]["message"]
+    assert "an outcome for id dup already exists" in reason
+    (stage / "third.json").write_text(json.dumps({"id": "dup", "content": "third.json"}))
+    os.rename(stage / "third.json", spool.pending / "third.json")  # after it finished
+    wait_file(spool.failed, "third.json.error.json")
+    assert read_json(spool.completed / "dup.json") == outcome
+    sent = [b["messages"][-1]["content"] for b in fake_openai.completions()]
+    assert "third.json" not in sent  # refused when judged: no call made

@@ -25,7 +25,8 @@ class DoctorFound(KoubouError):
                    "by file time). Default: keep everything.")
 @click.option("--purge-ledger", is_flag=True,
               help="With --purge-after, delete the purged tasks' ledger rows too.")
-@click.option("--vacuum", is_flag=True, help="VACUUM the ledger afterwards.")
+@click.option("--vacuum", is_flag=True,
+              help="VACUUM the ledger afterwards (while workers run: given up after 1 s).")
 def maintain(purge_after: str | None, purge_ledger: bool, vacuum: bool, as_json: bool) -> None:
     """For cron and timers: requeue dead workers' tasks, fail expired ones, purge, vacuum.
 

@@ -4,13 +4,16 @@
   an flock on one while a request is in flight. The kernel drops the lock when the process dies,
   however it dies, so a slot is never leaked. Workers notice freed slots through outcome events.
 - Budget and rate windows: one SQLite transaction in the ledger per call (ledger.reserve).
+- The exhausted mark: run/budget-exhausted.json, the home's, not a process's: workers split
+  per craftsman (koubou-worker@cloud, koubou-worker@local) must agree that cloud tasks go
+  local, or each leaves them to the other.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
-import math
 import os
 import sqlite3
 import threading
@@ -66,15 +69,67 @@ class Slots:
                 os.close(fd)
 
 
+class ExhaustedMark:
+    """The home's mark that the budget was found spent: until when, and the smallest
+    reservation refused since it was set. A file, so it needs no ledger to be read: routing
+    reads it for every task (a stat, and a read only when it changed)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen: tuple[tuple[int, int, int], tuple[float, float] | None] | None = None
+
+    def read(self) -> tuple[float, float] | None:
+        """(until, smallest refused amount), or None when no mark is set."""
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        key = (info.st_ino, info.st_mtime_ns, info.st_size)
+        seen = self._seen
+        if seen is not None and seen[0] == key:
+            return seen[1]
+        try:
+            obj = json.loads(self.path.read_bytes())
+            value = (float(obj["until"]), float(obj["refused"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            value = None  # unreadable: as if unset; the next refusal writes it whole
+        self._seen = (key, value)
+        return value
+
+    def set(self, until: float, refused: float) -> None:
+        """Raise the mark, or widen it: the later end, the smaller refused amount."""
+        current = self.read()
+        if current is not None:
+            until, refused = max(until, current[0]), min(refused, current[1])
+        staging = f"{self.path}.{os.getpid()}.{threading.get_ident()}"
+        try:
+            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, json.dumps({"until": until, "refused": refused}).encode())
+            finally:
+                os.close(fd)
+            os.rename(staging, self.path)
+        except OSError as exc:  # without the mark the refusal only repeats: never worse
+            log.warning("cannot write %s: %s", self.path, exc.strerror)
+
+    def clear(self) -> None:
+        """Lift the mark."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
 class Budget:
     """Budget reservations and rate windows in the ledger; called from worker threads."""
 
-    def __init__(self, path: Path, settings: BudgetSettings) -> None:
+    def __init__(self, path: Path, settings: BudgetSettings, mark: Path | None = None) -> None:
         self.path = path
         self.settings = settings
         self._local = threading.local()
-        self._exhausted_until = 0.0
-        self._refused = math.inf  # the smallest reservation refused since the mark was set
+        # db/koubou.db -> run/budget-exhausted.json, beside the slots and worker locks
+        self.mark = ExhaustedMark(mark or path.parent.parent / "run" / "budget-exhausted.json")
+        self._saw_mark = False  # the mark was up when this process last looked
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -84,25 +139,36 @@ class Budget:
 
     def needed(self, craftsman: Craftsman) -> bool:
         """Whether calls to this craftsman go through the ledger (cloud with a budget, or rates)."""
-        return (self.settings.enabled and not craftsman.local) or bool(
-            craftsman.max_rpm or craftsman.max_tpm)
+        return self.budgets(craftsman) or bool(craftsman.max_rpm or craftsman.max_tpm)
 
     def reserve(self, task_id: str, attempt: int, craftsman: Craftsman, amount: float,
                 tokens: int) -> tuple[str, float]:
-        """ledger.reserve with this home's limits; local craftsmen reserve nothing."""
+        """ledger.reserve with this home's limits; local craftsmen reserve nothing.
+
+        sqlite3.Error when the ledger is locked or broken: then a budgeted call cannot be
+        vouched for, and the home is marked exhausted (routing sends cloud tasks where
+        when_exhausted says) until a recheck finds the ledger readable and room in it."""
         now = time.time()
         day, month = self.settings.periods(now)
         budgeted = not craftsman.local
-        result = ledger.reserve(
-            self._conn(), task_id=task_id, attempt=attempt, craftsman=craftsman.name,
-            amount=amount if budgeted else 0.0, day=day, month=month,
-            daily_limit=self.settings.daily_usd if budgeted else None,
-            monthly_limit=self.settings.monthly_usd if budgeted else None,
-            max_rpm=craftsman.max_rpm, max_tpm=craftsman.max_tpm, tokens=tokens, now=now)
+        try:
+            result = ledger.reserve(
+                self._conn(), task_id=task_id, attempt=attempt, craftsman=craftsman.name,
+                amount=amount if budgeted else 0.0, day=day, month=month,
+                daily_limit=self.settings.daily_usd if budgeted else None,
+                monthly_limit=self.settings.monthly_usd if budgeted else None,
+                max_rpm=craftsman.max_rpm, max_tpm=craftsman.max_tpm, tokens=tokens, now=now)
+        except sqlite3.Error:
+            if self.budgets(craftsman):
+                self.mark.set(self._period_end(now), amount)
+            raise
         if result[0] == "budget":
-            self._refused = min(self._refused, amount)
-            self._exhausted_until = self._period_end(now)
+            self.mark.set(self._period_end(now), amount)
         return result
+
+    def budgets(self, craftsman: Craftsman) -> bool:
+        """Whether this craftsman's calls count against the budget."""
+        return self.settings.enabled and not craftsman.local
 
     def settle(self, reservation_id: int, cost: float | None) -> list[tuple[str, int, float, float]]:
         """Record the real cost; returns the alerts (period, percent, spent, limit) now due."""
@@ -127,15 +193,27 @@ class Budget:
             log.warning("could not settle reservations of %s: %s", task_id, exc)
 
     def exhausted(self) -> bool:
-        """Whether the budget was found spent: until the period that ran out ends, or until
-        `recheck` finds room again."""
-        return time.time() < self._exhausted_until
+        """Whether the budget was found spent (by any worker of the home): until the period
+        that ran out ends, or until `recheck` finds room again."""
+        mark = self.mark.read()
+        up = mark is not None and time.time() < mark[0]
+        self._saw_mark = self._saw_mark or up
+        return up
 
     def recheck(self) -> bool:
         """Lift the exhausted mark when calls settled below their reservations have left room
-        for the smallest reservation refused; True when it was lifted."""
-        if not self.exhausted():
-            return False
+        for the smallest reservation refused. True when the mark this process saw up is down
+        now, whoever lifted it: its deferred tasks are judged again."""
+        mark = self.mark.read()
+        if mark is None or time.time() >= mark[0] or self._room_for(mark[1]):
+            if mark is not None:
+                self.mark.clear()
+            lifted, self._saw_mark = self._saw_mark, False
+            return lifted
+        self._saw_mark = True
+        return False
+
+    def _room_for(self, amount: float) -> bool:
         day, month = self.settings.periods(time.time())
         try:
             day_spent, month_spent = ledger.spent(self._conn(), day, month)
@@ -145,10 +223,7 @@ class Budget:
         rooms = [limit - spent for spent, limit in ((day_spent, self.settings.daily_usd),
                                                     (month_spent, self.settings.monthly_usd))
                  if limit is not None]
-        if rooms and min(rooms) < self._refused:
-            return False
-        self._exhausted_until, self._refused = 0.0, math.inf
-        return True
+        return not rooms or min(rooms) >= amount
 
     def _period_end(self, now: float) -> float:
         day, month = self.settings.periods(now)

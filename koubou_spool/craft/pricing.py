@@ -56,8 +56,13 @@ def _looked_up(model: str, provider: str | None, base_url: str | None) -> Price 
 
 
 def price_of(craftsman: Craftsman, model: str | None = None) -> Price | None:
-    """The craftsman's price for a model; None when unknown (a cloud model not in the table)."""
-    if craftsman.price is not None:
+    """The price of a call to `model` (default: the craftsman's own); None when unknown.
+
+    A configured `price:` is the price of the craftsman's own model: a task's model override
+    on a cloud craftsman is looked up by its own name (and is unknown when the table lacks
+    it, which a budget refuses). A local craftsman's price covers whatever it serves."""
+    override = bool(model) and model != craftsman.model
+    if craftsman.price is not None and (craftsman.local or not override):
         p = craftsman.price
         return Price(p.get("input_per_mtok", 0.0), p.get("output_per_mtok", 0.0),
                      p.get("cache_read_per_mtok"), source="config")
@@ -73,10 +78,11 @@ def price_of(craftsman: Craftsman, model: str | None = None) -> Price | None:
 
 def cost_of(craftsman: Craftsman, model: str, usage: dict[str, int],
             reported: float | None = None) -> float | None:
-    """A call's cost: what the craftsman reported (CLI agents), else its usage at the price."""
+    """A call's cost: what the craftsman reported (CLI agents), else its usage at the price of
+    `model`, the model asked for (the server may name it otherwise, e.g. a dated snapshot)."""
     if reported is not None:
         return reported
-    price = price_of(craftsman, model if craftsman.price is None else None)
+    price = price_of(craftsman, model)
     if price is None:
         return None
     return price.cost(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0),

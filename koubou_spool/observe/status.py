@@ -30,7 +30,7 @@ def live_workers(spool: Spool, ledger_path: Path, lease_s: float) -> list[dict[s
         if not worker_id:
             continue
         info = dict(rows.get(worker_id, {"id": worker_id}))
-        info["liveness"] = spool.worker_state(worker_id, lease_s)
+        info["liveness"] = spool.worker_state(worker_id, lease_s, observed=False)
         found.append(info)
     return found
 

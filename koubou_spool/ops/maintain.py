@@ -10,6 +10,7 @@ while concurrent ones exit at once.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import shutil
@@ -40,6 +41,9 @@ DURATION_RE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[smhdw])")
 UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 # Maildir's rule: a file left in tmp/ for a day belongs to a writer that died before its rename.
 STALE_TMP_S = 86400
+# VACUUM holds the ledger's write lock throughout: give it up before the workers' writes,
+# waiting behind it, run out of their busy timeout.
+VACUUM_MAX_S = ledger.BUSY_TIMEOUT_MS / 2000
 
 
 @dataclass
@@ -115,8 +119,23 @@ def _chores(spool: Spool, config: Config, ledger_path: Path, purge_after: float 
     summary.tmp_removed = clean_tmp(spool, now - STALE_TMP_S)
     summary.workers_removed = spool.remove_dead_workers(now - STALE_TMP_S)
     if vacuum and ledger_path.exists():
-        summary.vacuumed = _with_ledger(ledger_path, ledger.vacuum, summary=summary) is not False
+        summary.vacuumed = _vacuum(spool, ledger_path, summary)
     return summary
+
+
+def _vacuum(spool: Spool, path: Path, summary: Summary) -> bool:
+    """VACUUM, within VACUUM_MAX_S while workers run: a busy or large ledger is left as it is
+    rather than holding up their writes."""
+    alive = any(spool.worker_state(entry[:-5], math.inf) != "dead"
+                for entry in os.listdir(spool.workers) if entry.endswith(".lock"))
+    errors = len(summary.errors)
+    done = _with_ledger(path, ledger.vacuum, VACUUM_MAX_S if alive else math.inf,
+                        summary=summary)
+    if done is False and len(summary.errors) == errors:
+        log.warning("vacuum given up after %g s so that the workers' writes need not wait; "
+                    "run `koubou maintain --vacuum` while they are stopped", VACUUM_MAX_S)
+        summary.errors.append(f"vacuum skipped: it would hold the ledger past {VACUUM_MAX_S:g} s")
+    return done is True
 
 
 @contextmanager

@@ -38,6 +38,7 @@ CLAIM_RE = re.compile(r"(?P<name>.+)@(?P<worker>[A-Za-z0-9-]+)(?:\+(?P<seq>[0-9]
                       r"(?P<fin>\.fin)?")
 _claim_seq = itertools.count(1)
 SIDECAR = ".error.json"
+NAME_MAX = 255  # bytes in one file name on ext4, xfs, btrfs and tmpfs
 
 
 # The machine's trouble, not the file's: out of descriptors (each worker holds slot files per
@@ -60,12 +61,15 @@ class Unavailable(SpoolError):
 
 @dataclass(frozen=True)
 class Claim:
-    """A task this worker holds: in_progress/<name>@<worker>."""
+    """A task this worker holds: in_progress/<name>@<worker>. `claimed_at` is wall time, for
+    records; `clock` is this process's monotonic time, for measuring (a clock step cannot
+    make a duration negative)."""
 
     name: str
     worker_id: str
     claimed_at: float
     seq: int = field(default_factory=lambda: next(_claim_seq))
+    clock: float = field(default_factory=time.monotonic, compare=False)
 
     @property
     def file_name(self) -> str:
@@ -79,6 +83,34 @@ class Found:
     state: str
     path: Path
     rejected: bool = False
+
+
+class Heartbeats:
+    """When this process saw each live worker's heartbeat (its lock file's mtime) last change,
+    on this process's own monotonic clock.
+
+    Lock-file mtimes are set by each worker from its own wall clock: comparing them with ours
+    lets a clock step (or a suspend longer than the lease) make every peer look stale at once,
+    and a step back hide a hung one. So the mtime is only compared with itself: a worker is
+    stale once its mtime has not changed for lease_s of our monotonic time, counted from when
+    we first saw that value. Whether it is dead at all is its lock's business, not a clock's.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[int, float]] = {}  # worker id -> (mtime_ns, first seen)
+
+    def stale(self, worker_id: str, mtime_ns: int, lease_s: float) -> bool:
+        """Whether this heartbeat value has stood unchanged for longer than lease_s."""
+        now = time.monotonic()
+        seen = self._seen.get(worker_id)
+        if seen is None or seen[0] != mtime_ns:
+            self._seen[worker_id] = (mtime_ns, now)
+            return False
+        return now - seen[1] > lease_s
+
+    def forget(self, worker_id: str) -> None:
+        """A worker is gone."""
+        self._seen.pop(worker_id, None)
 
 
 def _hostname() -> str:
@@ -104,6 +136,7 @@ class Spool(Store):
         self.completed = tasks / "completed"
         self.failed = tasks / "failed"
         self.workers = home / "run" / "workers"
+        self.heartbeats = Heartbeats()
 
     @classmethod
     def open(cls, home: Path, settings: Any = None) -> Spool:
@@ -142,7 +175,8 @@ class Spool(Store):
             os.close(fd)
 
     def _write_tmp(self, label: str, data: bytes) -> str:
-        path = f"{self.tmp}/.{label}.{os.getpid()}.{os.urandom(4).hex()}"
+        # The label only helps a person reading tmp/: cut, so a long name still fits NAME_MAX.
+        path = f"{self.tmp}/.{label[:100]}.{os.getpid()}.{os.urandom(4).hex()}"
         fd = permissions.open_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, permissions.RECORD)
         try:
             _write_all(fd, data)
@@ -191,11 +225,7 @@ class Spool(Store):
         claimed = name + "@"
         if any(entry.startswith(claimed) for entry in os.listdir(self.in_progress)):
             return "in_progress"
-        for state, directory in (("completed", self.completed), ("failed", self.failed)):
-            if os.path.lexists(f"{directory}/{name}") and not os.path.lexists(
-                    f"{directory}/{name}{SIDECAR}"):
-                return state
-        return None
+        return self.outcome_state(task_id)
 
     def _link_pending(self, task: Task, now: float) -> bool:
         raw = dict(task.raw)
@@ -259,7 +289,9 @@ class Spool(Store):
     # --- claim and outcome -----------------------------------------------------------------
 
     def claim(self, name: str, worker_id: str) -> Claim | None:
-        """Take pending/<name> by renaming it into in_progress/; None if another worker won."""
+        """Take pending/<name> by renaming it into in_progress/; None if another worker won.
+
+        OSError when the rename cannot be made (a name too long for the claim's suffix)."""
         claim = Claim(name, worker_id, time.time())
         try:
             os.rename(f"{self.pending}/{name}", f"{self.in_progress}/{claim.file_name}")
@@ -274,7 +306,9 @@ class Spool(Store):
         return self.read_entry(self.in_progress, claim.file_name)
 
     def publish(self, claim: Claim, task_id: str, record: dict[str, Any]) -> bool:
-        """Publish an outcome for a claim; False (and nothing written) when the claim was revoked."""
+        """Publish an outcome for a claim; False (and nothing written) when the claim was revoked,
+        or when another task of the same id has its outcome already: then this claim goes to
+        failed/ as rejected input, and the first outcome stands."""
         directory = self.completed if record["status"] == "completed" else self.failed
         tmp = self._write_tmp(task_id, task_format.encode(record))
         claimed = f"{self.in_progress}/{claim.file_name}"
@@ -284,37 +318,66 @@ class Spool(Store):
         except FileNotFoundError:
             os.unlink(tmp)
             return False
-        os.rename(tmp, f"{directory}/{task_id}.json")
+        try:
+            self._place_outcome(tmp, directory, task_id)
+        except FileExistsError:
+            os.unlink(tmp)
+            self.reject(self.in_progress, claim.file_name + ".fin", duplicate_reason(
+                task_id, self.outcome_state(task_id) or "completed"))
+            return False
         self.sync_dir(directory)
         # A crash before this unlink leaves a .fin beside a published outcome: recovery removes it.
         os.unlink(finishing)
         return True
 
+    def _place_outcome(self, tmp: str, directory: Path, task_id: str) -> None:
+        """Rename an outcome into place without replacing one; FileExistsError if the id has one.
+
+        Two files with one id under different names both get claimed; the no-replace rename
+        keeps the first outcome. Rejected input that bears the name is moved aside first."""
+        name = f"{task_id}.json"
+        if self.outcome_state(task_id) is not None:
+            raise FileExistsError(errno.EEXIST, "an outcome exists", name)
+        if os.path.lexists(f"{directory}/{name}{SIDECAR}"):
+            aside = f"{name}.{task_format.new_id()}"
+            os.rename(directory / name, directory / aside)
+            os.rename(directory / (name + SIDECAR), directory / (aside + SIDECAR))
+        rename_noreplace(tmp, directory / name)
+
     def requeue(self, claim_file: str, attempts: int | None) -> bool:
-        """Put a claimed task back in pending/ with its attempt count; False if the claim is gone."""
-        source = self.in_progress / claim_file
+        """Put a claimed task back in pending/ with its attempt count; False if the claim is gone.
+
+        The claim is fenced first, as publish does: renamed to its finishing name, so a cancel
+        or a recoverer that moved it before has won, and one that comes later finds nothing to
+        move. The rewrite then touches only the finishing file, which nobody else renames while
+        this process lives (a crash leaves it to recovery, like any finishing claim)."""
         name = CLAIM_RE.fullmatch(claim_file)["name"]
-        if attempts is not None:
-            try:
-                data, _ = self.read_entry(self.in_progress, claim_file)
-                obj = json.loads(data)
-                obj["attempts"] = attempts
-                # Replacing the claim file in place keeps the task in exactly one directory.
-                os.rename(self._write_tmp(name, task_format.encode(obj)), source)
-            except Refused as exc:
-                if exc.gone:
-                    return False
-            except Unavailable as exc:
-                # Back uncounted rather than stuck in in_progress/: one attempt may go unseen.
-                log.warning("%s; %s goes back without its attempt count", exc, name)
-            except (ValueError, TypeError, AttributeError):
-                pass  # not a task object: it goes back as it is and is rejected when read again
+        finishing = f"{claim_file}.fin"
         try:
-            os.rename(source, self.pending / name)
+            os.rename(self.in_progress / claim_file, self.in_progress / finishing)
         except FileNotFoundError:
             return False
+        if attempts is not None:
+            self._set_attempts(finishing, name, attempts)
+        try:
+            os.rename(self.in_progress / finishing, self.pending / name)
+        except FileNotFoundError:
+            return False  # this process was taken for dead and the claim taken over
         self.sync_dir(self.pending)
         return True
+
+    def _set_attempts(self, entry: str, name: str, attempts: int) -> None:
+        """Rewrite a fenced claim with its attempt count (tmp, then rename over it)."""
+        try:
+            obj = json.loads(self.read_entry(self.in_progress, entry)[0])
+            obj["attempts"] = attempts
+        except Unavailable as exc:
+            # Back uncounted rather than stuck in in_progress/: one attempt may go unseen.
+            log.warning("%s; %s goes back without its attempt count", exc, name)
+            return
+        except (Refused, ValueError, TypeError, AttributeError, RecursionError):
+            return  # not a task object: it goes back as it is and is rejected when read again
+        os.rename(self._write_tmp(name, task_format.encode(obj)), self.in_progress / entry)
 
     def reject(self, directory: Path, entry: str, reason: str) -> str | None:
         """Move input that is not a valid task to failed/ unchanged, with its reason beside it.
@@ -322,9 +385,7 @@ class Spool(Store):
         Returns the name it got in failed/, or None when another process moved it first.
         """
         name = CLAIM_RE.fullmatch(entry)["name"] if directory == self.in_progress else entry
-        target = name
-        if os.path.lexists(self.failed / target) or os.path.lexists(self.completed / target):
-            target = f"{name}.{task_format.new_id()}"
+        target = self._failed_name(name)
         try:
             os.rename(directory / entry, self.failed / target)
         except FileNotFoundError:
@@ -332,11 +393,22 @@ class Spool(Store):
         except OSError as exc:
             log.error("cannot move %s to failed/: %s", directory / entry, exc.strerror)
             return None
-        sidecar = {"file": target, "original_name": name, "status": "failed",
-                   "error": {"kind": "invalid", "message": reason, "attempts": 0,
+        sidecar = {"file": printable(target), "original_name": printable(name),
+                   "status": "failed",
+                   "error": {"kind": "invalid", "message": printable(reason), "attempts": 0,
                              "at": task_format.iso(time.time())}}
         self.write_atomic(self.failed, target + SIDECAR, task_format.encode(sidecar))
         return target
+
+    def _failed_name(self, name: str) -> str:
+        """The name rejected input gets in failed/: its own, unless that is taken or leaves no
+        room for the sidecar's suffix within NAME_MAX."""
+        fits = len(os.fsencode(name)) + len(SIDECAR) <= NAME_MAX
+        if fits and not os.path.lexists(self.failed / name) and not os.path.lexists(
+                self.completed / name):
+            return name
+        room = NAME_MAX - len(SIDECAR) - 27  # "." and a new id
+        return f"{os.fsdecode(os.fsencode(name)[:room])}.{task_format.new_id()}"
 
     # --- lookups ---------------------------------------------------------------------------
 
@@ -391,6 +463,16 @@ class Spool(Store):
                     continue
                 if isinstance(obj, dict) and task_id in (obj.get("id"), obj.get("custom_id")):
                     return Found(state, directory / entry)
+        return None
+
+    def outcome_state(self, task_id: str) -> str | None:
+        """'completed' or 'failed' when the task has an outcome file, else None. No read: a
+        rejected input that happens to bear the name (it has a sidecar) is no outcome."""
+        name = f"{task_id}.json"
+        for state, directory in (("completed", self.completed), ("failed", self.failed)):
+            if os.path.lexists(f"{directory}/{name}") and not os.path.lexists(
+                    f"{directory}/{name}{SIDECAR}"):
+                return state
         return None
 
     def outcome(self, task_id: str) -> dict[str, Any] | None:
@@ -462,20 +544,28 @@ class Spool(Store):
                 orphans.append((entry, states[worker]))
         return orphans
 
-    def worker_state(self, worker_id: str, lease_s: float) -> str:
-        """'alive', 'stale' (lock held but no heartbeat within lease_s) or 'dead'."""
+    def worker_state(self, worker_id: str, lease_s: float, *, observed: bool = True) -> str:
+        """'alive', 'stale' (lock held, heartbeat unchanged for lease_s as this process saw
+        it: see Heartbeats) or 'dead' (lock free: the kernel drops it with the process).
+
+        observed=False judges staleness by the heartbeat's wall-clock age instead, for a
+        one-shot look by a person (`koubou workers`), never for taking claims over."""
         path = self.workers / f"{worker_id}.lock"
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
+            self.heartbeats.forget(worker_id)
             return "dead"
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            age = time.time() - os.fstat(fd).st_mtime
-            return "stale" if age > lease_s else "alive"
+            mtime = os.fstat(fd).st_mtime_ns
+            if not observed:
+                return "stale" if time.time() - mtime / 1e9 > lease_s else "alive"
+            return "stale" if self.heartbeats.stale(worker_id, mtime, lease_s) else "alive"
         finally:
             os.close(fd)
+        self.heartbeats.forget(worker_id)
         return "dead"
 
 
@@ -488,6 +578,21 @@ def _raise_if_transient(exc: OSError, path: str) -> None:
 def _entry_name(key: str) -> bool:
     """A name that can only mean an entry of a directory: one component, not hidden."""
     return bool(key) and "/" not in key and "\0" not in key and not key.startswith(".")
+
+
+def duplicate_reason(task_id: str, state: str) -> str:
+    """Why a second task with an id already finished is refused."""
+    return (f"an outcome for id {task_id} already exists ({state}/{task_id}.json); an id "
+            "runs once: give this task another id, or `koubou retry` the first")
+
+
+def printable(text: str) -> str:
+    """Text safe to write as UTF-8: undecodable bytes of a file name (surrogate escapes)
+    become U+FFFD."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

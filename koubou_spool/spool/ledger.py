@@ -16,7 +16,9 @@ import sqlite3
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable
@@ -82,10 +84,14 @@ def connect(path: Path) -> sqlite3.Connection:
         _create(path)
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                            check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-        conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+    except BaseException:
+        conn.close()  # not a database (corrupt), or locked while switching to WAL
+        raise
     conn.row_factory = sqlite3.Row
     return conn
 
@@ -157,7 +163,11 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
 def open_ledger(path: Path) -> sqlite3.Connection:
     """A migrated connection."""
     conn = connect(path)
-    migrate(conn)
+    try:
+        migrate(conn)
+    except BaseException:
+        conn.close()  # a locked or broken ledger: callers try again later, without a leak
+        raise
     return conn
 
 
@@ -185,6 +195,27 @@ def read(path: Path, query: Callable[..., Any], *args: Any, default: Any = None)
     except sqlite3.Error as exc:
         log.warning("ledger %s unreadable (%s); figures from it are left out", path, exc)
         return default
+
+
+@contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction; rolled back on any error, so the connection stays usable (a
+    connection left inside a failed transaction refuses every later BEGIN)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback_quietly(conn)
+        raise
+
+
+def _rollback_quietly(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:  # the error being raised matters more than this one
+            log.debug("rollback failed: %s", exc)
 
 
 # --- rows --------------------------------------------------------------------------------------
@@ -422,7 +453,7 @@ class LedgerWriter:
             log.debug("ledger write deferred: %s", exc)
             self._rollback()
             return False
-        except sqlite3.Error as exc:
+        except Exception as exc:  # a bad record (or a broken file) must not stop the thread
             log.error("ledger write failed, %d records dropped: %s", len(batch), exc)
             self._rollback()
             for _, future, _ in batch:
@@ -487,35 +518,32 @@ def reserve(conn: sqlite3.Connection, *, task_id: str, attempt: int, craftsman: 
     Returns ("ok", reservation id), ("budget", 0) when it does not fit what is left, or
     ("rate", seconds to wait) when the craftsman's per-minute window is full.
     """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
+        # Rows dated past the window's end were written before the clock stepped back (or by
+        # a clock that ran ahead): they say nothing about this minute.
+        conn.execute("DELETE FROM requests WHERE at > ?", (now + 60,))
         wait = _rate_wait(conn, craftsman, max_rpm, max_tpm, tokens, now)
         if wait > 0:
-            conn.execute("ROLLBACK")
             return "rate", wait
         day_spent, month_spent = spent(conn, day, month)
         if (daily_limit is not None and day_spent + amount > daily_limit) or (
                 monthly_limit is not None and month_spent + amount > monthly_limit):
-            conn.execute("ROLLBACK")
             return "budget", 0.0
         cursor = conn.execute(
             "INSERT INTO reservations (task_id, attempt, craftsman, day, month, reserved_usd, at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)", (task_id, attempt, craftsman, day, month, amount, now))
         conn.execute("INSERT INTO requests VALUES (?, ?, ?)", (craftsman, now, tokens))
         conn.execute("DELETE FROM requests WHERE at < ?", (now - 120,))
-        conn.execute("COMMIT")
         return "ok", float(cursor.lastrowid)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def _rate_wait(conn: sqlite3.Connection, craftsman: str, max_rpm: int | None,
                max_tpm: int | None, tokens: int, now: float) -> float:
     if max_rpm is None and max_tpm is None:
         return 0.0
-    rows = conn.execute("SELECT at, tokens FROM requests WHERE craftsman = ? AND at > ?"
-                        " ORDER BY at", (craftsman, now - 60)).fetchall()
+    # A row dated ahead of now counts as now: a wait never runs past one window.
+    rows = conn.execute("SELECT MIN(at, ?) AS at, tokens FROM requests WHERE craftsman = ?"
+                        " AND at > ? ORDER BY at", (now, craftsman, now - 60)).fetchall()
     if max_rpm is not None and len(rows) >= max_rpm:
         return rows[len(rows) - max_rpm]["at"] + 60 - now
     if max_tpm is not None and sum(r["tokens"] or 0 for r in rows) + tokens > max_tpm and rows:
@@ -525,27 +553,24 @@ def _rate_wait(conn: sqlite3.Connection, craftsman: str, max_rpm: int | None,
 
 def settle(conn: sqlite3.Connection, reservation_id: int, cost: float | None) -> None:
     """Replace a reservation by the real cost (unknown cost: the reservation stands)."""
-    conn.execute("BEGIN IMMEDIATE")
-    conn.execute("UPDATE reservations SET settled = 1, cost_usd = COALESCE(?, reserved_usd)"
-                 " WHERE id = ?", (cost, reservation_id))
-    conn.execute("COMMIT")
+    with _immediate(conn):
+        conn.execute("UPDATE reservations SET settled = 1, cost_usd = COALESCE(?, reserved_usd)"
+                     " WHERE id = ?", (cost, reservation_id))
 
 
 def settle_lost(conn: sqlite3.Connection, task_id: str) -> None:
     """A task's worker died mid-call: its reservations count in full (the call may have run)."""
-    conn.execute("BEGIN IMMEDIATE")
-    conn.execute("UPDATE reservations SET settled = 1, cost_usd = reserved_usd"
-                 " WHERE task_id = ? AND settled = 0", (task_id,))
-    conn.execute("COMMIT")
+    with _immediate(conn):
+        conn.execute("UPDATE reservations SET settled = 1, cost_usd = reserved_usd"
+                     " WHERE task_id = ? AND settled = 0", (task_id,))
 
 
 def record_alert(conn: sqlite3.Connection, period: str, threshold: int, spent_usd: float,
                  limit_usd: float, at: float) -> bool:
     """Note that a threshold alerted in a period; False when it already had."""
-    conn.execute("BEGIN IMMEDIATE")
-    cursor = conn.execute("INSERT OR IGNORE INTO budget_alerts VALUES (?, ?, ?, ?, ?)",
-                          (period, threshold, spent_usd, limit_usd, at))
-    conn.execute("COMMIT")
+    with _immediate(conn):
+        cursor = conn.execute("INSERT OR IGNORE INTO budget_alerts VALUES (?, ?, ?, ?, ?)",
+                              (period, threshold, spent_usd, limit_usd, at))
     return cursor.rowcount == 1
 
 
@@ -643,10 +668,28 @@ def purge(conn: sqlite3.Connection, task_ids: list[str], reject_files: list[str]
     return deleted
 
 
-def vacuum(conn: sqlite3.Connection) -> None:
-    """Rewrite the database compactly, then truncate the WAL (outside any transaction)."""
-    conn.execute("VACUUM")
+def vacuum(conn: sqlite3.Connection, max_s: float) -> bool:
+    """Rewrite the database compactly, then truncate the WAL; False when it was given up.
+
+    VACUUM holds the write lock from start to end, and every worker's write waits for it:
+    one that would run past `max_s` (keep it under BUSY_TIMEOUT_MS) is interrupted and rolled
+    back, so no writer's busy timeout runs out behind it. The checkpoint copies pages without
+    blocking anyone first, and truncates with a short busy timeout of its own.
+    """
+    deadline = time.monotonic() + max_s
+    conn.set_progress_handler(lambda: time.monotonic() > deadline, 1000)
+    try:
+        conn.execute("VACUUM")
+    except sqlite3.OperationalError as exc:
+        if "interrupt" not in str(exc):
+            raise
+        return False
+    finally:
+        conn.set_progress_handler(None, 0)
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    conn.execute(f"PRAGMA busy_timeout = {int(min(max_s * 1000, BUSY_TIMEOUT_MS))}")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return True
 
 
 def integrity_problems(conn: sqlite3.Connection) -> list[str]:

@@ -38,22 +38,42 @@ class Recovered:
 
 def recover_orphans(spool: Spool, settings: SpoolSettings, owner_id: str, ledger: LedgerWriter,
                     budget: Budget | None = None) -> list[Recovered]:
-    """Take over every claim of a dead or lease-expired worker and settle its fate."""
+    """Take over every claim of a dead or lease-expired worker and settle its fate.
+
+    One orphan that cannot be settled (ENOSPC, EMFILE, a file that vanished half-way) is
+    logged and given back under its old name, for the next round: it never stops the others.
+    """
     done = []
     for entry, state in spool.orphaned_claims(settings.lease_s):
         match = CLAIM_RE.fullmatch(entry)
+        if match["worker"] == owner_id:
+            continue  # our own, seen stale from this thread while our loop was held up
         mine = Claim(match["name"], owner_id, time.time())
+        taken = mine.file_name + (match["fin"] or "")
         try:
-            os.rename(spool.in_progress / entry,
-                      spool.in_progress / (mine.file_name + (match["fin"] or "")))
+            os.rename(spool.in_progress / entry, spool.in_progress / taken)
         except FileNotFoundError:
             continue  # another recoverer was first
         log.warning("took over %s from %s worker %s", match["name"], state, match["worker"])
-        if match["fin"]:
-            done.append(_finishing(spool, settings, mine, ledger, budget))
-        else:
-            done.append(_claim(spool, settings, mine, ledger, budget))
+        try:
+            if match["fin"]:
+                done.append(_finishing(spool, settings, mine, ledger, budget))
+            else:
+                done.append(_claim(spool, settings, mine, ledger, budget))
+        except Exception as exc:
+            log.error("could not recover %s: %s; trying again later", match["name"], exc)
+            _give_back(spool, mine, entry)
     return done
+
+
+def _give_back(spool: Spool, claim: Claim, entry: str) -> None:
+    """Put an orphan we could not settle back under its dead owner's name."""
+    for held in (claim.file_name, claim.file_name + ".fin"):
+        try:
+            os.rename(spool.in_progress / held, spool.in_progress / entry)
+            return
+        except OSError:
+            continue  # moved on (requeued, published) before it failed, or gone
 
 
 def _finishing(spool: Spool, settings: SpoolSettings, claim: Claim, ledger: LedgerWriter,
@@ -64,7 +84,7 @@ def _finishing(spool: Spool, settings: SpoolSettings, claim: Claim, ledger: Ledg
         task = task_format.parse(path.read_bytes(), task_format.id_from_name(claim.name))
     except (OSError, InvalidTask):
         task = None
-    if task is not None and spool.outcome(task.id) is not None:
+    if task is not None and spool.outcome_state(task.id) is not None:
         path.unlink()
         return Recovered(claim.name, task.id, "kept")
     os.rename(path, spool.in_progress / claim.file_name)
@@ -85,8 +105,10 @@ def _claim(spool: Spool, settings: SpoolSettings, claim: Claim, ledger: LedgerWr
         task.id, attempt, "lost", finished_at=now, error_kind="lost",
         message="its worker died or missed its lease during the attempt")
     # Recovery is rare: let its record land before the requeue, so a recoverer killed in turn
-    # leaves no requeued task without its lost attempt (unless the ledger is locked).
-    concurrent.futures.wait([recorded], timeout=LEDGER_WAIT_S)
+    # leaves no requeued task without its lost attempt (unless the ledger is locked: then
+    # no wait at all, or a dozen orphans would take a minute).
+    if not ledger.backlog:
+        concurrent.futures.wait([recorded], timeout=LEDGER_WAIT_S)
     if budget is not None and budget.settings.enabled:
         budget.settle_lost(task.id)  # the call may have been billed: the reservation stands
     if attempt >= (task.max_attempts or settings.max_attempts):

@@ -31,6 +31,9 @@ BATCH_URL = "/v1/chat/completions"
 RESERVED_PARAMS = ("messages", "model", "stream", "max_tokens", "max_completion_tokens")
 # Params that are task fields too: given in `params`, they are checked and used as the field.
 PARAM_FIELDS = ("temperature", "reasoning_effort")
+MAX_INT = 2**53 - 1  # the largest integer every JSON reader (and the ledger) keeps exactly
+MAX_DEPTH = 100  # nesting deeper than this is refused: no task needs it, and it costs recursion
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _id_lock = threading.Lock()
@@ -159,8 +162,8 @@ def _int(obj: dict, name: str, low: int, high: int | None = None) -> int | None:
     if name not in obj:
         return None
     value = obj[name]
-    if not _is_int(value) or value < low or (high is not None and value > high):
-        span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+    if not _is_int(value) or value < low or value > (MAX_INT if high is None else high):
+        span = f"from {low} to {high}" if high is not None else f"of at least {low} (below 2^53)"
         raise _fail(name, f"an integer {span}", value)
     return value
 
@@ -199,8 +202,10 @@ def _time(obj: dict, name: str) -> float | None:
         return None
     value = obj[name]
     try:
+        if not isinstance(value, str):
+            raise TypeError(value)
         return parse_iso(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise _fail(name, "an ISO-8601 time such as 2026-11-21T04:47:06+00:00", value) from None
 
 
@@ -382,10 +387,31 @@ def _messages_text(messages: list[dict[str, Any]]) -> str:
     for message in messages:
         body = message.get("content")
         if isinstance(body, list):  # content parts: keep the text ones
-            body = "\n".join(p.get("text", "") for p in body if isinstance(p, dict))
+            body = "\n".join(p["text"] for p in body if isinstance(p.get("text"), str))
         if isinstance(body, str):
             parts.append(body)
     return "\n\n".join(parts)
+
+
+def _check_messages(messages: Any) -> None:
+    """Chat messages as the Batch API has them: {role, content} with text or content parts."""
+    expected = "a non-empty list of {role, content} objects"
+    if not isinstance(messages, list) or not messages:
+        raise _fail("body.messages", expected, messages)
+    for index, message in enumerate(messages):
+        where = f"body.messages[{index}]"
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise _fail(where, "a {role, content} object", message)
+        body = message.get("content")
+        if body is None or isinstance(body, str):
+            continue
+        if not isinstance(body, list):
+            raise _fail(f"{where}.content", "a string or a list of content parts", body)
+        for number, part in enumerate(body):
+            if not isinstance(part, dict) or not isinstance(part.get("type", ""), str) or (
+                    "text" in part and not isinstance(part["text"], str)):
+                raise _fail(f"{where}.content[{number}]", "a content part such as "
+                            '{"type": "text", "text": "..."}', part)
 
 
 def _batch_fields(obj: dict) -> dict[str, Any]:
@@ -401,9 +427,7 @@ def _batch_fields(obj: dict) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise _fail("body", "an object", body)
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
-        raise _fail("body.messages", "a non-empty list of {role, content} objects", messages)
+    _check_messages(messages)
     content = _messages_text(messages)
     if not content.strip():
         raise _fail("body.messages", "at least one message with text content", messages)
@@ -419,8 +443,20 @@ def _batch_fields(obj: dict) -> dict[str, Any]:
 def validate(obj: Any, default_id: str | None = None) -> Task:
     """Check a decoded task object against the task format (README: Tasks) and return the Task it describes.
 
-    Raises InvalidTask naming the field, what was expected and what was found.
+    Raises InvalidTask naming the field, what was expected and what was found, and nothing
+    else, whatever the object holds: every reader of a task file (workers, recovery,
+    maintain) relies on that to refuse a file instead of crashing on it.
     """
+    try:
+        return _validate(obj, default_id)
+    except InvalidTask:
+        raise
+    except (ArithmeticError, LookupError, RecursionError, TypeError, ValueError,
+            AttributeError) as exc:  # a shape no check above foresaw: still only invalid
+        raise InvalidTask(f"not a valid task: {exc}") from None
+
+
+def _validate(obj: Any, default_id: str | None) -> Task:
     if not isinstance(obj, dict):
         raise _fail("task", "a JSON object", obj)
     fields = dict(obj)
@@ -491,7 +527,9 @@ def parse(data: bytes, default_id: str | None = None) -> Task:
 
 
 def decode(data: bytes) -> Any:
-    """The JSON document in a task file; UnreadableTask when there is none (yet)."""
+    """The JSON document in a task file; UnreadableTask when there is none (yet), InvalidTask
+    for a whole document that is not strict JSON (NaN, duplicate keys, lone surrogates, too
+    deep)."""
     if not data.strip():
         raise UnreadableTask("the file is empty")
     try:
@@ -499,10 +537,65 @@ def decode(data: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise UnreadableTask(f"not UTF-8 text (binary data at byte {exc.start})") from None
     try:
-        return json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise UnreadableTask(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") \
             from None
+    except _NotStrictJSON as exc:
+        raise InvalidTask(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidTask(f"not a valid task: nested too deeply (over {MAX_DEPTH} levels)") \
+            from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise InvalidTask(f"not a valid task: {exc}") from None
+    _check_strict(text, obj)
+    return obj
+
+
+class _NotStrictJSON(ValueError):
+    """JSON that Python's parser accepts and RFC 8259 does not."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise _NotStrictJSON(f"duplicate key {duplicate!r} (which one was meant?)")
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotStrictJSON(f"{name} is not a JSON number")
+
+
+def _check_strict(text: str, obj: Any) -> None:
+    """Refuse nesting past MAX_DEPTH and strings with lone surrogates (not Unicode: no outcome
+    could be written as UTF-8). Cheap tests first: the hot path pays two counts and a search."""
+    if text.count("[") + text.count("{") > MAX_DEPTH and _depth(obj) > MAX_DEPTH:
+        raise InvalidTask(f"not a valid task: nested too deeply (over {MAX_DEPTH} levels)")
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidTask(f"not valid Unicode: a lone surrogate "
+                              f"({exc.object[exc.start]!a}) in a string") from None
+
+
+def _depth(obj: Any) -> int:
+    """How deeply lists and objects nest (iterative: no recursion on hostile input)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = value.values()
+        elif not isinstance(value, list):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_DEPTH:
+            return deepest
+        stack.extend((item, depth + 1) for item in value)
+    return deepest
 
 
 def check_id(value: Any, name: str = "id") -> str:

@@ -14,13 +14,12 @@ import time
 from collections.abc import Callable
 
 from ..config import Config, Craftsman
-from ..craft.attach import read_attachments
 from ..craft.backends import Backend, BackendError, Reply, Request
 from ..craft.pricing import cost_of
 from ..craft.spending import BudgetExhausted, Spending
 from ..errors import InvalidTask
 from ..spool import task as task_format
-from ..spool.files import Claim
+from ..spool.files import Claim, duplicate_reason
 from ..spool.ledger import LedgerWriter
 from ..spool.task import Task
 from .intake import Intake
@@ -49,7 +48,22 @@ class Attempts:
         self.home = str(intake.spool.home)
 
     async def run(self, claim: Claim, craftsman_name: str) -> None:
-        """One attempt at a claimed task, to its outcome or its requeue."""
+        """One attempt at a claimed task, to its outcome or its requeue.
+
+        An error no path below foresaw must not leave the claim held by a live worker, where
+        nothing would ever recover it: the claimed file goes to failed/ with the error."""
+        try:
+            await self._run(claim, craftsman_name)
+        except Exception as exc:
+            log.exception("attempt at %s failed unexpectedly", claim.name)
+            self.give_up(claim, f"the worker could not run this task: {exc}")
+
+    def give_up(self, claim: Claim, reason: str) -> None:
+        """Move a claim nothing else can be done with to failed/, with the reason."""
+        self.publisher.let_go(claim)
+        self.intake.reject_safely(self.intake.spool.in_progress, claim.file_name, reason)
+
+    async def _run(self, claim: Claim, craftsman_name: str) -> None:
         attempt = await self._begin(claim, craftsman_name)
         if attempt is None:
             return
@@ -63,7 +77,7 @@ class Attempts:
         try:
             await self._work(claim, attempt)
         except BudgetExhausted as exc:
-            await self._budget_exhausted(claim, task, attempt.number, str(exc))
+            await self._budget_exhausted(claim, task, attempt.number, exc)
         except asyncio.CancelledError:
             if self.is_revoked(claim):
                 log.warning("claim on %s was revoked (cancelled or taken over); its request "
@@ -86,12 +100,14 @@ class Attempts:
         task, decision = recalled if recalled else (self.intake.read_claimed(claim), None)
         if task is None:
             return None
+        finished = self.intake.finished(task)
+        if finished:  # another file with this id ran since this one was queued
+            self.give_up(claim, duplicate_reason(task.id, finished))
+            return None
         attachments = []
         if decision is None:  # judged again: the file, its attachments or the budget changed
             try:
-                # A repository task's files are read in its worktree, not from this host.
-                attachments = [] if task.repo else read_attachments(task.files,
-                                                                    self.config.attach)
+                attachments = self.intake.attachments(task)
                 decision = self.intake.route(task, attachments)
             except InvalidTask as exc:
                 await self.publisher.fail(claim, task, "invalid", str(exc), task.attempts + 1)
@@ -123,6 +139,10 @@ class Attempts:
         """The craftsman's reply, with the budget reserved before and settled after."""
         if craftsman.name in self.backend_errors:
             raise BackendError(self.backend_errors[craftsman.name])
+        # The craftsman's max_tokens is a ceiling, not only a default: it is what the operator
+        # let one call of this craftsman cost, and what bounds every reservation, so a task
+        # asking 10**9 gets the ceiling (and `truncated` says so) rather than a refusal.
+        request.max_tokens = min(request.max_tokens, craftsman.max_tokens)
         reservation = await self.spending.reserve(craftsman, attempt.task.id, attempt.number,
                                                   request)
         try:
@@ -131,8 +151,8 @@ class Attempts:
             if reservation is not None:  # the call may have been billed: keep the reservation
                 await self.spending.settle(reservation, None)
             raise
+        reply.cost_usd = cost_of(craftsman, request.model, reply.usage, reply.cost_usd)
         if reservation is not None:
-            reply.cost_usd = cost_of(craftsman, reply.model, reply.usage, reply.cost_usd)
             await self.spending.settle(reservation, reply.cost_usd)
         return reply
 
@@ -152,7 +172,7 @@ class Attempts:
     async def _complete(self, claim: Claim, attempt: Attempt, reply: Reply,
                         fields: dict) -> None:
         finished = time.time()
-        cost = cost_of(attempt.craftsman, reply.model, reply.usage, reply.cost_usd)
+        cost = reply.cost_usd  # priced in _call, by the model asked for
         task = attempt.task
         queued = task.submitted_at or claim.claimed_at
         result = {
@@ -162,13 +182,15 @@ class Attempts:
             "attempts": attempt.number, "queued_at": task_format.iso(queued),
             "started_at": task_format.iso(claim.claimed_at),
             "finished_at": task_format.iso(finished),
-            "duration_s": round(finished - claim.claimed_at, 3)}
+            "duration_s": round(time.monotonic() - claim.clock, 3)}
         await self.publisher.complete(claim, task, attempt.number, result, cost)
 
     async def _budget_exhausted(self, claim: Claim, task: Task, attempt: int,
-                                message: str) -> None:
-        """The reservation did not fit: per when_exhausted, go local, wait, or fail."""
-        if self.spending.budget.settings.when_exhausted == "fail":
+                                error: BudgetExhausted) -> None:
+        """The reservation did not fit: per when_exhausted, go local, wait, or fail; a call
+        that could never fit fails at once."""
+        message = str(error)
+        if error.final or self.spending.budget.settings.when_exhausted == "fail":
             await self.publisher.fail(claim, task, "budget", message, attempt)
             return
         log.info("budget exhausted for %s (%s); requeued", task.id, message)
@@ -188,6 +210,13 @@ class Attempts:
     def unroutable(self, claim: Claim) -> None:
         """A claimed task that routes nowhere: fail it with the reason, or requeue it when
         things changed since it was queued."""
+        try:
+            self._unroutable(claim)
+        except Exception as exc:  # as in run: never a claim left behind
+            log.exception("could not settle unroutable %s", claim.name)
+            self.give_up(claim, f"the worker could not route this task: {exc}")
+
+    def _unroutable(self, claim: Claim) -> None:
         task = self.intake.read_claimed(claim)
         if task is None:
             return

@@ -19,6 +19,7 @@ from .intake import FAIL_NOW
 
 Start = Callable[[Claim, str], Coroutine[Any, Any, None]]
 WORKTREES = "worktrees"  # the one name of the worktree slots (repos.max_worktrees)
+ClaimFailed = Callable[[str, OSError], None]
 
 
 class Dispatch:
@@ -27,7 +28,7 @@ class Dispatch:
     def __init__(self, spool: Spool, worker_id: str, ready: ReadyQueue, slots: Slots,
                  serves: list[str], concurrency: int, start: Start,
                  unroutable: Callable[[Claim], None], after_attempt: Callable[[], None],
-                 worktrees: Slots | None = None,
+                 claim_failed: ClaimFailed, worktrees: Slots | None = None,
                  repo_priority: Callable[[str], int | None] = lambda name: None) -> None:
         self.spool = spool
         self.worker_id = worker_id
@@ -38,6 +39,7 @@ class Dispatch:
         self.start = start
         self.unroutable = unroutable
         self.after_attempt = after_attempt
+        self.claim_failed = claim_failed
         self.worktrees = worktrees  # None: no cap on the home's live worktrees
         self.repo_priority = repo_priority  # a queued repository task's priority, else None
         self.in_flight: dict[str, asyncio.Task] = {}  # claim file -> its attempt
@@ -86,9 +88,15 @@ class Dispatch:
                     self.ready.push(craftsman, priority, name)
                     self.slots.release(craftsman, slot)
                     return False
-        claim = self.spool.claim(name, self.worker_id)
-        if claim is None:  # another worker was first
+        failure = None
+        try:
+            claim = self.spool.claim(name, self.worker_id)
+        except OSError as exc:  # the slots go back; intake decides what becomes of the file
+            claim, failure = None, exc
+        if claim is None:  # another worker was first, or the rename failed
             self._release(craftsman, slot, worktree)
+            if failure is not None:
+                self.claim_failed(name, failure)
             return True
         if craftsman == FAIL_NOW:
             self.unroutable(claim)

@@ -9,6 +9,7 @@ unchanged file is not read and routed twice on the hot path.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import stat
@@ -23,7 +24,7 @@ from ..errors import InvalidTask
 from ..repo import policy as repo_policy
 from ..repo.policy import RepoRefused, RepoSettings
 from ..spool import task as task_format
-from ..spool.files import Claim, Refused, Spool
+from ..spool.files import NAME_MAX, Claim, Refused, Spool, duplicate_reason, printable
 from ..spool.ledger import LedgerWriter
 from ..spool.task import Task, UnreadableTask
 from ..spool.watcher import ReadyQueue, scan_order
@@ -88,9 +89,21 @@ class Intake:
             self._reconsider(name)
 
     def consider(self, name: str) -> None:
-        """Read a pending file and judge it: reject it, wait for its writer, or queue it."""
+        """Read a pending file and judge it: reject it, wait for its writer, or queue it.
+
+        Nothing a file holds may stop the worker: an error no check foresaw rejects that one
+        file with the error as its reason (and is logged once, with its traceback, as the bug
+        it is)."""
         if name.startswith("."):
             return  # hidden files are other programs' temporaries (rsync, editors)
+        try:
+            self._judge(name)
+        except Exception as exc:
+            log.exception("could not judge %s; rejecting it", name)
+            self.ready.discard(name)
+            self.reject_safely(self.spool.pending, name, f"could not be judged: {exc}")
+
+    def _judge(self, name: str) -> None:
         _forget_timer(self.young, name)
         _forget_timer(self.scheduled, name)
         try:
@@ -117,6 +130,11 @@ class Intake:
 
     def _queue(self, name: str, info: os.stat_result, task: Task) -> None:
         """Hold a valid task (schedule, dependencies, budget) or queue it for its craftsman."""
+        finished = self.finished(task)
+        if finished:
+            self.ready.discard(name)
+            self.reject(self.spool.pending, name, duplicate_reason(task.id, finished))
+            return
         if task.not_before and task.not_before > time.time():
             self._defer(self.scheduled, name, task.not_before - time.time())
             return
@@ -150,6 +168,12 @@ class Intake:
             return True
         return False
 
+    def finished(self, task: Task) -> str | None:
+        """The state of the outcome this task's id already has (another file with the same
+        id ran), or None. Two stats: the publish fence is the guarantee, this spares the
+        call."""
+        return None if task.fresh_id else self.spool.outcome_state(task.id)
+
     def dependencies(self, task: Task) -> list[str] | str:
         """'failed' if a task it runs after failed, else the ids it still waits for."""
         waiting = []
@@ -160,6 +184,18 @@ class Intake:
             elif outcome.get("status") != "completed":
                 return "failed"
         return waiting
+
+    def attachments(self, task: Task) -> list[Attachment]:
+        """The task's attached files; InvalidTask for any that cannot be read, however.
+        A repository task's files are paths in its repository, read in its worktree."""
+        if task.repo:
+            return []
+        try:
+            return read_attachments(task.files, self.config.attach)
+        except InvalidTask:
+            raise
+        except (OSError, RuntimeError, ValueError) as exc:  # a link loop, a NUL in a path
+            raise InvalidTask(f"files: cannot be read: {exc}") from None
 
     def route(self, task: Task, attachments: list[Attachment] | None = None) -> router.Route:
         """Route with the attachments' text and the budget's state; InvalidTask for bad files.
@@ -174,7 +210,7 @@ class Intake:
                 return router.Route(None, str(exc), "policy")
             confidential, attachments = repo_policy.confidential(task.repo, self.repos), []
         if attachments is None:
-            attachments = read_attachments(task.files, self.config.attach)
+            attachments = self.attachments(task)
         return router.route(task, self.config, attachments=[a.text for a in attachments],
                             budget_exhausted=self.budget.exhausted(), confidential=confidential)
 
@@ -198,7 +234,26 @@ class Intake:
         target = self.spool.reject(directory, entry, reason)
         if target is not None:
             log.warning("rejected %s: %s (now failed/%s)", entry, reason, target)
-            self.ledger.rejected(target, reason, time.time())
+            self.ledger.rejected(printable(target), printable(reason), time.time())
+
+    def reject_safely(self, directory: os.PathLike, entry: str, reason: str) -> None:
+        """Reject, at the edge: if even that fails the file stays where it is, logged."""
+        try:
+            self.reject(directory, entry, reason)
+        except Exception:
+            log.exception("could not move %s to failed/; it stays in %s", entry, directory)
+
+    def claim_failed(self, name: str, error: OSError) -> None:
+        """The claim's rename failed: a name too long for a claim is rejected; anything else
+        (the disk, the kernel) is tried again after the grace period."""
+        if error.errno == errno.ENAMETOOLONG:
+            self.reject_safely(self.spool.pending, name, "its name is too long to be claimed "
+                               f"({len(os.fsencode(name))} bytes; a claim adds the worker's id "
+                               f"within the {NAME_MAX}-byte limit): use a shorter name")
+            return
+        log.error("cannot claim %s: %s; trying again in %g s", name, error.strerror,
+                  self.grace_s)
+        self._defer(self.scheduled, name, self.grace_s)
 
     # --- what a claim brings back ------------------------------------------------------------
 

@@ -87,7 +87,8 @@ class Publisher:
         """The outcome file, through the fence; then the hook and the log line."""
         self.let_go(claim)
         if not self.spool.publish(claim, task.id, record):
-            log.warning("claim on %s was revoked; its outcome is discarded", task.id)
+            log.warning("outcome of %s discarded: its claim was revoked, or another task "
+                        "with this id finished first", task.id)
             return
         self._on_finish(task.id, record)
         if record["status"] == "completed":

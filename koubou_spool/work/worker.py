@@ -69,13 +69,15 @@ class Worker:
         self.worktrees = _worktree_slots(home, config)
         self.dispatch = Dispatch(self.spool, self.id, self.intake.ready, self.slots, self.serves,
                                  concurrency, self._start, self._unroutable, self.wake,
-                                 self.worktrees, self.intake.repo_priority)
+                                 self.intake.claim_failed, self.worktrees,
+                                 self.intake.repo_priority)
         self.publisher = Publisher(self.spool, self.ledger, config.hooks, self.dispatch.let_go)
         self.attempts = Attempts(config, self.id, self.intake, self.publisher,
                                  Spending(self.budget, home), self.ledger, self.backends,
                                  self.backend_errors, self.dispatch.is_revoked)
         self._finished = asyncio.Event()
         self._lock_fd = -1
+        self._recovering: asyncio.Future | None = None
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -91,9 +93,8 @@ class Worker:
         log.info("worker %s serving %s in %s (concurrency %d)", self.id, ", ".join(self.serves),
                  self.spool.home, self.dispatch.concurrency)
         try:
-            self._recover()
             self.intake.rescan()
-            self._heartbeat()
+            self._heartbeat()  # its first beat takes over what dead workers left
             self.wake()
             self.notifier.send("READY=1", self._status_line())
             if self.notifier.watchdog_s:
@@ -209,18 +210,27 @@ class Worker:
         asyncio.get_running_loop().call_later(self.notifier.watchdog_s / 2, self._watchdog)
 
     def _heartbeat(self) -> None:
-        """Prove liveness (lock file mtime, ledger) and take over claims of dead workers."""
+        """Prove liveness (lock file mtime, ledger), take over claims of dead workers and
+        recheck the budget. Rescheduled whatever happens: a heartbeat that stops for good
+        lets peers take this worker's claims while the watchdog still gets its pings."""
+        loop = asyncio.get_running_loop()
+        try:
+            self._beat(loop)
+        except Exception:
+            log.exception("heartbeat failed; the next one is in %g s", self.settings.heartbeat_s)
+        finally:
+            loop.call_later(self.settings.heartbeat_s, self._heartbeat)
+
+    def _beat(self, loop: asyncio.AbstractEventLoop) -> None:
         now = time.time()
         os.utime(self._lock_fd, (now, now))
         state = "stopping" if self.stopping else "running"
         self.ledger.heartbeat(self.id, state, len(self.dispatch.in_flight), self.publisher.done,
                               self.publisher.failed, now)
         self._recover()
-        loop = asyncio.get_running_loop()
-        if self.budget.exhausted():
+        if self.budget.settings.enabled:  # the mark is the home's: another may have lifted it
             loop.run_in_executor(None, self.budget.recheck).add_done_callback(
                 self._budget_rechecked)
-        loop.call_later(self.settings.heartbeat_s, self._heartbeat)
 
     def _budget_rechecked(self, recheck: asyncio.Future) -> None:
         """Room in the budget again: deferred tasks are judged again now (tasks queued for a
@@ -235,11 +245,24 @@ class Worker:
             self.intake.budget_room()
 
     def _recover(self) -> None:
-        """Take over claims of dead (or lease-expired) workers: requeue, or fail as lost."""
-        for recovered in recover_orphans(self.spool, self.settings, self.id, self.ledger,
-                                         self.budget):
-            if recovered.action == "lost":
-                self.publisher.failed += 1
+        """Take over claims of dead (or lease-expired) workers: requeue, or fail as lost.
+
+        In a thread, one run at a time: recovery waits on the ledger (seconds per orphan when
+        it is locked) and must not stall the loop. It only renames other workers' claims,
+        which the loop never touches, and reports back here."""
+        if self._recovering is not None and not self._recovering.done():
+            return
+        self._recovering = asyncio.get_running_loop().run_in_executor(
+            None, recover_orphans, self.spool, self.settings, self.id, self.ledger, self.budget)
+        self._recovering.add_done_callback(self._recovered)
+
+    def _recovered(self, future: asyncio.Future) -> None:
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            log.error("recovery of orphaned claims failed: %s", future.exception())
+            return
+        self.publisher.failed += sum(r.action == "lost" for r in future.result())
 
 
 def _check_serves(config: Config, craftsmen: list[str] | None) -> None:
