@@ -90,8 +90,6 @@ def test_a_worker_keeps_serving_after_pending_is_replaced(home: Path, spool: Spo
     assert wait_outcomes(spool, [task_id], timeout=20)[task_id]["status"] == "completed"
 
 
-@pytest.mark.xfail(strict=True, reason="needs the worker's IN_CREATE branch to use "
-                   "watcher.settle_delay (one line in work/, the lead's)")
 @pytest.mark.parametrize("keep_source", [True, False])
 def test_a_file_delivered_by_link_is_completed_without_a_restart(
         home: Path, spool: Spool, workers: Workers, keep_source: bool) -> None:

@@ -24,10 +24,11 @@ from ..errors import InvalidTask
 from ..repo import policy as repo_policy
 from ..repo.policy import RepoRefused, RepoSettings
 from ..spool import task as task_format
-from ..spool.files import NAME_MAX, Claim, Refused, Spool, duplicate_reason, printable
+from ..spool.files import (NAME_MAX, Claim, Refused, Spool, Unavailable, duplicate_reason,
+                           printable)
 from ..spool.ledger import LedgerWriter
 from ..spool.task import Task, UnreadableTask
-from ..spool.watcher import ReadyQueue, scan_order
+from ..spool.watcher import ReadyQueue, scan_order, settle_delay
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ class Intake:
         self.budget = budget
         self.ledger = ledger
         self.wake = wake
+        # A claim that cannot be read now goes back to pending/ through this (the worker sets
+        # it to its publisher's requeue, which knows the claim is moved by us).
+        self.give_back: Callable[[Claim], None] = lambda claim: None
         self.grace_s = config.spool.grace_s
         self.repos = RepoSettings.parse(config.repos)
         self.ready = ReadyQueue()
@@ -71,10 +75,9 @@ class Intake:
             self.consider(name)
 
     def created(self, name: str) -> None:
-        """IN_CREATE: a regular file is judged at its IN_CLOSE_WRITE; anything else never gets
-        one, so it is judged now."""
-        if self.spool.kind_of(self.spool.pending, name) == "other":
-            self.consider(name)
+        """IN_CREATE: what arrives whole (not a regular file, or one linked in) is judged now;
+        a file being written at its IN_CLOSE_WRITE, or after the grace if none comes."""
+        self._defer(self.young, name, settle_delay(self.spool.pending, name, self.grace_s))
 
     def outcome_arrived(self, name: str) -> bool:
         """A task finished: tasks that waited for it (`after`) are judged again; True if any."""
@@ -108,6 +111,11 @@ class Intake:
         _forget_timer(self.scheduled, name)
         try:
             data, info = self.spool.read_entry(self.spool.pending, name)
+        except Unavailable as exc:  # EMFILE, EIO, ...: no verdict on the file; read it again
+            log.warning("%s", exc)
+            self.ready.discard(name)
+            self._defer(self.young, name, self.grace_s)
+            return
         except Refused as exc:
             self.ready.discard(name)
             if not exc.gone:
@@ -288,6 +296,9 @@ class Intake:
         try:
             data, _ = self.spool.read_claim(claim)
             return task_format.parse(data, task_format.id_from_name(claim.name))
+        except Unavailable as exc:
+            log.warning("%s", exc)
+            self.give_back(claim)
         except Refused as exc:
             if not exc.gone:
                 self.reject(self.spool.in_progress, claim.file_name, f"{claim.name} is {exc}")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from ..hooks import run_argv
+from .. import hooks as hook_runner
 from ..spool import task as task_format
 from ..spool.files import Claim, Spool
 from ..spool.ledger import LedgerWriter
@@ -109,4 +109,4 @@ class Publisher:
         env = dict(os.environ, KOUBOU_TASK_ID=task_id, KOUBOU_STATUS=record["status"],
                    KOUBOU_OUTCOME_FILE=str(directory / f"{task_id}.json"),
                    KOUBOU_HOME=str(self.spool.home))
-        asyncio.get_running_loop().create_task(run_argv(list(argv), env, "hooks.on_finish"))
+        hook_runner.start(list(argv), env, "hooks.on_finish", hook_runner.hook_timeout(self.hooks))

@@ -72,6 +72,7 @@ class Worker:
                                  self.intake.claim_failed, self.worktrees,
                                  self.intake.repo_priority)
         self.publisher = Publisher(self.spool, self.ledger, config.hooks, self.dispatch.let_go)
+        self.intake.give_back = lambda claim: self.publisher.requeue(claim, None)
         self.attempts = Attempts(config, self.id, self.intake, self.publisher,
                                  Spending(self.budget, home), self.ledger, self.backends,
                                  self.backend_errors, self.dispatch.is_revoked)
