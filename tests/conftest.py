@@ -33,6 +33,7 @@ def in_ci() -> bool:
 def missing(need: str, command: str) -> NoReturn:
     """Skip a test whose outside piece is absent, naming the command that enables it; in CI,
     fail it: CI sets everything up, so a missing piece there is a broken set-up."""
+    __tracebackhide__ = True  # the skip line names the test, not this function
     message = f"needs {need}: `{command}` enables it, or bin/koubou-test run as root"
     if in_ci():
         pytest.fail(message)
