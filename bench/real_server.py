@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""The spool's overhead on a real engine: tasks through `koubou worker` against the llama.cpp
-server of ../shared/realserver, next to the same load sent straight from the openai client.
+"""The spool's overhead on a real engine: tasks through `koubou worker` against the tests' llama.cpp
+server (tests/realengine.py), next to the same load sent straight from the openai client.
 
     python bench/real_server.py [--tasks 200]
 
-Needs ../shared/realserver built (its build.sh). For each max_concurrent (1, 4, 8) it prints
+Needs the engine built (`python3 tests/realengine.py --build`). For each max_concurrent (1, 4, 8)
+it prints
 throughput and p50 latency both ways, and the spool/direct throughput ratio. Latency is per
 request for the client, and claim-to-finish per task for the spool (queue wait excluded, since
 the spool's backlog is pre-loaded).
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,24 +22,13 @@ from pathlib import Path
 
 import openai
 
+ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "tests"))
+import realengine  # noqa: E402
 import run as spool_bench  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-REALSERVER = Path(os.environ.get("KOUBOU_REALSERVER") or ROOT.parent / "shared" / "realserver")
 MAX_TOKENS = 16
-
-
-def start_server(run_dir: Path) -> str:
-    env = dict(os.environ, RUN_DIR=str(run_dir))
-    port = subprocess.run([str(REALSERVER / "start.sh")], env=env, capture_output=True,
-                          text=True, check=True, timeout=180).stdout.strip()
-    return f"http://127.0.0.1:{port}/v1"
-
-
-def stop_server(run_dir: Path) -> None:
-    subprocess.run([str(REALSERVER / "stop.sh")], env=dict(os.environ, RUN_DIR=str(run_dir)),
-                   capture_output=True, timeout=60)
 
 
 async def direct(base_url: str, count: int, concurrency: int) -> dict:
@@ -84,8 +72,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=200)
     args = parser.parse_args()
-    if not (REALSERVER / ".venv" / "bin" / "python").exists():
-        sys.exit(f"build the server first: {REALSERVER}/build.sh")
+    if not realengine.is_built():
+        sys.exit(f"build the engine first: {realengine.BUILD_ENABLES}")
     print(f"machine: {spool_bench.machine()}")
     print(f"engine: llama-cpp-python (python -m llama_cpp.server), tiny-chatml, "
           f"max_tokens {MAX_TOKENS}, {args.tasks} tasks each")
@@ -93,9 +81,8 @@ def main() -> None:
           f"{'ratio':>6}  {'direct p50':>10}  {'spool p50':>9}")
     with tempfile.TemporaryDirectory(prefix="koubou-real-") as tmp:
         base = Path(tmp)
-        run_dir = base / "server"
-        base_url = start_server(run_dir)
-        try:
+        (base / "server").mkdir()
+        with realengine.serving(base / "server") as base_url:
             asyncio.run(direct(base_url, 20, 1))  # warm the model and the server
             for concurrency in (1, 4, 8):
                 plain = asyncio.run(direct(base_url, args.tasks, concurrency))
@@ -104,8 +91,6 @@ def main() -> None:
                       f"{spooled['tasks_per_s']:>13.1f}  "
                       f"{spooled['tasks_per_s'] / plain['tasks_per_s']:>6.2f}  "
                       f"{plain['p50_ms']:>8.1f}ms  {spooled['p50_ms']:>7.1f}ms")
-        finally:
-            stop_server(run_dir)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
-"""Shared fixtures: a temporary home, the loopback fake OpenAI server, real worker processes."""
+"""Shared fixtures: a temporary home, the loopback fake OpenAI server, real worker processes,
+the real llama.cpp engine, and the rule for tests whose outside piece is missing."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from collections.abc import Iterator
 
 import pytest
@@ -20,6 +22,22 @@ from koubou_spool.spool.watcher import wait_for_files
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai import FakeOpenAI  # noqa: E402
+import realengine  # noqa: E402
+
+
+def in_ci() -> bool:
+    """Whether this run is CI's (CI=true, as CI services set it), where nothing may be skipped."""
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def missing(need: str, command: str) -> NoReturn:
+    """Skip a test whose outside piece is absent, naming the command that enables it; in CI,
+    fail it: CI sets everything up, so a missing piece there is a broken set-up."""
+    __tracebackhide__ = True  # the skip line names the test, not this function
+    message = f"needs {need}: `{command}` enables it, or bin/koubou-test run as root"
+    if in_ci():
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 @pytest.fixture(autouse=True)
@@ -32,6 +50,15 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     return home
+
+
+@pytest.fixture(scope="session")
+def real_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The base_url of a real llama.cpp server (tests/realengine.py), one for the session."""
+    if not realengine.is_built():
+        missing("the real llama.cpp engine (a 5-minute build)", realengine.BUILD_ENABLES)
+    with realengine.serving(tmp_path_factory.mktemp("engine")) as base_url:
+        yield base_url
 
 
 @pytest.fixture

@@ -170,8 +170,10 @@ def test_on_finish_hook_runs_with_the_outcome_and_its_failure_is_not_fatal(
     second = submit(spool, craftsman="echo")
     wait_outcomes(spool, [first, second])
     deadline = time.monotonic() + 10
-    while len(record.read_text().splitlines() if record.exists() else []) < 2:
-        assert time.monotonic() < deadline, "the hook did not run twice"
+    # The hook writes its line before it exits, and the worker logs the exit after: wait for both.
+    while (len(record.read_text().splitlines() if record.exists() else []) < 2
+           or log_of(proc).count("exited with status 3") < 2):
+        assert time.monotonic() < deadline, "the hook did not run and fail twice"
         threading.Event().wait(0.05)
     lines = sorted(record.read_text().splitlines())
     assert lines == sorted(f"{i} completed {spool.completed / (i + '.json')}"

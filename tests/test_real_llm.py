@@ -1,9 +1,9 @@
-"""The openai craftsman against a real llama.cpp server (../shared/realserver), not our fake.
+"""The openai craftsman against a real llama.cpp server (tests/realengine.py), not our fake.
 
 llama-cpp-python serving a 1.4 MB random-weight Llama (`tiny-chatml`, 512-token context) on
 127.0.0.1. It never stops generating on its own, so `completion_tokens == max_tokens` proves
-max_tokens was sent. .ci/run builds it; in CI a missing server fails these tests, elsewhere they
-are skipped with the command that builds it.
+max_tokens was sent. bin/koubou-test builds the engine as root; elsewhere these tests are skipped
+with the command that builds it, and in CI a missing engine fails them.
 """
 
 from __future__ import annotations
@@ -25,41 +25,18 @@ from koubou_spool.spool.watcher import wait_for_files
 
 pytestmark = pytest.mark.real_llm
 
-REALSERVER = Path(os.environ.get("KOUBOU_REALSERVER") or
-                  Path(__file__).resolve().parents[2] / "shared" / "realserver")
 MAX_TOKENS = 16
 KOUBOU = [sys.executable, "-m", "koubou_spool.cli.koubou"]
 SUBMIT = [sys.executable, "-m", "koubou_spool.cli.submit"]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The server's base_url; stopped by its pid at the end of the module."""
-    built = (REALSERVER / ".venv" / "bin" / "python").exists() and (
-        REALSERVER / "models" / "tiny-chatml.gguf").exists()
-    if not built:
-        message = f"the real llama.cpp server is not built: run {REALSERVER}/build.sh (~5 min)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    run_dir = tmp_path_factory.mktemp("realserver")
-    env = dict(os.environ, RUN_DIR=str(run_dir))
-    started = subprocess.run([str(REALSERVER / "start.sh")], env=env, capture_output=True,
-                             text=True, timeout=180)
-    assert started.returncode == 0, started.stderr + (run_dir / "server.log").read_text()
-    try:
-        yield f"http://127.0.0.1:{started.stdout.strip()}/v1"
-    finally:
-        subprocess.run([str(REALSERVER / "stop.sh")], env=env, capture_output=True, timeout=60)
-
-
 @pytest.fixture
-def real_home(tmp_path: Path, server: str) -> tuple[Path, dict[str, str]]:
+def real_home(tmp_path: Path, real_engine: str) -> tuple[Path, dict[str, str]]:
     home = tmp_path / "home"
     env = dict(os.environ, KOUBOU_HOME=str(home))
     subprocess.run([*KOUBOU, "init"], env=env, check=True, capture_output=True, timeout=60)
     config = yaml.safe_load((home / "config" / "koubou.yaml").read_text())
-    config["craftsmen"]["local"].update(base_url=server, model="tiny-chatml",
+    config["craftsmen"]["local"].update(base_url=real_engine, model="tiny-chatml",
                                         max_tokens=MAX_TOKENS, max_concurrent=2, timeout_s=60)
     config["spool"]["heartbeat_s"] = 1
     (home / "config" / "koubou.yaml").write_text(yaml.safe_dump(config))
@@ -75,7 +52,7 @@ def worker(real_home: tuple[Path, dict[str, str]]) -> Iterator[subprocess.Popen]
     proc.wait(timeout=30)
 
 
-def test_fifty_tasks_by_submit_and_by_file_drop(real_home, worker, server: str,
+def test_fifty_tasks_by_submit_and_by_file_drop(real_home, worker, real_engine: str,
                                                 tmp_path: Path) -> None:
     home, env = real_home
     spool = Spool.open(home)
@@ -110,7 +87,7 @@ def test_fifty_tasks_by_submit_and_by_file_drop(real_home, worker, server: str,
         assert rows[task_id] == (usage["prompt_tokens"], usage["completion_tokens"],
                                  usage["total_tokens"])
     # The server's own count for the same messages, asked directly.
-    client = openai.OpenAI(base_url=server, api_key="none", max_retries=0)
+    client = openai.OpenAI(base_url=real_engine, api_key="none", max_retries=0)
     for task_id in ("submitted-3", "dropped-7"):
         content = json.loads((spool.completed / f"{task_id}.json").read_text())["content"]
         direct = client.chat.completions.create(

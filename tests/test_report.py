@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import struct
 import subprocess
 import zlib
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_config
+from conftest import missing, write_config
 from koubou_spool.spool import home as home_module
 from koubou_spool.observe import gather as observe, report
 from koubou_spool.cli.koubou import cli
@@ -23,7 +24,6 @@ from koubou_spool.spool.ledger import LedgerWriter
 from koubou_spool.spool.files import Spool
 from koubou_spool.spool.task import iso
 
-CHROMIUM = Path("/usr/bin/chromium")
 TOKYO_BUDGET = {"daily_usd": 10, "monthly_usd": 100, "timezone": "Asia/Tokyo"}
 
 
@@ -229,9 +229,7 @@ def png_pixels(data: bytes) -> tuple[int, int, list[bytes]]:
 
 
 def test_html_report_renders_in_headless_chromium(report_home: Path, tmp_path: Path) -> None:
-    if not CHROMIUM.exists():
-        pytest.fail("Chromium is needed for the HTML report test: "
-                    "apt-get update && apt-get install -y chromium")
+    chromium = shutil.which("chromium") or missing("Chromium", "sudo apt-get install chromium")
     page = tmp_path / "report.html"
     result = CliRunner().invoke(cli, ["report", "--month", "2026-11", "--html", str(page)])
     assert result.exit_code == 0, result.output
@@ -240,7 +238,7 @@ def test_html_report_renders_in_headless_chromium(report_home: Path, tmp_path: P
     assert "src=" not in markup and "Cost per day" in markup
     shot = tmp_path / "shot.png"
     subprocess.run(
-        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
          "--no-first-run", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}",
          "--window-size=800,600", f"--screenshot={shot}", page.as_uri()],
