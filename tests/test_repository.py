@@ -402,6 +402,11 @@ def test_koubou_submit_repo_base_verify(repo_home: Path, tmp_path: Path, workers
     refused = subprocess.run(["koubou-submit", "--home", str(repo_home), "--verify", "true", "x"],
                              capture_output=True, text=True, timeout=30)
     assert refused.returncode == 2 and "go with --repo" in refused.stderr
+    doctor = subprocess.run(["koubou", "doctor", "--home", str(repo_home), "--json"],
+                            capture_output=True, text=True, timeout=60)
+    check, = [c for c in json.loads(doctor.stdout)["checks"] if c["name"] == "repositories"]
+    assert check["status"] == "ok"
+    assert any(p["message"].startswith("1 mirrors, ") for p in check["problems"])
 
 
 def test_the_open_pr_hook_calls_gh_for_a_pushed_branch(tmp_path: Path) -> None:
@@ -524,3 +529,29 @@ def test_mcp_delegate_task_takes_a_repository_task(repo_home: Path, tmp_path: Pa
     assert answer["state"] == "completed", answer
     assert answer["result"]["repo"]["branch"] == "koubou/via-mcp"
     assert git(source, "show", "koubou/via-mcp:mcp.txt") == "from mcp"
+
+
+def test_after_a_kill_9_koubou_maintain_leaves_no_stale_worktree(repo_home: Path, tmp_path: Path,
+                                                                  workers) -> None:
+    source = tmp_path / "src" / "app"
+    base = make_source(source)
+    spool = Spool.open(repo_home)
+    first = workers.start(repo_home)
+    task_id = submit(spool, content="WRITE a.txt=a\nSLEEP-ONCE 60", repo=str(source), id="killed")
+    deadline = time.monotonic() + 30
+    while not agent_runs(tmp_path, task_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    mirror, = (repo_home / "repos").glob("*.git")
+    assert str(repo_home / "work" / task_id) in git(mirror, "worktree", "list")
+    done = subprocess.run(["koubou", "maintain", "--home", str(repo_home)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "requeued 1" in done.stdout + done.stderr and "1 worktrees" in done.stdout + done.stderr
+    assert git(mirror, "worktree", "list").count("\n") == 0  # the mirror's own entry only
+    assert not (repo_home / "work" / task_id).exists()
+    workers.start(repo_home)
+    outcome = wait_outcomes(spool, [task_id], timeout=60)[task_id]
+    assert outcome["status"] == "completed" and outcome["result"]["attempts"] == 2
+    assert git(source, "rev-parse", f"{outcome['result']['repo']['commit']}^") == base

@@ -22,12 +22,15 @@ from typing import Any
 from ..spool import ledger, permissions
 from .. import config as config_module
 from ..config import Config, Craftsman
+from ..repo import mirror as repo_mirror, worktree
+from ..repo.policy import RepoSettings
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 ERROR = "error"
 WARNING = "warning"
+INFO = "info"  # a fact worth showing, never a problem
 SPOOL_DIRS = ("tasks/tmp", "tasks/pending", "tasks/in_progress", "tasks/completed",
               "tasks/failed", "db", "run/workers")
 INOTIFY = Path("/proc/sys/fs/inotify")
@@ -80,6 +83,7 @@ def run(home: Path, config_path: Path, timeout: float = 5.0) -> list[Check]:
     unknown = [Problem(WARNING, w) for w in config.warnings]
     checks.insert(1, Check("config", unknown + check_config_file(config_path, config)))
     checks.append(Check("api keys", check_api_keys(config)))
+    checks.append(Check("repositories", check_repositories(home, config)))
     checks += check_craftsmen(config, timeout)
     return checks
 
@@ -197,6 +201,21 @@ def check_ledger(path: Path) -> list[Problem]:
 
 
 # --- craftsmen -------------------------------------------------------------------------------
+
+def check_repositories(home: Path, config: Config) -> list[Problem]:
+    """The mirrors of repository tasks and their size on disk; whether any repo is allowed."""
+    sizes = repo_mirror.mirrors_size(home) if (home / "repos").is_dir() else {}
+    found = [Problem(INFO, f"mirror {name}: {size / 1e6:.1f} MB") for name, size in sizes.items()]
+    if sizes:
+        found.append(Problem(INFO, f"{len(sizes)} mirrors, {sum(sizes.values()) / 1e6:.1f} MB in "
+                                   f"{home / 'repos'}; live worktrees: "
+                                   f"{worktree.live_worktrees(home)}"))
+    if config.repos and not RepoSettings.parse(config.repos).allowed:
+        found.append(Problem(WARNING, "repos: is set but repos.allowed is empty, so every "
+                                      "repository task fails as policy; list the paths or URL "
+                                      "prefixes tasks may name"))
+    return found
+
 
 def check_craftsmen(config: Config, timeout: float) -> list[Check]:
     """One check per craftsman, endpoints probed in parallel so a dead one costs one timeout."""

@@ -29,9 +29,10 @@ from ..spool import ledger
 from ..spool import task as task_format
 from ..craft.budget import BudgetSettings
 from ..config import Config
-from ..errors import InvalidTask, UsageError
+from ..errors import InvalidTask, KoubouError, UsageError
 from ..spool.ledger import LedgerWriter
 from ..craft.limits import Budget
+from ..repo import worktree
 from ..spool.recovery import recover_orphans
 from ..spool.files import SIDECAR, Refused, Spool, Unavailable, new_worker_id
 
@@ -59,6 +60,7 @@ class Summary:
     purged_ledger_rows: int = 0
     tmp_removed: int = 0
     workers_removed: int = 0
+    worktrees_removed: int = 0
     vacuumed: bool = False
     errors: list[str] = field(default_factory=list)
 
@@ -74,7 +76,7 @@ class Summary:
                 f"purged {self.purged} outcome files ({self.outputs_purged} outputs "
                 f"directories, {self.purged_ledger_rows} ledger rows), "
                 f"removed {self.tmp_removed} stale tmp files and {self.workers_removed} "
-                "dead workers' lock files"
+                f"dead workers' lock files, {self.worktrees_removed} worktrees"
                 + (", vacuumed the ledger" if self.vacuumed else ""))
 
 
@@ -116,11 +118,54 @@ def _chores(spool: Spool, config: Config, ledger_path: Path, purge_after: float 
         if purge_ledger and ledger_path.exists():
             summary.purged_ledger_rows = _with_ledger(ledger_path, ledger.purge, task_ids,
                                                       reject_files, summary=summary) or 0
+    summary.worktrees_removed = _prune_worktrees(spool, purge_after, now, summary)
     summary.tmp_removed = clean_tmp(spool, now - STALE_TMP_S)
     summary.workers_removed = spool.remove_dead_workers(now - STALE_TMP_S)
     if vacuum and ledger_path.exists():
         summary.vacuumed = _vacuum(spool, ledger_path, summary)
     return summary
+
+
+def _prune_worktrees(spool: Spool, purge_after: float | None, now: float,
+                     summary: Summary) -> int:
+    """Remove the worktrees no live claim owns (a failed task's stays until --purge-after),
+    and prune every mirror's worktree list."""
+    if not (spool.home / "work").is_dir():
+        return 0
+    try:
+        return len(worktree.prune(spool.home, lambda: _claimed_ids(spool) | _failed_recently(
+            spool, purge_after, now)))
+    except KoubouError as exc:
+        summary.errors.append(f"worktrees: {exc}")
+        return 0
+
+
+def _claimed_ids(spool: Spool) -> set[str]:
+    """The ids of the tasks claimed now (read from the claim when its name is not its id)."""
+    ids = set()
+    for entry, match in spool.claims():
+        task_id = task_format.id_from_name(match["name"])
+        try:
+            obj = task_format.decode(spool.read_entry(spool.in_progress, entry)[0])
+            task_id = obj.get("id") or obj.get("custom_id") or task_id
+        except (KoubouError, OSError, ValueError, AttributeError):
+            pass
+        if task_id:
+            ids.add(task_id)
+    return ids
+
+
+def _failed_recently(spool: Spool, purge_after: float | None, now: float) -> set[str]:
+    """Failed tasks whose worktree is kept for a look: all of them without --purge-after."""
+    kept = set()
+    for entry in os.listdir(spool.home / "work"):
+        try:
+            age = now - os.stat(spool.failed / f"{entry}.json").st_mtime
+        except OSError:
+            continue
+        if purge_after is None or age < purge_after:
+            kept.add(entry)
+    return kept
 
 
 def _vacuum(spool: Spool, path: Path, summary: Summary) -> bool:

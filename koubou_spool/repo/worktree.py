@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -253,9 +253,19 @@ def stale_worktrees(home: Path, live_ids: Collection[str], *, min_age_s: float =
     return sorted(i for i, at in _task_ids(home).items() if i not in live_ids and at <= cutoff)
 
 
-def prune(home: Path, live_ids: Collection[str], *, min_age_s: float = 0.0) -> list[str]:
-    """For `koubou maintain`: clean up every stale worktree, then prune every mirror. Returns the ids."""
-    stale = stale_worktrees(home, live_ids, min_age_s=min_age_s)
+def prune(home: Path, live_ids: Collection[str] | Callable[[], Collection[str]], *,
+          min_age_s: float = 0.0) -> list[str]:
+    """For `koubou maintain`: clean up every stale worktree, then prune every mirror. Returns the ids.
+
+    `live_ids` may be a function, called after the worktrees are listed: a claim is made before
+    its worktree, so every worktree listed then belongs to a claim it returns, or to none.
+    """
+    if callable(live_ids):
+        listed = stale_worktrees(home, (), min_age_s=min_age_s)
+        live = set(live_ids())
+        stale = [task_id for task_id in listed if task_id not in live]
+    else:
+        stale = stale_worktrees(home, live_ids, min_age_s=min_age_s)
     for task_id in stale:
         clean_up(home, task_id)
     root = mirrors.repos_dir(home)
