@@ -47,6 +47,8 @@ class Craftsman:
     argv: tuple[str, ...] = ()
     output: str = "text"
     max_output_bytes: int = 4 * 1024 * 1024
+    sandbox: str | None = None  # "bwrap": a command craftsman runs under bubblewrap
+    sandbox_binds: tuple[str, ...] = ()  # paths the sandboxed agent may write (its login)
 
     def api_key(self) -> str:
         """The API key from the environment; local servers get a placeholder the client requires."""
@@ -99,6 +101,7 @@ def _craftsman(name: str, spec: dict[str, Any]) -> Craftsman:
     values.setdefault("model", spec["backend"])
     values.setdefault("local", spec["backend"] == "echo")
     values["argv"] = tuple(values.get("argv", ()))
+    values["sandbox_binds"] = tuple(values.get("sandbox_binds", ()))
     return Craftsman(name=name, **values)
 
 

@@ -256,6 +256,7 @@ def section(fields: Mapping[str, Checker], required: tuple[str, ...] = (),
 
 # --- craftsmen -------------------------------------------------------------------------------------
 
+SANDBOXES = ("bwrap",)
 USD = number(what="an amount in USD")
 PRICE = section({key: number(what="a price in USD per million tokens") for key in
                  ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok")},
@@ -270,9 +271,11 @@ CRAFTSMAN_FIELDS: dict[str, Checker] = {
     "api_key_env": nullable(env_name), "system": nullable(text), "price": nullable(PRICE),
     "max_cost_usd": nullable(USD), "provider": nullable(word),
     "latency_ms": number(), "argv": argv, "output": choice(*OUTPUT_FORMATS),
-    "max_output_bytes": integer(1),
+    "max_output_bytes": integer(1), "sandbox": nullable(choice(*SANDBOXES)),
+    "sandbox_binds": list_of(text, "a list of paths bound writable into the sandbox's home"),
 }
 NEEDS = {"openai": ("base_url", "model"), "command": ("argv",)}
+
 _craftsman_section = section(CRAFTSMAN_FIELDS, required=("backend",))
 
 

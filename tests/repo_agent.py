@@ -7,6 +7,8 @@ Reads the prompt on stdin and acts on its lines, in the worktree it runs in:
   COMMIT message          commit what is staged and unstaged, as the agent itself
   FIX-FROM-VERIFY         if the prompt holds "missing: NAME" (a verify's output), create NAME
   SLEEP seconds           sleep (to be killed mid-run); SLEEP-ONCE: only in the task's first run
+  READ-SSH                write what it could read of ~/.ssh/id_rsa to ssh.txt ("unreadable")
+  RM-HOME                 try to delete everything in $HOME, as a careless agent might
 It prints "done". With REPO_AGENT_LOG set, it writes there, per run, its prompt and KOUBOU_*
 environment (<task>-<n>.json), outside the worktree so nothing of it is committed.
 `hang PIDFILE` writes its pid to PIDFILE and sleeps, for kill tests.
@@ -39,6 +41,15 @@ def main() -> None:
             subprocess.run(["git", "add", "-A"], check=True)
             subprocess.run(["git", "-c", "user.name=agent", "-c", "user.email=agent@test",
                             "commit", "-q", "-m", rest], check=True)
+        elif command == "READ-SSH":
+            try:
+                found = (Path.home() / ".ssh" / "id_rsa").read_text()
+            except OSError:
+                found = "unreadable"
+            Path("ssh.txt").write_text(found)
+        elif command == "RM-HOME":
+            for entry in Path.home().iterdir():
+                subprocess.run(["rm", "-rf", str(entry)], check=False)
         elif command == "FIX-FROM-VERIFY":
             for name in re.findall(r"missing: ([\w.-]+)", prompt)[-1:]:
                 Path(name).write_text("fixed\n")

@@ -555,3 +555,36 @@ def test_after_a_kill_9_koubou_maintain_leaves_no_stale_worktree(repo_home: Path
     outcome = wait_outcomes(spool, [task_id], timeout=60)[task_id]
     assert outcome["status"] == "completed" and outcome["result"]["attempts"] == 2
     assert git(source, "rev-parse", f"{outcome['result']['repo']['commit']}^") == base
+
+
+def test_a_sandboxed_agent_cannot_reach_home_or_ssh_but_works_in_its_worktree(
+        repo_home: Path, tmp_path: Path, workers, fake_openai, monkeypatch) -> None:
+    from koubou_spool.craft.backends import sandbox
+    why = sandbox.problem()
+    if why is not None:
+        pytest.skip(f"the bwrap sandbox cannot run here: {why}")
+    home = tmp_path / "user-home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_rsa").write_text("PRIVATE KEY\n")
+    (home / "precious.txt").write_text("keep me\n")
+    (home / ".agent-login").mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    config = yaml.safe_load((repo_home / "config" / "koubou.yaml").read_text())
+    config["craftsmen"]["agent"].update(
+        sandbox="bwrap", sandbox_binds=[str(tmp_path / "agent-log"), "~/.agent-login"])
+    (repo_home / "config" / "koubou.yaml").write_text(yaml.safe_dump(config))
+    source = tmp_path / "src" / "app"
+    base = make_source(source)
+    spool = Spool.open(repo_home)
+    workers.start(repo_home)
+    task_id = submit(spool, content="Be careless\nREAD-SSH\nRM-HOME\nWRITE boxed.txt=inside\n"
+                     "COMMIT the agent's own commit\nWRITE after.txt=after", repo=str(source))
+    outcome = wait_outcomes(spool, [task_id], timeout=60)[task_id]
+    assert outcome["status"] == "completed", outcome
+    assert (home / "precious.txt").read_text() == "keep me\n"
+    assert (home / ".ssh" / "id_rsa").exists()
+    commit = outcome["result"]["repo"]["commit"]
+    assert git(source, "show", f"{commit}:ssh.txt") == "unreadable"
+    assert git(source, "show", f"{commit}:boxed.txt") == "inside"
+    log = git(source, "log", "--format=%s", f"{base}..{commit}").splitlines()
+    assert log[-1] == "the agent's own commit" and len(log) == 2  # its own, then koubou's

@@ -22,6 +22,7 @@ from typing import Any
 from ..spool import ledger, permissions
 from .. import config as config_module
 from ..config import Config, Craftsman
+from ..craft.backends import sandbox
 from ..repo import mirror as repo_mirror, worktree
 from ..repo.policy import RepoSettings
 from ..errors import ConfigError
@@ -235,7 +236,12 @@ def check_craftsman(craftsman: Craftsman, timeout: float) -> list[Problem]:
 
 
 def check_command(craftsman: Craftsman) -> list[Problem]:
-    """argv[0] is on PATH or is an executable file."""
+    """argv[0] is on PATH or is an executable file; a sandbox it asks for works here."""
+    if craftsman.sandbox == "bwrap":
+        why = sandbox.problem()
+        if why is not None:
+            return [Problem(ERROR, f"craftsman {craftsman.name}: sandbox: bwrap, but {why}",
+                            craftsman.name)]
     program = craftsman.argv[0]
     if "/" in program:
         if os.path.isfile(program) and os.access(program, os.X_OK):

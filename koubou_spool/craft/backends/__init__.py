@@ -25,6 +25,7 @@ class Request:
     # they are by OpenAI-compatible backends; never one of RESERVED_PARAMS.
     params: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # and with these added to their environment
+    writable: list[str] = field(default_factory=list)  # more paths a sandboxed agent may write
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any
 from ...config import Craftsman
 from ...errors import ConfigError
 from ...spool import permissions
-from . import BackendError, Reply, Request, usage
+from . import BackendError, Reply, Request, sandbox, usage
 
 STDERR_TAIL = 2000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -72,6 +72,9 @@ class CommandBackend:
         workdir = Path(request.workdir) if request.workdir else None
         if workdir is not None:
             permissions.make_dir(workdir, permissions.OWNER_DIR, parents=True)
+        if self.craftsman.sandbox == "bwrap":
+            argv = sandbox.bwrap_argv(argv, str(workdir or Path.cwd()), request.writable,
+                                      self.craftsman.sandbox_binds)
         try:
             # The agent's files in outputs/ are the group's to read and nobody else's, whatever
             # the worker's umask: the child gets its own (set after fork, not process-wide).
