@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -258,13 +259,14 @@ def build_now(force: bool) -> bool:
 
 
 def serve() -> None:
-    """Serve a fresh tiny model until Ctrl-C."""
+    """Serve a fresh tiny model until SIGINT (Ctrl-C) or SIGTERM, then stop it."""
+    stop = {signal.SIGINT, signal.SIGTERM}
     with tempfile.TemporaryDirectory(prefix="koubou-engine-") as workdir:
         with serving(Path(workdir)) as base_url:
+            # Blocked only now: the server inherits the signal mask, and must feel SIGTERM.
+            signal.pthread_sigmask(signal.SIG_BLOCK, stop)
             print(f"serving model {MODEL_ID!r} at {base_url}; Ctrl-C stops it", flush=True)
-            with contextlib.suppress(KeyboardInterrupt):
-                while True:
-                    time.sleep(3600)
+            signal.sigwait(stop)
 
 
 def main() -> int:
