@@ -56,7 +56,7 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def real_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The base_url of a real llama.cpp server (tests/realengine.py), one for the session."""
     if not realengine.is_built():
-        missing("the real llama.cpp engine (a 5-minute build)", realengine.BUILD_ENABLES)
+        missing("the real llama.cpp engine (a 4-minute build)", realengine.BUILD_ENABLES)
     with realengine.serving(tmp_path_factory.mktemp("engine")) as base_url:
         yield base_url
 
