@@ -7,6 +7,7 @@ Reads the prompt on stdin and acts on its lines, in the worktree it runs in:
   COMMIT message          commit what is staged and unstaged, as the agent itself
   FIX-FROM-VERIFY         if the prompt holds "missing: NAME" (a verify's output), create NAME
   SLEEP seconds           sleep (to be killed mid-run); SLEEP-ONCE: only in the task's first run
+  MANY n                  write n small files (so that koubou's commit takes a while)
   READ-SSH                write what it could read of ~/.ssh/id_rsa to ssh.txt ("unreadable")
   RM-HOME                 try to delete everything in $HOME, as a careless agent might
 It prints "done". With REPO_AGENT_LOG set, it writes there, per run, its prompt and KOUBOU_*
@@ -41,6 +42,10 @@ def main() -> None:
             subprocess.run(["git", "add", "-A"], check=True)
             subprocess.run(["git", "-c", "user.name=agent", "-c", "user.email=agent@test",
                             "commit", "-q", "-m", rest], check=True)
+        elif command == "MANY":
+            Path("many").mkdir(exist_ok=True)
+            for n in range(int(rest)):
+                Path("many", f"{n}.txt").write_text(f"{n}\n")
         elif command == "READ-SSH":
             try:
                 found = (Path.home() / ".ssh" / "id_rsa").read_text()

@@ -588,3 +588,33 @@ def test_a_sandboxed_agent_cannot_reach_home_or_ssh_but_works_in_its_worktree(
     assert git(source, "show", f"{commit}:boxed.txt") == "inside"
     log = git(source, "log", "--format=%s", f"{base}..{commit}").splitlines()
     assert log[-1] == "the agent's own commit" and len(log) == 2  # its own, then koubou's
+
+
+def test_kill_9_during_koubous_commit_publishes_no_half_made_commit(
+        repo_home: Path, tmp_path: Path, workers) -> None:
+    source = tmp_path / "src" / "app"
+    base = make_source(source)
+    spool = Spool.open(repo_home)
+    first = workers.start(repo_home)
+    task_id = submit(spool, content="Many files\nMANY 4000", repo=str(source), id="mid-commit")
+    deadline = time.monotonic() + 60
+    admin = None
+    while time.monotonic() < deadline:  # koubou's `git add -A` holds the worktree's index.lock
+        mirrors = list((repo_home / "repos").glob("*.git"))
+        admin = mirrors[0] / "worktrees" / task_id if mirrors else None
+        if agent_runs(tmp_path, task_id) and admin and (admin / "index.lock").exists():
+            break
+        time.sleep(0.001)
+    else:
+        pytest.fail("koubou's commit was not caught in the act")
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    assert not list(spool.completed.iterdir())
+    workers.start(repo_home)
+    outcome = wait_outcomes(spool, [task_id], timeout=120)[task_id]
+    assert outcome["status"] == "completed" and outcome["result"]["attempts"] == 2
+    commit = outcome["result"]["repo"]["commit"]
+    assert git(source, "rev-parse", f"{commit}^") == base  # one result commit, on the base
+    assert outcome["result"]["repo"]["files_changed"] == 4000
+    mirror, = (repo_home / "repos").glob("*.git")
+    assert git(mirror, "worktree", "list").count("\n") == 0
