@@ -29,6 +29,7 @@ from ..errors import SpoolError, TaskNotFound
 from .registry import Workers
 from .store import Store
 from .task import Task
+from .watcher import wait_for_files
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ CLAIM_RE = re.compile(r"(?P<name>.+)@(?P<worker>[A-Za-z0-9-]+)(?:\+(?P<seq>[0-9]
                       r"(?P<fin>\.fin)?")
 _claim_seq = itertools.count(1)
 SIDECAR = ".error.json"
+STATES = ("pending", "in_progress", "completed", "failed")
 NAME_MAX = 255  # bytes in one file name on ext4, xfs, btrfs and tmpfs
 
 
@@ -464,6 +466,25 @@ class Spool(Store):
             return json.loads(data)
         return None
 
+    def counts(self) -> dict[str, int]:
+        """Number of entries in each state (as `names` lists them)."""
+        return {state: len(self.names(state)) for state in STATES}
+
+    def outcome_states(self, names: Iterable[str]) -> dict[str, str]:
+        """'completed' or 'failed' for each of these entry names that has a file there."""
+        found = {}
+        for name in names:
+            for state, directory in (("completed", self.completed), ("failed", self.failed)):
+                if os.path.lexists(f"{directory}/{name}"):
+                    found[name] = state
+                    break
+        return found
+
+    def wait_for_outcomes(self, names: set[str], timeout: float | None) -> set[str]:
+        """Block (on inotify) until each entry name is in completed/ or failed/, or timeout;
+        the names found."""
+        return wait_for_files([self.completed, self.failed], names, timeout)
+
     # --- workers and their liveness (spool.registry) ---------------------------------------
 
     def register_worker(self, worker_id: str, info: dict[str, Any]) -> int:
@@ -485,6 +506,14 @@ class Spool(Store):
     def worker_state(self, worker_id: str, lease_s: float, *, observed: bool = True) -> str:
         """'alive', 'stale' or 'dead': see registry.Workers.worker_state."""
         return self.registry.worker_state(worker_id, lease_s, observed=observed)
+
+    def worker_ids(self) -> list[str]:
+        """The ids of every registration in run/workers/, live or not, sorted."""
+        return self.registry.worker_ids()
+
+    def worker_info(self, worker_id: str) -> Any:
+        """What a worker registered about itself; None when gone or unreadable."""
+        return self.registry.worker_info(worker_id)
 
 
 def _raise_if_transient(exc: OSError, path: str) -> None:

@@ -128,3 +128,15 @@ class Workers:
             os.close(fd)
         self.heartbeats.forget(worker_id)
         return "dead"
+
+    def worker_ids(self) -> list[str]:
+        """The ids of every lock file in run/workers/, live or not, sorted."""
+        return [entry[:-5] for entry in sorted(os.listdir(self.workers))
+                if entry.endswith(".lock")]
+
+    def worker_info(self, worker_id: str) -> Any:
+        """The JSON a worker wrote into its lock file; None when gone or unreadable."""
+        try:
+            return json.loads((self.workers / f"{worker_id}.lock").read_bytes())
+        except (OSError, ValueError):
+            return None

@@ -65,6 +65,21 @@ class Store:
         """The entries of one state (counts and listings are built on this)."""
         raise NotImplementedError
 
+    def counts(self) -> dict[str, int]:
+        """Number of entries in each state: pending, in_progress, completed, failed."""
+        raise NotImplementedError
+
+    def outcome_states(self, names: Iterable[str]) -> dict[str, str]:
+        """'completed' or 'failed' for each of these entry names (`<id>.json`) that is there."""
+        raise NotImplementedError
+
+    # --- waiting for work ---------------------------------------------------------------------
+
+    def wait_for_outcomes(self, names: set[str], timeout: float | None) -> set[str]:
+        """Block until each entry name has an outcome, or timeout (None: forever); the names
+        that have one. A store wakes waiters itself (the file spool on inotify)."""
+        raise NotImplementedError
+
     # --- workers ------------------------------------------------------------------------------
 
     def register_worker(self, worker_id: str, info: dict[str, Any]) -> int:
@@ -81,4 +96,12 @@ class Store:
 
     def worker_state(self, worker_id: str, lease_s: float) -> str:
         """'alive', 'stale' (registered but no heartbeat within lease_s) or 'dead'."""
+        raise NotImplementedError
+
+    def worker_ids(self) -> list[str]:
+        """The ids of every worker registration, live or not, sorted."""
+        raise NotImplementedError
+
+    def worker_info(self, worker_id: str) -> Any:
+        """What a worker registered about itself (its craftsmen, pid, ...); None when gone."""
         raise NotImplementedError
