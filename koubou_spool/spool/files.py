@@ -276,6 +276,18 @@ class Spool(Store):
         # it runs again. The outcome's fsync later makes this rename durable too (one journal).
         return claim
 
+    def take_over(self, entry: str, worker_id: str) -> Claim | None:
+        """Take another worker's claim in_progress/<entry> by renaming it to ours (a finishing
+        marker kept); None when someone moved it first. The rename fences its old owner."""
+        match = CLAIM_RE.fullmatch(entry)
+        claim = Claim(match["name"], worker_id, time.time())
+        taken = claim.file_name + (match["fin"] or "")
+        try:
+            os.rename(f"{self.in_progress}/{entry}", f"{self.in_progress}/{taken}")
+        except FileNotFoundError:
+            return None
+        return claim
+
     def read_claim(self, claim: Claim) -> tuple[bytes, os.stat_result]:
         """The bytes of a claimed task file."""
         return self.read_entry(self.in_progress, claim.file_name)

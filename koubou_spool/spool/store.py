@@ -32,6 +32,11 @@ class Store:
         """Take one pending task for a worker; None when another worker took it first."""
         raise NotImplementedError
 
+    def take_over(self, entry: str, worker_id: str) -> Any:
+        """Take a claim from its owner (dead, or cancelled under it); None when someone moved it
+        first. The old owner can publish nothing afterwards: it is fenced out."""
+        raise NotImplementedError
+
     def read_claim(self, claim: Any) -> tuple[bytes, Any]:
         """The bytes of a claimed task, as they are now."""
         raise NotImplementedError
