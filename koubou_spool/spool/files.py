@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import itertools
 import json
 import logging
 import os
@@ -19,73 +18,21 @@ import re
 import socket
 import stat
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from . import permissions, task as task_format
-from ..errors import SpoolError, TaskNotFound
+from ..errors import SpoolError
+from .entries import (  # noqa: F401 (re-exported: the spool's names)
+    CLAIM_RE, NAME_MAX, SIDECAR, STATES, TRANSIENT_ERRNOS, Claim, Found, Refused, Unavailable,
+    _entry_name)
+from .lookup import Lookups
 from .registry import Workers
 from .store import Store
 from .task import Task
-from .watcher import wait_for_files
 
 log = logging.getLogger(__name__)
-
-# NAME@WORKER+SEQ: the owner in the name, and a sequence that makes each claim's name unique,
-# so an inotify event about an earlier claim of the same task is never taken for this one.
-CLAIM_RE = re.compile(r"(?P<name>.+)@(?P<worker>[A-Za-z0-9-]+)(?:\+(?P<seq>[0-9]+))?"
-                      r"(?P<fin>\.fin)?")
-_claim_seq = itertools.count(1)
-SIDECAR = ".error.json"
-STATES = ("pending", "in_progress", "completed", "failed")
-NAME_MAX = 255  # bytes in one file name on ext4, xfs, btrfs and tmpfs
-
-
-# The machine's trouble, not the file's: out of descriptors (each worker holds slot files per
-# craftsman), out of memory, an I/O error. A good task read at such a moment must stay queued.
-TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EIO, errno.ENOMEM,
-                              errno.ENOBUFS})
-
-
-class Refused(Exception):
-    """A pending entry that must not be read: not a regular file, too large, or gone."""
-
-    def __init__(self, reason: str, gone: bool = False) -> None:
-        super().__init__(reason)
-        self.gone = gone
-
-
-class Unavailable(SpoolError):
-    """An entry that cannot be read now (TRANSIENT_ERRNOS): no verdict; read it again later."""
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A task this worker holds: in_progress/<name>@<worker>. `claimed_at` is wall time, for
-    records; `clock` is this process's monotonic time, for measuring (a clock step cannot
-    make a duration negative)."""
-
-    name: str
-    worker_id: str
-    claimed_at: float
-    seq: int = field(default_factory=lambda: next(_claim_seq))
-    clock: float = field(default_factory=time.monotonic, compare=False)
-
-    @property
-    def file_name(self) -> str:
-        return f"{self.name}@{self.worker_id}+{self.seq}"
-
-
-@dataclass(frozen=True)
-class Found:
-    """Where a task is: its state, its file, and whether it was rejected input."""
-
-    state: str
-    path: Path
-    rejected: bool = False
-
 
 
 def _hostname() -> str:
@@ -97,7 +44,7 @@ def new_worker_id() -> str:
     return f"{_hostname()}-{os.getpid()}-{os.urandom(2).hex()}"
 
 
-class Spool(Store):
+class Spool(Lookups, Store):
     """The file store: the task directories of one home, moved between by rename(2)."""
 
     def __init__(self, home: Path, *, fsync: bool = True, max_task_bytes: int = 1_048_576) -> None:
@@ -397,106 +344,6 @@ class Spool(Store):
         room = NAME_MAX - len(SIDECAR) - 27  # "." and a new id
         return f"{os.fsdecode(os.fsencode(name)[:room])}.{task_format.new_id()}"
 
-    # --- lookups ---------------------------------------------------------------------------
-
-    def names(self, state: str) -> list[str]:
-        """Entries of one state directory, without sidecars, dot files or finishing markers."""
-        directory = self.state_dir(state)
-        return [n for n in os.listdir(directory)
-                if not n.startswith(".") and not n.endswith(SIDECAR) and not n.endswith(".fin")]
-
-    def claims(self) -> Iterator[tuple[str, re.Match]]:
-        """Every claim file in in_progress/ with its parsed name."""
-        for entry in os.listdir(self.in_progress):
-            match = CLAIM_RE.fullmatch(entry)
-            if match:
-                yield entry, match
-
-    def find(self, key: str) -> Found:
-        """Where the task with this id (or the file with this name) is; TaskNotFound if nowhere.
-
-        A key that is neither an id nor a plain entry name (a path, `..`, a hidden name) is
-        nowhere: the lookup never leaves the state directories.
-        """
-        if not (task_format.ID_RE.fullmatch(key) or _entry_name(key)):
-            raise TaskNotFound(f"no task {key!r}: give a task id ({task_format.ID_RULE}) "
-                               "or the name of a file in the spool")
-        name = key if key.endswith(".json") else f"{key}.json"
-        for state in ("completed", "failed"):
-            path = self.state_dir(state) / name
-            if os.path.lexists(path):
-                return Found(state, path, os.path.lexists(str(path) + SIDECAR))
-        for entry, match in self.claims():
-            if match["name"] in (name, key):
-                return Found("in_progress", self.in_progress / entry)
-        for candidate in (name, key):
-            if os.path.lexists(self.pending / candidate):
-                return Found("pending", self.pending / candidate)
-        if os.path.lexists(self.failed / key):
-            return Found("failed", self.failed / key, True)
-        found = self._find_by_content(key)
-        if found is None:
-            raise TaskNotFound(f"no task {key!r} in {self.home}; `koubou list` shows what is there")
-        return found
-
-    def _find_by_content(self, task_id: str) -> Found | None:
-        """A dropped file whose name is not its id: read the few that are queued or running."""
-        for state in ("in_progress", "pending"):
-            directory = self.state_dir(state)
-            for entry in os.listdir(directory):
-                try:
-                    obj = task_format.decode(self.read_entry(directory, entry)[0])
-                except (Refused, Unavailable, ValueError):
-                    continue
-                if isinstance(obj, dict) and task_id in (obj.get("id"), obj.get("custom_id")):
-                    return Found(state, directory / entry)
-        return None
-
-    def outcome_state(self, task_id: str) -> str | None:
-        """'completed' or 'failed' when the task has an outcome file, else None. No read: a
-        rejected input that happens to bear the name (it has a sidecar) is no outcome."""
-        name = f"{task_id}.json"
-        for state, directory in (("completed", self.completed), ("failed", self.failed)):
-            if os.path.lexists(f"{directory}/{name}") and not os.path.lexists(
-                    f"{directory}/{name}{SIDECAR}"):
-                return state
-        return None
-
-    def outcome(self, task_id: str) -> dict[str, Any] | None:
-        """The outcome record of a finished task, or None while it is not finished."""
-        if not task_format.ID_RE.fullmatch(task_id):
-            raise TaskNotFound(f"no task {task_id!r}: a task id is {task_format.ID_RULE}")
-        for directory in (self.completed, self.failed):
-            path = directory / f"{task_id}.json"
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                continue
-            sidecar = Path(str(path) + SIDECAR)
-            if sidecar.exists():
-                return json.loads(sidecar.read_bytes())
-            return json.loads(data)
-        return None
-
-    def counts(self) -> dict[str, int]:
-        """Number of entries in each state (as `names` lists them)."""
-        return {state: len(self.names(state)) for state in STATES}
-
-    def outcome_states(self, names: Iterable[str]) -> dict[str, str]:
-        """'completed' or 'failed' for each of these entry names that has a file there."""
-        found = {}
-        for name in names:
-            for state, directory in (("completed", self.completed), ("failed", self.failed)):
-                if os.path.lexists(f"{directory}/{name}"):
-                    found[name] = state
-                    break
-        return found
-
-    def wait_for_outcomes(self, names: set[str], timeout: float | None) -> set[str]:
-        """Block (on inotify) until each entry name is in completed/ or failed/, or timeout;
-        the names found."""
-        return wait_for_files([self.completed, self.failed], names, timeout)
-
     # --- workers and their liveness (spool.registry) ---------------------------------------
 
     def register_worker(self, worker_id: str, info: dict[str, Any]) -> int:
@@ -532,11 +379,6 @@ def _raise_if_transient(exc: OSError, path: str) -> None:
     if exc.errno in TRANSIENT_ERRNOS:
         raise Unavailable(f"{path} cannot be read now ({exc.strerror}); it stays where it is "
                           "and is read again later") from None
-
-
-def _entry_name(key: str) -> bool:
-    """A name that can only mean an entry of a directory: one component, not hidden."""
-    return bool(key) and "/" not in key and "\0" not in key and not key.startswith(".")
 
 
 def duplicate_reason(task_id: str, state: str) -> str:
