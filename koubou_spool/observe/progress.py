@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 
@@ -13,9 +12,9 @@ Progress = Callable[[int, int, int], None]  # done, failed, total
 
 
 def _arrivals(spool: Spool, names: set[str]) -> tuple[set[str], set[str]]:
-    done = {n for n in names if os.path.lexists(spool.completed / n)}
-    failed = {n for n in names - done if os.path.lexists(spool.failed / n)}
-    return done, failed
+    states = spool.outcome_states(names)
+    done = {n for n, state in states.items() if state == "completed"}
+    return done, set(states) - done
 
 
 def wait_with_progress(spool: Spool, task_ids: list[str], timeout: float | None,

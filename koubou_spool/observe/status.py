@@ -13,20 +13,18 @@ from ..spool import task as task_format
 from ..spool.home import STATE_DIRS
 from ..errors import KoubouError, WaitTimeout
 from ..spool.files import CLAIM_RE, SIDECAR, Refused, Spool, Unavailable
-from ..spool.watcher import wait_for_files
 
 
 def queue_counts(spool: Spool) -> dict[str, int]:
     """Number of tasks in each state directory."""
-    return {state: len(spool.names(state)) for state in STATE_DIRS}
+    return spool.counts()
 
 
 def live_workers(spool: Spool, ledger_path: Path, lease_s: float) -> list[dict[str, Any]]:
     """Workers with a lock file in run/workers/, with their ledger figures when available."""
     rows = {row["id"]: row for row in ledger.read(ledger_path, ledger.workers, default=[])}
     found = []
-    for entry in sorted(os.listdir(spool.workers)):
-        worker_id = entry[:-5] if entry.endswith(".lock") else None
+    for worker_id in spool.worker_ids():
         if not worker_id:
             continue
         info = dict(rows.get(worker_id, {"id": worker_id}))
@@ -39,12 +37,12 @@ def served_craftsmen(spool: Spool) -> set[str]:
     """The craftsmen that live workers serve: registered in run/workers/ with the lock held
     (a worker that missed heartbeats still counts: it holds its lock, so it is not dead)."""
     served: set[str] = set()
-    for entry in os.listdir(spool.workers):
-        if entry.startswith(".") or not entry.endswith(".lock"):
+    for worker_id in spool.worker_ids():
+        if not worker_id or worker_id.startswith("."):
             continue  # a worker still starting locks a hidden name first
-        if spool.worker_state(entry[:-5], math.inf) == "dead":
+        if spool.worker_state(worker_id, math.inf) == "dead":
             continue
-        info = _read_json(spool.workers / entry)
+        info = spool.worker_info(worker_id)
         if isinstance(info, dict) and isinstance(info.get("craftsmen"), list):
             served.update(str(name) for name in info["craftsmen"])
     return served
@@ -165,7 +163,7 @@ def wait_for_outcomes(spool: Spool, task_ids: list[str], timeout: float | None) 
         if spool.outcome(task_id) is None:
             spool.find(task_id)  # an unknown id is an error now, not a wait forever
     names = {f"{task_id}.json" for task_id in task_ids}
-    found = wait_for_files([spool.completed, spool.failed], names, timeout)
+    found = spool.wait_for_outcomes(names, timeout)
     missing = [t for t in task_ids if f"{t}.json" not in found]
     if missing:
         raise WaitTimeout(f"timed out after {timeout:g} s; still queued: {', '.join(missing)}")

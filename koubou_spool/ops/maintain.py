@@ -171,8 +171,8 @@ def _failed_recently(spool: Spool, purge_after: float | None, now: float) -> set
 def _vacuum(spool: Spool, path: Path, summary: Summary) -> bool:
     """VACUUM, within VACUUM_MAX_S while workers run: a busy or large ledger is left as it is
     rather than holding up their writes."""
-    alive = any(spool.worker_state(entry[:-5], math.inf) != "dead"
-                for entry in os.listdir(spool.workers) if entry.endswith(".lock"))
+    alive = any(spool.worker_state(worker_id, math.inf) != "dead"
+                for worker_id in spool.worker_ids())
     errors = len(summary.errors)
     done = _with_ledger(path, ledger.vacuum, VACUUM_MAX_S if alive else math.inf,
                         summary=summary)

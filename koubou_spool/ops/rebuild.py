@@ -63,8 +63,8 @@ def rebuild(spool: Spool, ledger_path: Path, config: Config) -> Rebuilt:
 
 def _refuse_while_workers_run(spool: Spool, lease_s: float) -> None:
     """Workers keep their ledger connection open: moving the file under them loses records."""
-    live = [entry[:-5] for entry in os.listdir(spool.workers) if entry.endswith(".lock")
-            and spool.worker_state(entry[:-5], lease_s) != "dead"]
+    live = [worker_id for worker_id in spool.worker_ids()
+            if spool.worker_state(worker_id, lease_s) != "dead"]
     if live:
         raise SpoolError(f"{len(live)} workers are running ({', '.join(sorted(live))}); stop "
                          "them first (systemctl stop 'koubou-worker@*'), then rebuild")

@@ -48,12 +48,9 @@ def _take(spool: Spool, owner: str, task_id: str, running: bool = True) -> tuple
     if found.state == "in_progress" and running:
         match = CLAIM_RE.fullmatch(found.path.name)
         if match and not match["fin"]:
-            claim = Claim(match["name"], owner, time.time())
-            try:
-                os.rename(found.path, spool.in_progress / claim.file_name)
+            claim = spool.take_over(found.path.name, owner)
+            if claim is not None:
                 return claim, "in_progress"
-            except FileNotFoundError:
-                pass
         found = spool.find(task_id)
     raise NotCancelled(f"task {task_id} is {found.state}; nothing to cancel")
 

@@ -22,7 +22,6 @@ from ..observe import gather as observe, status as status_module
 from ..spool import home as home_module, task as task_format
 from ..spool.files import Spool
 from ..spool.home import STATE_DIRS
-from ..spool.watcher import wait_for_files
 from . import control, serving
 from .events import SpoolEvents
 
@@ -93,7 +92,7 @@ class Workshop:
                 answer["warning"] = line
         if wait_s > 0 and state not in ("completed", "failed"):
             await anyio.to_thread.run_sync(
-                wait_for_files, [spool.completed, spool.failed], {f"{task.id}.json"}, wait_s)
+                spool.wait_for_outcomes, {f"{task.id}.json"}, wait_s)
         return answer | self.result(task.id)
 
     def submit(self, fields: dict[str, Any]) -> dict[str, Any]:

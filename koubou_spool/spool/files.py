@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
-import itertools
 import json
 import logging
 import os
@@ -20,97 +18,21 @@ import re
 import socket
 import stat
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from . import permissions, task as task_format
-from ..errors import SpoolError, TaskNotFound
+from ..errors import SpoolError
+from .entries import (  # noqa: F401 (re-exported: the spool's names)
+    CLAIM_RE, NAME_MAX, SIDECAR, STATES, TRANSIENT_ERRNOS, Claim, Found, Refused, Unavailable,
+    _entry_name)
+from .lookup import Lookups
+from .registry import Workers
 from .store import Store
 from .task import Task
 
 log = logging.getLogger(__name__)
-
-# NAME@WORKER+SEQ: the owner in the name, and a sequence that makes each claim's name unique,
-# so an inotify event about an earlier claim of the same task is never taken for this one.
-CLAIM_RE = re.compile(r"(?P<name>.+)@(?P<worker>[A-Za-z0-9-]+)(?:\+(?P<seq>[0-9]+))?"
-                      r"(?P<fin>\.fin)?")
-_claim_seq = itertools.count(1)
-SIDECAR = ".error.json"
-NAME_MAX = 255  # bytes in one file name on ext4, xfs, btrfs and tmpfs
-
-
-# The machine's trouble, not the file's: out of descriptors (each worker holds slot files per
-# craftsman), out of memory, an I/O error. A good task read at such a moment must stay queued.
-TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EIO, errno.ENOMEM,
-                              errno.ENOBUFS})
-
-
-class Refused(Exception):
-    """A pending entry that must not be read: not a regular file, too large, or gone."""
-
-    def __init__(self, reason: str, gone: bool = False) -> None:
-        super().__init__(reason)
-        self.gone = gone
-
-
-class Unavailable(SpoolError):
-    """An entry that cannot be read now (TRANSIENT_ERRNOS): no verdict; read it again later."""
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A task this worker holds: in_progress/<name>@<worker>. `claimed_at` is wall time, for
-    records; `clock` is this process's monotonic time, for measuring (a clock step cannot
-    make a duration negative)."""
-
-    name: str
-    worker_id: str
-    claimed_at: float
-    seq: int = field(default_factory=lambda: next(_claim_seq))
-    clock: float = field(default_factory=time.monotonic, compare=False)
-
-    @property
-    def file_name(self) -> str:
-        return f"{self.name}@{self.worker_id}+{self.seq}"
-
-
-@dataclass(frozen=True)
-class Found:
-    """Where a task is: its state, its file, and whether it was rejected input."""
-
-    state: str
-    path: Path
-    rejected: bool = False
-
-
-class Heartbeats:
-    """When this process saw each live worker's heartbeat (its lock file's mtime) last change,
-    on this process's own monotonic clock.
-
-    Lock-file mtimes are set by each worker from its own wall clock: comparing them with ours
-    lets a clock step (or a suspend longer than the lease) make every peer look stale at once,
-    and a step back hide a hung one. So the mtime is only compared with itself: a worker is
-    stale once its mtime has not changed for lease_s of our monotonic time, counted from when
-    we first saw that value. Whether it is dead at all is its lock's business, not a clock's.
-    """
-
-    def __init__(self) -> None:
-        self._seen: dict[str, tuple[int, float]] = {}  # worker id -> (mtime_ns, first seen)
-
-    def stale(self, worker_id: str, mtime_ns: int, lease_s: float) -> bool:
-        """Whether this heartbeat value has stood unchanged for longer than lease_s."""
-        now = time.monotonic()
-        seen = self._seen.get(worker_id)
-        if seen is None or seen[0] != mtime_ns:
-            self._seen[worker_id] = (mtime_ns, now)
-            return False
-        return now - seen[1] > lease_s
-
-    def forget(self, worker_id: str) -> None:
-        """A worker is gone."""
-        self._seen.pop(worker_id, None)
 
 
 def _hostname() -> str:
@@ -122,7 +44,7 @@ def new_worker_id() -> str:
     return f"{_hostname()}-{os.getpid()}-{os.urandom(2).hex()}"
 
 
-class Spool(Store):
+class Spool(Lookups, Store):
     """The file store: the task directories of one home, moved between by rename(2)."""
 
     def __init__(self, home: Path, *, fsync: bool = True, max_task_bytes: int = 1_048_576) -> None:
@@ -136,7 +58,7 @@ class Spool(Store):
         self.completed = tasks / "completed"
         self.failed = tasks / "failed"
         self.workers = home / "run" / "workers"
-        self.heartbeats = Heartbeats()
+        self.registry = Workers(self.workers)
 
     @classmethod
     def open(cls, home: Path, settings: Any = None) -> Spool:
@@ -301,6 +223,18 @@ class Spool(Store):
         # it runs again. The outcome's fsync later makes this rename durable too (one journal).
         return claim
 
+    def take_over(self, entry: str, worker_id: str) -> Claim | None:
+        """Take another worker's claim in_progress/<entry> by renaming it to ours (a finishing
+        marker kept); None when someone moved it first. The rename fences its old owner."""
+        match = CLAIM_RE.fullmatch(entry)
+        claim = Claim(match["name"], worker_id, time.time())
+        taken = claim.file_name + (match["fin"] or "")
+        try:
+            os.rename(f"{self.in_progress}/{entry}", f"{self.in_progress}/{taken}")
+        except FileNotFoundError:
+            return None
+        return claim
+
     def read_claim(self, claim: Claim) -> tuple[bytes, os.stat_result]:
         """The bytes of a claimed task file."""
         return self.read_entry(self.in_progress, claim.file_name)
@@ -410,174 +344,41 @@ class Spool(Store):
         room = NAME_MAX - len(SIDECAR) - 27  # "." and a new id
         return f"{os.fsdecode(os.fsencode(name)[:room])}.{task_format.new_id()}"
 
-    # --- lookups ---------------------------------------------------------------------------
-
-    def names(self, state: str) -> list[str]:
-        """Entries of one state directory, without sidecars, dot files or finishing markers."""
-        directory = self.state_dir(state)
-        return [n for n in os.listdir(directory)
-                if not n.startswith(".") and not n.endswith(SIDECAR) and not n.endswith(".fin")]
-
-    def claims(self) -> Iterator[tuple[str, re.Match]]:
-        """Every claim file in in_progress/ with its parsed name."""
-        for entry in os.listdir(self.in_progress):
-            match = CLAIM_RE.fullmatch(entry)
-            if match:
-                yield entry, match
-
-    def find(self, key: str) -> Found:
-        """Where the task with this id (or the file with this name) is; TaskNotFound if nowhere.
-
-        A key that is neither an id nor a plain entry name (a path, `..`, a hidden name) is
-        nowhere: the lookup never leaves the state directories.
-        """
-        if not (task_format.ID_RE.fullmatch(key) or _entry_name(key)):
-            raise TaskNotFound(f"no task {key!r}: give a task id ({task_format.ID_RULE}) "
-                               "or the name of a file in the spool")
-        name = key if key.endswith(".json") else f"{key}.json"
-        for state in ("completed", "failed"):
-            path = self.state_dir(state) / name
-            if os.path.lexists(path):
-                return Found(state, path, os.path.lexists(str(path) + SIDECAR))
-        for entry, match in self.claims():
-            if match["name"] in (name, key):
-                return Found("in_progress", self.in_progress / entry)
-        for candidate in (name, key):
-            if os.path.lexists(self.pending / candidate):
-                return Found("pending", self.pending / candidate)
-        if os.path.lexists(self.failed / key):
-            return Found("failed", self.failed / key, True)
-        found = self._find_by_content(key)
-        if found is None:
-            raise TaskNotFound(f"no task {key!r} in {self.home}; `koubou list` shows what is there")
-        return found
-
-    def _find_by_content(self, task_id: str) -> Found | None:
-        """A dropped file whose name is not its id: read the few that are queued or running."""
-        for state in ("in_progress", "pending"):
-            directory = self.state_dir(state)
-            for entry in os.listdir(directory):
-                try:
-                    obj = task_format.decode(self.read_entry(directory, entry)[0])
-                except (Refused, Unavailable, ValueError):
-                    continue
-                if isinstance(obj, dict) and task_id in (obj.get("id"), obj.get("custom_id")):
-                    return Found(state, directory / entry)
-        return None
-
-    def outcome_state(self, task_id: str) -> str | None:
-        """'completed' or 'failed' when the task has an outcome file, else None. No read: a
-        rejected input that happens to bear the name (it has a sidecar) is no outcome."""
-        name = f"{task_id}.json"
-        for state, directory in (("completed", self.completed), ("failed", self.failed)):
-            if os.path.lexists(f"{directory}/{name}") and not os.path.lexists(
-                    f"{directory}/{name}{SIDECAR}"):
-                return state
-        return None
-
-    def outcome(self, task_id: str) -> dict[str, Any] | None:
-        """The outcome record of a finished task, or None while it is not finished."""
-        if not task_format.ID_RE.fullmatch(task_id):
-            raise TaskNotFound(f"no task {task_id!r}: a task id is {task_format.ID_RULE}")
-        for directory in (self.completed, self.failed):
-            path = directory / f"{task_id}.json"
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                continue
-            sidecar = Path(str(path) + SIDECAR)
-            if sidecar.exists():
-                return json.loads(sidecar.read_bytes())
-            return json.loads(data)
-        return None
-
-    # --- workers and their liveness --------------------------------------------------------
+    # --- workers and their liveness (spool.registry) ---------------------------------------
 
     def register_worker(self, worker_id: str, info: dict[str, Any]) -> int:
-        """Create and lock run/workers/<id>.lock; the lock dies with the process, whatever kills it.
-
-        The file is locked under a hidden name and renamed into place, so a lock file that can
-        be locked is dead for good: probes never race a worker that is starting.
-        """
-        staging = self.workers / f".{worker_id}.lock.new"
-        fd = permissions.open_file(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, permissions.RECORD)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, json.dumps(info).encode())
-        os.rename(staging, self.workers / f"{worker_id}.lock")
-        return fd
+        """Register a live worker (run/workers/<id>.lock, locked while it lives)."""
+        return self.registry.register_worker(worker_id, info)
 
     def unregister_worker(self, worker_id: str, fd: int) -> None:
         """Remove a worker's lock file on a clean exit."""
-        try:
-            os.unlink(self.workers / f"{worker_id}.lock")
-        finally:
-            os.close(fd)
+        self.registry.unregister_worker(worker_id, fd)
 
     def remove_dead_workers(self, cutoff: float) -> int:
         """Delete the lock files of dead workers whose last heartbeat was before cutoff."""
-        removed = 0
-        for entry in os.listdir(self.workers):
-            try:
-                fd = os.open(self.workers / entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError:
-                continue  # gone, or not a plain file: not ours to judge
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its worker lives
-                if os.fstat(fd).st_mtime < cutoff:
-                    os.unlink(self.workers / entry)
-                    removed += 1
-            except (BlockingIOError, FileNotFoundError):
-                pass
-            finally:
-                os.close(fd)
-        return removed
+        return self.registry.remove_dead_workers(cutoff)
 
     def orphaned_claims(self, lease_s: float) -> list[tuple[str, str]]:
         """(claim file, worker state) of claims whose worker is dead or has missed its lease."""
-        states: dict[str, str] = {}
-        orphans = []
-        for entry, match in self.claims():
-            worker = match["worker"]
-            if worker not in states:
-                states[worker] = self.worker_state(worker, lease_s)
-            if states[worker] != "alive":
-                orphans.append((entry, states[worker]))
-        return orphans
+        return self.registry.orphaned_claims(self.claims(), lease_s)
 
     def worker_state(self, worker_id: str, lease_s: float, *, observed: bool = True) -> str:
-        """'alive', 'stale' (lock held, heartbeat unchanged for lease_s as this process saw
-        it: see Heartbeats) or 'dead' (lock free: the kernel drops it with the process).
+        """'alive', 'stale' or 'dead': see registry.Workers.worker_state."""
+        return self.registry.worker_state(worker_id, lease_s, observed=observed)
 
-        observed=False judges staleness by the heartbeat's wall-clock age instead, for a
-        one-shot look by a person (`koubou workers`), never for taking claims over."""
-        path = self.workers / f"{worker_id}.lock"
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            self.heartbeats.forget(worker_id)
-            return "dead"
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            mtime = os.fstat(fd).st_mtime_ns
-            if not observed:
-                return "stale" if time.time() - mtime / 1e9 > lease_s else "alive"
-            return "stale" if self.heartbeats.stale(worker_id, mtime, lease_s) else "alive"
-        finally:
-            os.close(fd)
-        self.heartbeats.forget(worker_id)
-        return "dead"
+    def worker_ids(self) -> list[str]:
+        """The ids of every registration in run/workers/, live or not, sorted."""
+        return self.registry.worker_ids()
+
+    def worker_info(self, worker_id: str) -> Any:
+        """What a worker registered about itself; None when gone or unreadable."""
+        return self.registry.worker_info(worker_id)
 
 
 def _raise_if_transient(exc: OSError, path: str) -> None:
     if exc.errno in TRANSIENT_ERRNOS:
         raise Unavailable(f"{path} cannot be read now ({exc.strerror}); it stays where it is "
                           "and is read again later") from None
-
-
-def _entry_name(key: str) -> bool:
-    """A name that can only mean an entry of a directory: one component, not hidden."""
-    return bool(key) and "/" not in key and "\0" not in key and not key.startswith(".")
 
 
 def duplicate_reason(task_id: str, state: str) -> str:

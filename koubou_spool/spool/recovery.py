@@ -48,11 +48,8 @@ def recover_orphans(spool: Spool, settings: SpoolSettings, owner_id: str, ledger
         match = CLAIM_RE.fullmatch(entry)
         if match["worker"] == owner_id:
             continue  # our own, seen stale from this thread while our loop was held up
-        mine = Claim(match["name"], owner_id, time.time())
-        taken = mine.file_name + (match["fin"] or "")
-        try:
-            os.rename(spool.in_progress / entry, spool.in_progress / taken)
-        except FileNotFoundError:
+        mine = spool.take_over(entry, owner_id)
+        if mine is None:
             continue  # another recoverer was first
         log.warning("took over %s from %s worker %s", match["name"], state, match["worker"])
         try:

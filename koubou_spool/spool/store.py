@@ -32,6 +32,11 @@ class Store:
         """Take one pending task for a worker; None when another worker took it first."""
         raise NotImplementedError
 
+    def take_over(self, entry: str, worker_id: str) -> Any:
+        """Take a claim from its owner (dead, or cancelled under it); None when someone moved it
+        first. The old owner can publish nothing afterwards: it is fenced out."""
+        raise NotImplementedError
+
     def read_claim(self, claim: Any) -> tuple[bytes, Any]:
         """The bytes of a claimed task, as they are now."""
         raise NotImplementedError
@@ -65,6 +70,21 @@ class Store:
         """The entries of one state (counts and listings are built on this)."""
         raise NotImplementedError
 
+    def counts(self) -> dict[str, int]:
+        """Number of entries in each state: pending, in_progress, completed, failed."""
+        raise NotImplementedError
+
+    def outcome_states(self, names: Iterable[str]) -> dict[str, str]:
+        """'completed' or 'failed' for each of these entry names (`<id>.json`) that is there."""
+        raise NotImplementedError
+
+    # --- waiting for work ---------------------------------------------------------------------
+
+    def wait_for_outcomes(self, names: set[str], timeout: float | None) -> set[str]:
+        """Block until each entry name has an outcome, or timeout (None: forever); the names
+        that have one. A store wakes waiters itself (the file spool on inotify)."""
+        raise NotImplementedError
+
     # --- workers ------------------------------------------------------------------------------
 
     def register_worker(self, worker_id: str, info: dict[str, Any]) -> int:
@@ -81,4 +101,12 @@ class Store:
 
     def worker_state(self, worker_id: str, lease_s: float) -> str:
         """'alive', 'stale' (registered but no heartbeat within lease_s) or 'dead'."""
+        raise NotImplementedError
+
+    def worker_ids(self) -> list[str]:
+        """The ids of every worker registration, live or not, sorted."""
+        raise NotImplementedError
+
+    def worker_info(self, worker_id: str) -> Any:
+        """What a worker registered about itself (its craftsmen, pid, ...); None when gone."""
         raise NotImplementedError

@@ -1,0 +1,70 @@
+"""The names and kinds of spool entries: claim file names, sidecars, and what a lookup finds."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import SpoolError
+
+# NAME@WORKER+SEQ: the owner in the name, and a sequence that makes each claim's name unique,
+# so an inotify event about an earlier claim of the same task is never taken for this one.
+CLAIM_RE = re.compile(r"(?P<name>.+)@(?P<worker>[A-Za-z0-9-]+)(?:\+(?P<seq>[0-9]+))?"
+                      r"(?P<fin>\.fin)?")
+_claim_seq = itertools.count(1)
+SIDECAR = ".error.json"
+STATES = ("pending", "in_progress", "completed", "failed")
+NAME_MAX = 255  # bytes in one file name on ext4, xfs, btrfs and tmpfs
+
+
+# The machine's trouble, not the file's: out of descriptors (each worker holds slot files per
+# craftsman), out of memory, an I/O error. A good task read at such a moment must stay queued.
+TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EIO, errno.ENOMEM,
+                              errno.ENOBUFS})
+
+
+class Refused(Exception):
+    """A pending entry that must not be read: not a regular file, too large, or gone."""
+
+    def __init__(self, reason: str, gone: bool = False) -> None:
+        super().__init__(reason)
+        self.gone = gone
+
+
+class Unavailable(SpoolError):
+    """An entry that cannot be read now (TRANSIENT_ERRNOS): no verdict; read it again later."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A task this worker holds: in_progress/<name>@<worker>. `claimed_at` is wall time, for
+    records; `clock` is this process's monotonic time, for measuring (a clock step cannot
+    make a duration negative)."""
+
+    name: str
+    worker_id: str
+    claimed_at: float
+    seq: int = field(default_factory=lambda: next(_claim_seq))
+    clock: float = field(default_factory=time.monotonic, compare=False)
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.name}@{self.worker_id}+{self.seq}"
+
+
+@dataclass(frozen=True)
+class Found:
+    """Where a task is: its state, its file, and whether it was rejected input."""
+
+    state: str
+    path: Path
+    rejected: bool = False
+
+
+def _entry_name(key: str) -> bool:
+    """A name that can only mean an entry of a directory: one component, not hidden."""
+    return bool(key) and "/" not in key and "\0" not in key and not key.startswith(".")
