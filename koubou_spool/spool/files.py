@@ -308,16 +308,25 @@ class Spool(Store):
     def publish(self, claim: Claim, task_id: str, record: dict[str, Any]) -> bool:
         """Publish an outcome for a claim; False (and nothing written) when the claim was revoked,
         or when another task of the same id has its outcome already: then this claim goes to
-        failed/ as rejected input, and the first outcome stands."""
+        failed/ as rejected input, and the first outcome stands.
+
+        The fence comes first, so a revoked claim costs one failed rename and no write. When the
+        outcome cannot be written, the claim is unfenced (still ours, in in_progress/) and
+        nothing is left in tmp/."""
         directory = self.completed if record["status"] == "completed" else self.failed
-        tmp = self._write_tmp(task_id, task_format.encode(record))
         claimed = f"{self.in_progress}/{claim.file_name}"
         finishing = claimed + ".fin"
         try:
             os.rename(claimed, finishing)
         except FileNotFoundError:
-            os.unlink(tmp)
             return False
+        # A crash from here on leaves a .fin with or without its outcome: recovery keeps the
+        # outcome, or runs the task again.
+        try:
+            tmp = self._write_tmp(task_id, task_format.encode(record))
+        except BaseException:
+            self._unfence(finishing, claimed)
+            raise
         try:
             self._place_outcome(tmp, directory, task_id)
         except FileExistsError:
@@ -325,10 +334,21 @@ class Spool(Store):
             self.reject(self.in_progress, claim.file_name + ".fin", duplicate_reason(
                 task_id, self.outcome_state(task_id) or "completed"))
             return False
+        except OSError:
+            os.unlink(tmp)
+            self._unfence(finishing, claimed)
+            raise
         self.sync_dir(directory)
         # A crash before this unlink leaves a .fin beside a published outcome: recovery removes it.
         os.unlink(finishing)
         return True
+
+    def _unfence(self, finishing: str, claimed: str) -> None:
+        """Give a fenced claim its claim name back: the outcome could not be written."""
+        try:
+            os.rename(finishing, claimed)
+        except FileNotFoundError:
+            pass  # taken over meanwhile (this worker was taken for dead): theirs now
 
     def _place_outcome(self, tmp: str, directory: Path, task_id: str) -> None:
         """Rename an outcome into place without replacing one; FileExistsError if the id has one.
