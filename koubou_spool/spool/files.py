@@ -45,6 +45,9 @@ NAME_MAX = 255  # bytes in one file name on ext4, xfs, btrfs and tmpfs
 # craftsman), out of memory, an I/O error. A good task read at such a moment must stay queued.
 TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EIO, errno.ENOMEM,
                               errno.ENOBUFS})
+# The disk's trouble: no space, no quota left, or a home mounted read-only. Nothing is wrong
+# with the task; what could not be written is written again when the disk has room.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 class Refused(Exception):
@@ -57,6 +60,22 @@ class Refused(Exception):
 
 class Unavailable(SpoolError):
     """An entry that cannot be read now (TRANSIENT_ERRNOS): no verdict; read it again later."""
+
+
+class NoSpace(SpoolError):
+    """The home's disk refused a write (DISK_ERRNOS): full, over quota, or read-only."""
+
+    @classmethod
+    def of(cls, exc: OSError, home: Path) -> NoSpace:
+        """The one sentence for a disk error met while writing under home."""
+        if exc.errno == errno.EROFS:
+            error = cls(f"{home} is on a read-only file system; nothing was written (remount it "
+                        "read-write, or use another --home)")
+        else:
+            error = cls(f"no space left for {home} ({exc.strerror}); nothing was written "
+                        "(free some space, then try again)")
+        error.errno = exc.errno  # one argument keeps str() the sentence alone
+        return error
 
 
 @dataclass(frozen=True)
@@ -175,6 +194,15 @@ class Spool(Store):
             os.close(fd)
 
     def _write_tmp(self, label: str, data: bytes) -> str:
+        """A new file in tmp/ holding data, fsynced; NoSpace (and no file) when the disk refuses."""
+        try:
+            return self._staged(label, data)
+        except OSError as exc:
+            if exc.errno in DISK_ERRNOS:
+                raise NoSpace.of(exc, self.home) from None
+            raise
+
+    def _staged(self, label: str, data: bytes) -> str:
         # The label only helps a person reading tmp/: cut, so a long name still fits NAME_MAX.
         path = f"{self.tmp}/.{label[:100]}.{os.getpid()}.{os.urandom(4).hex()}"
         fd = permissions.open_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, permissions.RECORD)
@@ -237,8 +265,10 @@ class Spool(Store):
         except FileExistsError:
             os.unlink(tmp)
             return False
-        except BaseException:
+        except BaseException as exc:
             os.unlink(tmp)  # nothing partial is left behind
+            if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+                raise NoSpace.of(exc, self.home) from None
             raise
 
     # --- reading pending entries -----------------------------------------------------------
@@ -310,9 +340,9 @@ class Spool(Store):
         or when another task of the same id has its outcome already: then this claim goes to
         failed/ as rejected input, and the first outcome stands.
 
-        The fence comes first, so a revoked claim costs one failed rename and no write. When the
-        outcome cannot be written, the claim is unfenced (still ours, in in_progress/) and
-        nothing is left in tmp/."""
+        The fence comes first, so a revoked claim costs one failed rename and no write. NoSpace
+        when the disk refuses the outcome: the claim is unfenced (still ours, in in_progress/)
+        and nothing is left in tmp/; publish it again when the disk has room."""
         directory = self.completed if record["status"] == "completed" else self.failed
         claimed = f"{self.in_progress}/{claim.file_name}"
         finishing = claimed + ".fin"
@@ -334,9 +364,11 @@ class Spool(Store):
             self.reject(self.in_progress, claim.file_name + ".fin", duplicate_reason(
                 task_id, self.outcome_state(task_id) or "completed"))
             return False
-        except OSError:
+        except OSError as exc:
             os.unlink(tmp)
             self._unfence(finishing, claimed)
+            if exc.errno in DISK_ERRNOS:
+                raise NoSpace.of(exc, self.home) from None
             raise
         self.sync_dir(directory)
         # A crash before this unlink leaves a .fin beside a published outcome: recovery removes it.
@@ -397,7 +429,10 @@ class Spool(Store):
             return
         except (Refused, ValueError, TypeError, AttributeError, RecursionError):
             return  # not a task object: it goes back as it is and is rejected when read again
-        os.rename(self._write_tmp(name, task_format.encode(obj)), self.in_progress / entry)
+        try:
+            os.rename(self._write_tmp(name, task_format.encode(obj)), self.in_progress / entry)
+        except NoSpace as exc:
+            log.warning("%s; %s goes back without its attempt count", exc, name)
 
     def reject(self, directory: Path, entry: str, reason: str) -> str | None:
         """Move input that is not a valid task to failed/ unchanged, with its reason beside it.
