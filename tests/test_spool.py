@@ -80,6 +80,20 @@ def test_a_revoked_claim_cannot_publish(spool: Spool) -> None:
     assert os.listdir(spool.tmp) == []
 
 
+def test_a_revoked_claim_writes_nothing_into_tmp(spool: Spool) -> None:
+    """The fence comes before the write: a late outcome costs one failed rename, no file."""
+    from inotify_simple import INotify, flags
+    task = task_format.validate({"id": "t1", "content": "x"})
+    spool.submit([task])
+    claim = spool.claim("t1.json", "w-1-aaaa")
+    assert spool.requeue(claim.file_name, attempts=1)
+    with INotify() as watch:
+        watch.add_watch(spool.tmp, flags.CREATE | flags.MOVED_TO | flags.MODIFY)
+        assert not spool.publish(claim, "t1", task_format.completed_record(task, {"content": "x"}))
+        assert watch.read(timeout=0) == []  # not even a staging file for a moment
+    assert os.listdir(spool.tmp) == []
+
+
 def test_a_requeue_racing_a_cancel_never_brings_the_task_back(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     from koubou_spool.service import control

@@ -25,6 +25,9 @@ NAME_MAX = 255  # bytes in one file name on ext4, xfs, btrfs and tmpfs
 # craftsman), out of memory, an I/O error. A good task read at such a moment must stay queued.
 TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EIO, errno.ENOMEM,
                               errno.ENOBUFS})
+# The disk's trouble: no space, no quota left, or a home mounted read-only. Nothing is wrong
+# with the task; what could not be written is written again when the disk has room.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 class Refused(Exception):
@@ -37,6 +40,22 @@ class Refused(Exception):
 
 class Unavailable(SpoolError):
     """An entry that cannot be read now (TRANSIENT_ERRNOS): no verdict; read it again later."""
+
+
+class NoSpace(SpoolError):
+    """The home's disk refused a write (DISK_ERRNOS): full, over quota, or read-only."""
+
+    @classmethod
+    def of(cls, exc: OSError, home: Path) -> NoSpace:
+        """The one sentence for a disk error met while writing under home."""
+        if exc.errno == errno.EROFS:
+            error = cls(f"{home} is on a read-only file system; nothing was written (remount it "
+                        "read-write, or use another --home)")
+        else:
+            error = cls(f"no space left for {home} ({exc.strerror}); nothing was written "
+                        "(free some space, then try again)")
+        error.errno = exc.errno  # one argument keeps str() the sentence alone
+        return error
 
 
 @dataclass(frozen=True)

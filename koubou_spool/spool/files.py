@@ -25,8 +25,8 @@ from collections.abc import Iterable
 from . import permissions, task as task_format
 from ..errors import SpoolError
 from .entries import (  # noqa: F401 (re-exported: the spool's names)
-    CLAIM_RE, NAME_MAX, SIDECAR, STATES, TRANSIENT_ERRNOS, Claim, Found, Refused, Unavailable,
-    _entry_name)
+    CLAIM_RE, DISK_ERRNOS, NAME_MAX, SIDECAR, STATES, TRANSIENT_ERRNOS, Claim, Found, NoSpace,
+    Refused, Unavailable, _entry_name)
 from .lookup import Lookups
 from .registry import Workers
 from .store import Store
@@ -97,6 +97,15 @@ class Spool(Lookups, Store):
             os.close(fd)
 
     def _write_tmp(self, label: str, data: bytes) -> str:
+        """A new file in tmp/ holding data, fsynced; NoSpace (and no file) when the disk refuses."""
+        try:
+            return self._staged(label, data)
+        except OSError as exc:
+            if exc.errno in DISK_ERRNOS:
+                raise NoSpace.of(exc, self.home) from None
+            raise
+
+    def _staged(self, label: str, data: bytes) -> str:
         # The label only helps a person reading tmp/: cut, so a long name still fits NAME_MAX.
         path = f"{self.tmp}/.{label[:100]}.{os.getpid()}.{os.urandom(4).hex()}"
         fd = permissions.open_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, permissions.RECORD)
@@ -159,8 +168,10 @@ class Spool(Lookups, Store):
         except FileExistsError:
             os.unlink(tmp)
             return False
-        except BaseException:
+        except BaseException as exc:
             os.unlink(tmp)  # nothing partial is left behind
+            if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+                raise NoSpace.of(exc, self.home) from None
             raise
 
     # --- reading pending entries -----------------------------------------------------------
@@ -242,16 +253,25 @@ class Spool(Lookups, Store):
     def publish(self, claim: Claim, task_id: str, record: dict[str, Any]) -> bool:
         """Publish an outcome for a claim; False (and nothing written) when the claim was revoked,
         or when another task of the same id has its outcome already: then this claim goes to
-        failed/ as rejected input, and the first outcome stands."""
+        failed/ as rejected input, and the first outcome stands.
+
+        The fence comes first, so a revoked claim costs one failed rename and no write. NoSpace
+        when the disk refuses the outcome: the claim is unfenced (still ours, in in_progress/)
+        and nothing is left in tmp/; publish it again when the disk has room."""
         directory = self.completed if record["status"] == "completed" else self.failed
-        tmp = self._write_tmp(task_id, task_format.encode(record))
         claimed = f"{self.in_progress}/{claim.file_name}"
         finishing = claimed + ".fin"
         try:
             os.rename(claimed, finishing)
         except FileNotFoundError:
-            os.unlink(tmp)
             return False
+        # A crash from here on leaves a .fin with or without its outcome: recovery keeps the
+        # outcome, or runs the task again.
+        try:
+            tmp = self._write_tmp(task_id, task_format.encode(record))
+        except BaseException:
+            self._unfence(finishing, claimed)
+            raise
         try:
             self._place_outcome(tmp, directory, task_id)
         except FileExistsError:
@@ -259,10 +279,23 @@ class Spool(Lookups, Store):
             self.reject(self.in_progress, claim.file_name + ".fin", duplicate_reason(
                 task_id, self.outcome_state(task_id) or "completed"))
             return False
+        except OSError as exc:
+            os.unlink(tmp)
+            self._unfence(finishing, claimed)
+            if exc.errno in DISK_ERRNOS:
+                raise NoSpace.of(exc, self.home) from None
+            raise
         self.sync_dir(directory)
         # A crash before this unlink leaves a .fin beside a published outcome: recovery removes it.
         os.unlink(finishing)
         return True
+
+    def _unfence(self, finishing: str, claimed: str) -> None:
+        """Give a fenced claim its claim name back: the outcome could not be written."""
+        try:
+            os.rename(finishing, claimed)
+        except FileNotFoundError:
+            pass  # taken over meanwhile (this worker was taken for dead): theirs now
 
     def _place_outcome(self, tmp: str, directory: Path, task_id: str) -> None:
         """Rename an outcome into place without replacing one; FileExistsError if the id has one.
@@ -311,7 +344,10 @@ class Spool(Lookups, Store):
             return
         except (Refused, ValueError, TypeError, AttributeError, RecursionError):
             return  # not a task object: it goes back as it is and is rejected when read again
-        os.rename(self._write_tmp(name, task_format.encode(obj)), self.in_progress / entry)
+        try:
+            os.rename(self._write_tmp(name, task_format.encode(obj)), self.in_progress / entry)
+        except NoSpace as exc:
+            log.warning("%s; %s goes back without its attempt count", exc, name)
 
     def reject(self, directory: Path, entry: str, reason: str) -> str | None:
         """Move input that is not a valid task to failed/ unchanged, with its reason beside it.

@@ -3,6 +3,10 @@ the `on_finish` hook; or the claim goes back to pending/ for another attempt.
 
 The record lands before the outcome unless the ledger is locked: local work never waits on it
 for more than LEDGER_WAIT_S (the record follows when the ledger is free).
+
+An outcome the disk refuses (full, over quota, read-only) is held: its claim stays ours in
+in_progress/, and the outcome is published again every HELD_RETRY_S until the disk has room,
+with the condition logged at most once every DISK_LOG_S.
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ from typing import Any
 
 from .. import hooks as hook_runner
 from ..spool import task as task_format
-from ..spool.files import Claim, Spool
+from ..spool.files import Claim, NoSpace, Spool
 from ..spool.ledger import LedgerWriter
 from ..spool.task import Task
 
 log = logging.getLogger(__name__)
 
 LEDGER_WAIT_S = 1.0
+HELD_RETRY_S = 2.0
+DISK_LOG_S = 60.0
 
 
 class Publisher:
@@ -37,6 +43,10 @@ class Publisher:
         self.let_go = let_go
         self.done = 0
         self.failed = 0
+        self.held: list[tuple[Claim, Task, dict]] = []  # outcomes the disk refused, oldest first
+        self.settled: Callable[[], None] = lambda: None  # called when the last held one lands
+        self._retry: asyncio.TimerHandle | None = None
+        self._disk_said = -DISK_LOG_S
 
     async def complete(self, claim: Claim, task: Task, attempt: int, result: dict[str, Any],
                        cost: float | None) -> None:
@@ -84,7 +94,71 @@ class Publisher:
         await asyncio.wait([asyncio.wrap_future(future)], timeout=LEDGER_WAIT_S)
 
     def publish(self, claim: Claim, task: Task, record: dict) -> None:
-        """The outcome file, through the fence; then the hook and the log line."""
+        """The outcome file, through the fence; then the hook and the log line. Held for a
+        retry when the disk refuses it."""
+        if self.held:  # the disk was full a moment ago: keep the order, try at the next retry
+            self._hold(claim, task, record, None)
+            return
+        try:
+            self._publish(claim, task, record)
+        except NoSpace as exc:
+            self._hold(claim, task, record, exc)
+
+    def _hold(self, claim: Claim, task: Task, record: dict, exc: NoSpace | None) -> None:
+        self.held.append((claim, task, record))
+        now = time.monotonic()
+        if exc is not None and now - self._disk_said >= DISK_LOG_S:
+            self._disk_said = now
+            log.error("%s; %d outcome(s) held, their tasks stay claimed, publishing again "
+                      "every %g s", exc, len(self.held), HELD_RETRY_S)
+        if self._retry is None:
+            self._retry = asyncio.get_running_loop().call_later(HELD_RETRY_S, self._publish_held)
+
+    def _publish_held(self) -> None:
+        """Timer: publish the held outcomes in order, until the disk refuses one again."""
+        self._retry = None
+        while self.held:
+            claim, task, record = self.held[0]
+            try:
+                self._publish(claim, task, record)
+            except NoSpace as exc:
+                self._hold_again(exc)
+                return
+            except OSError as exc:  # not the disk's room: no point holding it longer
+                log.error("cannot publish the held outcome of %s (%s); it goes back to pending/",
+                          task.id, exc)
+                self.held.pop(0)
+                self._give_back(claim)
+                continue
+            self.held.pop(0)
+        log.info("the disk has room again; held outcomes published")
+        self.settled()
+
+    def _hold_again(self, exc: NoSpace) -> None:
+        now = time.monotonic()
+        if now - self._disk_said >= DISK_LOG_S:
+            self._disk_said = now
+            log.error("%s; %d outcome(s) still held", exc, len(self.held))
+        self._retry = asyncio.get_running_loop().call_later(HELD_RETRY_S, self._publish_held)
+
+    def give_back_held(self) -> None:
+        """Stopping with outcomes the disk still refuses: their tasks go back to pending/ (a
+        rename each, no write), to run again, rather than stay claimed by a gone worker."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        while self.held:
+            claim, task, _ = self.held.pop(0)
+            log.warning("%s goes back to pending/: its outcome could not be written", task.id)
+            self._give_back(claim)
+
+    def _give_back(self, claim: Claim) -> None:
+        try:
+            self.requeue(claim, None)
+        except OSError as exc:  # left claimed: recovery requeues it once this worker is gone
+            log.error("cannot requeue %s: %s", claim.name, exc)
+
+    def _publish(self, claim: Claim, task: Task, record: dict) -> None:
         self.let_go(claim)
         if not self.spool.publish(claim, task.id, record):
             log.warning("outcome of %s discarded: its claim was revoked, or another task "

@@ -73,6 +73,7 @@ class Worker:
                                  self.intake.repo_priority)
         self.publisher = Publisher(self.spool, self.ledger, config.hooks, self.dispatch.let_go)
         self.intake.give_back = lambda claim: self.publisher.requeue(claim, None)
+        self.publisher.settled = self.wake
         self.attempts = Attempts(config, self.id, self.intake, self.publisher,
                                  Spending(self.budget, home), self.ledger, self.backends,
                                  self.backend_errors, self.dispatch.is_revoked)
@@ -165,6 +166,10 @@ class Worker:
     def _check_finished(self) -> None:
         if self.dispatch.in_flight:
             return
+        if self.stopping:
+            self.publisher.give_back_held()
+        elif self.publisher.held:
+            return  # outcomes wait for disk space: the worker is not done until they land
         if self.stopping or (self.drain and not len(self.intake.ready)
                              and not self.intake.settling):
             self._finished.set()
