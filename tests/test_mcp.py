@@ -16,8 +16,8 @@ from conftest import Workers, wait_ready
 from fake_openai import FakeOpenAI
 from koubou_spool.spool.files import Spool
 
-TOOLS = {"delegate_task", "get_task_status", "get_task_result", "list_tasks", "cancel_task",
-         "get_worker_status", "get_report"}
+TOOLS = {"delegate_task", "delegate_workflow", "get_task_status", "get_task_result",
+         "list_tasks", "cancel_task", "get_worker_status", "get_report"}
 
 
 def answer(result: Any) -> Any:
@@ -99,6 +99,51 @@ def test_pending_task_is_cancelled_then_a_delegated_task_completes(
     assert report["tasks"]["by_state"]["failed"] == 1  # the cancelled one
     assert report["tasks"]["by_state"]["completed"] >= 3
     assert report["failures_by_kind"] == {"cancelled": 1}
+
+
+WORKFLOW = {"id": "digest", "defaults": {"sensitivity": "confidential"}, "steps": [
+    {"name": "plan", "content": "plan it", "params": {"response_format": {"type": "json_object"}}},
+    {"name": "a", "after": ["plan"], "content": "a {{plan.json.topic}}"},
+    {"name": "b", "after": ["plan"], "content": "b {{plan.json.topic}}"},
+    {"name": "both", "after": ["a", "b"], "content": "combine {{a}} and {{b}}"}]}
+
+
+def test_a_workflow_as_json_runs_once_and_results_carry_json_and_cut_reasoning(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
+    from koubou_spool.integrations.mcp import REASONING_CHARS
+    workers.start(home)
+    wait_ready(spool)
+    fake_openai.answer_next(content='{"topic": "caches"}',
+                            message={"reasoning_content": "think " * REASONING_CHARS})
+    cycle = {"id": "loop", "steps": [{"name": "x", "after": ["y"], "content": "x"},
+                                     {"name": "y", "after": ["x"], "content": "y"}]}
+
+    async def steps(session: ClientSession) -> Any:
+        first = answer(await session.call_tool("delegate_workflow", {"workflow": WORKFLOW}))
+        again = answer(await session.call_tool("delegate_workflow",
+                                               {"workflow": WORKFLOW, "wait_s": 0}))
+        plan = answer(await session.call_tool("get_task_result", {"task_id": "digest.plan"}))
+        refused = await session.call_tool("delegate_workflow", {"workflow": cycle})
+        return first, again, plan, refused
+
+    first, again, plan, refused = anyio.run(session_run, home, steps)
+    assert first["id"] == "digest" and first["new"] == 4
+    assert [(s["name"], s["id"], s["state"]) for s in first["steps"]] == [
+        ("plan", "digest.plan", "completed"), ("a", "digest.a", "completed"),
+        ("b", "digest.b", "completed"), ("both", "digest.both", "completed")]
+    [both] = first["results"]
+    assert both["id"] == "digest.both" and "response" not in both["result"]
+    assert both["result"]["content"] == "echo: combine echo: a caches and echo: b caches"
+    assert again["new"] == 0 and {s["state"] for s in again["steps"]} == {"completed"}
+    result = plan["result"]
+    assert result["finish_reason"] == "stop" and result["json"] == {"topic": "caches"}
+    assert result["reasoning"] == ("think " * REASONING_CHARS)[:REASONING_CHARS]
+    assert "response" not in result
+    assert getattr(refused, "is_error", getattr(refused, "isError", False))
+    assert "cycle" in refused.content[0].text
+    assert spool.outcome("loop.x") is None and not list(spool.pending.iterdir())
+    assert len(fake_openai.completions()) == 4  # the second submission ran nothing
+    assert spool.outcome("digest.a")["created_by"] == "mcp"
 
 
 def test_delegate_and_cancel_leave_no_descriptor_open(home: Path) -> None:

@@ -46,6 +46,17 @@ def test_resubmitting_an_id_is_idempotent_in_every_state(spool: Spool) -> None:
     assert os.listdir(spool.pending) == []
 
 
+def test_a_claim_still_finishing_beside_its_outcome_is_completed(spool: Spool) -> None:
+    # publish places the outcome, then unlinks the claim: between the two, a resubmission
+    # (a workflow queued again right after its --wait) said "already in_progress".
+    task = task_format.validate({"id": "nightly", "content": "a"})
+    spool.submit([task])
+    claim = spool.claim("nightly.json", "w-1-aaaa")
+    spool.publish(claim, "nightly", task_format.completed_record(task, {"content": "ok"}))
+    (spool.in_progress / f"{claim.file_name}.fin").write_text("")  # the moment before unlink
+    assert spool.submit([task])[0][1:] == ("completed", False)
+
+
 def test_a_resubmitted_id_claimed_while_the_batch_is_queued_is_not_queued_again(
         spool: Spool) -> None:
     spool.submit([task_format.validate({"id": "nightly", "content": "a"})])

@@ -63,6 +63,19 @@ repository task: repo (a path or URL under the config's repos.allowed), base (re
 its result's `repo` names the branch and commit, and files are then paths in the repository.
 wait_s defaults to 20 and is capped at 50 (tool calls time out near 60 s); 0 returns at once."""
 
+WORKFLOW = """\
+Queue a workflow: named steps, each a task, run in the order their `after` lists give (steps in
+parallel where nothing orders them), and wait up to wait_s seconds for them.
+
+workflow is an object: {"id": "digest-42" (optional; step ids are <id>.<name>), "defaults":
+{task fields every step starts from}, "steps": [{"name": "a", "content": "..."}, {"name":
+"both", "after": ["a", "b"], "content": "Combine {{a}} and {{b}}"}]}. A step takes the fields
+delegate_task takes (params, repo, ...); `after` names steps, and {{step}}, {{step.json.key}} or
+{{step.diff}} in content or system is that step's result. All or nothing: an unknown step, a
+cycle or a bad field queues no step. Queued again with the same id, it queues nothing new and
+reports the steps as they are. Returns each step's state and the results of the steps nothing
+runs after; poll unfinished ones with get_task_result(<id>.<name>). wait_s as delegate_task."""
+
 REASONING_CHARS = 4000  # of a result's reasoning, in what a tool returns to the agent
 
 
@@ -111,6 +124,13 @@ def build_server(workshop: Workshop) -> MCPServer:
                   "created_by": "mcp"}
         with _told():
             return _for_agent(await workshop.delegate(fields, wait_s))
+
+    @server.tool(description=WORKFLOW)
+    async def delegate_workflow(workflow: dict[str, Any],
+                                wait_s: float = DEFAULT_WAIT_S) -> dict[str, Any]:
+        with _told():
+            answer = await workshop.delegate_workflow(workflow, wait_s, created_by="mcp")
+        return dict(answer, results=[_for_agent(r) for r in answer["results"]])
 
     @server.tool(description="A task's state (pending, in_progress, completed, failed), its "
                              "attempts so far, and its result or error when finished.")

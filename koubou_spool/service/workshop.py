@@ -19,7 +19,7 @@ from ..craft.budget import BudgetSettings
 from ..craft.limits import Budget
 from ..errors import ConfigError, UsageError
 from ..observe import gather as observe, status as status_module
-from ..spool import home as home_module, task as task_format
+from ..spool import home as home_module, task as task_format, workflow as workflow_format
 from ..spool.files import Spool
 from ..spool.home import STATE_DIRS
 from . import control, serving
@@ -94,6 +94,44 @@ class Workshop:
             await anyio.to_thread.run_sync(
                 spool.wait_for_outcomes, {f"{task.id}.json"}, wait_s)
         return answer | self.result(task.id)
+
+    async def delegate_workflow(self, document: Any, wait_s: float,
+                                created_by: str | None = None) -> dict[str, Any]:
+        """Queue a workflow (the decoded shape of a workflow file), wait up to wait_s for its
+        steps, and say where each is, with the results of the steps nothing runs after.
+        All or nothing: a bad step queues no step; the same workflow id queues nothing new."""
+        if created_by and isinstance(document, dict):
+            defaults = document.get("defaults")
+            if defaults is None or isinstance(defaults, dict):  # build() names a bad one
+                document = dict(document, defaults={"created_by": created_by, **(defaults or {})})
+        workflow = workflow_format.build(document, "workflow")
+        spool = self.spool()
+        submitted = spool.submit(workflow.tasks)
+        ids = [task.id for task in workflow.tasks]
+        wait_s = min(max(wait_s, 0.0), MAX_WAIT_S)
+        answer: dict[str, Any] = {"id": workflow.id,
+                                  "new": sum(1 for _, _, new in submitted if new)}
+        if wait_s > 0:
+            pending = [task for task, state, _ in submitted if state == "pending"]
+            warnings = serving.unserved(spool, self.config(), pending)
+            for line in warnings:
+                log.warning("%s", line)
+            if warnings:
+                answer["warning"] = warnings[0]
+            await anyio.to_thread.run_sync(
+                wait_for_files, [spool.completed, spool.failed], {f"{i}.json" for i in ids},
+                wait_s)
+        answer["steps"] = [self._step(workflow.steps[i], i) for i in ids]
+        answer["results"] = [self.result(i) for i in workflow.leaves]
+        return answer
+
+    def _step(self, name: str, task_id: str) -> dict[str, Any]:
+        """One step's name, id and state, and its error kind when it failed."""
+        found = self.result(task_id)
+        step = {"name": name, "id": task_id, "state": found["state"]}
+        if isinstance(found.get("error"), dict):
+            step["error"] = found["error"].get("kind")
+        return step
 
     def submit(self, fields: dict[str, Any]) -> dict[str, Any]:
         """Queue one task without waiting: its id, state, and whether it is new."""

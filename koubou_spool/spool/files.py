@@ -148,14 +148,15 @@ class Spool(Lookups, Store):
 
         The directories are looked at in the order a task moves through them, so a task that
         moves on while we look is still seen; one requeued meanwhile is caught by the
-        no-replace rename into pending/.
+        no-replace rename into pending/. A claim is looked past when its outcome is there:
+        publish unlinks the claim (`.fin`) only after placing the outcome.
         """
         name = f"{task_id}.json"
         if os.path.lexists(f"{self.pending}/{name}"):
             return "pending"
         claimed = name + "@"
         if any(entry.startswith(claimed) for entry in os.listdir(self.in_progress)):
-            return "in_progress"
+            return self.outcome_state(task_id) or "in_progress"
         return self.outcome_state(task_id)
 
     def _link_pending(self, task: Task, now: float) -> bool:
