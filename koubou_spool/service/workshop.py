@@ -119,8 +119,7 @@ class Workshop:
             if warnings:
                 answer["warning"] = warnings[0]
             await anyio.to_thread.run_sync(
-                wait_for_files, [spool.completed, spool.failed], {f"{i}.json" for i in ids},
-                wait_s)
+                spool.wait_for_outcomes, {f"{i}.json" for i in ids}, wait_s)
         answer["steps"] = [self._step(workflow.steps[i], i) for i in ids]
         answer["results"] = [self.result(i) for i in workflow.leaves]
         return answer
