@@ -32,7 +32,7 @@ from ..config import Config
 from ..errors import InvalidTask, KoubouError, TaskNotFound, UsageError
 from ..service import control
 from ..service.workshop import Workshop
-from ..spool import task as task_format
+from ..spool import durable, task as task_format
 from ..spool.task import BATCH_URL
 from . import batch as batch_format, chat
 
@@ -66,21 +66,7 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(3).hex()}")
-    with open(tmp, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.rename(tmp, path)
-    _sync_dir(path.parent)
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    durable.write_atomic(path, data)
 
 
 def _page(items: list[dict[str, Any]], limit: int, after: str | None) -> dict[str, Any]:
@@ -126,7 +112,7 @@ class Files:
         _write_json(staging / "meta.json", meta)
         shutil.rmtree(directory, ignore_errors=True)  # a rebuilt output file after a resume
         os.rename(staging, directory)
-        _sync_dir(self.root)
+        durable.sync_dir(self.root)
         return meta
 
     def get(self, file_id: str) -> dict[str, Any]:
@@ -288,7 +274,7 @@ class Batches:
             shutil.copyfile(source, staging / "input.jsonl")
         _write_json(staging / "batch.json", batch)
         os.rename(staging, self._dir(batch_id))
-        _sync_dir(self.root)
+        durable.sync_dir(self.root)
         return batch
 
     def stored(self, batch_id: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidTask
+from ..spool import durable
 from ..spool.task import ID_RE
 from . import changes, git, mirror as mirrors
 from .git import GitError
@@ -77,23 +78,7 @@ def journal_path(home: Path, task_id: str) -> Path:
 def _write_journal(home: Path, task_id: str, record: dict[str, Any]) -> None:
     path = journal_path(home, task_id)
     path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}+{os.getpid()}.{os.urandom(3).hex()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-    try:
-        os.write(fd, json.dumps(record, sort_keys=True).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    _sync_dir(path.parent)
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    durable.write_atomic(path, json.dumps(record, sort_keys=True).encode())
 
 
 def read_journal(home: Path, task_id: str) -> dict[str, Any] | None:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from ..repo.git import GitError, NotARepository
 from ..repo.mirror import BaseNotFound
 from ..repo.policy import RepoRefused, RepoSettings
 from ..repo.verify import run_verify
+from ..spool import durable
 from .kinds import (Attempt, base_request, forget_feedback, remember_feedback, reply_fields,
                     with_feedback, with_references)
 
@@ -156,7 +155,5 @@ def _save_patch(attempt: Attempt, patch: bytes) -> str:
     """outputs/<id>/changes.patch, written whole; its path relative to the home."""
     folder = Path(attempt.home) / "outputs" / attempt.task.id
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".changes.patch.{os.getpid()}.{time.monotonic_ns()}"
-    tmp.write_bytes(patch)
-    os.replace(tmp, folder / "changes.patch")
+    durable.write_atomic(folder / "changes.patch", patch)
     return f"outputs/{attempt.task.id}/changes.patch"
