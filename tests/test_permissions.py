@@ -127,7 +127,9 @@ def _useradd(*args: str) -> None:
 @pytest.fixture(scope="module")
 def accounts() -> Iterator[Accounts]:
     """A group with the workers' user and a member, an outsider, and a directory they reach."""
-    cover = _blocked(Path(sys.prefix))
+    # base_prefix: in a virtualenv the interpreter and its library are the base's (e.g. pyenv's
+    # under /root), which the accounts must reach; the venv's own prefix may be open already.
+    cover = _blocked(Path(sys.base_prefix))
     reason = _why_not(cover)
     if reason:
         pytest.skip(reason)
