@@ -200,7 +200,8 @@ def _recover(spool: Spool, config: Config, ledger_path: Path, owner_id: str,
              writer: LedgerWriter, summary: Summary) -> None:
     settings = BudgetSettings.parse(config.budget)
     budget = Budget(ledger_path, settings) if settings.enabled else None
-    for recovered in recover_orphans(spool, config.spool, owner_id, writer, budget):
+    settle_lost = budget.settle_lost if budget is not None else None
+    for recovered in recover_orphans(spool, config.spool, owner_id, writer, settle_lost):
         if recovered.action == "requeued":
             summary.requeued += 1
         elif recovered.action == "lost":

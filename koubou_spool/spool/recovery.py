@@ -12,13 +12,13 @@ import concurrent.futures
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import task as task_format
 from ..config import SpoolSettings
 from ..errors import InvalidTask
 from .ledger import LedgerWriter
-from ..craft.limits import Budget
 from .files import CLAIM_RE, Claim, Refused, Spool, Unavailable
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class Recovered:
 
 
 def recover_orphans(spool: Spool, settings: SpoolSettings, owner_id: str, ledger: LedgerWriter,
-                    budget: Budget | None = None) -> list[Recovered]:
+                    settle_lost: Callable[[str], None] | None = None) -> list[Recovered]:
     """Take over every claim of a dead or lease-expired worker and settle its fate.
 
     One orphan that cannot be settled (ENOSPC, EMFILE, a file that vanished half-way) is
@@ -54,9 +54,9 @@ def recover_orphans(spool: Spool, settings: SpoolSettings, owner_id: str, ledger
         log.warning("took over %s from %s worker %s", match["name"], state, match["worker"])
         try:
             if match["fin"]:
-                done.append(_finishing(spool, settings, mine, ledger, budget))
+                done.append(_finishing(spool, settings, mine, ledger, settle_lost))
             else:
-                done.append(_claim(spool, settings, mine, ledger, budget))
+                done.append(_claim(spool, settings, mine, ledger, settle_lost))
         except Exception as exc:
             log.error("could not recover %s: %s; trying again later", match["name"], exc)
             _give_back(spool, mine, entry)
@@ -74,7 +74,7 @@ def _give_back(spool: Spool, claim: Claim, entry: str) -> None:
 
 
 def _finishing(spool: Spool, settings: SpoolSettings, claim: Claim, ledger: LedgerWriter,
-               budget: Budget | None) -> Recovered:
+               settle_lost: Callable[[str], None] | None) -> Recovered:
     """A worker died while publishing: keep its outcome if it landed, else run the task again."""
     path = spool.in_progress / (claim.file_name + ".fin")
     try:
@@ -85,11 +85,11 @@ def _finishing(spool: Spool, settings: SpoolSettings, claim: Claim, ledger: Ledg
         path.unlink()
         return Recovered(claim.name, task.id, "kept")
     os.rename(path, spool.in_progress / claim.file_name)
-    return _claim(spool, settings, claim, ledger, budget)
+    return _claim(spool, settings, claim, ledger, settle_lost)
 
 
 def _claim(spool: Spool, settings: SpoolSettings, claim: Claim, ledger: LedgerWriter,
-           budget: Budget | None) -> Recovered:
+           settle_lost: Callable[[str], None] | None) -> Recovered:
     try:
         data, _ = spool.read_claim(claim)
         task = task_format.parse(data, task_format.id_from_name(claim.name))
@@ -106,8 +106,8 @@ def _claim(spool: Spool, settings: SpoolSettings, claim: Claim, ledger: LedgerWr
     # no wait at all, or a dozen orphans would take a minute).
     if not ledger.backlog:
         concurrent.futures.wait([recorded], timeout=LEDGER_WAIT_S)
-    if budget is not None and budget.settings.enabled:
-        budget.settle_lost(task.id)  # the call may have been billed: the reservation stands
+    if settle_lost is not None:
+        settle_lost(task.id)  # the call may have been billed: the reservation stands
     if attempt >= (task.max_attempts or settings.max_attempts):
         record = task_format.failed_record(task.raw, "lost", f"its worker died or missed its "
                                            f"lease during {attempt} attempts", attempt, now)

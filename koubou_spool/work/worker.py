@@ -259,7 +259,8 @@ class Worker:
         if self._recovering is not None and not self._recovering.done():
             return
         self._recovering = asyncio.get_running_loop().run_in_executor(
-            None, recover_orphans, self.spool, self.settings, self.id, self.ledger, self.budget)
+            None, recover_orphans, self.spool, self.settings, self.id, self.ledger,
+            self.budget.settle_lost if self.budget.settings.enabled else None)
         self._recovering.add_done_callback(self._recovered)
 
     def _recovered(self, future: asyncio.Future) -> None:
