@@ -287,7 +287,7 @@ except Exception as exc:
 @pytest.mark.parametrize("at", ["open", "read"])
 def test_transient_errors_while_reading_are_not_a_verdict_on_the_file(
         spool: Spool, monkeypatch: pytest.MonkeyPatch, code: int, at: str) -> None:
-    from koubou_spool.spool import files
+    from koubou_spool.spool import disk, files
     submit(spool, id="t1")
 
     def fail(*args: object, **kwargs: object) -> None:
@@ -295,10 +295,10 @@ def test_transient_errors_while_reading_are_not_a_verdict_on_the_file(
 
     if at == "open":
         real_open = os.open
-        monkeypatch.setattr(files.os, "open", lambda path, *a, **k: fail() if str(path).endswith(
+        monkeypatch.setattr(disk.os, "open", lambda path, *a, **k: fail() if str(path).endswith(
             "t1.json") else real_open(path, *a, **k))
     else:
-        monkeypatch.setattr(files, "_read_all", fail)
+        monkeypatch.setattr(disk, "_read_all", fail)
     with pytest.raises(files.Unavailable, match=os.strerror(code)):
         spool.read_entry(spool.pending, "t1.json")
     assert spool.requeue(spool.claim("t1.json", "w-1-aaaa").file_name, attempts=2)

@@ -3,6 +3,7 @@ its promises)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,9 +21,8 @@ import pytest
 from conftest import (Workers, log_of, read_json, submit, wait_file, wait_outcomes, wait_ready,
                       write_config)
 from fake_openai import FakeOpenAI
-from koubou_spool.spool import task as task_format
+from koubou_spool.spool import ledger, task as task_format
 from koubou_spool.spool.files import Spool
-from koubou_spool.spool.watcher import wait_for_files
 
 
 def test_a_task_reaches_the_craftsman_and_its_outcome_is_recorded(
@@ -355,16 +356,16 @@ def test_a_locked_ledger_does_not_stop_local_work(
     warm = submit(spool, craftsman="echo")
     wait_outcomes(spool, [warm])
     holder = sqlite3.connect(ledger_path, timeout=0)
-    holder.execute("BEGIN EXCLUSIVE")  # another process holds the write lock for 10 s
+    holder.execute("BEGIN EXCLUSIVE")  # held for 5 s: more than two of the ledger's busy timeouts
     locked_at = time.monotonic()
     try:
         ids = []
-        while time.monotonic() - locked_at < 10:
+        while time.monotonic() - locked_at < 2.5 * ledger.BUSY_TIMEOUT_MS / 1000:
             batch = [submit(spool, craftsman="echo", content=f"t{len(ids) + i}") for i in range(5)]
             outcomes = wait_outcomes(spool, batch, timeout=30)
             assert all(o["status"] == "completed" for o in outcomes.values())
             ids += batch
-            threading.Event().wait(1)  # pacing: waves of tasks across the 10 s
+            threading.Event().wait(0.5)  # pacing: waves of tasks while it is held
     finally:
         holder.rollback()
         holder.close()
@@ -440,12 +441,29 @@ def test_a_busy_craftsman_does_not_block_another_craftsmans_tasks(
     assert not (spool.completed / f"{slow[-1]}.json").exists()
 
 
+@contextlib.contextmanager
+def inotify_queue_of(size: int) -> Iterator[int]:
+    """New inotify instances get a queue of `size` events while this lasts (root may set it),
+    so an overflow takes hundreds of tasks, not the default 16,384; the size they get."""
+    knob = Path("/proc/sys/fs/inotify/max_queued_events")
+    before = knob.read_text()
+    try:
+        knob.write_text(str(size))
+    except OSError:  # not root: the queue keeps the system's size
+        yield int(before)
+        return
+    try:
+        yield size
+    finally:
+        knob.write_text(before)
+
+
 def test_an_inotify_queue_overflow_is_followed_by_a_rescan_that_loses_nothing(
         home: Path, spool: Spool, workers: Workers) -> None:
     write_config(home, spool={"fsync": False})
-    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
-    proc = workers.start(home)
-    wait_ready(spool)
+    with inotify_queue_of(256) as limit:  # taken at inotify_init: the worker keeps it
+        proc = workers.start(home)
+        wait_ready(spool)
     proc.send_signal(signal.SIGSTOP)  # it cannot read events while more than the queue holds arrive
     try:
         batch = [task_format.validate({"content": f"t{i}", "craftsman": "echo"})
@@ -498,8 +516,13 @@ def test_two_files_with_one_id_run_once_and_the_duplicate_is_refused(
     for name in ("first.json", "second.json"):
         os.rename(stage / name, spool.pending / name)
     outcome = wait_outcomes(spool, ["dup"])["dup"]
-    refused = wait_for_files([spool.failed], {"first.json.error.json",
-                                              "second.json.error.json"}, 10)
+    sidecars = ("first.json.error.json", "second.json.error.json")
+    deadline = time.monotonic() + 10
+    # Once the other claim has left in_progress/ and its reason is written, nothing more comes.
+    while os.listdir(spool.in_progress) or not any((spool.failed / n).exists() for n in sidecars):
+        assert time.monotonic() < deadline, "the second claim was never refused"
+        threading.Event().wait(0.05)
+    refused = {n for n in sidecars if (spool.failed / n).exists()}
     assert len(refused) == 1, "the second outcome was written over the first"
     reason = read_json(spool.failed / refused.pop())["error"]["message"]
     assert "an outcome for id dup already exists" in reason

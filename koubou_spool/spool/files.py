@@ -9,24 +9,23 @@ moved away (requeued, cancelled) finds it gone and discards its result. That ren
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import logging
 import os
 import re
 import socket
-import stat
 import time
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterable
 
-from . import permissions, task as task_format
+from . import durable, permissions, task as task_format
 from ..errors import SpoolError
 from .entries import (  # noqa: F401 (re-exported: the spool's names)
     CLAIM_RE, DISK_ERRNOS, NAME_MAX, SIDECAR, STATES, TRANSIENT_ERRNOS, Claim, Found, NoSpace,
     Refused, Unavailable, _entry_name)
+from .disk import kind_of, printable, read_regular, rename_noreplace, stage  # noqa: F401
 from .lookup import Lookups
 from .registry import Workers
 from .store import Store
@@ -44,7 +43,7 @@ def new_worker_id() -> str:
     return f"{_hostname()}-{os.getpid()}-{os.urandom(2).hex()}"
 
 
-class Spool(Lookups, Store):
+class Spool(Lookups, Workers, Store):
     """The file store: the task directories of one home, moved between by rename(2)."""
 
     def __init__(self, home: Path, *, fsync: bool = True, max_task_bytes: int = 1_048_576) -> None:
@@ -57,8 +56,7 @@ class Spool(Lookups, Store):
         self.in_progress = tasks / "in_progress"
         self.completed = tasks / "completed"
         self.failed = tasks / "failed"
-        self.workers = home / "run" / "workers"
-        self.registry = Workers(self.workers)
+        Workers.__init__(self, home / "run" / "workers")
 
     @classmethod
     def open(cls, home: Path, settings: Any = None) -> Spool:
@@ -84,41 +82,12 @@ class Spool(Lookups, Store):
 
     def sync_dir(self, path: Path) -> None:
         """fsync a directory so the renames in it survive a crash (when spool.fsync is on)."""
-        if not self.fsync:
-            return
-        # Opened each time, not cached: a Spool has no close, so cached descriptors leaked
-        # one per short-lived Spool (the MCP server makes one a call), and a cached one kept
-        # a replaced directory alive (and its inotify watch from ending). The open costs
-        # microseconds beside the fsync's milliseconds.
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.fsync:
+            durable.sync_dir(path)
 
     def _write_tmp(self, label: str, data: bytes) -> str:
         """A new file in tmp/ holding data, fsynced; NoSpace (and no file) when the disk refuses."""
-        try:
-            return self._staged(label, data)
-        except OSError as exc:
-            if exc.errno in DISK_ERRNOS:
-                raise NoSpace.of(exc, self.home) from None
-            raise
-
-    def _staged(self, label: str, data: bytes) -> str:
-        # The label only helps a person reading tmp/: cut, so a long name still fits NAME_MAX.
-        path = f"{self.tmp}/.{label[:100]}.{os.getpid()}.{os.urandom(4).hex()}"
-        fd = permissions.open_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, permissions.RECORD)
-        try:
-            _write_all(fd, data)
-            if self.fsync:
-                os.fsync(fd)
-        except BaseException:
-            os.unlink(path)
-            raise
-        finally:
-            os.close(fd)
-        return path
+        return stage(self.tmp, label, data, fsync=self.fsync, home=self.home)
 
     def write_atomic(self, directory: Path, name: str, data: bytes) -> None:
         """Write a file whole or not at all: tmp, fsync, rename, fsync of the directory."""
@@ -179,46 +148,11 @@ class Spool(Lookups, Store):
 
     def read_entry(self, directory: Path, name: str) -> tuple[bytes, os.stat_result]:
         """The bytes and stat of a regular file, never following a link or opening a FIFO."""
-        path = f"{directory}/{name}"  # str, not Path: this runs twice a task
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise Refused("gone", gone=True) from None
-        except OSError as exc:
-            _raise_if_transient(exc, path)
-            if exc.errno == errno.ELOOP:
-                raise Refused("a symbolic link; tasks must be regular files") from None
-            if exc.errno == errno.ENXIO:
-                raise Refused("a FIFO or socket; tasks must be regular files") from None
-            if exc.errno == errno.EACCES:
-                raise Refused(_unreadable(path)) from None
-            raise Refused(f"cannot be opened: {exc.strerror}") from None
-        try:
-            info = os.fstat(fd)
-            if stat.S_ISDIR(info.st_mode):
-                raise Refused("a directory; tasks must be regular files")
-            if not stat.S_ISREG(info.st_mode):
-                raise Refused("not a regular file (FIFO, socket or device)")
-            if info.st_size > self.max_task_bytes:
-                raise Refused(f"{info.st_size} bytes, over spool.max_task_bytes "
-                              f"({self.max_task_bytes})")
-            data = _read_all(fd, self.max_task_bytes + 1)
-            if len(data) > self.max_task_bytes:
-                raise Refused(f"over spool.max_task_bytes ({self.max_task_bytes})")
-            return data, info
-        except OSError as exc:
-            _raise_if_transient(exc, path)
-            raise Refused(f"cannot be read: {exc.strerror}") from None
-        finally:
-            os.close(fd)
+        return read_regular(f"{directory}/{name}", self.max_task_bytes)  # str: twice a task
 
     def kind_of(self, directory: Path, name: str) -> str | None:
         """'file' for a regular file, 'other' for anything else, None when gone; never follows."""
-        try:
-            mode = os.lstat(directory / name).st_mode
-        except FileNotFoundError:
-            return None
-        return "file" if stat.S_ISREG(mode) else "other"
+        return kind_of(directory / name)
 
     # --- claim and outcome -----------------------------------------------------------------
 
@@ -381,109 +315,14 @@ class Spool(Lookups, Store):
         room = NAME_MAX - len(SIDECAR) - 27  # "." and a new id
         return f"{os.fsdecode(os.fsencode(name)[:room])}.{task_format.new_id()}"
 
-    # --- workers and their liveness (spool.registry) ---------------------------------------
-
-    def register_worker(self, worker_id: str, info: dict[str, Any]) -> int:
-        """Register a live worker (run/workers/<id>.lock, locked while it lives)."""
-        return self.registry.register_worker(worker_id, info)
-
-    def unregister_worker(self, worker_id: str, fd: int) -> None:
-        """Remove a worker's lock file on a clean exit."""
-        self.registry.unregister_worker(worker_id, fd)
-
-    def remove_dead_workers(self, cutoff: float) -> int:
-        """Delete the lock files of dead workers whose last heartbeat was before cutoff."""
-        return self.registry.remove_dead_workers(cutoff)
+    # --- workers and their liveness: spool.registry.Workers, on run/workers/ ----------------
 
     def orphaned_claims(self, lease_s: float) -> list[tuple[str, str]]:
         """(claim file, worker state) of claims whose worker is dead or has missed its lease."""
-        return self.registry.orphaned_claims(self.claims(), lease_s)
-
-    def worker_state(self, worker_id: str, lease_s: float, *, observed: bool = True) -> str:
-        """'alive', 'stale' or 'dead': see registry.Workers.worker_state."""
-        return self.registry.worker_state(worker_id, lease_s, observed=observed)
-
-    def worker_ids(self) -> list[str]:
-        """The ids of every registration in run/workers/, live or not, sorted."""
-        return self.registry.worker_ids()
-
-    def worker_info(self, worker_id: str) -> Any:
-        """What a worker registered about itself; None when gone or unreadable."""
-        return self.registry.worker_info(worker_id)
-
-
-def _raise_if_transient(exc: OSError, path: str) -> None:
-    if exc.errno in TRANSIENT_ERRNOS:
-        raise Unavailable(f"{path} cannot be read now ({exc.strerror}); it stays where it is "
-                          "and is read again later") from None
+        return self.orphans_of(self.claims(), lease_s)
 
 
 def duplicate_reason(task_id: str, state: str) -> str:
     """Why a second task with an id already finished is refused."""
     return (f"an outcome for id {task_id} already exists ({state}/{task_id}.json); an id "
             "runs once: give this task another id, or `koubou retry` the first")
-
-
-def printable(text: str) -> str:
-    """Text safe to write as UTF-8: undecodable bytes of a file name (surrogate escapes)
-    become U+FFFD."""
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
-        return text.encode("utf-8", "replace").decode("utf-8")
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_AT_FDCWD = -100
-_RENAME_NOREPLACE = 1
-
-
-def rename_noreplace(source: Path, target: Path) -> None:
-    """rename(2) that fails with FileExistsError instead of replacing the target.
-
-    Two submits of one id then queue it once. renameat2 (Linux 3.15+, ext4, xfs, btrfs, tmpfs)
-    also keeps the IN_MOVED_TO event workers wait for, which link(2) would not give.
-    """
-    try:
-        renameat2 = _libc.renameat2
-    except AttributeError:
-        renameat2 = None
-    if renameat2 is not None:
-        if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target),
-                     _RENAME_NOREPLACE) == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOSYS):
-            raise OSError(err, os.strerror(err), str(target))
-    # The file system cannot refuse for us: check, then rename (a narrow race for one id).
-    if os.path.lexists(target):
-        raise FileExistsError(errno.EEXIST, "File exists", str(target))
-    os.rename(source, target)
-
-
-def _unreadable(path: str) -> str:
-    try:
-        info = os.lstat(path)
-    except OSError:
-        return "not readable by the workers' user"
-    return (f"not readable by the workers' user (mode {stat.S_IMODE(info.st_mode):04o}, owner "
-            f"{permissions.user_name(info.st_uid)}, group {permissions.group_name(info.st_gid)}); "
-            "make task files group-readable (umask 027, or chmod g+r before copying them in), "
-            "or submit with koubou-submit")
-
-
-def _read_all(fd: int, limit: int) -> bytes:
-    chunks, size = [], 0
-    while size < limit:
-        chunk = os.read(fd, min(1 << 20, limit - size))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]

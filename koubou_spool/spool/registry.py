@@ -47,7 +47,8 @@ class Heartbeats:
 
 
 class Workers:
-    """The registrations of one home's workers: run/workers/<id>.lock, locked while alive."""
+    """The registrations of one home's workers: run/workers/<id>.lock, locked while alive.
+    The file spool is one (spool.files.Spool): these are its Store methods for workers."""
 
     def __init__(self, workers: Path) -> None:
         self.workers = workers
@@ -92,8 +93,8 @@ class Workers:
                 os.close(fd)
         return removed
 
-    def orphaned_claims(self, claims: Iterable[tuple[str, re.Match]],
-                        lease_s: float) -> list[tuple[str, str]]:
+    def orphans_of(self, claims: Iterable[tuple[str, re.Match]],
+                   lease_s: float) -> list[tuple[str, str]]:
         """(claim file, worker state) of claims whose worker is dead or has missed its lease."""
         states: dict[str, str] = {}
         orphans = []

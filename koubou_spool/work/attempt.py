@@ -107,8 +107,8 @@ class Attempts:
         attachments = []
         if decision is None:  # judged again: the file, its attachments or the budget changed
             try:
-                attachments = self.intake.attachments(task)
-                decision = self.intake.route(task, attachments)
+                attachments = self.intake.routes.attachments(task)
+                decision = self.intake.routes.route(task, attachments)
             except InvalidTask as exc:
                 await self.publisher.fail(claim, task, "invalid", str(exc), task.attempts + 1)
                 return None
@@ -133,7 +133,7 @@ class Attempts:
 
     def work_for(self, task: Task) -> Work:
         """The kind of work a task asks for: work on a repository, or a text answer."""
-        return RepositoryWork(self.intake.repos) if task.repo else TextWork()
+        return RepositoryWork(self.intake.routes.repos) if task.repo else TextWork()
 
     async def _call(self, craftsman: Craftsman, attempt: Attempt, request: Request) -> Reply:
         """The craftsman's reply, with the budget reserved before and settled after."""
@@ -228,7 +228,7 @@ class Attempts:
                                     task.attempts)
             return
         try:
-            decision = self.intake.route(task)
+            decision = self.intake.routes.route(task)
         except InvalidTask as exc:
             self.publisher.fail_now(claim, task, "invalid", str(exc), task.attempts)
             return

@@ -18,17 +18,15 @@ from collections.abc import Callable
 
 from ..config import Config
 from ..craft import router
-from ..craft.attach import Attachment, read_attachments
 from ..craft.limits import Budget
 from ..errors import InvalidTask
-from ..repo import policy as repo_policy
-from ..repo.policy import RepoRefused, RepoSettings
 from ..spool import task as task_format
 from ..spool.files import (NAME_MAX, Claim, Refused, Spool, Unavailable, duplicate_reason,
                            printable)
 from ..spool.ledger import LedgerWriter
 from ..spool.task import Task, UnreadableTask
 from ..spool.watcher import ReadyQueue, scan_order, settle_delay
+from .routing import Routes
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +49,7 @@ class Intake:
         # it to its publisher's requeue, which knows the claim is moved by us).
         self.give_back: Callable[[Claim], None] = lambda claim: None
         self.grace_s = config.spool.grace_s
-        self.repos = RepoSettings.parse(config.repos)
+        self.routes = Routes(config, budget)
         self.ready = ReadyQueue()
         self.young: dict[str, asyncio.TimerHandle] = {}  # files that may still be being written
         self.scheduled: dict[str, asyncio.TimerHandle] = {}  # not_before, deferred budget
@@ -149,7 +147,7 @@ class Intake:
         if task.after and self._held_by_dependencies(name, task):
             return
         try:
-            decision = self.route(task)
+            decision = self.routes.route(task)
         except InvalidTask:
             self.ready.push(FAIL_NOW, task.priority, name)  # failed with the reason at claim
             return
@@ -192,35 +190,6 @@ class Intake:
             elif outcome.get("status") != "completed":
                 return "failed"
         return waiting
-
-    def attachments(self, task: Task) -> list[Attachment]:
-        """The task's attached files; InvalidTask for any that cannot be read, however.
-        A repository task's files are paths in its repository, read in its worktree."""
-        if task.repo:
-            return []
-        try:
-            return read_attachments(task.files, self.config.attach)
-        except InvalidTask:
-            raise
-        except (OSError, RuntimeError, ValueError) as exc:  # a link loop, a NUL in a path
-            raise InvalidTask(f"files: cannot be read: {exc}") from None
-
-    def route(self, task: Task, attachments: list[Attachment] | None = None) -> router.Route:
-        """Route with the attachments' text and the budget's state; InvalidTask for bad files.
-
-        A repository task's `files` are paths in its repository, read in its worktree; its
-        repository is judged against `repos.allowed` here, before any git command runs."""
-        confidential = False
-        if task.repo:
-            try:
-                repo_policy.check_allowed(task.repo, self.repos)
-            except RepoRefused as exc:
-                return router.Route(None, str(exc), "policy")
-            confidential, attachments = repo_policy.confidential(task.repo, self.repos), []
-        if attachments is None:
-            attachments = self.attachments(task)
-        return router.route(task, self.config, attachments=[a.text for a in attachments],
-                            budget_exhausted=self.budget.exhausted(), confidential=confidential)
 
     def _budget_wait(self) -> float:
         """Seconds until the exhausted budget period ends (deferred tasks wait that long)."""
