@@ -25,9 +25,9 @@ PEERS = Path(__file__).resolve().parent
 ROOT = PEERS.parent.parent
 sys.path.insert(0, str(ROOT))
 
-from koubou_spool import home as home_module  # noqa: E402
-from koubou_spool import task as task_format  # noqa: E402
-from koubou_spool.spool import Spool  # noqa: E402
+from koubou_spool.spool import home as home_module  # noqa: E402
+from koubou_spool.spool import task as task_format  # noqa: E402
+from koubou_spool.spool.files import Spool  # noqa: E402
 
 
 class System:
