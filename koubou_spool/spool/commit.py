@@ -14,6 +14,7 @@ caller's thread, and handed back before `add` returns.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable
@@ -27,16 +28,16 @@ Done = Callable[[Outcome], None]
 
 
 class GroupCommit:
-    """Writes outcomes in rounds, one thread; `deliver` runs a callable on the caller's loop
-    (`loop.call_soon_threadsafe`)."""
+    """Writes outcomes in rounds, one thread, for the callers on one asyncio loop."""
 
-    def __init__(self, spool: Spool, deliver: Callable[[Callable[[], None]], None]) -> None:
+    def __init__(self, spool: Spool, loop: asyncio.AbstractEventLoop) -> None:
         self.spool = spool
-        self.deliver = deliver
-        self.pending = 0  # outcomes added and not handed back yet (counted on the caller's side)
+        self.loop = loop
+        self.pending = 0  # outcomes added and not handed back yet (counted on the loop)
         self._queued: list[tuple[Outcome, Done]] = []
         self._ready = threading.Condition()
         self._closing = False
+        self._kicked = False
         self._thread: threading.Thread | None = None
 
     def add(self, outcome: Outcome, done: Done) -> None:
@@ -52,6 +53,15 @@ class GroupCommit:
                 self._thread = threading.Thread(target=self._run, name="commit", daemon=True)
                 self._thread.start()
             self._queued.append((outcome, done))
+        if not self._kicked:
+            # The thread is woken once the loop has run what it has now: the outcomes of this
+            # iteration go in one round, and the request the loop sends next goes first.
+            self._kicked = True
+            self.loop.call_soon(self._kick)
+
+    def _kick(self) -> None:
+        self._kicked = False
+        with self._ready:
             self._ready.notify()
 
     def close(self, timeout: float = 10.0) -> None:
@@ -79,7 +89,7 @@ class GroupCommit:
                 for outcome, _ in batch:
                     if not outcome.placed and outcome.error is None:
                         outcome.error = OSError(f"the outcome could not be written: {exc}")
-            self.deliver(lambda batch=batch: self._hand_back(batch))
+            self.loop.call_soon_threadsafe(self._hand_back, batch)
 
     def _hand_back(self, batch: list[tuple[Outcome, Done]]) -> None:
         """On the loop: each outcome of a finished round to its caller."""

@@ -103,8 +103,7 @@ class Publisher:
             self._discarded(task, recorded)
             return
         if self.commits is None:
-            loop = asyncio.get_running_loop()
-            self.commits = GroupCommit(self.spool, loop.call_soon_threadsafe)
+            self.commits = GroupCommit(self.spool, asyncio.get_running_loop())
         self.commits.add(outcome, lambda o: self._committed(o, task, record, recorded))
 
     def _committed(self, outcome: Outcome, task: Task, record: dict, recorded: Record) -> None:
