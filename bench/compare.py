@@ -590,7 +590,7 @@ def print_table(f: dict, wall_s: float) -> None:
                     for label, r in real.items()])
     print("\ntargets")
     print_grid(["target", "measured", "wanted", "verdict"], [list(r) for r in targets(f)])
-    print(NOTES.format(**plan))
+    print(NOTES.format(**plan, consumers=f["consumers"]))
     print(f"wall time: {wall_s / 60:.1f} min")
 
 
@@ -613,8 +613,19 @@ how it was measured
   each, one system after another: "1st pickup after idle" (Huey backs off to polling every 10 s).
 - run twice: executions beyond the first (koubou: completed attempts in the ledger; Huey, dirq,
   seed: lines in the execution log; bare: a rename happens once) over throughput and pickup runs.
-- Huey: SqliteHuey defaults, huey_consumer defaults (1 worker); dirq: polls every 0.1 s when a pass
-  finds nothing (our choice: its docs show one pass); seed: 2 worker processes."""
+- consumers: {consumers} processes per system (koubou workers, bare loops, dirq loops; Huey: -w
+  {consumers} workers in one consumer); the seed: 2 worker processes. Huey: SqliteHuey defaults;
+  dirq: polls every 0.1 s when a pass finds nothing (our choice: its docs show one pass).
+- the throughput targets compare drains (the consumer's own work, not the submissions'); bare
+  loop "fsync every step": rename, fsync of the file, fsync of done/ per task; "no fsync": the
+  rename alone.
+- pickup to an HTTP backend: one koubou worker (fsync on, an openai craftsman) and the bare
+  openai client (bench/peers/bare_client.py, AsyncOpenAI, a process of its own) against the
+  same loopback fake in this process, alternating, each after a random 5-50 ms pause: koubou
+  from the rename into pending/, the client from its call, to the request's arrival.
+- real engine: bench/real_server.py's max_concurrent 1 row (one worker, --concurrency 1,
+  fsync on) next to the bare client, {real_tasks} tasks a run, when the tests' engine is built.
+- "before": the same koubou measurements from the --baseline source tree, in the same run."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
