@@ -31,10 +31,7 @@ def report(day: str | None, month: str | None, since: str | None, as_json: bool,
     """
     if as_json and as_csv:
         raise UsageError("give --json or --csv, not both")
-    where = session()
-    config = where.config(required=False)
-    figures = observe.report_for(where.spool(config), where.ledger_path, config,
-                                 day=day, month=month, since=since)
+    figures = session().report(day, month, since)
     if html_file:
         observe.write_atomic(Path(html_file), report_render.html_page(figures))
     if as_json:
@@ -50,9 +47,7 @@ def report(day: str | None, month: str | None, since: str | None, as_json: bool,
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def workers(as_json: bool) -> None:
     """Workers with their liveness, heartbeat age, tasks in flight, done and failed counts."""
-    where = session()
-    config = where.config(required=False)
-    found = observe.workers(where.spool(config), where.ledger_path, config, time.time())
+    found = session().workers()["workers"]
     if as_json:
         emit_json(found)
         return
@@ -73,19 +68,16 @@ def workers(as_json: bool) -> None:
 def top(once: bool) -> None:
     """A live view of queues, workers and spend; redraws on spool events. q or Ctrl-C quits."""
     where = session()
-    config = where.config(required=False)
-    spool = where.spool(config)
 
     def draw() -> list[str]:
         now = time.time()
-        return top_module.frame(where.home, observe.queue_counts(spool),
-                                observe.workers(spool, where.ledger_path, config, now),
-                                observe.in_flight_by_craftsman(spool, where.ledger_path),
-                                observe.today_budget(where.ledger_path, config, now), now)
+        found = where.workers()
+        return top_module.frame(where.home, found["queues"], found["workers"],
+                                found["in_flight"], found["budget"], now)
     if once:
         click.echo("\n".join(draw()))
         return
-    top_module.run(spool, draw)
+    top_module.run(where.spool(), draw)
 
 
 @click.command(cls=KoubouCommand)
@@ -95,9 +87,7 @@ def top(once: bool) -> None:
                    "node_exporter's textfile collector (FILE should end in .prom).")
 def metrics(output: str | None) -> None:
     """Prometheus text exposition: queue depths, in flight, task/token/cost counters, budget."""
-    where = session()
-    config = where.config(required=False)
-    text = observe.metrics_text(where.spool(config), where.ledger_path, config, time.time())
+    text = session().metrics()
     if output is None:
         click.echo(text, nl=False)
         return

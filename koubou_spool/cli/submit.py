@@ -205,8 +205,8 @@ def submit(text: str | None, file: str | None, batch: str | None, type_: str | N
     2 invalid input, 3 --timeout passed (the task stays queued), 4 spool unusable.
     """
     where = session()
-    config = where.config(required=False)
-    spool = where.spool(config)
+    config = where.config()
+    spool = where.spool()
     fields = {"type": type_, "priority": priority, "difficulty": difficulty,
               "sensitivity": sensitivity, "craftsman": craftsman, "model": model,
               "system": system, "context": _json_object(context, "--context"),
