@@ -28,6 +28,7 @@ from .entries import (  # noqa: F401 (re-exported: the spool's names)
 from .disk import kind_of, printable, read_regular, rename_noreplace, stage  # noqa: F401
 from .lookup import Lookups
 from .registry import Workers
+from .retention import Retention
 from .store import Store
 from .task import Task
 
@@ -43,7 +44,7 @@ def new_worker_id() -> str:
     return f"{_hostname()}-{os.getpid()}-{os.urandom(2).hex()}"
 
 
-class Spool(Lookups, Workers, Store):
+class Spool(Lookups, Retention, Workers, Store):
     """The file store: the task directories of one home, moved between by rename(2)."""
 
     def __init__(self, home: Path, *, fsync: bool = True, max_task_bytes: int = 1_048_576) -> None:

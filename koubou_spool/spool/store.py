@@ -12,7 +12,7 @@ a user submitted is deleted except by retention or an explicit command.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .task import Task
@@ -76,6 +76,22 @@ class Store:
 
     def outcome_states(self, names: Iterable[str]) -> dict[str, str]:
         """'completed' or 'failed' for each of these entry names (`<id>.json`) that is there."""
+        raise NotImplementedError
+
+    def finished(self) -> Iterator[tuple[str, Any, Any]]:
+        """(entry, outcome record, rejection reason) of every finished entry: what a ledger
+        rebuild reads back. The record is None for rejected input or an unreadable file."""
+        raise NotImplementedError
+
+    # --- retention ----------------------------------------------------------------------------
+
+    def purge(self, cutoff: float) -> tuple[list[str], list[str]]:
+        """Delete outcomes (and rejected input) last changed before cutoff; the purged task
+        ids and rejected names."""
+        raise NotImplementedError
+
+    def clean_tmp(self, cutoff: float) -> int:
+        """Remove what writers that died mid-write left before cutoff; how many."""
         raise NotImplementedError
 
     # --- waiting for work ---------------------------------------------------------------------

@@ -1,0 +1,123 @@
+"""What the file spool keeps of finished tasks, and for how long: the outcomes a ledger rebuild
+reads back, and the purge of old outcomes and stale staging files (`koubou maintain`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from . import task as task_format
+from .entries import SIDECAR
+
+
+class Retention:
+    """Finished entries of a file spool (a base of spool.files.Spool): completed/, failed/, tmp/."""
+
+    completed: Path
+    failed: Path
+    tmp: Path
+
+    def finished(self) -> Iterator[tuple[str, Any, Any]]:
+        """(entry, record, sidecar) of every finished entry, in name order within completed/
+        then failed/: record is the outcome (None when unreadable or not JSON), sidecar the
+        reason beside rejected input (then record is None: the input is no outcome)."""
+        for directory in (self.completed, self.failed):
+            for entry in sorted(os.listdir(directory)):
+                if entry.startswith(".") or entry.endswith(SIDECAR) or entry.endswith(".fin"):
+                    continue
+                sidecar = directory / (entry + SIDECAR)
+                if os.path.lexists(sidecar):
+                    yield entry, None, read_json(sidecar)
+                else:
+                    yield entry, read_json(directory / entry), None
+
+    def purge(self, cutoff: float) -> tuple[list[str], list[str]]:
+        """Delete outcome files (and rejected input with its sidecar) last changed before
+        cutoff; the ids of purged tasks and the names of purged rejected files."""
+        task_ids: list[str] = []
+        reject_files: list[str] = []
+        for directory in (self.completed, self.failed):
+            for entry in os.listdir(directory):
+                if entry.startswith(".") or entry.endswith(SIDECAR):
+                    continue
+                rejected = _purge_entry(directory, entry, cutoff)
+                if rejected is None:
+                    continue
+                if rejected:
+                    reject_files.append(entry)
+                else:
+                    task_ids.append(task_format.id_from_name(entry) or entry)
+        _purge_orphan_sidecars(self.failed, cutoff)
+        return task_ids, reject_files
+
+    def clean_tmp(self, cutoff: float) -> int:
+        """Remove staging files in tmp/ not changed since cutoff: their writers died mid-write."""
+        removed = 0
+        for entry in os.listdir(self.tmp):
+            path = self.tmp / entry
+            try:
+                info = os.lstat(path)
+                if info.st_mtime < cutoff and not stat.S_ISDIR(info.st_mode):
+                    os.unlink(path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+
+def remove(path: Path) -> None:
+    """Remove a file, link, FIFO or (rejected) directory; never follows a link.
+    rmtree works on descriptors: it removes an agent's links without following them."""
+    if stat.S_ISDIR(os.lstat(path).st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _purge_entry(directory: Path, entry: str, cutoff: float) -> bool | None:
+    """Delete one outcome if old enough; True: it was rejected input, False: a task, None: kept.
+
+    Rejected input keeps the mtime the user gave it (rename does not change it), so its age is
+    the age of its sidecar, written when it was rejected.
+    """
+    sidecar = directory / (entry + SIDECAR)
+    rejected = os.path.lexists(sidecar)
+    aged = sidecar if rejected else directory / entry
+    try:
+        if os.lstat(aged).st_mtime >= cutoff:
+            return None
+        remove(directory / entry)
+        if rejected:
+            os.unlink(sidecar)
+    except FileNotFoundError:
+        return None  # another process purged or moved it (`koubou retry`)
+    return rejected
+
+
+def _purge_orphan_sidecars(directory: Path, cutoff: float) -> None:
+    """Sidecars whose rejected file is gone (deleted by hand) go once they are old."""
+    for entry in os.listdir(directory):
+        if entry.endswith(SIDECAR) and not os.path.lexists(directory / entry[:-len(SIDECAR)]):
+            try:
+                if os.lstat(directory / entry).st_mtime < cutoff:
+                    os.unlink(directory / entry)
+            except FileNotFoundError:
+                pass
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content; None when unreadable, not a regular file, or not JSON."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as stream:
+            return json.loads(stream.read())
+    except (OSError, ValueError):
+        return None
