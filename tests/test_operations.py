@@ -64,6 +64,15 @@ def test_cancel_pending_and_retry_failed(home: Path, spool: Spool, fake_openai: 
     assert runner.invoke(cli, ["retry", pending]).exit_code == 2  # only failed tasks
 
 
+def test_retry_puts_rejected_input_back_as_it_was(home: Path, spool: Spool) -> None:
+    (spool.pending / "notes.json").write_bytes(b'{"content": 7}')  # no valid task
+    assert spool.reject(spool.pending, "notes.json", "content: not a string") == "notes.json"
+    result = CliRunner().invoke(cli, ["retry", "notes.json"])
+    assert result.exit_code == 0, result.output
+    assert (spool.pending / "notes.json").read_bytes() == b'{"content": 7}'
+    assert os.listdir(spool.failed) == []  # the reason went with it
+
+
 def test_a_stopped_worker_past_its_lease_cannot_complete_its_task(
         home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
     write_config(home, fake_openai.base_url, spool={"heartbeat_s": 0.5, "lease_s": 2})

@@ -1,5 +1,6 @@
 """What the file spool keeps of finished tasks, and for how long: the outcomes a ledger rebuild
-reads back, and the purge of old outcomes and stale staging files (`koubou maintain`)."""
+reads back, a failed task taken back to run again (`koubou retry`), and the purge of old
+outcomes and stale staging files (`koubou maintain`)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,20 @@ import json
 import os
 import shutil
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from . import task as task_format
-from .entries import SIDECAR
+from .entries import SIDECAR, Claim, Found
 
 
 class Retention:
     """Finished entries of a file spool (a base of spool.files.Spool): completed/, failed/, tmp/."""
 
+    pending: Path
+    in_progress: Path
     completed: Path
     failed: Path
     tmp: Path
@@ -54,6 +58,26 @@ class Retention:
                     task_ids.append(task_format.id_from_name(entry) or entry)
         _purge_orphan_sidecars(self.failed, cutoff)
         return task_ids, reject_files
+
+    def reopen(self, found: Found, owner: str) -> Claim:
+        """Take a failed task back as a claim of `owner`, its outcome fields (status, error,
+        result, attempts) removed: requeue it to run again. Through a claim, so a crash half
+        way leaves a claim that recovery requeues."""
+        claim = Claim(found.path.name, owner, time.time())
+        os.rename(found.path, self.in_progress / claim.file_name)
+        record = task_format.decode(self.read_claim(claim)[0])
+        for key in ("status", "error", "result", "attempts"):
+            record.pop(key, None)
+        self.write_atomic(self.in_progress, claim.file_name, task_format.encode(record))
+        return claim
+
+    def unreject(self, found: Found) -> str:
+        """Put rejected input back in pending/ as it was (for a fixed config or file), its
+        reason dropped; the name it has there."""
+        name = found.path.name
+        os.rename(found.path, self.pending / name)
+        Path(str(found.path) + SIDECAR).unlink(missing_ok=True)
+        return name
 
     def clean_tmp(self, cutoff: float) -> int:
         """Remove staging files in tmp/ not changed since cutoff: their writers died mid-write."""

@@ -83,6 +83,15 @@ class Store:
         rebuild reads back. The record is None for rejected input or an unreadable file."""
         raise NotImplementedError
 
+    def reopen(self, found: Any, owner: str) -> Any:
+        """Take a failed task back as a claim of `owner`, its outcome fields removed (to be
+        requeued: `koubou retry`)."""
+        raise NotImplementedError
+
+    def unreject(self, found: Any) -> str:
+        """Put rejected input back in pending as it was; the name it has there."""
+        raise NotImplementedError
+
     # --- retention ----------------------------------------------------------------------------
 
     def purge(self, cutoff: float) -> tuple[list[str], list[str]]:
