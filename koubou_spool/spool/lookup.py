@@ -12,7 +12,7 @@ from typing import Any
 from . import task as task_format
 from ..errors import TaskNotFound
 from .entries import CLAIM_RE, SIDECAR, STATES, Found, Refused, Unavailable, _entry_name
-from .watcher import wait_for_files
+from .watcher import Watcher, wait_for_files
 
 
 class Lookups:
@@ -115,3 +115,14 @@ class Lookups:
         """Block (on inotify) until each entry name is in completed/ or failed/, or timeout;
         the names found."""
         return wait_for_files([self.completed, self.failed], names, timeout)
+
+    def watch(self, states: Iterable[str], mask: int, *, workers: int = 0) -> Watcher:
+        """A change feed on these states (and, with a `workers` mask, the worker registrations):
+        inotify on their directories. Watch first, then look, so nothing changed in between
+        is missed; events() yields (the state's directory, name, mask)."""
+        watcher = Watcher()
+        for state in states:
+            watcher.watch(self.state_dir(state), mask)
+        if workers:
+            watcher.watch(self.workers, workers)
+        return watcher

@@ -110,6 +110,11 @@ class Store:
         that have one. A store wakes waiters itself (the file spool on inotify)."""
         raise NotImplementedError
 
+    def watch(self, states: Iterable[str], mask: int, *, workers: int = 0) -> Any:
+        """A change feed on these states (and the worker registrations): fileno() for an event
+        loop, wait(timeout), events() and close(). Watch first, then look."""
+        raise NotImplementedError
+
     # --- workers ------------------------------------------------------------------------------
 
     def register_worker(self, worker_id: str, info: dict[str, Any]) -> int:
