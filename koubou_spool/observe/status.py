@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -117,25 +116,15 @@ def read_record(spool: Spool, key: str) -> dict[str, Any] | None:
 
 def list_tasks(spool: Spool, states: list[str], limit: int) -> list[dict[str, Any]]:
     """Tasks in the given states, newest first (by file time), at most `limit`."""
-    entries = []
-    for state in states:
-        directory = spool.state_dir(state)
-        for name in spool.names(state):
-            try:
-                mtime = os.lstat(directory / name).st_mtime
-            except FileNotFoundError:
-                continue
-            entries.append((mtime, state, name))
-    entries.sort(reverse=True)
     listed = []
-    for mtime, state, name in entries[:limit]:
+    for mtime, state, name, rejected in sorted(spool.entries(states), reverse=True)[:limit]:
         item = {"id": task_format.id_from_name(name), "state": state, "file": name,
                 "time": task_format.iso(mtime)}
         if state == "in_progress":
             match = CLAIM_RE.fullmatch(name)
             if match:
                 item.update(id=task_format.id_from_name(match["name"]), worker_id=match["worker"])
-        if state == "failed" and os.path.lexists(spool.failed / (name + SIDECAR)):
+        if rejected:
             item["rejected"] = True
         listed.append(item)
     return listed

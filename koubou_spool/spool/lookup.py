@@ -24,6 +24,21 @@ class Lookups:
         return [n for n in os.listdir(directory)
                 if not n.startswith(".") and not n.endswith(SIDECAR) and not n.endswith(".fin")]
 
+    def entries(self, states: Iterable[str]) -> list[tuple[float, str, str, bool]]:
+        """(time, state, name, rejected) of each entry of these states: the time its file was
+        last changed, and whether it is rejected input (in failed/, with a reason beside it)."""
+        found = []
+        for state in states:
+            directory = self.state_dir(state)
+            for name in self.names(state):
+                try:
+                    mtime = os.lstat(f"{directory}/{name}").st_mtime
+                except FileNotFoundError:
+                    continue
+                rejected = state == "failed" and os.path.lexists(f"{directory}/{name}{SIDECAR}")
+                found.append((mtime, state, name, rejected))
+        return found
+
     def claims(self) -> Iterator[tuple[str, re.Match]]:
         """Every claim file in in_progress/ with its parsed name."""
         for entry in os.listdir(self.in_progress):

@@ -70,6 +70,10 @@ class Store:
         """The entries of one state (counts and listings are built on this)."""
         raise NotImplementedError
 
+    def entries(self, states: Iterable[str]) -> list[tuple[float, str, str, bool]]:
+        """(time, state, name, rejected) of each entry of these states: the listings."""
+        raise NotImplementedError
+
     def counts(self) -> dict[str, int]:
         """Number of entries in each state: pending, in_progress, completed, failed."""
         raise NotImplementedError
