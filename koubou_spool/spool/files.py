@@ -285,37 +285,6 @@ class Spool(Lookups, Retention, Workers, Store):
         except NoSpace as exc:
             log.warning("%s; %s goes back without its attempt count", exc, name)
 
-    def reject(self, directory: Path, entry: str, reason: str) -> str | None:
-        """Move input that is not a valid task to failed/ unchanged, with its reason beside it.
-
-        Returns the name it got in failed/, or None when another process moved it first.
-        """
-        name = CLAIM_RE.fullmatch(entry)["name"] if directory == self.in_progress else entry
-        target = self._failed_name(name)
-        try:
-            os.rename(directory / entry, self.failed / target)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            log.error("cannot move %s to failed/: %s", directory / entry, exc.strerror)
-            return None
-        sidecar = {"file": printable(target), "original_name": printable(name),
-                   "status": "failed",
-                   "error": {"kind": "invalid", "message": printable(reason), "attempts": 0,
-                             "at": task_format.iso(time.time())}}
-        self.write_atomic(self.failed, target + SIDECAR, task_format.encode(sidecar))
-        return target
-
-    def _failed_name(self, name: str) -> str:
-        """The name rejected input gets in failed/: its own, unless that is taken or leaves no
-        room for the sidecar's suffix within NAME_MAX."""
-        fits = len(os.fsencode(name)) + len(SIDECAR) <= NAME_MAX
-        if fits and not os.path.lexists(self.failed / name) and not os.path.lexists(
-                self.completed / name):
-            return name
-        room = NAME_MAX - len(SIDECAR) - 27  # "." and a new id
-        return f"{os.fsdecode(os.fsencode(name)[:room])}.{task_format.new_id()}"
-
     # --- workers and their liveness: spool.registry.Workers, on run/workers/ ----------------
 
     def orphaned_claims(self, lease_s: float) -> list[tuple[str, str]]:

@@ -1,10 +1,11 @@
-"""What the file spool keeps of finished tasks, and for how long: the outcomes a ledger rebuild
-reads back, a failed task taken back to run again (`koubou retry`), and the purge of old
-outcomes and stale staging files (`koubou maintain`)."""
+"""What the file spool keeps of finished tasks, and for how long: rejected input set aside with
+its reason, the outcomes a ledger rebuild reads back, a failed task taken back to run again
+(`koubou retry`), and the purge of old outcomes and stale staging files (`koubou maintain`)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import stat
@@ -14,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from . import task as task_format
-from .entries import SIDECAR, Claim, Found
+from .disk import printable
+from .entries import CLAIM_RE, NAME_MAX, SIDECAR, Claim, Found
+
+log = logging.getLogger(__name__)
 
 
 class Retention:
@@ -58,6 +62,37 @@ class Retention:
                     task_ids.append(task_format.id_from_name(entry) or entry)
         _purge_orphan_sidecars(self.failed, cutoff)
         return task_ids, reject_files
+
+    def reject(self, directory: Path, entry: str, reason: str) -> str | None:
+        """Move input that is not a valid task to failed/ unchanged, with its reason beside it.
+
+        Returns the name it got in failed/, or None when another process moved it first.
+        """
+        name = CLAIM_RE.fullmatch(entry)["name"] if directory == self.in_progress else entry
+        target = self._failed_name(name)
+        try:
+            os.rename(directory / entry, self.failed / target)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.error("cannot move %s to failed/: %s", directory / entry, exc.strerror)
+            return None
+        sidecar = {"file": printable(target), "original_name": printable(name),
+                   "status": "failed",
+                   "error": {"kind": "invalid", "message": printable(reason), "attempts": 0,
+                             "at": task_format.iso(time.time())}}
+        self.write_atomic(self.failed, target + SIDECAR, task_format.encode(sidecar))
+        return target
+
+    def _failed_name(self, name: str) -> str:
+        """The name rejected input gets in failed/: its own, unless that is taken or leaves no
+        room for the sidecar's suffix within NAME_MAX."""
+        fits = len(os.fsencode(name)) + len(SIDECAR) <= NAME_MAX
+        if fits and not os.path.lexists(self.failed / name) and not os.path.lexists(
+                self.completed / name):
+            return name
+        room = NAME_MAX - len(SIDECAR) - 27  # "." and a new id
+        return f"{os.fsdecode(os.fsencode(name)[:room])}.{task_format.new_id()}"
 
     def reopen(self, found: Found, owner: str) -> Claim:
         """Take a failed task back as a claim of `owner`, its outcome fields (status, error,
