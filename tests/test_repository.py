@@ -334,8 +334,8 @@ def test_kill_9_during_the_agents_run_kills_the_agent_and_the_retry_starts_clean
     base = make_source(source)
     spool = Spool.open(repo_home)
     first = workers.start(repo_home)
-    task_id = submit(spool, content="Slow work\nWRITE half.txt=half\nSLEEP-ONCE 60\n"
-                     "WRITE done.txt=done", repo=str(source), id="slow-one")
+    task_id = submit(spool, content="Slow work\nWRITE half.txt=half\nCHILD-ONCE 60\n"
+                     "SLEEP-ONCE 60\nWRITE done.txt=done", repo=str(source), id="slow-one")
     deadline = time.monotonic() + 30
     while not agent_runs(tmp_path, task_id) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -347,9 +347,13 @@ def test_kill_9_during_the_agents_run_kills_the_agent_and_the_retry_starts_clean
     while _alive(run["pid"]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(run["pid"]), "the agent outlived its worker"
-    # A new worker takes the claim over; the next attempt starts from the base again.
+    assert _alive(run["child"])  # the agent's own child outlives both, until the take-over
+    # A new worker takes the claim over, and stops what still runs for it; the next attempt
+    # starts from the base again.
     second = workers.start(repo_home)
     outcome = wait_outcomes(spool, [task_id], timeout=90)[task_id]
+    assert not _alive(run["child"]), "the agent's child outlived the take-over"
+    assert "stopped 1 process(es) left running for slow-one.json" in log_of(second)
     assert outcome["status"] == "completed", log_of(second)
     assert outcome["result"]["attempts"] == 2
     commit = outcome["result"]["repo"]["commit"]

@@ -116,7 +116,7 @@ class Attempts:
             self.publisher.requeue(claim, None)
             return None
         return Attempt(task, self.config.craftsmen[craftsman_name], task.attempts + 1, decision,
-                       self.home, attachments)
+                       self.home, attachments, claim.file_name)
 
     async def _work(self, claim: Claim, attempt: Attempt) -> None:
         """Prepare, call and finish through the task's kind of work, then publish."""
