@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
@@ -93,7 +94,22 @@ class _Guarded:
 
 
 class KoubouGroup(_Guarded, click.Group):
-    """A click group with koubou's error mapping."""
+    """A click group with koubou's error mapping. Commands in `lazy` (name: "module:attribute")
+    are imported only when named or listed: a worker's start, the command run most often,
+    does not import doctor's HTTP client or the report's renderers."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy and name not in self.commands:
+            module, _, attribute = self.lazy[name].partition(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        return super().get_command(ctx, name)
 
 
 class KoubouCommand(_Guarded, click.Command):

@@ -236,12 +236,10 @@ def wait(task_ids: tuple[str, ...], timeout: float | None, as_json: bool) -> Non
             click.echo(f"{task_id}: {outcome.get('status')}{detail}")
     click.get_current_context().exit(EXIT_TASK_FAILED if failed else EXIT_OK)
 
-from .observe import register as _register_observe  # noqa: E402
-_register_observe(cli)
-from .operate import register as _register_operate  # noqa: E402
-_register_operate(cli)
-from .serve import serve as _serve  # noqa: E402
-cli.add_command(_serve)
+cli.lazy.update({name: f"koubou_spool.cli.{module}:{name}" for module, names in (
+    ("observe", ("report", "workers", "top", "metrics")),
+    ("operate", ("maintain", "doctor", "ledger")),
+    ("serve", ("serve",))) for name in names})
 
 
 @cli.command()

@@ -96,9 +96,3 @@ def metrics(output: str | None) -> None:
     except OSError as exc:
         raise SpoolError(f"cannot write {output}: {exc.strerror}; check the directory exists "
                          "and is writable") from None
-
-
-def register(group: click.Group) -> None:
-    """Add the read-only view commands to the `koubou` group."""
-    for command in (report, workers, top, metrics):
-        group.add_command(command)

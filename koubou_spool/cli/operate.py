@@ -107,9 +107,3 @@ def rebuild(as_json: bool) -> None:
     moved = f"; the old ledger is {done.old}" if done.old else ""
     click.echo(f"rebuilt {done.ledger}: {done.tasks} tasks, {done.attempts} attempts, "
                f"{done.rejects} rejects ({done.skipped} files skipped){moved}")
-
-
-def register(group: click.Group) -> None:
-    """Add the operations commands to the `koubou` group."""
-    for command in (maintain, doctor, ledger):
-        group.add_command(command)
