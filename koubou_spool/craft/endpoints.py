@@ -202,6 +202,10 @@ class EndpointPool:
         if record is not None and record["probed"]:
             self.rests[index].clear()
 
+    def aborted(self, index: int) -> None:
+        """A request was cancelled (its claim revoked, the worker stopping): no verdict."""
+        self.figures[index].in_flight -= 1
+
     def failed(self, index: int, reason: str, retry_after: float | None = None) -> float:
         """The endpoint failed (connection, timeout, 5xx, 429): it rests, for every worker of
         the home; returns for how long."""

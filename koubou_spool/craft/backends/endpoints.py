@@ -21,6 +21,9 @@ from . import BackendError, Reply, Request, Unavailable
 from .openai_chat import OpenAIChatBackend
 
 MARGIN_S = 0.5  # an endpoint's timeout ends this much before the attempt's, so failing it cools it
+# Less time than this left in the attempt: no other endpoint is tried, since a timeout there
+# would be the attempt's doing, not the endpoint's.
+LEAST_S = 5.0
 
 
 class EndpointsBackend:
@@ -54,13 +57,16 @@ class EndpointsBackend:
         tried: set[int] = set()
         failures: list[BackendError] = []
         while True:
+            left = deadline - time.monotonic()
+            if failures and left < min(LEAST_S, request.timeout_s / 4):
+                raise self._out_of_endpoints(failures)
             if lease.index in tried or not self.pool.usable(lease.index):
                 if not self.pool.move(lease, tried):
                     raise self._out_of_endpoints(failures)
             index = lease.index
             tried.add(index)
             try:
-                return await self._send(index, request, max(0.1, deadline - time.monotonic()))
+                return await self._send(index, request, max(0.1, left))
             except BackendError as exc:
                 if not exc.endpoint_fault:
                     raise
@@ -79,7 +85,7 @@ class EndpointsBackend:
                 self.pool.answered(index, time.monotonic() - started)
             raise
         except BaseException:
-            self.pool.figures[index].in_flight -= 1  # aborted (revoked, stopping): no verdict
+            self.pool.aborted(index)
             raise
         self.pool.answered(index, time.monotonic() - started)
         reply.details["endpoint"] = self.craftsman.endpoints[index].base_url

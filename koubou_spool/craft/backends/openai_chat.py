@@ -34,6 +34,7 @@ class OpenAIChatBackend:
     def __init__(self, craftsman: Craftsman, endpoint: Endpoint | None = None) -> None:
         self.craftsman = craftsman
         self.base_url = endpoint.base_url if endpoint else craftsman.base_url
+        self.endpoint = endpoint
         self.client = openai.AsyncOpenAI(
             base_url=self.base_url,
             api_key=endpoint.api_key(craftsman.name) if endpoint else craftsman.api_key(),
@@ -50,9 +51,7 @@ class OpenAIChatBackend:
             params["reasoning_effort"] = request.reasoning_effort
         try:
             raw = await self.client.chat.completions.with_raw_response.create(
-                **params, extra_body=request.params or None,
-                timeout=openai.Timeout(request.timeout_s,
-                                       connect=min(request.timeout_s, CONNECT_S)))
+                **params, extra_body=request.params or None, timeout=self._timeout(request))
             body = raw.http_response.json()
         except openai.APITimeoutError:
             raise BackendError(f"no answer from {self.base_url} within "
@@ -68,14 +67,22 @@ class OpenAIChatBackend:
                                retryable=True) from None
         return self.reply(body, request.model)
 
+    def _timeout(self, request: Request) -> float | openai.Timeout:
+        """The attempt's timeout; for an endpoint, a shorter one to connect, so a host that
+        drops packets is left for another endpoint soon."""
+        if self.endpoint is None:
+            return request.timeout_s
+        return openai.Timeout(request.timeout_s, connect=min(request.timeout_s, CONNECT_S))
+
     def _status_error(self, exc: openai.APIStatusError) -> BackendError:
         status = exc.status_code
         error = BackendError(f"HTTP {status} from {self.base_url}: {_message(exc)}",
                              retryable=status in (408, 409, 429) or status >= 500,
                              endpoint_fault=status == 429 or status >= 500,
                              reached=status != 429)  # a 429 turned the request away unread
-        if status == 429:  # read as the client's own retries read it (seconds, ms or a date)
-            error.retry_after = self.client._parse_retry_after_header(exc.response.headers)
+        parse = getattr(self.client, "_parse_retry_after_header", None)
+        if status == 429 and parse is not None:  # as the client's retries read it: s, ms, a date
+            error.retry_after = parse(exc.response.headers)
         return error
 
     async def probe(self, timeout_s: float) -> bool:
