@@ -8,6 +8,7 @@ llama.cpp engine twice. Only 127.0.0.1.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,10 +20,12 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from conftest import missing, wait_outcomes, write_config
 from fake_openai import FakeOpenAI
 import realengine
+from koubou_spool.cli.koubou import cli
 from koubou_spool.config import Craftsman, Endpoint
 from koubou_spool.craft import endpoints as endpoints_module
 from koubou_spool.craft.endpoints import EndpointPool, choose, cooldown_s
@@ -147,7 +150,7 @@ def test_slots_and_rests_are_the_homes_not_a_workers(tmp_path: Path) -> None:
 
 def test_a_killed_endpoint_loses_its_share_and_wins_it_back_after_a_probe(
         isolated_env: Path, workers, fakes: list[FakeProcess]) -> None:
-    fakes.extend(FakeProcess(ms) for ms in (50, 100, 150))
+    fakes.extend(FakeProcess(ms) for ms in (20, 40, 60))
     spool = endpoints_home(isolated_env, [f.base_url for f in fakes], 2)
     middle = fakes[1].base_url
     workers.start(isolated_env)
@@ -167,6 +170,8 @@ def test_a_killed_endpoint_loses_its_share_and_wins_it_back_after_a_probe(
                          if o["result"]["endpoint"] == middle)
     during = [t for t in middle_done if killed + 0.2 < t < restarted]
     assert during == []  # its share went to the others while it was down
+    assert any(killed < finished(o) < restarted for o in outcomes.values()
+               if o["result"]["endpoint"] != middle)
     back = [t for t in middle_done if t > restarted]
     assert back, "no traffic returned to the restarted endpoint"
     recovery = back[0] - killed
@@ -211,7 +216,9 @@ def test_with_every_endpoint_down_tasks_wait_without_spending_attempts(
 
 def test_a_429_with_retry_after_keeps_every_request_away_for_its_seconds(
         isolated_env: Path, workers) -> None:
-    limited, other = FakeOpenAI(latency_s=0.04).start(), FakeOpenAI(latency_s=0.04).start()
+    # 150 tasks at 50 ms over the other endpoint's 2 slots take 3.75 s at least, so traffic
+    # is still flowing when the 3 s are over.
+    limited, other = FakeOpenAI(latency_s=0.05).start(), FakeOpenAI(latency_s=0.05).start()
     limited.rate_limit_next, limited.retry_after_s = 1, 3
     try:
         home_module.init(isolated_env)
@@ -222,7 +229,7 @@ def test_a_429_with_retry_after_keeps_every_request_away_for_its_seconds(
             spool={"fsync": False})
         spool = Spool.open(isolated_env)
         workers.start(isolated_env)
-        outcomes = wait_outcomes(spool, submit_many(spool, 200, "limited"), 60)
+        outcomes = wait_outcomes(spool, submit_many(spool, 150, "limited"), 60)
         arrivals = sorted(r["at"] for r in limited.requests)
     finally:
         limited.stop()
@@ -256,3 +263,53 @@ def test_two_real_engines_as_two_endpoints_of_one_craftsman(
     assert {o["status"] for o in outcomes.values()} == {"completed"}
     assert {o["result"]["endpoint"] for o in outcomes.values()} == set(urls)
     assert {o["result"]["model"] for o in outcomes.values()} == {realengine.MODEL_ID}
+
+
+def test_each_endpoint_shows_in_workers_metrics_report_and_doctor(
+        isolated_env: Path, workers, fake_openai: FakeOpenAI) -> None:
+    dead = f"http://127.0.0.1:{realengine.free_port()}/v1"
+    spool = endpoints_home(isolated_env, [fake_openai.base_url, dead], 2)
+    workers.start(isolated_env)
+    outcomes = wait_outcomes(spool, submit_many(spool, 20, "shown"), 30)
+    assert {o["result"]["endpoint"] for o in outcomes.values()} == {fake_openai.base_url}
+    runner = CliRunner()
+    deadline = time.monotonic() + 10
+    while True:  # the figures reach the ledger with the next heartbeat (heartbeat_s: 1)
+        [worker] = json.loads(runner.invoke(cli, ["workers", "--json"]).stdout)
+        shown = {e["base_url"]: e for e in worker["endpoints"].get("local", [])}
+        if sum(e["requests"] for e in shown.values()) >= 20 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert shown[fake_openai.base_url]["requests"] >= 20 and not shown[fake_openai.base_url]["cooling"]
+    assert shown[dead]["failures"] >= 1 and shown[dead]["cooling"]
+    text = runner.invoke(cli, ["metrics"]).stdout
+    assert f'koubou_endpoint_cooling{{craftsman="local",endpoint="{dead}"}} 1' in text
+    assert f'koubou_endpoint_cooling{{craftsman="local",endpoint="{fake_openai.base_url}"}} 0' in text
+    report = json.loads(runner.invoke(cli, ["report", "--json"]).stdout)
+    [row] = report["endpoints"]
+    assert row["endpoint"] == fake_openai.base_url and row["tasks"] == 20 and row["run_p50_s"] > 0
+    checked = runner.invoke(cli, ["doctor"])
+    assert checked.exit_code != 0
+    assert f"endpoint {fake_openai.base_url} answers" in checked.stdout
+    assert f"cannot reach {dead}/models" in checked.stdout
+
+
+def test_a_request_every_endpoint_fails_at_spends_its_attempts(isolated_env: Path, workers) -> None:
+    servers = [FakeOpenAI().start() for _ in range(2)]
+    for server in servers:
+        server.fail_next = 1000  # HTTP 500 to every chat request; /models still answers
+    try:
+        spool = endpoints_home(isolated_env, [s.base_url for s in servers], 1)
+        write_config(isolated_env, craftsmen={"local": {
+            "backend": "openai", "model": "fake-model", "local": True, "timeout_s": 20,
+            "endpoints": [{"base_url": s.base_url} for s in servers]}},
+            spool={"fsync": False, "max_attempts": 2})
+        workers.start(isolated_env)
+        [outcome] = wait_outcomes(spool, submit_many(spool, 1, "broken"), 30).values()
+        sent = [len(s.completions()) for s in servers]
+    finally:
+        for server in servers:
+            server.stop()
+    assert outcome["status"] == "failed" and outcome["error"]["attempts"] == 2
+    assert "every endpoint of local failed" in outcome["error"]["message"]
+    assert sent == [2, 2]  # each endpoint once per attempt, after a rest and a probe

@@ -65,6 +65,14 @@ def workers(as_json: bool) -> None:
     for line in report_render.table(
             ["worker", "liveness", "heartbeat", "in flight", "done", "failed", "craftsmen"], rows):
         click.echo(line)
+    shown = [[w["id"], craftsman, e["base_url"], e["requests"], e["failures"], e["in_flight"],
+              f"resting {e['cooling_s']:g} s" if e["cooling"] else "up"]
+             for w in found for craftsman, ones in w["endpoints"].items() for e in ones]
+    if shown:
+        click.echo("")
+        for line in report_render.table(["worker", "craftsman", "endpoint", "requests", "failures",
+                                         "in flight", "state"], shown):
+            click.echo(line)
 
 
 @click.command(cls=KoubouCommand)
