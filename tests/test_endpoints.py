@@ -142,6 +142,9 @@ def test_slots_and_rests_are_the_homes_not_a_workers(tmp_path: Path) -> None:
     one.sent(0)
     one.failed(0, "in flight when it died")  # the same failure: the rest does not grow
     assert other.rests[0].read()["failures"] == 1
+    one.sent(0)
+    one.failed(0, "HTTP 429", retry_after=10)  # only a longer Retry-After lengthens a rest
+    assert other.rests[0].read()["failures"] == 1 and 9 < other.state()[0]["cooling_s"] <= 10
     one.close()
     other.close()
 
@@ -180,18 +183,22 @@ def test_a_killed_endpoint_loses_its_share_and_wins_it_back_after_a_probe(
           f"{back[0] - restarted:.2f} s after its restart, {recovery:.2f} s after the kill")
 
 
-def test_equal_endpoints_share_equally(isolated_env: Path, workers) -> None:
+def test_equal_endpoints_share_equally_and_their_slots_hold_across_workers(
+        isolated_env: Path, workers) -> None:
     servers = [FakeOpenAI(latency_s=0.02).start() for _ in range(3)]
     try:
         spool = endpoints_home(isolated_env, [s.base_url for s in servers], 2)
         workers.start(isolated_env)
+        workers.start(isolated_env)
         wait_outcomes(spool, submit_many(spool, 300, "even"), 60)
         shares = [len(s.completions()) / 300 for s in servers]
+        most = [s.max_in_flight for s in servers]
     finally:
         for server in servers:
             server.stop()
     print(f"\nshares {[round(s, 3) for s in shares]}")
     assert all(abs(share - 1 / 3) <= 0.15 / 3 for share in shares), shares
+    assert max(most) <= 2  # max_concurrent per endpoint, the two workers together
 
 
 def test_with_every_endpoint_down_tasks_wait_without_spending_attempts(
@@ -205,6 +212,8 @@ def test_with_every_endpoint_down_tasks_wait_without_spending_attempts(
     time.sleep(4.0)  # the outage (4 s, not 10: rests of 2 s then 4 s are crossed all the same)
     assert os.listdir(spool.completed) == [] and os.listdir(spool.failed) == []
     assert len(os.listdir(spool.pending)) == 30  # waiting where they were queued
+    held = [json.loads((spool.pending / name).read_bytes()) for name in os.listdir(spool.pending)]
+    assert {task.get("attempts", 0) for task in held} == {0}  # some were tried: none counted
     rests = list((isolated_env / "run" / "endpoints").iterdir())
     assert len(rests) == 3
     for fake in fakes:
@@ -229,6 +238,7 @@ def test_a_429_with_retry_after_keeps_every_request_away_for_its_seconds(
             spool={"fsync": False})
         spool = Spool.open(isolated_env)
         workers.start(isolated_env)
+        workers.start(isolated_env)  # the rest one of them starts holds the other off too
         outcomes = wait_outcomes(spool, submit_many(spool, 150, "limited"), 60)
         arrivals = sorted(r["at"] for r in limited.requests)
     finally:

@@ -68,7 +68,20 @@ def choose(free: list[int], weights: list[float], latency: list[float | None],
 
 
 class Rest(MarkFile):
-    """One endpoint's cooldown file: {until, failures, probed, reason}; absent when well."""
+    """One endpoint's cooldown file: {until, failures, probed, reason}; absent when well.
+
+    A record the disk refused is kept in memory, so this process at least honours its own
+    rest (without it, a dead host would be picked again at once, and tasks claimed and given
+    back in a loop)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._unwritten: dict | None = None
+
+    def read(self) -> dict | None:
+        """The record on disk, else the one the disk refused, else None (well)."""
+        found = super().read()
+        return found if found is not None else self._unwritten
 
     def parse(self, obj: dict) -> dict:
         """The record with its types checked."""
@@ -79,8 +92,15 @@ class Rest(MarkFile):
         """Replace the record whole; a failure to write only costs a repeated try."""
         try:
             durable.write_atomic(self.path, json.dumps(record).encode())
+            self._unwritten = None
         except OSError as exc:
+            self._unwritten = record
             log.warning("cannot write %s: %s", self.path, exc.strerror)
+
+    def clear(self) -> None:
+        """The endpoint is well again."""
+        self._unwritten = None
+        super().clear()
 
 
 @dataclass
@@ -220,12 +240,14 @@ class EndpointPool:
         and only a longer Retry-After lengthens it."""
         record = self.rests[index].read()
         now = time.time()
-        resting = record is not None and not record["probed"] and record["until"] > now
-        failures = record["failures"] if resting else (record["failures"] if record else 0) + 1
-        until = now + cooldown_s(failures, retry_after)
-        if resting and record["until"] >= until:
-            return record["until"] - now
-        seconds = until - now
+        if record is not None and not record["probed"] and record["until"] > now:  # resting
+            if not retry_after or now + retry_after <= record["until"]:
+                return record["until"] - now
+            failures, seconds = record["failures"], min(retry_after, COOL_MAX_S)
+        else:
+            failures = (record["failures"] if record else 0) + 1
+            seconds = cooldown_s(failures, retry_after)
+        until = now + seconds
         self.rests[index].write({"until": until, "failures": failures, "probed": False,
                                  "reason": reason[:300]})
         log.warning("endpoint %s of %s rests %.1f s: %s", self.endpoints[index].base_url,
