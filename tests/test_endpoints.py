@@ -323,3 +323,22 @@ def test_a_request_every_endpoint_fails_at_spends_its_attempts(isolated_env: Pat
     assert outcome["status"] == "failed" and outcome["error"]["attempts"] == 2
     assert "every endpoint of local failed" in outcome["error"]["message"]
     assert sent == [2, 2]  # each endpoint once per attempt, after a rest and a probe
+
+
+def test_a_5xx_moves_the_request_and_a_400_fails_it_at_once(isolated_env: Path, workers) -> None:
+    first, second = FakeOpenAI().start(), FakeOpenAI().start()
+    try:
+        spool = endpoints_home(isolated_env, [first.base_url, second.base_url], 1)
+        first.fail_next, first.fail_status = 1, 503
+        workers.start(isolated_env)
+        [moved] = wait_outcomes(spool, submit_many(spool, 1, "moved"), 30).values()
+        second.reject_next = first.reject_next = 1  # whichever gets it answers 400
+        [refused] = wait_outcomes(spool, submit_many(spool, 1, "refused"), 30).values()
+        asked = len(first.completions()) + len(second.completions())
+    finally:
+        first.stop()
+        second.stop()
+    assert moved["status"] == "completed" and moved["result"]["attempts"] == 1
+    assert moved["result"]["endpoint"] == second.base_url
+    assert refused["status"] == "failed" and "maximum context length" in refused["error"]["message"]
+    assert asked == 3  # 503 then 200, then one 400: a request's own fault is not moved

@@ -49,7 +49,8 @@ def report(day: str | None, month: str | None, since: str | None, as_json: bool,
 @home_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def workers(as_json: bool) -> None:
-    """Workers with their liveness, heartbeat age, tasks in flight, done and failed counts."""
+    """Workers with their liveness, heartbeat age, tasks in flight, done and failed counts,
+    and each endpoint of their craftsmen (requests, failures, in flight, resting)."""
     where = session()
     config = where.config(required=False)
     found = observe.workers(where.spool(config), where.ledger_path, config, time.time())
