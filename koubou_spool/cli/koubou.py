@@ -70,7 +70,8 @@ def info(as_json: bool) -> None:
     facts = {"version": __version__, "home": str(where.home), "config": str(where.config_path),
              "config_exists": where.config_path.exists(), "ledger": str(where.ledger_path),
              "craftsmen": {name: {"backend": c.backend, "model": c.model, "local": c.local,
-                                  "base_url": c.base_url, "max_concurrent": c.max_concurrent}
+                                  "base_url": c.base_url, "max_concurrent": c.max_concurrent,
+                                  "endpoints": [e.base_url for e in c.endpoints]}
                            for name, c in config.craftsmen.items()},
              "spool": vars(config.spool)}
     if as_json:
@@ -79,7 +80,8 @@ def info(as_json: bool) -> None:
     for key in ("version", "home", "config", "ledger"):
         click.echo(f"{key:8} {facts[key]}")
     for name, c in facts["craftsmen"].items():
-        where_to = f" at {c['base_url']}" if c["base_url"] else ""
+        urls = c["endpoints"] or [c["base_url"]] if c["base_url"] or c["endpoints"] else []
+        where_to = f" at {', '.join(urls)}" if urls else ""
         click.echo(f"craftsman {name}: {c['backend']} {c['model']}{where_to}"
                    f"{' (local)' if c['local'] else ''}")
     click.echo("spool    " + ", ".join(f"{k}={v}" for k, v in facts["spool"].items()))

@@ -46,7 +46,8 @@ def report(day: str | None, month: str | None, since: str | None, as_json: bool,
 @home_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def workers(as_json: bool) -> None:
-    """Workers with their liveness, heartbeat age, tasks in flight, done and failed counts."""
+    """Workers with their liveness, heartbeat age, tasks in flight, done and failed counts,
+    and each endpoint of their craftsmen (requests, failures, in flight, resting)."""
     found = session().workers()["workers"]
     if as_json:
         emit_json(found)
@@ -60,6 +61,14 @@ def workers(as_json: bool) -> None:
     for line in report_render.table(
             ["worker", "liveness", "heartbeat", "in flight", "done", "failed", "craftsmen"], rows):
         click.echo(line)
+    shown = [[w["id"], craftsman, e["base_url"], e["requests"], e["failures"], e["in_flight"],
+              f"resting {e['cooling_s']:g} s" if e["cooling"] else "up"]
+             for w in found for craftsman, ones in w["endpoints"].items() for e in ones]
+    if shown:
+        click.echo("")
+        for line in report_render.table(["worker", "craftsman", "endpoint", "requests", "failures",
+                                         "in flight", "state"], shown):
+            click.echo(line)
 
 
 @click.command(cls=KoubouCommand)

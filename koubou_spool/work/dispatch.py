@@ -1,6 +1,7 @@
 """Dispatch: a slot, then the claim, then the attempt; both given back when the attempt ends.
 
-A slot is taken (home-wide, see craft.limits.Slots) before the claim, so a task is only claimed
+A slot is taken (home-wide, see craft.limits.Slots; for a craftsman with several endpoints, a
+slot at one of them, craft.endpoints) before the claim, so a task is only claimed
 when its craftsman can start it: a busy local model never holds up cloud tasks. The claims this
 process holds are tracked here, and so is who moved one: we (publish, requeue) or someone else
 (cancel, a lease takeover), which revokes it.
@@ -12,6 +13,7 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from ..craft.endpoints import CraftSlots
 from ..craft.limits import Slots
 from ..spool.files import Claim, Spool
 from ..spool.watcher import ReadyQueue
@@ -25,7 +27,7 @@ ClaimFailed = Callable[[str, OSError], None]
 class Dispatch:
     """Claims ready tasks while this process has room and their craftsmen have free slots."""
 
-    def __init__(self, spool: Spool, worker_id: str, ready: ReadyQueue, slots: Slots,
+    def __init__(self, spool: Spool, worker_id: str, ready: ReadyQueue, slots: CraftSlots,
                  serves: list[str], concurrency: int, start: Start,
                  unroutable: Callable[[Claim], None], after_attempt: Callable[[], None],
                  claim_failed: ClaimFailed, worktrees: Slots | None = None,
@@ -119,6 +121,12 @@ class Dispatch:
         self.letting_go.discard(claim.file_name)
         self.revoked.discard(claim.file_name)
         self.after_attempt()
+
+    def slot(self, claim: Claim) -> object:
+        """The slot held for a claim's attempt (an endpoint's Lease, for a craftsman with
+        endpoints), or None."""
+        held = self.slot_of.get(claim.file_name)
+        return None if held is None else held[1]
 
     def claim_moved(self, name: str) -> None:
         """One of our claims left in_progress/ and we did not move it: abort its request."""
