@@ -254,10 +254,12 @@ class Workshop:
         return control.cancel(self.spool(), self.ledger_path, task_id)
 
     def workers(self) -> dict[str, Any]:
-        """Queue depths, workers and what each craftsman has in flight."""
+        """Queue depths, workers, each endpoint of a craftsman that has several, and what each
+        craftsman has in flight."""
         spool, config, now = self.spool(), self.config(), time.time()
-        return {"queues": observe.queue_counts(spool),
-                "workers": observe.workers(spool, self.ledger_path, config, now),
+        workers = observe.workers(spool, self.ledger_path, config, now)
+        return {"queues": observe.queue_counts(spool), "workers": workers,
+                "endpoints": observe.endpoint_figures(workers),
                 "in_flight": observe.in_flight_by_craftsman(spool, self.ledger_path),
                 "budget": observe.today_budget(self.ledger_path, config, now)}
 
