@@ -322,7 +322,9 @@ def test_a_request_every_endpoint_fails_at_spends_its_attempts(isolated_env: Pat
             server.stop()
     assert outcome["status"] == "failed" and outcome["error"]["attempts"] == 2
     assert "every endpoint of local failed" in outcome["error"]["message"]
-    assert sent == [2, 2]  # each endpoint once per attempt, after a rest and a probe
+    # Each endpoint at most once per attempt; in the second, one still resting from the first
+    # is not tried (on a loaded machine its rest may outlast the requeue).
+    assert sorted(sent) in ([1, 2], [2, 2]), sent
 
 
 def test_a_5xx_moves_the_request_and_a_400_fails_it_at_once(isolated_env: Path, workers) -> None:

@@ -268,7 +268,7 @@ def test_fencing_a_worker_whose_claim_was_revoked_cannot_complete(
 
 def test_sigterm_finishes_tasks_in_flight_then_exits_zero(
         home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
-    fake_openai.latency_s = 0.5
+    fake_openai.latency_s = 3  # the 4 stay in flight while a loaded machine counts them
     proc = workers.start(home)
     ids = [submit(spool, content=f"t{i}") for i in range(6)]  # 4 in flight, 2 queued
     while len(os.listdir(spool.in_progress)) < 4:
