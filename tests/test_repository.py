@@ -506,6 +506,27 @@ def test_max_worktrees_makes_repository_tasks_wait_without_spending_attempts(
     assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:], strict=False))
 
 
+def test_a_repository_task_waiting_for_a_worktree_holds_up_no_other_task(
+        repo_home: Path, tmp_path: Path, workers, fake_openai) -> None:
+    write_repo_config(repo_home, tmp_path, fake_openai.base_url, max_worktrees=1)
+    source = tmp_path / "src" / "app"
+    make_source(source)
+    spool = Spool.open(repo_home)
+    workers.start(repo_home)
+    running = submit(spool, content="SLEEP 8\nWRITE a.txt=a", repo=str(source), id="holds-it")
+    deadline = time.monotonic() + 30
+    while not agent_runs(tmp_path, running) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    waiting = submit(spool, content="WRITE b.txt=b", repo=str(source), priority=9)
+    text = submit(spool, content="no repository here")  # the same craftsman, behind it
+    outcome = wait_outcomes(spool, [text], timeout=6)[text]
+    assert outcome["status"] == "completed"
+    assert spool.outcome(running) is None and spool.outcome(waiting) is None
+    outcomes = wait_outcomes(spool, [running, waiting], timeout=60)
+    assert all(o["status"] == "completed" and o["result"]["attempts"] == 1
+               for o in outcomes.values())
+
+
 def test_mcp_delegate_task_takes_a_repository_task(repo_home: Path, tmp_path: Path,
                                                    workers) -> None:
     import anyio

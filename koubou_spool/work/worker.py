@@ -69,8 +69,7 @@ class Worker:
         self.worktrees = _worktree_slots(home, config)
         self.dispatch = Dispatch(self.spool, self.id, self.intake.ready, self.slots, self.serves,
                                  concurrency, self._start, self._unroutable, self.wake,
-                                 self.intake.claim_failed, self.worktrees,
-                                 self.intake.repo_priority)
+                                 self.intake.claim_failed, self.worktrees)
         self.publisher = Publisher(self.spool, self.ledger, config.hooks, self.dispatch.let_go)
         self.intake.give_back = lambda claim: self.publisher.requeue(claim, None)
         self.publisher.settled = self.wake
