@@ -485,12 +485,17 @@ def test_the_report_counts_repository_tasks_per_repository(repo_home: Path, tmp_
     assert "repository" in text and "2/3" in text
 
 
-def test_max_worktrees_makes_repository_tasks_wait_without_spending_attempts(
-        repo_home: Path, tmp_path: Path, workers, fake_openai) -> None:
-    write_repo_config(repo_home, tmp_path, fake_openai.base_url, max_worktrees=1)
+def one_worktree(repo_home: Path, tmp_path: Path, base_url: str) -> tuple[Path, Spool]:
+    """A home with repos.max_worktrees: 1, and its source repository."""
+    write_repo_config(repo_home, tmp_path, base_url, max_worktrees=1)
     source = tmp_path / "src" / "app"
     make_source(source)
-    spool = Spool.open(repo_home)
+    return source, Spool.open(repo_home)
+
+
+def test_max_worktrees_makes_repository_tasks_wait_without_spending_attempts(
+        repo_home: Path, tmp_path: Path, workers, fake_openai) -> None:
+    source, spool = one_worktree(repo_home, tmp_path, fake_openai.base_url)
     workers.start(repo_home)
     workers.start(repo_home)
     ids = [submit(spool, content=f"SLEEP 0.5\nWRITE w{n}.txt={n}", repo=str(source))
@@ -508,10 +513,7 @@ def test_max_worktrees_makes_repository_tasks_wait_without_spending_attempts(
 
 def test_a_repository_task_waiting_for_a_worktree_holds_up_no_other_task(
         repo_home: Path, tmp_path: Path, workers, fake_openai) -> None:
-    write_repo_config(repo_home, tmp_path, fake_openai.base_url, max_worktrees=1)
-    source = tmp_path / "src" / "app"
-    make_source(source)
-    spool = Spool.open(repo_home)
+    source, spool = one_worktree(repo_home, tmp_path, fake_openai.base_url)
     workers.start(repo_home)
     running = submit(spool, content="SLEEP 8\nWRITE a.txt=a", repo=str(source), id="holds-it")
     deadline = time.monotonic() + 30
