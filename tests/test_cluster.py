@@ -1,6 +1,7 @@
 """The cluster queue (koubou_spool/spool/cluster.py) against a real PostgreSQL server
-(tests/pgserver.py): the schema, claims, leases, the fence, delivery, wake-ups, the budget, and
-faults: a server restarted mid-run, a claimer killed or frozen."""
+(tests/pgserver.py): the schema, claims, leases, the fence, delivery, wake-ups, the budget,
+faults (a server restarted mid-run, a claimer killed or frozen), and the origin's half of the
+bridge (koubou_spool/spool/bridge.py) between a real home and the cluster."""
 
 from __future__ import annotations
 
@@ -15,12 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from koubou_spool.spool import task as task_format
+from koubou_spool.spool import home as home_module, task as task_format
+from koubou_spool.spool.files import Spool
+
+from conftest import read_json, submit
+import pgserver
 
 try:
-    from koubou_spool.spool import cluster
+    from koubou_spool.spool import bridge, cluster
 except ImportError:  # psycopg missing: the pg_server fixture names the command that adds it
-    cluster = None
+    bridge = cluster = None
 
 CLAIMER = Path(__file__).parent / "cluster_claimer.py"
 LEASE_S = 1.0
@@ -465,3 +470,89 @@ def test_a_frozen_claimer_that_wakes_after_its_lease_is_fenced_out(pg_dsn: str,
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+# --- the origin's half of the bridge: a home's files and the cluster -----------------------------
+
+@pytest.fixture
+def origin(isolated_env: Path) -> Spool:
+    """The file spool of the submitting host."""
+    home_module.init(isolated_env)
+    return Spool.open(isolated_env)
+
+
+def serve_remotely(pg_dsn: str, craftsman: str = "gpu") -> list[str]:
+    """Another host's worker: runs every pending task of the craftsman; the ids it finished."""
+    other = cluster.Cluster(pg_dsn, host="host-b", lease_s=LEASE_S)
+    done = []
+    while (claim := other.claim("w-b", [craftsman])) is not None:
+        record = task_format.decode(claim.body) | {"status": "completed", "result": {
+            "content": "from host b", "worker_id": "w-b", "attempts": claim.attempt}}
+        assert other.publish(claim, record)
+        done.append(claim.task_id)
+    other.close()
+    return done
+
+
+def test_a_task_forwarded_from_a_home_comes_back_into_its_completed(
+        origin: Spool, store: cluster.Cluster, pg_dsn: str) -> None:
+    task_id = submit(origin, id="across", content="for the gpu host")
+    assert bridge.forward(origin, store, "across.json", "gpu", "bridge-a") == "across"
+    assert [name for name, _ in origin.claims()][0].startswith("across.json@bridge-a")
+    assert store.states(["across"]) == {"across": "pending"}
+    assert serve_remotely(pg_dsn) == [task_id]
+    assert bridge.deliver(origin, store, "bridge-a") == ["across"]
+    record = read_json(origin.completed / "across.json")
+    assert record["result"]["content"] == "from host b" and record["content"] == "for the gpu host"
+    assert list(origin.claims()) == []
+    assert bridge.deliver(origin, store, "bridge-a") == []  # delivered once
+
+
+def test_an_outcome_written_before_a_crash_is_only_marked_when_delivered_again(
+        origin: Spool, store: cluster.Cluster, pg_dsn: str) -> None:
+    submit(origin, id="twice", content="c")
+    bridge.forward(origin, store, "twice.json", "gpu", "bridge-a")
+    serve_remotely(pg_dsn)
+    [delivery] = store.undelivered()
+    assert bridge.place(origin, delivery, "bridge-a")  # written; the bridge died before marking
+    before = (origin.completed / "twice.json").read_bytes()
+    assert bridge.deliver(origin, store, "bridge-a2") == ["twice"]
+    assert (origin.completed / "twice.json").read_bytes() == before
+    assert sorted(os.listdir(origin.failed)) == [] and store.undelivered() == []
+
+
+def test_a_host_that_was_down_gets_its_outcomes_when_it_returns(
+        origin: Spool, store: cluster.Cluster, pg_dsn: str) -> None:
+    for n in range(3):
+        submit(origin, id=f"away-{n}", content="c")
+        bridge.forward(origin, store, f"away-{n}.json", "gpu", "bridge-old")
+    # host a goes down; recovery had put one of the dead bridge's claims back in pending/
+    [(entry, _)] = [c for c in origin.claims() if c[0].startswith("away-2.json@")]
+    os.rename(origin.in_progress / entry, origin.pending / "away-2.json")
+    assert sorted(serve_remotely(pg_dsn)) == ["away-0", "away-1", "away-2"]
+    back = cluster.Cluster(pg_dsn, host="host-a")  # host a returns, with a new bridge
+    assert sorted(bridge.deliver(origin, back, "bridge-new")) == ["away-0", "away-1", "away-2"]
+    assert sorted(os.listdir(origin.completed)) == ["away-0.json", "away-1.json", "away-2.json"]
+    assert list(origin.claims()) == [] and os.listdir(origin.pending) == []
+    back.close()
+
+
+def test_a_lost_task_is_delivered_into_failed(origin: Spool, store: cluster.Cluster) -> None:
+    submit(origin, id="lost", content="c")
+    bridge.forward(origin, store, "lost.json", "gpu", "bridge-a", max_attempts=1)
+    store.claim("w-dies", ["gpu"])
+    wait_until(lambda: store.take_back_expired() == [("lost", "failed")], LEASE_S * 5,
+               "the lease's end")
+    assert bridge.deliver(origin, store, "bridge-a") == ["lost"]
+    assert read_json(origin.failed / "lost.json")["error"]["kind"] == "lost"
+
+
+def test_a_task_forwarded_while_the_cluster_is_down_waits_in_pending(pg_server,
+                                                                    origin: Spool) -> None:
+    down = cluster.Cluster(f"host=127.0.0.1 port={pgserver.free_port()} user=koubou dbname=x",
+                           host="host-a")
+    submit(origin, id="waits", content="c")
+    with pytest.raises(cluster.ClusterUnavailable, match="local work goes on"):
+        bridge.forward(origin, down, "waits.json", "gpu", "bridge-a")
+    assert os.listdir(origin.pending) == ["waits.json"] and list(origin.claims()) == []
+    assert "attempts" not in read_json(origin.pending / "waits.json")  # no attempt spent
