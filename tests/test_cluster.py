@@ -19,7 +19,7 @@ import pytest
 from koubou_spool.spool import home as home_module, task as task_format
 from koubou_spool.spool.files import Spool
 
-from conftest import read_json, submit
+from conftest import Workers, read_json, submit, wait_outcomes, write_config
 import pgserver
 
 try:
@@ -556,3 +556,68 @@ def test_a_task_forwarded_while_the_cluster_is_down_waits_in_pending(pg_server,
         bridge.forward(origin, down, "waits.json", "gpu", "bridge-a")
     assert os.listdir(origin.pending) == ["waits.json"] and list(origin.claims()) == []
     assert "attempts" not in read_json(origin.pending / "waits.json")  # no attempt spent
+
+
+# --- the serving host's half, and two homes end to end -------------------------------------------
+
+def two_homes(tmp_path: Path) -> tuple[Spool, Spool]:
+    spools = []
+    for name in ("host-a", "host-b"):
+        home_module.init(tmp_path / name)
+        write_config(tmp_path / name)
+        spools.append(Spool.open(tmp_path / name))
+    return spools[0], spools[1]
+
+
+def test_a_task_dropped_on_one_home_runs_on_the_other_and_comes_back(
+        tmp_path: Path, pg_dsn: str, workers: Workers) -> None:
+    home_a, home_b = two_homes(tmp_path)
+    host_a = cluster.Cluster.open(pg_dsn, host="host-a", lease_s=30)
+    host_b = cluster.Cluster.open(pg_dsn, host="host-b", lease_s=30)
+    ids = [submit(home_a, id=f"e2e-{n}", content=f"echo me {n}", craftsman="echo")
+           for n in range(5)]
+    for task_id in ids:  # host a serves no echo, say: out they go
+        assert bridge.forward(home_a, host_a, f"{task_id}.json", "echo", "bridge-a") == task_id
+    workers.start(home_b.home)
+    leases = {}
+    while (lease := bridge.take_in(home_b, host_b, "bridge-b", ["echo"])) is not None:
+        leases[lease.task_id] = lease
+    assert sorted(leases) == ids
+    wait_outcomes(home_b, ids)  # host b's own worker ran them, from its pending/
+    assert bridge.renew(host_b, "bridge-b", leases) == []
+    assert sorted(bridge.send_back(home_b, host_b, leases)) == ids and leases == {}
+    assert sorted(bridge.deliver(home_a, host_a, "bridge-a")) == ids
+    for n, task_id in enumerate(ids):
+        record = read_json(home_a.completed / f"{task_id}.json")
+        assert record["status"] == "completed" and f"echo me {n}" in record["result"]["content"]
+        assert record["result"]["worker_id"] in home_b.worker_ids()  # host b's worker ran it
+    assert list(home_a.claims()) == [] and os.listdir(home_a.pending) == []
+    host_a.close()
+    host_b.close()
+
+
+def test_a_lease_lost_while_the_task_ran_is_fenced_then_sent_back_without_a_second_run(
+        tmp_path: Path, pg_dsn: str) -> None:
+    home_a, home_b = two_homes(tmp_path)
+    host_a = cluster.Cluster.open(pg_dsn, host="host-a", lease_s=LEASE_S)
+    host_b = cluster.Cluster.open(pg_dsn, host="host-b", lease_s=LEASE_S)
+    submit(home_a, id="slow", content="c", craftsman="echo")
+    bridge.forward(home_a, host_a, "slow.json", "echo", "bridge-a")
+    first = bridge.take_in(home_b, host_b, "bridge-b", ["echo"])
+    leases = {first.task_id: first}
+    wait_until(lambda: host_a.take_back_expired() == [("slow", "pending")], LEASE_S * 5,
+               "the lease's end")  # host b was too slow to renew
+    assert bridge.renew(host_b, "bridge-b", leases) == ["slow"] and leases == {}
+    # host b's worker finishes the task after all (here: the outcome written by hand)
+    claim = home_b.claim("slow.json", "worker-b")
+    record = task_format.decode(home_b.read_claim(claim)[0]) | {
+        "status": "completed", "result": {"content": "first run", "worker_id": "worker-b"}}
+    assert home_b.publish(claim, "slow", record)
+    second = bridge.take_in(home_b, host_b, "bridge-b", ["echo"])  # the same host again
+    assert second.attempt == 2 and os.listdir(home_b.pending) == []  # not queued twice
+    assert not host_b.publish(first, record)  # the revoked lease is fenced out
+    assert bridge.send_back(home_b, host_b, {"slow": second}) == ["slow"]
+    assert bridge.deliver(home_a, host_a, "bridge-a") == ["slow"]
+    assert read_json(home_a.completed / "slow.json")["result"]["content"] == "first run"
+    host_a.close()
+    host_b.close()

@@ -8,8 +8,14 @@ fsynced, and only then marked delivered in the database. Both are safe to run ag
 crash at any point: an insert of an id already there inserts nothing, and an outcome already
 in the spool is only marked.
 
+The serving host's half: `take_in` leases a cluster task of a craftsman this host serves and
+queues it in its own pending/, pinned to that craftsman, where its workers run it as any task;
+`send_back` publishes the local outcomes of the leases held, fenced by (id, attempt); `renew`
+keeps the leases alive meanwhile and drops the revoked ones. A task whose lease was lost and
+that comes back to this host finds its local outcome and is sent back without a second run.
+
 Not yet here: the choice of which tasks leave (routing, and the craftsmen each host serves),
-the process that runs these on inotify and NOTIFY, and the serving host's half.
+and the process that runs all this on inotify, NOTIFY and a heartbeat.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import logging
 
 from ..errors import TaskNotFound
 from . import task as task_format
-from .cluster import Cluster, Delivery, Submission
+from .cluster import Cluster, ClusterClaim, Delivery, Submission
 from .entries import Claim
 from .files import Spool
 
@@ -84,3 +90,45 @@ def _claim_for(spool: Spool, task_id: str, bridge_id: str) -> Claim | None:
         return spool.take_over(entry, bridge_id)
     return None
 
+
+
+# --- the serving host's half ---------------------------------------------------------------------
+
+def take_in(spool: Spool, cluster: Cluster, bridge_id: str,
+            craftsmen: list[str]) -> ClusterClaim | None:
+    """Lease one cluster task of these craftsmen and queue it in this home's pending/, pinned
+    to the craftsman it was routed to; the lease, or None when none waits. A task already in
+    this home (an earlier lease of it ran here) is not queued again."""
+    claim = cluster.claim(bridge_id, craftsmen)
+    if claim is None:
+        return None
+    obj = task_format.decode(claim.body)
+    obj["craftsman"] = claim.craftsman
+    try:
+        spool.submit([task_format.validate(obj)])
+    except BaseException:
+        cluster.requeue(claim)  # the lease back at once rather than after lease_s
+        raise
+    return claim
+
+
+def send_back(spool: Spool, cluster: Cluster, leases: dict[str, ClusterClaim]) -> list[str]:
+    """Publish the local outcome of each lease whose task finished here, and forget those
+    leases (published, or fenced out because revoked); the ids published."""
+    names = {f"{task_id}.json": task_id for task_id in leases}
+    published = []
+    for name in spool.outcome_states(names):
+        task_id = names[name]
+        record = spool.outcome(task_id)
+        if record is not None and cluster.publish(leases[task_id], record):
+            published.append(task_id)
+        del leases[task_id]
+    return published
+
+
+def renew(cluster: Cluster, bridge_id: str, leases: dict[str, ClusterClaim]) -> list[str]:
+    """Renew every lease this bridge holds (its heartbeat); forget and name the revoked."""
+    revoked = cluster.heartbeat(bridge_id, leases.values())
+    for claim in revoked:
+        leases.pop(claim.task_id, None)
+    return [claim.task_id for claim in revoked]
