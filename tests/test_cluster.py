@@ -214,6 +214,17 @@ def test_a_requeue_by_the_holder_keeps_the_attempt_counted(store: cluster.Cluste
     assert store.claim("w1", ["echo"]).attempt == 2
 
 
+def test_workers_register_and_heartbeat_and_the_clock_skew_is_measured(
+        store: cluster.Cluster, pg_dsn: str) -> None:
+    store.register_worker("w1", 1234, ["echo", "gpu"])
+    store.register_worker("w1", 1235, ["echo"])  # restarted under the same id
+    store.heartbeat("w1", [])
+    with cluster.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT host, pid, craftsmen, heartbeat_at >= started_at"
+                            " FROM cluster_workers").fetchall() == [("host-a", 1235, ["echo"], True)]
+    assert abs(store.clock_skew()) < 5  # one machine: only the round trip
+
+
 # --- outcomes back to their origin ---------------------------------------------------------------
 
 def test_outcomes_go_to_their_origin_until_it_has_written_them(pg_dsn: str) -> None:
@@ -276,11 +287,12 @@ def test_an_idle_wait_returns_at_its_timeout_with_nothing(pg_dsn: str) -> None:
     wakeups.close()
 
 
+@pytest.mark.parametrize("how", [signal.SIGQUIT, signal.SIGKILL], ids=["immediate", "killed"])
 def test_after_a_server_restart_the_listener_reconnects_and_rechecks_once(
-        pg_server, pg_dsn: str, store: cluster.Cluster) -> None:
+        pg_server, pg_dsn: str, store: cluster.Cluster, how: int) -> None:
     wakeups = cluster.Wakeups(pg_dsn)
     assert wakeups.wait(5).recheck
-    pg_server.stop(signal.SIGQUIT)  # an immediate shutdown: a crash, recovered at start
+    pg_server.stop(how)  # an immediate shutdown, or the postmaster killed: a crash either way
     assert wakeups.wait(5) == cluster.Wake()  # the connection is gone
     assert wakeups.wait(0.2) == cluster.Wake()  # still down: it waited, nothing more
     pg_server.start()
@@ -349,6 +361,23 @@ def test_settling_replaces_the_reservation_in_its_own_period(store: cluster.Clus
     store.settle(second, None)  # yesterday's call, cost unknown: its reservation stands
     store.settle(second, 0.0)  # settled once only
     assert store.spent("2026-12-02", "2026-12") == pytest.approx((0.4, 1.4))
+
+
+def test_a_host_whose_clock_lags_at_midnight_never_restarts_the_day(pg_dsn: str) -> None:
+    ahead = cluster.Cluster.open(pg_dsn, host="ahead")
+    behind = cluster.Cluster(pg_dsn, host="behind")
+
+    def reserve(host: cluster.Cluster, day: str) -> str:
+        return host.reserve(task_id="t", attempt=1, craftsman="cloud", amount=0.6, day=day,
+                            month="2026-12", daily_limit=1.0, monthly_limit=None)[0]
+
+    assert reserve(behind, "2026-12-01") == "ok"
+    assert reserve(ahead, "2026-12-02") == "ok"  # a new day on the host that is ahead
+    assert reserve(behind, "2026-12-01") == "budget"  # counted in the new day: 1.2 > 1.0
+    assert reserve(ahead, "2026-12-02") == "budget"
+    assert behind.spent("2026-12-01", "2026-12") == pytest.approx((0.6, 1.2))
+    ahead.close()
+    behind.close()
 
 
 # --- faults --------------------------------------------------------------------------------------

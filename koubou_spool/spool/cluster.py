@@ -283,13 +283,16 @@ MARK_DELIVERED = """
     WHERE origin = %(origin)s AND id = ANY(%(ids)s::text[]) AND delivered_at IS NULL
         AND state IN ('completed', 'failed')"""
 
-# The row's spend in the period asked for: the period it holds, or nothing yet in a new one.
-_DAY = "(CASE WHEN day = %(day)s THEN day_usd ELSE 0 END + %(amount)s)"
-_MONTH = "(CASE WHEN month = %(month)s THEN month_usd ELSE 0 END + %(amount)s)"
+# The row's spend in the period asked for. A period only moves forward: a host whose clock lags
+# (still yesterday at midnight) counts in the row's newer period, never resets it to its own,
+# so two hosts either side of midnight cannot take turns starting the day from nothing.
+# ISO dates and months sort as text.
+_DAY = "(CASE WHEN %(day)s > day THEN 0 ELSE day_usd END + %(amount)s)"
+_MONTH = "(CASE WHEN %(month)s > month THEN 0 ELSE month_usd END + %(amount)s)"
 RESERVE = f"""
     WITH taken AS (
         UPDATE cluster_budget SET day_usd = {_DAY}, month_usd = {_MONTH},
-            day = %(day)s, month = %(month)s
+            day = greatest(day, %(day)s), month = greatest(month, %(month)s)
         WHERE scope = %(scope)s
             AND (%(daily)s::numeric IS NULL OR {_DAY} <= %(daily)s::numeric)
             AND (%(monthly)s::numeric IS NULL OR {_MONTH} <= %(monthly)s::numeric)
@@ -487,10 +490,11 @@ class Cluster:
         self._count(SETTLE, {"scope": BUDGET_ROW, "id": int(reservation_id), "cost": cost})
 
     def spent(self, day: str, month: str) -> tuple[float, float]:
-        """Reserved and spent so far in this day and month, across the cluster."""
+        """Reserved and spent so far in this day and month (or the newer ones the cluster is in
+        already), across the cluster."""
         day_usd, month_usd = self._rows(
-            "SELECT CASE WHEN day = %(day)s THEN day_usd ELSE 0 END, CASE WHEN month = %(month)s"
-            " THEN month_usd ELSE 0 END FROM cluster_budget WHERE scope = %(scope)s",
+            "SELECT CASE WHEN %(day)s > day THEN 0 ELSE day_usd END, CASE WHEN %(month)s > month"
+            " THEN 0 ELSE month_usd END FROM cluster_budget WHERE scope = %(scope)s",
             {"day": day, "month": month, "scope": BUDGET_ROW})[0]
         return float(day_usd), float(month_usd)
 
