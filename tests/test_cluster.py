@@ -101,7 +101,9 @@ def test_submit_is_idempotent_on_the_id(store: cluster.Cluster) -> None:
                      ("t-0002", "pending", True)]
     assert store.publish(claim, completed(claim))
     assert store.submit(tasks(1))[0] == ("t-0000", "completed", False)
-    assert store.counts() == {"pending": 2, "in_progress": 0, "completed": 1, "failed": 0}
+    assert store.submit(tasks(4)[3:] * 2) == [("t-0003", "pending", True),
+                                              ("t-0003", "pending", False)]
+    assert store.counts() == {"pending": 3, "in_progress": 0, "completed": 1, "failed": 0}
 
 
 def test_claims_go_by_craftsman_then_priority_then_submit_order(store: cluster.Cluster) -> None:

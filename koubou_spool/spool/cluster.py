@@ -382,8 +382,11 @@ class Cluster:
             "bodies": bodies}
         new = {row[0] for row in self._rows(SUBMIT, params)}
         states = self.states([i for i in params["ids"] if i not in new])
-        return [(i, "pending" if i in new else states.get(i, "pending"), i in new)
-                for i in params["ids"]]
+        results = []
+        for task_id in params["ids"]:  # an id twice in one batch is new only the first time
+            results.append((task_id, states.get(task_id, "pending"), task_id in new))
+            new.discard(task_id)
+        return results
 
     def claim(self, worker_id: str, craftsmen: Sequence[str]) -> ClusterClaim | None:
         """Lease the best pending task of these craftsmen (priority, then submit order); None
