@@ -4,6 +4,9 @@ Only docstrings and stubs, in the way huey's `BaseStorage` lists what a storage 
 spool (spool.files.Spool: directories and renames on one host) is the first implementation; a
 store shared by several hosts is the second one this contract is written for. A caller that keeps
 to these methods works on either; a caller that reads the directories itself is tied to one host.
+(The cluster queue, spool.cluster, is not that second store: it carries only the tasks that
+cross hosts, claimed by craftsman rather than by name, and each host's file spool stays the
+store of its own tasks; spool.bridge moves tasks between the two. See docs/CLUSTER.md.)
 
 The guarantees every implementation keeps (the README's "Guarantees"): a task is in exactly one
 state at a time; a claim has one owner; a revoked claim can publish nothing (the fence); nothing
