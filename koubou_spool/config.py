@@ -21,6 +21,20 @@ _warned: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
+class Endpoint:
+    """One server of a craftsman with several (PRODUCT.md §12): where it is and its slots."""
+
+    base_url: str
+    max_concurrent: int = 1
+    api_key_env: str | None = None
+    weight: float = 1.0
+
+    def api_key(self, craftsman: str) -> str:
+        """This endpoint's API key from the environment, or the placeholder local servers take."""
+        return _key_from(self.api_key_env, craftsman)
+
+
+@dataclass(frozen=True)
 class Craftsman:
     """One craftsman: where it lives, what it may receive and what it costs."""
 
@@ -49,16 +63,22 @@ class Craftsman:
     max_output_bytes: int = 4 * 1024 * 1024
     sandbox: str | None = None  # "bwrap": a command craftsman runs under bubblewrap
     sandbox_binds: tuple[str, ...] = ()  # paths the sandboxed agent may write (its login)
+    # Several servers instead of one base_url; max_concurrent is then their sum.
+    endpoints: tuple[Endpoint, ...] = ()
 
     def api_key(self) -> str:
         """The API key from the environment; local servers get a placeholder the client requires."""
-        if not self.api_key_env:
-            return "not-needed"
-        key = os.environ.get(self.api_key_env)
-        if not key:
-            raise ConfigError(f"craftsman {self.name}: environment variable {self.api_key_env} "
-                              "is not set; export it before starting the worker")
-        return key
+        return _key_from(self.api_key_env, self.name)
+
+
+def _key_from(variable: str | None, craftsman: str) -> str:
+    if not variable:
+        return "not-needed"
+    key = os.environ.get(variable)
+    if not key:
+        raise ConfigError(f"craftsman {craftsman}: environment variable {variable} "
+                          "is not set; export it before starting the worker")
+    return key
 
 
 @dataclass(frozen=True)
@@ -102,7 +122,18 @@ def _craftsman(name: str, spec: dict[str, Any]) -> Craftsman:
     values.setdefault("local", spec["backend"] == "echo")
     values["argv"] = tuple(values.get("argv", ()))
     values["sandbox_binds"] = tuple(values.get("sandbox_binds", ()))
+    if values.get("endpoints"):
+        values["endpoints"] = tuple(_endpoint(one, values) for one in values["endpoints"])
+        values["max_concurrent"] = sum(e.max_concurrent for e in values["endpoints"])
     return Craftsman(name=name, **values)
+
+
+def _endpoint(spec: dict[str, Any], craftsman: dict[str, Any]) -> Endpoint:
+    """An endpoint; what it leaves unset it takes from its craftsman (slots, key)."""
+    return Endpoint(base_url=spec["base_url"],
+                    max_concurrent=spec.get("max_concurrent") or craftsman.get("max_concurrent", 1),
+                    api_key_env=spec.get("api_key_env") or craftsman.get("api_key_env"),
+                    weight=float(spec.get("weight") or 1.0))
 
 
 def _spool(spec: dict[str, Any] | None) -> SpoolSettings:

@@ -274,6 +274,12 @@ CRAFTSMAN_FIELDS: dict[str, Checker] = {
     "max_output_bytes": integer(1), "sandbox": nullable(choice(*SANDBOXES)),
     "sandbox_binds": list_of(text, "a list of paths bound writable into the sandbox's home"),
 }
+ENDPOINT = section({"base_url": url, "max_concurrent": integer(1),
+                    "api_key_env": nullable(env_name), "weight": number(above=True)},
+                   required=("base_url",),
+                   what="{base_url, max_concurrent} (optional api_key_env, weight)")
+CRAFTSMAN_FIELDS["endpoints"] = list_of(ENDPOINT, "a list of endpoints such as "
+                                        "[{base_url: http://gpu1:1234/v1, max_concurrent: 4}]")
 NEEDS = {"openai": ("base_url", "model"), "command": ("argv",)}
 
 _craftsman_section = section(CRAFTSMAN_FIELDS, required=("backend",))
@@ -282,13 +288,33 @@ _craftsman_section = section(CRAFTSMAN_FIELDS, required=("backend",))
 def craftsman(path: str, value: Any, found: Findings) -> Any:
     """One craftsman: known keys, and what its backend cannot do without."""
     spec = _craftsman_section(path, value, found)
+    if isinstance(spec, dict) and "endpoints" in spec:
+        _check_endpoints(path, spec, found)
     if isinstance(spec, dict) and isinstance(spec.get("backend"), str):
         for key in NEEDS.get(spec["backend"], ()):
-            if key not in spec:
+            if key not in spec and not (key == "base_url" and "endpoints" in spec):
                 article = "an" if spec["backend"][0] in "aeiou" else "a"
                 found.wrong(join(path, key), f"a value ({article} {spec['backend']} craftsman "
                             f"needs {' and '.join(NEEDS[spec['backend']])})", None)
     return spec
+
+
+def _check_endpoints(path: str, spec: dict, found: Findings) -> None:
+    """Endpoints: only for openai craftsmen, instead of base_url, at least one, each URL once."""
+    where = join(path, "endpoints")
+    endpoints = spec["endpoints"]
+    if spec.get("backend") != "openai":
+        found.wrong(where, "no endpoints (only an openai craftsman has them)", endpoints)
+    elif "base_url" in spec:
+        found.wrong(where, "either endpoints or base_url, not both (a lone base_url is one "
+                    "endpoint)", endpoints)
+    elif isinstance(endpoints, list) and not endpoints:
+        found.wrong(where, "at least one endpoint", endpoints)
+    urls = [e.get("base_url") for e in endpoints if isinstance(e, dict)] \
+        if isinstance(endpoints, list) else []
+    for index, one in enumerate(urls):
+        if isinstance(one, str) and one in urls[:index]:
+            found.wrong(f"{where}[{index}].base_url", "each endpoint's base_url once", one)
 
 
 def craftsmen(path: str, value: Any, found: Findings) -> Any:

@@ -1,5 +1,6 @@
 """Shared fixtures: a temporary home, the loopback fake OpenAI server, real worker processes,
-the real llama.cpp engine, and the rule for tests whose outside piece is missing."""
+the real llama.cpp engine, a real PostgreSQL server, and the rule for tests whose outside piece
+is missing."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from koubou_spool.spool.watcher import wait_for_files
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai import FakeOpenAI  # noqa: E402
 import realengine  # noqa: E402
+import pgserver  # noqa: E402
 
 
 def in_ci() -> bool:
@@ -61,6 +63,32 @@ def real_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         missing("the real llama.cpp engine (a 4-minute build)", realengine.BUILD_ENABLES)
     with realengine.serving(tmp_path_factory.mktemp("engine")) as base_url:
         yield base_url
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[pgserver.PgServer]:
+    """A real PostgreSQL server (tests/pgserver.py) of this session: under pytest-xdist each
+    worker process has a session, hence a server of its own, on its own port and directory."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        missing("psycopg 3", "pip install -e '.[cluster]'")
+    if not pgserver.is_available():
+        missing("PostgreSQL's initdb and postgres", pgserver.ENABLES)
+    server = pgserver.PgServer().init().start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def pg_dsn(pg_server: pgserver.PgServer) -> Iterator[str]:
+    """The DSN of a fresh, empty database for one test, dropped after it."""
+    name = f"t_{os.urandom(6).hex()}"
+    dsn = pg_server.create_database(name)
+    yield dsn
+    if pg_server.proc is None:
+        pg_server.start()  # a test that stopped the server leaves it for the next one
+    pg_server.drop_database(name)
 
 
 @pytest.fixture
@@ -182,6 +210,15 @@ def finished_attempt(home: Path, task_id: str, columns: str, timeout: float = 10
             return row
         assert time.monotonic() < deadline, f"no finished attempt of {task_id} in the ledger"
         time.sleep(0.01)
+
+
+def assert_no_claims(spool: Spool, timeout: float = 5) -> None:
+    """in_progress/ empties: a worker removes a published outcome's finishing claim once the
+    ledger has its record, a moment after the outcome appears."""
+    deadline = time.monotonic() + timeout
+    while os.listdir(spool.in_progress):
+        assert time.monotonic() < deadline, f"claims left: {os.listdir(spool.in_progress)}"
+        time.sleep(0.05)
 
 
 def wait_ready(spool: Spool) -> None:

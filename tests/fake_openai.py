@@ -8,7 +8,7 @@ OpenAI-style error). What the answers say: `answer` (for every answer) and `answ
 `message` (more message fields: reasoning, reasoning_content, tool_calls, refusal) and `body`
 (more top-level fields). Every request is logged in `requests`, its body as it arrived, so
 tests can assert what reached the server. Binds 127.0.0.1 only.
-Run it alone with `python tests/fake_openai.py [--latency-ms N]`: it prints its port.
+Run it alone with `python tests/fake_openai.py [--latency-ms N] [--port P]`: it prints its port.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 class FakeOpenAI:
     """The server and its knobs; `base_url` is what a craftsman points at."""
 
-    def __init__(self, model: str = "fake-model", latency_s: float = 0.0) -> None:
+    def __init__(self, model: str = "fake-model", latency_s: float = 0.0, port: int = 0) -> None:
         self.model = model
         self.latency_s = latency_s
         self.fail_next = 0
@@ -46,7 +46,7 @@ class FakeOpenAI:
         self.aborted: list[dict[str, Any]] = []  # requests whose client hung up mid-way
         self.request_aborted = threading.Event()
         ThreadingHTTPServer.request_queue_size = 256  # the default 5 drops bursts of connects
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
@@ -199,8 +199,9 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--port", type=int, default=0, help="0: any free port")
     args = parser.parse_args()
-    fake = FakeOpenAI(latency_s=args.latency_ms / 1000)
+    fake = FakeOpenAI(latency_s=args.latency_ms / 1000, port=args.port)
     print(fake.port, flush=True)
     fake.server.serve_forever()
 

@@ -7,6 +7,8 @@ Reads the prompt on stdin and acts on its lines, in the worktree it runs in:
   COMMIT message          commit what is staged and unstaged, as the agent itself
   FIX-FROM-VERIFY         if the prompt holds "missing: NAME" (a verify's output), create NAME
   SLEEP seconds           sleep (to be killed mid-run); SLEEP-ONCE: only in the task's first run
+  CHILD-ONCE seconds      in the task's first run, leave a child sleeping that long (its pid in
+                          the log's "child"), as an agent's build or shell may outlive it
   MANY n                  write n small files (so that koubou's commit takes a while)
   READ-SSH                write what it could read of ~/.ssh/id_rsa to ssh.txt ("unreadable")
   RM-HOME                 try to delete everything in $HOME, as a careless agent might
@@ -32,6 +34,7 @@ def main() -> None:
         time.sleep(120)
         return
     prompt = sys.stdin.read()
+    child = None
     for line in prompt.splitlines():
         command, _, rest = line.strip().partition(" ")
         if command == "WRITE":
@@ -58,8 +61,10 @@ def main() -> None:
         elif command == "FIX-FROM-VERIFY":
             for name in re.findall(r"missing: ([\w.-]+)", prompt)[-1:]:
                 Path(name).write_text("fixed\n")
+        elif command == "CHILD-ONCE" and not _ran_before():
+            child = subprocess.Popen(["sleep", rest])
         elif command == "SLEEP" or (command == "SLEEP-ONCE" and not _ran_before()):
-            _log(prompt, started=True)
+            _log(prompt, started=True, child=child)
             time.sleep(float(rest))
     _log(prompt)
     print("done")
@@ -70,14 +75,14 @@ def _ran_before() -> bool:
     return bool(folder) and any(Path(folder).glob(f"{Path.cwd().name}-*.json"))
 
 
-def _log(prompt: str, started: bool = False) -> None:
+def _log(prompt: str, started: bool = False, child: subprocess.Popen | None = None) -> None:
     folder = os.environ.get("REPO_AGENT_LOG")
     if not folder:
         return
     task = Path.cwd().name
     runs = len(list(Path(folder).glob(f"{task}-*.json")))
     record = {"pid": os.getpid(), "cwd": os.getcwd(), "prompt": prompt, "started": started,
-              "at": time.time(),
+              "at": time.time(), "child": child.pid if child else None,
               "env": {k: v for k, v in os.environ.items() if k.startswith("KOUBOU_")}}
     Path(folder, f"{task}-{runs + 1}.json").write_text(json.dumps(record))
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import click
 from click.testing import CliRunner
 
 from conftest import Workers, submit
@@ -185,7 +186,9 @@ def test_koubou_drop_copies_whole_files_into_pending(home: Path, tmp_path: Path)
 
 def test_every_command_is_in_the_readme() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    for name, command in cli.commands.items():
+    context = click.Context(cli)
+    for name in cli.list_commands(context):
+        command = cli.get_command(context, name)
         assert f"koubou {name}" in readme, f"koubou {name} is not documented in README.md"
         for sub in getattr(command, "commands", {}):
             assert f"koubou {name} {sub}" in readme, f"koubou {name} {sub} is not in README.md"

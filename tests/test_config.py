@@ -69,6 +69,32 @@ BAD_CONFIGS: list[tuple[str, str | bytes, str]] = [
     ("base_url without scheme", document().replace('"http://127.0.0.1:9/v1"', "127.0.0.1:9"),
      ": craftsmen.local.base_url: expected an http:// or https:// URL such as "
      'http://localhost:1234/v1, found "127.0.0.1:9" (a string)'),
+    ("endpoints beside base_url", document(local=", endpoints: [{base_url: 'http://127.0.0.1:8/v1'}]"),
+     ": craftsmen.local.endpoints: expected either endpoints or base_url, not both (a lone "
+     'base_url is one endpoint), found [{"base_url": "http://127.0.0.1:8/v1"}] (a list)'),
+    ("no endpoints", document().replace('base_url: "http://127.0.0.1:9/v1"', "endpoints: []"),
+     ": craftsmen.local.endpoints: expected at least one endpoint, found [] (a list)"),
+    ("endpoint without scheme", document().replace(
+        'base_url: "http://127.0.0.1:9/v1"', "endpoints: [{base_url: '127.0.0.1:9'}]"),
+     ": craftsmen.local.endpoints[0].base_url: expected an http:// or https:// URL such as "
+     'http://localhost:1234/v1, found "127.0.0.1:9" (a string)'),
+    ("endpoint with zero slots", document().replace(
+        'base_url: "http://127.0.0.1:9/v1"',
+        "endpoints: [{base_url: 'http://127.0.0.1:9/v1', max_concurrent: 0}]"),
+     ": craftsmen.local.endpoints[0].max_concurrent: expected a whole number of at least 1, "
+     "found 0 (a number)"),
+    ("endpoint twice", document().replace(
+        'base_url: "http://127.0.0.1:9/v1"',
+        "endpoints: [{base_url: 'http://127.0.0.1:9/v1'}, {base_url: 'http://127.0.0.1:9/v1'}]"),
+     ": craftsmen.local.endpoints[1].base_url: expected each endpoint's base_url once, found "
+     '"http://127.0.0.1:9/v1" (a string)'),
+    ("endpoint weight zero", document().replace(
+        'base_url: "http://127.0.0.1:9/v1"',
+        "endpoints: [{base_url: 'http://127.0.0.1:9/v1', weight: 0}]"),
+     ": craftsmen.local.endpoints[0].weight: expected a number greater than 0, found 0 (a number)"),
+    ("endpoints of an echo craftsman", document(echo="backend: echo, endpoints: [{base_url: 'http://127.0.0.1:9/v1'}]"),
+     ": craftsmen.echo.endpoints: expected no endpoints (only an openai craftsman has them), "
+     'found [{"base_url": "http://127.0.0.1:9/v1"}] (a list)'),
     ("openai without model", document().replace(", model: m", ""),
      ": craftsmen.local.model: expected a value (an openai craftsman needs base_url and model), "
      "found nothing"),
@@ -338,3 +364,14 @@ def _readme_config() -> str:
 def test_the_shipped_configs_pass_without_warnings(text: str) -> None:
     _, found = config_check.check(yaml.safe_load(text))
     assert found.problems == [] and found.warnings == []
+
+
+def test_endpoints_take_what_they_leave_unset_from_their_craftsman() -> None:
+    config = config_module.parse(yaml.safe_load(document().replace(
+        'base_url: "http://127.0.0.1:9/v1"',
+        "max_concurrent: 3, api_key_env: GPU_KEY, endpoints: [{base_url: 'http://127.0.0.1:8/v1'}, "
+        "{base_url: 'http://127.0.0.1:9/v1', max_concurrent: 1, weight: 2}]")))
+    local = config.craftsmen["local"]
+    assert [(e.base_url, e.max_concurrent, e.api_key_env, e.weight) for e in local.endpoints] == [
+        ("http://127.0.0.1:8/v1", 3, "GPU_KEY", 1.0), ("http://127.0.0.1:9/v1", 1, "GPU_KEY", 2.0)]
+    assert local.max_concurrent == 4  # the craftsman's capacity is the sum

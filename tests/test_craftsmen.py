@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
-from conftest import Workers, finished_attempt, log_of, submit, wait_outcomes
+from conftest import Workers, assert_no_claims, finished_attempt, log_of, submit, wait_outcomes
 from fake_openai import FakeOpenAI
 from koubou_spool.spool import ledger
 from koubou_spool.spool import task as task_format
@@ -405,14 +405,6 @@ def test_an_agent_over_max_output_bytes_is_stopped_at_once_and_not_retried() -> 
 def test_an_agent_that_floods_stderr_still_answers() -> None:
     craftsman = _command([sys.executable, AGENT, "flood", "stderr"], max_output_bytes=1 << 20)
     assert _complete(craftsman).content == "done\n"
-
-
-def assert_no_claims(spool: Spool, timeout: float = 5) -> None:
-    """in_progress/ empties: a publish unlinks its finishing claim just after the outcome."""
-    deadline = time.monotonic() + timeout
-    while os.listdir(spool.in_progress):
-        assert time.monotonic() < deadline, f"claims left: {os.listdir(spool.in_progress)}"
-        threading.Event().wait(0.05)
 
 
 class LedgerHolder:

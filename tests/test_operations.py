@@ -64,6 +64,15 @@ def test_cancel_pending_and_retry_failed(home: Path, spool: Spool, fake_openai: 
     assert runner.invoke(cli, ["retry", pending]).exit_code == 2  # only failed tasks
 
 
+def test_retry_puts_rejected_input_back_as_it_was(home: Path, spool: Spool) -> None:
+    (spool.pending / "notes.json").write_bytes(b'{"content": 7}')  # no valid task
+    assert spool.reject(spool.pending, "notes.json", "content: not a string") == "notes.json"
+    result = CliRunner().invoke(cli, ["retry", "notes.json"])
+    assert result.exit_code == 0, result.output
+    assert (spool.pending / "notes.json").read_bytes() == b'{"content": 7}'
+    assert os.listdir(spool.failed) == []  # the reason went with it
+
+
 def test_a_stopped_worker_past_its_lease_cannot_complete_its_task(
         home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
     write_config(home, fake_openai.base_url, spool={"heartbeat_s": 0.5, "lease_s": 2})
@@ -87,18 +96,18 @@ def test_a_stopped_worker_past_its_lease_cannot_complete_its_task(
     assert sleeper.poll() is None
 
 
-def test_kill_9_every_1_5_s_while_three_workers_run_600_tasks(
+def test_kill_9_every_1_5_s_while_three_workers_run_300_tasks(
         home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
     write_config(home, fake_openai.base_url, spool={"heartbeat_s": 0.5, "lease_s": 5,
                                                     "max_attempts": 10},
                  craftsmen={"local": {"backend": "openai", "base_url": fake_openai.base_url,
                                       "model": "fake-model", "max_concurrent": 12,
                                       "retries": 0}})
-    # 600 tasks x 0.2 s over at most 12 in flight take 10 s or more on any machine, so the loop
+    # 300 tasks x 0.4 s over at most 12 in flight take 10 s or more on any machine, so the loop
     # below kills several workers however fast the machine is.
-    fake_openai.latency_s = 0.2
+    fake_openai.latency_s = 0.4
     running = [workers.start(home, "--concurrency", "4") for _ in range(3)]
-    tasks = [task_format.validate({"content": f"task {i}"}) for i in range(600)]
+    tasks = [task_format.validate({"content": f"task {i}"}) for i in range(300)]
     spool.submit(tasks)
     names = {f"{t.id}.json" for t in tasks}
     rng = random.Random(7)
@@ -113,7 +122,7 @@ def test_kill_9_every_1_5_s_while_three_workers_run_600_tasks(
         running.append(workers.start(home, "--concurrency", "4"))
     outcomes = {t.id: spool.outcome(t.id) for t in tasks}
     assert all(o["status"] == "completed" for o in outcomes.values())
-    assert len(os.listdir(spool.completed)) == 600  # each task has exactly one outcome
+    assert len(os.listdir(spool.completed)) == 300  # each task has exactly one outcome
     assert os.listdir(spool.pending) == []
     assert kills >= 2
     # the killed workers' claims were taken over with their attempts counted

@@ -334,8 +334,8 @@ def test_kill_9_during_the_agents_run_kills_the_agent_and_the_retry_starts_clean
     base = make_source(source)
     spool = Spool.open(repo_home)
     first = workers.start(repo_home)
-    task_id = submit(spool, content="Slow work\nWRITE half.txt=half\nSLEEP-ONCE 60\n"
-                     "WRITE done.txt=done", repo=str(source), id="slow-one")
+    task_id = submit(spool, content="Slow work\nWRITE half.txt=half\nCHILD-ONCE 60\n"
+                     "SLEEP-ONCE 60\nWRITE done.txt=done", repo=str(source), id="slow-one")
     deadline = time.monotonic() + 30
     while not agent_runs(tmp_path, task_id) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -347,9 +347,13 @@ def test_kill_9_during_the_agents_run_kills_the_agent_and_the_retry_starts_clean
     while _alive(run["pid"]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(run["pid"]), "the agent outlived its worker"
-    # A new worker takes the claim over; the next attempt starts from the base again.
+    assert _alive(run["child"])  # the agent's own child outlives both, until the take-over
+    # A new worker takes the claim over, and stops what still runs for it; the next attempt
+    # starts from the base again.
     second = workers.start(repo_home)
     outcome = wait_outcomes(spool, [task_id], timeout=90)[task_id]
+    assert not _alive(run["child"]), "the agent's child outlived the take-over"
+    assert "stopped 1 process(es) left running for slow-one.json" in log_of(second)
     assert outcome["status"] == "completed", log_of(second)
     assert outcome["result"]["attempts"] == 2
     commit = outcome["result"]["repo"]["commit"]
@@ -481,12 +485,17 @@ def test_the_report_counts_repository_tasks_per_repository(repo_home: Path, tmp_
     assert "repository" in text and "2/3" in text
 
 
-def test_max_worktrees_makes_repository_tasks_wait_without_spending_attempts(
-        repo_home: Path, tmp_path: Path, workers, fake_openai) -> None:
-    write_repo_config(repo_home, tmp_path, fake_openai.base_url, max_worktrees=1)
+def one_worktree(repo_home: Path, tmp_path: Path, base_url: str) -> tuple[Path, Spool]:
+    """A home with repos.max_worktrees: 1, and its source repository."""
+    write_repo_config(repo_home, tmp_path, base_url, max_worktrees=1)
     source = tmp_path / "src" / "app"
     make_source(source)
-    spool = Spool.open(repo_home)
+    return source, Spool.open(repo_home)
+
+
+def test_max_worktrees_makes_repository_tasks_wait_without_spending_attempts(
+        repo_home: Path, tmp_path: Path, workers, fake_openai) -> None:
+    source, spool = one_worktree(repo_home, tmp_path, fake_openai.base_url)
     workers.start(repo_home)
     workers.start(repo_home)
     ids = [submit(spool, content=f"SLEEP 0.5\nWRITE w{n}.txt={n}", repo=str(source))
@@ -500,6 +509,24 @@ def test_max_worktrees_makes_repository_tasks_wait_without_spending_attempts(
         spans.append((min(r["at"] for r in runs), max(r["at"] for r in runs)))
     spans.sort()
     assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:], strict=False))
+
+
+def test_a_repository_task_waiting_for_a_worktree_holds_up_no_other_task(
+        repo_home: Path, tmp_path: Path, workers, fake_openai) -> None:
+    source, spool = one_worktree(repo_home, tmp_path, fake_openai.base_url)
+    workers.start(repo_home)
+    running = submit(spool, content="SLEEP 8\nWRITE a.txt=a", repo=str(source), id="holds-it")
+    deadline = time.monotonic() + 30
+    while not agent_runs(tmp_path, running) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    waiting = submit(spool, content="WRITE b.txt=b", repo=str(source), priority=9)
+    text = submit(spool, content="no repository here")  # the same craftsman, behind it
+    outcome = wait_outcomes(spool, [text], timeout=6)[text]
+    assert outcome["status"] == "completed"
+    assert spool.outcome(running) is None and spool.outcome(waiting) is None
+    outcomes = wait_outcomes(spool, [running, waiting], timeout=60)
+    assert all(o["status"] == "completed" and o["result"]["attempts"] == 1
+               for o in outcomes.values())
 
 
 def test_mcp_delegate_task_takes_a_repository_task(repo_home: Path, tmp_path: Path,

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
-import os
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
 import click
 
 from ..spool import home as home_module, permissions
-from ..config import Config, SpoolSettings
-from ..errors import ConfigError, KoubouError, EXIT_UNUSABLE
-from ..spool.files import Spool
+from ..errors import KoubouError, EXIT_UNUSABLE
+from ..service.workshop import Workshop
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -45,38 +42,12 @@ def home_options(command: Callable) -> Callable:
     return command
 
 
-@dataclass
-class Session:
-    """The home, config and spool a command works on."""
-
-    home: Path
-    config_path: Path
-
-    def config(self, required: bool = True) -> Config:
-        """The configuration; without `required`, defaults when the file is missing, or hidden
-        from this user (config/ is the owner's alone: members run on the defaults)."""
-        try:
-            return home_module.load_config(self.home, self.config_path)
-        except ConfigError:
-            if required or os.path.exists(self.config_path):  # False when config/ is closed
-                raise
-            return Config(craftsmen={}, spool=SpoolSettings())
-
-    def spool(self, config: Config | None = None) -> Spool:
-        """The spool of this home."""
-        settings = (config or self.config(required=False)).spool
-        return Spool.open(self.home, settings)
-
-    @property
-    def ledger_path(self) -> Path:
-        return self.home / "db" / "koubou.db"
-
-
-def session() -> Session:
-    """The session of the running command, from the options seen on the command line."""
+def session() -> Workshop:
+    """The home of the running command, from the options seen on the command line, and its
+    operations (service.workshop): a command parses, calls one and prints what it returns."""
     meta = click.get_current_context().find_root().meta
     home = home_module.resolve(meta.get("koubou.home"))
-    return Session(home, home_module.config_path(home, meta.get("koubou.config")))
+    return Workshop(home, home_module.config_path(home, meta.get("koubou.config")))
 
 
 def setup_logging() -> None:
@@ -123,7 +94,22 @@ class _Guarded:
 
 
 class KoubouGroup(_Guarded, click.Group):
-    """A click group with koubou's error mapping."""
+    """A click group with koubou's error mapping. Commands in `lazy` (name: "module:attribute")
+    are imported only when named or listed: a worker's start, the command run most often,
+    does not import doctor's HTTP client or the report's renderers."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy and name not in self.commands:
+            module, _, attribute = self.lazy[name].partition(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        return super().get_command(ctx, name)
 
 
 class KoubouCommand(_Guarded, click.Command):

@@ -5,17 +5,12 @@ from __future__ import annotations
 import click
 
 from .. import __version__
-from ..service import control, serving
+from ..service import serving
 from ..spool import ledger
-from ..craft import router
 from ..spool import home as home_module, permissions
 from ..observe import status as status_module
-from ..spool import task as task_format
-from ..craft.attach import read_attachments
-from ..craft.budget import BudgetSettings
-from ..craft.limits import Budget
 from ..spool.task import DIFFICULTIES, SENSITIVITIES
-from ..errors import EXIT_OK, EXIT_TASK_FAILED, TaskNotFound, WaitTimeout
+from ..errors import EXIT_OK, EXIT_TASK_FAILED
 from ..spool.home import STATE_DIRS
 from ..work.worker import run_worker
 from .common import KoubouGroup, emit_json, home_options, notice, session, setup_logging
@@ -71,11 +66,12 @@ def init(group: str | None, as_json: bool) -> None:
 def info(as_json: bool) -> None:
     """Print which home, config and ledger are used, and the spool settings."""
     where = session()
-    config = where.config(required=False)
+    config = where.config()
     facts = {"version": __version__, "home": str(where.home), "config": str(where.config_path),
              "config_exists": where.config_path.exists(), "ledger": str(where.ledger_path),
              "craftsmen": {name: {"backend": c.backend, "model": c.model, "local": c.local,
-                                  "base_url": c.base_url, "max_concurrent": c.max_concurrent}
+                                  "base_url": c.base_url, "max_concurrent": c.max_concurrent,
+                                  "endpoints": [e.base_url for e in c.endpoints]}
                            for name, c in config.craftsmen.items()},
              "spool": vars(config.spool)}
     if as_json:
@@ -84,7 +80,8 @@ def info(as_json: bool) -> None:
     for key in ("version", "home", "config", "ledger"):
         click.echo(f"{key:8} {facts[key]}")
     for name, c in facts["craftsmen"].items():
-        where_to = f" at {c['base_url']}" if c["base_url"] else ""
+        urls = c["endpoints"] or [c["base_url"]] if c["base_url"] or c["endpoints"] else []
+        where_to = f" at {', '.join(urls)}" if urls else ""
         click.echo(f"craftsman {name}: {c['backend']} {c['model']}{where_to}"
                    f"{' (local)' if c['local'] else ''}")
     click.echo("spool    " + ", ".join(f"{k}={v}" for k, v in facts["spool"].items()))
@@ -105,7 +102,7 @@ def worker(craftsmen: tuple[str, ...], concurrency: int, drain: bool) -> None:
     """
     setup_logging()
     where = session()
-    config = where.config()
+    config = where.config(required=True)
     run_worker(where.home, config, craftsmen=list(craftsmen) or None,
                concurrency=concurrency, drain=drain)
 
@@ -118,15 +115,8 @@ def status(task_id: str | None, as_json: bool) -> None:
     """Queue depth per state and live workers; with an ID, that task's state and attempts
     (a workflow's id: its steps)."""
     where = session()
-    config = where.config(required=False)
-    spool = where.spool(config)
     if task_id:
-        try:
-            found = status_module.task_status(spool, where.ledger_path, task_id)
-        except TaskNotFound:
-            found = {"workflow": task_id, "steps": status_module.workflow_steps(spool, task_id)}
-            if not found["steps"]:
-                raise
+        found = where.status(task_id)
         if as_json:
             emit_json(found)
         elif "workflow" in found:
@@ -134,11 +124,7 @@ def status(task_id: str | None, as_json: bool) -> None:
         else:
             _print_task_status(found)
         return
-    keeper = Budget(where.ledger_path, BudgetSettings.parse(config.budget))
-    facts = {"home": str(where.home), "queues": status_module.queue_counts(spool),
-             "workers": status_module.live_workers(spool, where.ledger_path,
-                                                   config.spool.lease_s),
-             "budget": keeper.state() if keeper.settings.enabled else {"enabled": False}}
+    facts = where.overview()
     if as_json:
         emit_json(facts)
         return
@@ -198,8 +184,7 @@ def _print_repository_result(repo: dict | None) -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
 def list_command(state: tuple[str, ...], limit: int, as_json: bool) -> None:
     """List tasks, newest first."""
-    spool = session().spool()
-    listed = status_module.list_tasks(spool, list(state) or list(STATE_DIRS), limit)
+    listed = session().list(state or None, limit)
     if as_json:
         emit_json(listed)
         return
@@ -215,14 +200,7 @@ def list_command(state: tuple[str, ...], limit: int, as_json: bool) -> None:
 @click.argument("task_id")
 def result(task_id: str, as_json: bool) -> None:
     """Print a finished task's result (exit 1 if it failed, 3 if it has not finished)."""
-    where = session()
-    spool = where.spool()
-    outcome = spool.outcome(task_id)
-    if outcome is None:
-        found = spool.find(task_id)
-        raise WaitTimeout(f"task {task_id} is {found.state}, not finished; "
-                          f"`koubou wait {task_id}` blocks until it is")
-    click.get_current_context().exit(_print_outcome(outcome, as_json))
+    click.get_current_context().exit(_print_outcome(session().outcome(task_id), as_json))
 
 
 def _print_outcome(outcome: dict, as_json: bool) -> int:
@@ -245,8 +223,8 @@ def _print_outcome(outcome: dict, as_json: bool) -> int:
 def wait(task_ids: tuple[str, ...], timeout: float | None, as_json: bool) -> None:
     """Block until the tasks finish (inotify, no polling); exit 1 if any failed."""
     where = session()
-    config = where.config(required=False)
-    spool = where.spool(config)
+    config = where.config()
+    spool = where.spool()
     for line in serving.unserved(spool, config, status_module.unfinished_tasks(spool, list(task_ids))):
         notice(line)
     outcomes = status_module.wait_for_outcomes(spool, list(task_ids), timeout)
@@ -260,12 +238,10 @@ def wait(task_ids: tuple[str, ...], timeout: float | None, as_json: bool) -> Non
             click.echo(f"{task_id}: {outcome.get('status')}{detail}")
     click.get_current_context().exit(EXIT_TASK_FAILED if failed else EXIT_OK)
 
-from .observe import register as _register_observe  # noqa: E402
-_register_observe(cli)
-from .operate import register as _register_operate  # noqa: E402
-_register_operate(cli)
-from .serve import serve as _serve  # noqa: E402
-cli.add_command(_serve)
+cli.lazy.update({name: f"koubou_spool.cli.{module}:{name}" for module, names in (
+    ("observe", ("report", "workers", "top", "metrics")),
+    ("operate", ("maintain", "doctor", "ledger")),
+    ("serve", ("serve",))) for name in names})
 
 
 @cli.command()
@@ -278,8 +254,7 @@ def cancel(task_id: str, as_json: bool) -> None:
     A running task's worker sees its claim taken, aborts the request and discards any result.
     Exit 1 when the task had already finished.
     """
-    where = session()
-    record = control.cancel(where.spool(), where.ledger_path, task_id)
+    record = session().cancel_record(task_id)
     if as_json:
         emit_json(record)
     else:
@@ -291,8 +266,7 @@ def cancel(task_id: str, as_json: bool) -> None:
 @click.argument("task_id")
 def retry(task_id: str) -> None:
     """Queue a failed task again, with its attempts reset."""
-    name = control.retry(session().spool(), task_id)
-    click.echo(f"{task_id}: queued again as pending/{name}")
+    click.echo(f"{task_id}: queued again as pending/{session().retry(task_id)['file']}")
 
 
 @cli.command()
@@ -312,15 +286,11 @@ def route(text: str, craftsman: str, difficulty: str, sensitivity: str, type_: s
     its keywords, the rule that fired and the budget's state.
     """
     where = session()
-    config = where.config()
-    task = task_format.validate({"content": text, "craftsman": craftsman, "type": type_,
-                                 "difficulty": difficulty, "sensitivity": sensitivity,
-                                 "files": list(attach)})
-    keeper = Budget(where.ledger_path, BudgetSettings.parse(config.budget))
-    budget = keeper.state() if keeper.settings.enabled else {"enabled": False}
-    texts = [a.text for a in read_attachments(task.files, config.attach)]
-    decision = router.route(task, config, attachments=texts,
-                            budget_exhausted=bool(budget.get("exhausted")))
+    where.config(required=True)
+    decision = where.route({"content": text, "craftsman": craftsman, "type": type_,
+                            "difficulty": difficulty, "sensitivity": sensitivity,
+                            "files": list(attach)})
+    budget = where.budget()
     facts = {"craftsman": decision.craftsman, "reason": decision.reason,
              "outcome": decision.kind or "run", "confidential": decision.confidential,
              "sensitive_pattern": decision.pattern, "difficulty": decision.difficulty,

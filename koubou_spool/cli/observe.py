@@ -31,10 +31,7 @@ def report(day: str | None, month: str | None, since: str | None, as_json: bool,
     """
     if as_json and as_csv:
         raise UsageError("give --json or --csv, not both")
-    where = session()
-    config = where.config(required=False)
-    figures = observe.report_for(where.spool(config), where.ledger_path, config,
-                                 day=day, month=month, since=since)
+    figures = session().report(day, month, since)
     if html_file:
         observe.write_atomic(Path(html_file), report_render.html_page(figures))
     if as_json:
@@ -49,10 +46,9 @@ def report(day: str | None, month: str | None, since: str | None, as_json: bool,
 @home_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def workers(as_json: bool) -> None:
-    """Workers with their liveness, heartbeat age, tasks in flight, done and failed counts."""
-    where = session()
-    config = where.config(required=False)
-    found = observe.workers(where.spool(config), where.ledger_path, config, time.time())
+    """Workers with their liveness, heartbeat age, tasks in flight, done and failed counts,
+    and each endpoint of their craftsmen (requests, failures, in flight, resting)."""
+    found = session().workers()["workers"]
     if as_json:
         emit_json(found)
         return
@@ -65,6 +61,14 @@ def workers(as_json: bool) -> None:
     for line in report_render.table(
             ["worker", "liveness", "heartbeat", "in flight", "done", "failed", "craftsmen"], rows):
         click.echo(line)
+    shown = [[w["id"], craftsman, e["base_url"], e["requests"], e["failures"], e["in_flight"],
+              f"resting {e['cooling_s']:g} s" if e["cooling"] else "up"]
+             for w in found for craftsman, ones in w["endpoints"].items() for e in ones]
+    if shown:
+        click.echo("")
+        for line in report_render.table(["worker", "craftsman", "endpoint", "requests", "failures",
+                                         "in flight", "state"], shown):
+            click.echo(line)
 
 
 @click.command(cls=KoubouCommand)
@@ -73,19 +77,16 @@ def workers(as_json: bool) -> None:
 def top(once: bool) -> None:
     """A live view of queues, workers and spend; redraws on spool events. q or Ctrl-C quits."""
     where = session()
-    config = where.config(required=False)
-    spool = where.spool(config)
 
     def draw() -> list[str]:
         now = time.time()
-        return top_module.frame(where.home, observe.queue_counts(spool),
-                                observe.workers(spool, where.ledger_path, config, now),
-                                observe.in_flight_by_craftsman(spool, where.ledger_path),
-                                observe.today_budget(where.ledger_path, config, now), now)
+        found = where.workers()
+        return top_module.frame(where.home, found["queues"], found["workers"],
+                                found["in_flight"], found["budget"], now)
     if once:
         click.echo("\n".join(draw()))
         return
-    top_module.run(spool, draw)
+    top_module.run(where.spool(), draw)
 
 
 @click.command(cls=KoubouCommand)
@@ -95,9 +96,7 @@ def top(once: bool) -> None:
                    "node_exporter's textfile collector (FILE should end in .prom).")
 def metrics(output: str | None) -> None:
     """Prometheus text exposition: queue depths, in flight, task/token/cost counters, budget."""
-    where = session()
-    config = where.config(required=False)
-    text = observe.metrics_text(where.spool(config), where.ledger_path, config, time.time())
+    text = session().metrics()
     if output is None:
         click.echo(text, nl=False)
         return
@@ -106,9 +105,3 @@ def metrics(output: str | None) -> None:
     except OSError as exc:
         raise SpoolError(f"cannot write {output}: {exc.strerror}; check the directory exists "
                          "and is writable") from None
-
-
-def register(group: click.Group) -> None:
-    """Add the read-only view commands to the `koubou` group."""
-    for command in (report, workers, top, metrics):
-        group.add_command(command)

@@ -36,8 +36,8 @@ def maintain(purge_after: str | None, purge_ledger: bool, vacuum: bool, as_json:
     setup_logging()
     where = session()
     age = None if purge_after is None else maintain_module.parse_duration(purge_after)
-    config = where.config(required=False)
-    summary = maintain_module.run(where.spool(config), config, where.ledger_path,
+    config = where.config()
+    summary = maintain_module.run(where.spool(), config, where.ledger_path,
                                   purge_after=age, purge_ledger=purge_ledger, vacuum=vacuum)
     if as_json:
         emit_json(summary.as_dict())
@@ -64,7 +64,7 @@ def doctor(timeout: float, strict: bool, as_json: bool) -> None:
                                           for c in checks):
         from ..serve import probe  # the HTTP face's own check, when a server runs
 
-        checks.append(probe.check(where.home, where.config(), timeout))
+        checks.append(probe.check(where.home, where.config(required=True), timeout))
     if as_json:
         emit_json(doctor_module.as_dict(checks))
     else:
@@ -99,17 +99,11 @@ def rebuild(as_json: bool) -> None:
     """
     setup_logging()
     where = session()
-    config = where.config(required=False)
-    done = rebuild_module.rebuild(where.spool(config), where.ledger_path, config)
+    config = where.config()
+    done = rebuild_module.rebuild(where.spool(), where.ledger_path, config)
     if as_json:
         emit_json(done.as_dict())
         return
     moved = f"; the old ledger is {done.old}" if done.old else ""
     click.echo(f"rebuilt {done.ledger}: {done.tasks} tasks, {done.attempts} attempts, "
                f"{done.rejects} rejects ({done.skipped} files skipped){moved}")
-
-
-def register(group: click.Group) -> None:
-    """Add the operations commands to the `koubou` group."""
-    for command in (maintain, doctor, ledger):
-        group.add_command(command)

@@ -205,8 +205,8 @@ def submit(text: str | None, file: str | None, batch: str | None, type_: str | N
     2 invalid input, 3 --timeout passed (the task stays queued), 4 spool unusable.
     """
     where = session()
-    config = where.config(required=False)
-    spool = where.spool(config)
+    config = where.config()
+    spool = where.spool()
     fields = {"type": type_, "priority": priority, "difficulty": difficulty,
               "sensitivity": sensitivity, "craftsman": craftsman, "model": model,
               "system": system, "context": _json_object(context, "--context"),
@@ -228,20 +228,28 @@ def submit(text: str | None, file: str | None, batch: str | None, type_: str | N
         tasks = _read_batch(batch)
     else:
         tasks = [_single_task(text, file, fields)]
+    click.get_current_context().exit(
+        _submit_tasks(spool, config, tasks, batch is not None, wait, timeout, as_json, output))
+
+
+def _submit_tasks(spool: Spool, config: Config, tasks: list[Task], batch: bool, wait: bool,
+                  timeout: float | None, as_json: bool, output: str | None) -> int:
+    """Queue tasks and say each id; with wait, the results (a batch: a progress bar, then
+    its output lines). The exit code."""
     _check_craftsmen(tasks, config)
     submitted = spool.submit(tasks)
     for task, state, new in submitted:
         if as_json and not wait:
             click.echo(json.dumps({"id": task.id, "state": state, "new": new}))
-        elif not as_json and not (wait and batch is not None):  # the progress bar says it
+        elif not as_json and not (wait and batch):  # the progress bar says it
             click.echo(task.id if new else f"{task.id} (already {state})", err=wait)
     if not wait:
-        return
+        return EXIT_OK
     _say_unserved(spool, config, submitted)
-    if batch is not None:
-        click.get_current_context().exit(_wait_batch(spool, [t.id for t in tasks], timeout, output))
+    if batch:
+        return _wait_batch(spool, [t.id for t in tasks], timeout, output)
     outcomes = status_module.wait_for_outcomes(spool, [t.id for t in tasks], timeout)
-    click.get_current_context().exit(_report(outcomes, as_json))
+    return _report(outcomes, as_json)
 
 
 def _say_unserved(spool: Spool, config: Config, submitted: list[tuple[Task, str, bool]]) -> None:

@@ -19,6 +19,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from ..spool import ledger, permissions
 from .budget import BudgetSettings, reached
@@ -69,17 +70,22 @@ class Slots:
                 os.close(fd)
 
 
-class ExhaustedMark:
-    """The home's mark that the budget was found spent: until when, and the smallest
-    reservation refused since it was set. A file, so it needs no ledger to be read: routing
-    reads it for every task (a stat, and a read only when it changed)."""
+class MarkFile:
+    """A small JSON file of the home's that many processes read often: a stat per read, and
+    a read of the file only when it changed (inode, mtime, size). `parse` turns the JSON into
+    the value; what it cannot parse reads as None (as if unset: the next writer writes it
+    whole)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._seen: tuple[tuple[int, int, int], tuple[float, float] | None] | None = None
+        self._seen: tuple[tuple[int, int, int], Any] | None = None
 
-    def read(self) -> tuple[float, float] | None:
-        """(until, smallest refused amount), or None when no mark is set."""
+    def parse(self, obj: Any) -> Any:
+        """The value a decoded file stands for (KeyError, TypeError, ValueError: unreadable)."""
+        return obj
+
+    def read(self) -> Any:
+        """The value, or None when the file is absent or unreadable."""
         try:
             info = os.stat(self.path)
         except FileNotFoundError:
@@ -89,12 +95,28 @@ class ExhaustedMark:
         if seen is not None and seen[0] == key:
             return seen[1]
         try:
-            obj = json.loads(self.path.read_bytes())
-            value = (float(obj["until"]), float(obj["refused"]))
+            value = self.parse(json.loads(self.path.read_bytes()))
         except (OSError, ValueError, KeyError, TypeError):
-            value = None  # unreadable: as if unset; the next refusal writes it whole
+            value = None
         self._seen = (key, value)
         return value
+
+    def clear(self) -> None:
+        """Remove the file."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class ExhaustedMark(MarkFile):
+    """The home's mark that the budget was found spent: until when, and the smallest
+    reservation refused since it was set. A file, so it needs no ledger to be read: routing
+    reads it for every task (a stat, and a read only when it changed)."""
+
+    def parse(self, obj: Any) -> tuple[float, float]:
+        """(until, smallest refused amount)."""
+        return float(obj["until"]), float(obj["refused"])
 
     def set(self, until: float, refused: float) -> None:
         """Raise the mark, or widen it: the later end, the smaller refused amount."""
@@ -111,13 +133,6 @@ class ExhaustedMark:
             os.rename(staging, self.path)
         except OSError as exc:  # without the mark the refusal only repeats: never worse
             log.warning("cannot write %s: %s", self.path, exc.strerror)
-
-    def clear(self) -> None:
-        """Lift the mark."""
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
 
 class Budget:

@@ -68,8 +68,8 @@ def price_of(craftsman: Craftsman, model: str | None = None) -> Price | None:
                      p.get("cache_read_per_mtok"), source="config")
     if craftsman.local or craftsman.backend == "echo":
         return FREE
-    found = _looked_up(model or craftsman.model, craftsman.provider,
-                       craftsman.base_url or None)
+    where = craftsman.base_url or (craftsman.endpoints[0].base_url if craftsman.endpoints else None)
+    found = _looked_up(model or craftsman.model, craftsman.provider, where)
     if found is None:
         log.warning("no price known for %s model %s; its cost is recorded as unknown (set "
                     "price: in the config)", craftsman.name, model or craftsman.model)

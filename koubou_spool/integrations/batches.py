@@ -314,10 +314,9 @@ class Batches:
     def counts(self, batch_id: str) -> dict[str, int]:
         """request_counts from the outcome files in the spool."""
         lines = self.lines(batch_id) or []
-        spool = self.workshop.spool()
-        done = sum(1 for t, _ in lines if os.path.exists(spool.completed / f"{t}.json"))
-        failed = sum(1 for t, _ in lines if os.path.exists(spool.failed / f"{t}.json"))
-        return {"total": len(lines), "completed": done, "failed": failed}
+        states = list(self.workshop.spool().outcome_states(f"{t}.json" for t, _ in lines).values())
+        return {"total": len(lines), "completed": states.count("completed"),
+                "failed": states.count("failed")}
 
     def list(self, limit: int, after: str | None) -> dict[str, Any]:
         """Batches newest first (ids are time-sortable)."""
@@ -377,10 +376,9 @@ class Batches:
 
     def open_lines(self, batch_id: str) -> list[str]:
         """Task ids of the lines that have no outcome yet."""
-        spool = self.workshop.spool()
-        return [t for t, _ in self.lines(batch_id) or []
-                if not os.path.exists(spool.completed / f"{t}.json")
-                and not os.path.exists(spool.failed / f"{t}.json")]
+        ids = [t for t, _ in self.lines(batch_id) or []]
+        finished = self.workshop.spool().outcome_states(f"{t}.json" for t in ids)
+        return [t for t in ids if f"{t}.json" not in finished]
 
     def stop_lines(self, task_ids: list[str], kind: str) -> list[str]:
         """Fail lines as cancelled (pending or running) or expired (only those not started);

@@ -103,6 +103,14 @@ def _for_agent(answer: dict[str, Any]) -> dict[str, Any]:
 def build_server(workshop: Workshop) -> MCPServer:
     """The MCP server with the koubou tools bound to a home."""
     server = MCPServer("koubou", instructions=INSTRUCTIONS)
+    _delegation_tools(server, workshop)
+    _task_tools(server, workshop)
+    _workshop_tools(server, workshop)
+    return server
+
+
+def _delegation_tools(server: MCPServer, workshop: Workshop) -> None:
+    """The tools that hand work over: one task, or a workflow of them."""
 
     @server.tool(description=DELEGATE)
     async def delegate_task(content: str, id: str | None = None, type: str | None = None,
@@ -132,6 +140,10 @@ def build_server(workshop: Workshop) -> MCPServer:
             answer = await workshop.delegate_workflow(workflow, wait_s, created_by="mcp")
         return dict(answer, results=[_for_agent(r) for r in answer["results"]])
 
+
+def _task_tools(server: MCPServer, workshop: Workshop) -> None:
+    """The tools about one task or the list of them."""
+
     @server.tool(description="A task's state (pending, in_progress, completed, failed), its "
                              "attempts so far, and its result or error when finished.")
     def get_task_status(task_id: str) -> dict[str, Any]:
@@ -159,6 +171,10 @@ def build_server(workshop: Workshop) -> MCPServer:
         with _told():
             return workshop.cancel(task_id)
 
+
+def _workshop_tools(server: MCPServer, workshop: Workshop) -> None:
+    """The tools about the workshop as a whole: its workers and its report."""
+
     @server.tool(description="Queue depths, the workers serving the spool (liveness, heartbeat "
                              "age, tasks in flight, done and failed), and today's spend vs budget. "
                              "Check it when a task stays pending: no live worker means nothing runs.")
@@ -173,8 +189,6 @@ def build_server(workshop: Workshop) -> MCPServer:
                    since: str | None = None) -> dict[str, Any]:
         with _told():
             return workshop.report(day, month, since)
-
-    return server
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@ queues.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -64,7 +65,35 @@ def workers(spool: Spool, ledger_path: Path, config: Config, now: float) -> list
         beat = worker.get("heartbeat_at")
         worker["heartbeat_age_s"] = None if beat is None else max(now - beat, 0.0)
         worker["craftsmen"] = [c for c in (worker.get("craftsmen") or "").split(",") if c]
+        worker["endpoints"] = _endpoints_of(worker.get("endpoints"))
     return found
+
+
+def _endpoints_of(shown: str | None) -> dict[str, list[dict[str, Any]]]:
+    """A worker's endpoints as its last heartbeat wrote them: {craftsman: [endpoint, ...]}."""
+    try:
+        value = json.loads(shown) if shown else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def endpoint_figures(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each endpoint over the live workers: requests, failures and in flight summed, cooling
+    when any worker saw it resting at its last heartbeat (the rest is the home's)."""
+    figures: dict[tuple[str, str], dict[str, Any]] = {}
+    for worker in workers:
+        if worker.get("liveness") != "alive":
+            continue
+        for craftsman, shown in (worker.get("endpoints") or {}).items():
+            for one in shown:
+                row = figures.setdefault((craftsman, one["base_url"]), {
+                    "craftsman": craftsman, "endpoint": one["base_url"], "requests": 0,
+                    "failures": 0, "in_flight": 0, "cooling": False})
+                for key in ("requests", "failures", "in_flight"):
+                    row[key] += one.get(key) or 0
+                row["cooling"] = row["cooling"] or bool(one.get("cooling"))
+    return [figures[key] for key in sorted(figures)]
 
 
 def in_flight_by_craftsman(spool: Spool, ledger_path: Path) -> dict[str, int]:
@@ -86,9 +115,10 @@ def task_totals(ledger_path: Path) -> list[dict[str, Any]]:
 
 def metrics_text(spool: Spool, ledger_path: Path, config: Config, now: float) -> str:
     """The Prometheus exposition of the home right now."""
+    found = workers(spool, ledger_path, config, now)
     return metrics.render(metrics.families(
         queue_counts(spool), in_flight_by_craftsman(spool, ledger_path), task_totals(ledger_path),
-        today_budget(ledger_path, config, now), workers(spool, ledger_path, config, now)))
+        today_budget(ledger_path, config, now), found, endpoint_figures(found)))
 
 
 def write_atomic(path: Path, text: str) -> None:

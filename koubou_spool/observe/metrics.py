@@ -53,7 +53,8 @@ def render(families: list[Family]) -> str:
 
 
 def families(queues: dict[str, int], in_flight: dict[str, int], totals: list[dict[str, Any]],
-             budget: dict[str, Any], workers: list[dict[str, Any]]) -> list[Family]:
+             budget: dict[str, Any], workers: list[dict[str, Any]],
+             endpoints: list[dict[str, Any]] = ()) -> list[Family]:
     """Metric families from the figures gathered by observe.py."""
     queue = Family(f"{PREFIX}_queue_depth", "gauge", "Tasks in each spool state directory.")
     for state, count in queues.items():
@@ -61,7 +62,29 @@ def families(queues: dict[str, int], in_flight: dict[str, int], totals: list[dic
     flight = Family(f"{PREFIX}_in_flight", "gauge", "Tasks claimed right now, per craftsman.")
     for craftsman, count in in_flight.items():
         flight.add(count, craftsman=craftsman)
-    return [queue, flight, *_counters(totals), _budget(budget), *_workers(workers)]
+    return [queue, flight, *_counters(totals), _budget(budget), *_workers(workers),
+            *_endpoints(endpoints)]
+
+
+def _endpoints(endpoints: list[dict[str, Any]]) -> list[Family]:
+    """Per endpoint of a craftsman with several: the live workers' figures (the counters start
+    again with each worker, which Prometheus' rate() takes as a reset)."""
+    if not endpoints:
+        return []
+    found = [Family(f"{PREFIX}_endpoint_requests_total", "counter",
+                    "Requests sent to each endpoint by the live workers."),
+             Family(f"{PREFIX}_endpoint_failures_total", "counter",
+                    "Connection errors, timeouts, 5xx and 429 at each endpoint (live workers)."),
+             Family(f"{PREFIX}_endpoint_in_flight", "gauge",
+                    "Requests at each endpoint at the workers' last heartbeats."),
+             Family(f"{PREFIX}_endpoint_cooling", "gauge",
+                    "1 while the endpoint rests after a failure (no traffic until a probe).")]
+    for row in endpoints:
+        labels = {"craftsman": row["craftsman"], "endpoint": row["endpoint"]}
+        for family, value in zip(found, (row["requests"], row["failures"], row["in_flight"],
+                                         1 if row["cooling"] else 0), strict=True):
+            family.add(value, **labels)
+    return found
 
 
 def _counters(totals: list[dict[str, Any]]) -> list[Family]:

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 
 from ..spool.files import Spool
-from ..spool.watcher import OUTCOME_MASK, OVERFLOW, Watcher
+from ..spool.watcher import OUTCOME_MASK, OVERFLOW
 
 Progress = Callable[[int, int, int], None]  # done, failed, total
 
@@ -26,10 +26,8 @@ def wait_with_progress(spool: Spool, task_ids: list[str], timeout: float | None,
     """
     names = {f"{task_id}.json" for task_id in task_ids}
     deadline = None if timeout is None else time.monotonic() + timeout
-    watcher = Watcher()
+    watcher = spool.watch(("completed", "failed"), OUTCOME_MASK)
     try:
-        watcher.watch(spool.completed, OUTCOME_MASK)
-        watcher.watch(spool.failed, OUTCOME_MASK)
         done, failed = _arrivals(spool, names)
         progress(len(done), len(failed), len(names))
         while len(done) + len(failed) < len(names):
@@ -43,7 +41,7 @@ def wait_with_progress(spool: Spool, task_ids: list[str], timeout: float | None,
                 if name == OVERFLOW:
                     done, failed = _arrivals(spool, names)
                 elif name in names and name not in done and name not in failed:
-                    (done if directory == spool.completed else failed).add(name)
+                    (done if directory == spool.state_dir("completed") else failed).add(name)
             if len(done) + len(failed) > before:
                 progress(len(done), len(failed), len(names))
         return {name[:-5] for name in done | failed}

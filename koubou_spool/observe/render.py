@@ -74,6 +74,10 @@ def text(report: dict[str, Any]) -> str:
     out += [""] + _answers(report)
     if report.get("repositories"):
         out += [""] + _repositories(report["repositories"])
+    if report.get("endpoints"):
+        out += [""] + table(["craftsman", "endpoint", "tasks", "run p50", "run p95"],
+                            [[e["craftsman"], e["endpoint"], e["tasks"], seconds(e["run_p50_s"]),
+                              seconds(e["run_p95_s"])] for e in report["endpoints"]])
     out += [""] + _budget(report["budget"])
     failures = report["failures_by_kind"]
     out += [""] + (table(["failure", "tasks"], [[k, v] for k, v in failures.items()])

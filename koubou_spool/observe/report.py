@@ -262,6 +262,21 @@ def answers_by_craftsman(tasks: list[dict], attempt_kinds: list[dict]) -> list[d
     return [rows[name] for name in sorted(rows)]
 
 
+def endpoints(tasks: list[dict]) -> list[dict[str, Any]]:
+    """Per endpoint of a craftsman with several (PRODUCT.md §12): the tasks it answered and
+    their run time's p50 and p95 (from claim to outcome, so a failover's detour counts)."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for task in tasks:
+        if task.get("endpoint"):
+            groups[(task.get("craftsman") or "(none)", task["endpoint"])].append(task)
+    rows = []
+    for (craftsman, endpoint), done in sorted(groups.items()):
+        run = summary(_durations(done, "started_at", "finished_at"))
+        rows.append({"craftsman": craftsman, "endpoint": endpoint, "tasks": len(done),
+                     "run_p50_s": run["p50"], "run_p95_s": run["p95"]})
+    return rows
+
+
 def repositories(tasks: list[dict]) -> list[dict[str, Any]]:
     """Per repository: tasks, how many ran a verify and how many passed it, attempts, cost."""
     rows: dict[str, dict[str, Any]] = {}
@@ -311,6 +326,7 @@ def build(period: Period, tasks: list[dict], spend: list[dict], rejects: list[di
         "failures_by_kind": failures_by_kind(tasks, rejects),
         "answers": answers_by_craftsman(tasks, attempt_kinds),
         "repositories": repositories(tasks),
+        "endpoints": endpoints(tasks),
         "cost_per_day": cost_per_day(spend, chart_start, chart_end, tz),
     }
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ from ..spool import task as task_format
 from ..spool.home import STATE_DIRS
 from ..errors import KoubouError, WaitTimeout
 from ..spool.files import CLAIM_RE, SIDECAR, Refused, Spool, Unavailable
+from ..spool.retention import read_json
 
 
 def queue_counts(spool: Spool) -> dict[str, int]:
@@ -69,24 +68,17 @@ def _held_by_live_worker(spool: Spool, where: Any) -> bool:
     return bool(match) and spool.worker_state(match["worker"], math.inf) != "dead"
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-
-
 def task_status(spool: Spool, ledger_path: Path, key: str) -> dict[str, Any]:
     """One task's state, attempts, and result or error; key is an id or a file name."""
     found = spool.find(key)
     status: dict[str, Any] = {"state": found.state, "file": str(found.path)}
     if found.rejected:
-        sidecar = _read_json(Path(str(found.path) + SIDECAR)) or {}
+        sidecar = read_json(Path(str(found.path) + SIDECAR)) or {}
         status.update(id=None, rejected=True, error=sidecar.get("error"))
         return status
     record = None
     if found.state in ("completed", "failed"):
-        record = _read_json(found.path)
+        record = read_json(found.path)
     else:
         try:
             record = task_format.decode(spool.read_entry(found.path.parent, found.path.name)[0])
@@ -113,7 +105,7 @@ def read_record(spool: Spool, key: str) -> dict[str, Any] | None:
     """The task (or outcome) record as it is now, wherever it is; None when unreadable."""
     found = spool.find(key)
     if found.state in ("completed", "failed"):
-        record = _read_json(found.path)
+        record = read_json(found.path)
     else:
         try:
             record = task_format.decode(spool.read_entry(found.path.parent, found.path.name)[0])
@@ -124,25 +116,15 @@ def read_record(spool: Spool, key: str) -> dict[str, Any] | None:
 
 def list_tasks(spool: Spool, states: list[str], limit: int) -> list[dict[str, Any]]:
     """Tasks in the given states, newest first (by file time), at most `limit`."""
-    entries = []
-    for state in states:
-        directory = spool.state_dir(state)
-        for name in spool.names(state):
-            try:
-                mtime = os.lstat(directory / name).st_mtime
-            except FileNotFoundError:
-                continue
-            entries.append((mtime, state, name))
-    entries.sort(reverse=True)
     listed = []
-    for mtime, state, name in entries[:limit]:
+    for mtime, state, name, rejected in sorted(spool.entries(states), reverse=True)[:limit]:
         item = {"id": task_format.id_from_name(name), "state": state, "file": name,
                 "time": task_format.iso(mtime)}
         if state == "in_progress":
             match = CLAIM_RE.fullmatch(name)
             if match:
                 item.update(id=task_format.id_from_name(match["name"]), worker_id=match["worker"])
-        if state == "failed" and os.path.lexists(spool.failed / (name + SIDECAR)):
+        if rejected:
             item["rejected"] = True
         listed.append(item)
     return listed

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 from inotify_simple import flags
 
 from .render import seconds, table, usd
-from ..spool.files import Spool
+from ..spool.files import STATES, Spool
 from ..spool.watcher import Watcher
 
 SPOOL_MASK = (flags.CREATE | flags.DELETE | flags.MOVED_FROM | flags.MOVED_TO
@@ -49,11 +49,7 @@ def frame(home: Path, queues: dict[str, int], workers: list[dict[str, Any]],
 
 def watch_spool(spool: Spool) -> Watcher:
     """inotify watches on the state directories and the workers' lock files."""
-    watcher = Watcher()
-    for directory in (spool.pending, spool.in_progress, spool.completed, spool.failed):
-        watcher.watch(directory, SPOOL_MASK)
-    watcher.watch(spool.workers, WORKERS_MASK)
-    return watcher
+    return spool.watch(STATES, SPOOL_MASK, workers=WORKERS_MASK)
 
 
 @contextmanager

@@ -6,6 +6,7 @@ fix. Errors stop work (exit 4); warnings are risks worth fixing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -228,11 +229,27 @@ def check_craftsmen(config: Config, timeout: float) -> list[Check]:
 
 def check_craftsman(craftsman: Craftsman, timeout: float) -> list[Problem]:
     """The craftsman can be reached: its server lists the model, or its command exists."""
+    if craftsman.endpoints:
+        return check_endpoints(craftsman, timeout)
     if craftsman.backend == "openai":
         return check_openai(craftsman, timeout)
     if craftsman.backend == "command":
         return check_command(craftsman)
     return []
+
+
+def check_endpoints(craftsman: Craftsman, timeout: float) -> list[Problem]:
+    """Each endpoint as a craftsman of its own: reachable and listing the model, or why not.
+    One dead endpoint is an error: the others carry its traffic, but the operator should know."""
+    found = []
+    for endpoint in craftsman.endpoints:
+        alone = dataclasses.replace(craftsman, base_url=endpoint.base_url,
+                                    api_key_env=endpoint.api_key_env, endpoints=())
+        problems = check_openai(alone, timeout)
+        found += problems or [Problem(INFO, f"craftsman {craftsman.name}: endpoint "
+                                            f"{endpoint.base_url} answers and lists "
+                                            f"{craftsman.model!r}", craftsman.name)]
+    return found
 
 
 def check_command(craftsman: Craftsman) -> list[Problem]:

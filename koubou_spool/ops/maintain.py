@@ -13,9 +13,7 @@ import logging
 import math
 import os
 import re
-import shutil
 import sqlite3
-import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +32,8 @@ from ..spool.ledger import LedgerWriter
 from ..craft.limits import Budget
 from ..repo import worktree
 from ..spool.recovery import recover_orphans
-from ..spool.files import SIDECAR, Refused, Spool, Unavailable, new_worker_id
+from ..spool.files import Refused, Spool, Unavailable, new_worker_id
+from ..spool.retention import remove
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +111,14 @@ def _chores(spool: Spool, config: Config, ledger_path: Path, purge_after: float 
         _recover(spool, config, ledger_path, owner_id, writer, summary)
         summary.expired = fail_expired(spool, owner_id, writer, now)
     if purge_after is not None:
-        task_ids, reject_files = purge_outcomes(spool, now - purge_after)
+        task_ids, reject_files = spool.purge(now - purge_after)
         summary.purged = len(task_ids) + len(reject_files)
         summary.outputs_purged = purge_outputs(spool, task_ids)
         if purge_ledger and ledger_path.exists():
             summary.purged_ledger_rows = _with_ledger(ledger_path, ledger.purge, task_ids,
                                                       reject_files, summary=summary) or 0
     summary.worktrees_removed = _prune_worktrees(spool, purge_after, now, summary)
-    summary.tmp_removed = clean_tmp(spool, now - STALE_TMP_S)
+    summary.tmp_removed = spool.clean_tmp(now - STALE_TMP_S)
     summary.workers_removed = spool.remove_dead_workers(now - STALE_TMP_S)
     if vacuum and ledger_path.exists():
         summary.vacuumed = _vacuum(spool, ledger_path, summary)
@@ -261,28 +260,6 @@ def _expire(spool: Spool, name: str, owner_id: str, writer: LedgerWriter, now: f
 
 # --- retention -------------------------------------------------------------------------------
 
-def purge_outcomes(spool: Spool, cutoff: float) -> tuple[list[str], list[str]]:
-    """Delete outcome files (and rejected input with its sidecar) last changed before cutoff.
-
-    Returns the ids of purged tasks and the names of purged rejected files, for the ledger.
-    """
-    task_ids: list[str] = []
-    reject_files: list[str] = []
-    for directory in (spool.completed, spool.failed):
-        for entry in os.listdir(directory):
-            if entry.startswith(".") or entry.endswith(SIDECAR):
-                continue
-            rejected = _purge_entry(directory, entry, cutoff)
-            if rejected is None:
-                continue
-            if rejected:
-                reject_files.append(entry)
-            else:
-                task_ids.append(task_format.id_from_name(entry) or entry)
-    _purge_orphan_sidecars(spool.failed, cutoff)
-    return task_ids, reject_files
-
-
 def purge_outputs(spool: Spool, task_ids: list[str]) -> int:
     """Remove outputs/<id>/ of tasks whose outcome was purged; returns how many went.
 
@@ -293,64 +270,10 @@ def purge_outputs(spool: Spool, task_ids: list[str]) -> int:
         if not task_format.ID_RE.fullmatch(task_id):
             continue  # not an id: names no directory of ours
         try:
-            _remove(spool.home / "outputs" / task_id)
+            remove(spool.home / "outputs" / task_id)
             removed += 1
         except FileNotFoundError:
             continue
         except OSError as exc:
             log.warning("cannot remove outputs/%s: %s", task_id, exc.strerror)
-    return removed
-
-
-def _purge_entry(directory: Path, entry: str, cutoff: float) -> bool | None:
-    """Delete one outcome if old enough; True: it was rejected input, False: a task, None: kept.
-
-    Rejected input keeps the mtime the user gave it (rename does not change it), so its age is
-    the age of its sidecar, written when it was rejected.
-    """
-    sidecar = directory / (entry + SIDECAR)
-    rejected = os.path.lexists(sidecar)
-    aged = sidecar if rejected else directory / entry
-    try:
-        if os.lstat(aged).st_mtime >= cutoff:
-            return None
-        _remove(directory / entry)
-        if rejected:
-            os.unlink(sidecar)
-    except FileNotFoundError:
-        return None  # another process purged or moved it (`koubou retry`)
-    return rejected
-
-
-def _purge_orphan_sidecars(directory: Path, cutoff: float) -> None:
-    """Sidecars whose rejected file is gone (deleted by hand) go once they are old."""
-    for entry in os.listdir(directory):
-        if entry.endswith(SIDECAR) and not os.path.lexists(directory / entry[:-len(SIDECAR)]):
-            try:
-                if os.lstat(directory / entry).st_mtime < cutoff:
-                    os.unlink(directory / entry)
-            except FileNotFoundError:
-                pass
-
-
-def _remove(path: Path) -> None:
-    """Remove a file, link, FIFO or (rejected) directory; never follows a link."""
-    if stat.S_ISDIR(os.lstat(path).st_mode):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
-
-
-def clean_tmp(spool: Spool, cutoff: float) -> int:
-    """Remove staging files in tmp/ not changed since cutoff: their writers died mid-write."""
-    removed = 0
-    for entry in os.listdir(spool.tmp):
-        path = spool.tmp / entry
-        try:
-            info = os.lstat(path)
-            if info.st_mtime < cutoff and not stat.S_ISDIR(info.st_mode):
-                os.unlink(path)
-                removed += 1
-        except FileNotFoundError:
-            continue
     return removed

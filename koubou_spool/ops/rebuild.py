@@ -10,7 +10,6 @@ The old database is moved aside, never deleted.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -22,7 +21,7 @@ from ..spool import ledger
 from ..craft.budget import BudgetSettings
 from ..config import Config
 from ..errors import SpoolError
-from ..spool.files import SIDECAR, Spool
+from ..spool.files import Spool
 from ..spool.task import parse_iso
 
 log = logging.getLogger(__name__)
@@ -90,38 +89,20 @@ def read_outcomes(spool: Spool) -> tuple[list[dict], list[dict], list[dict], int
     attempts: list[dict] = []
     rejects: list[dict] = []
     skipped = 0
-    for directory in (spool.completed, spool.failed):
-        for entry in sorted(os.listdir(directory)):
-            if entry.startswith(".") or entry.endswith(SIDECAR) or entry.endswith(".fin"):
-                continue
-            sidecar = directory / (entry + SIDECAR)
-            if os.path.lexists(sidecar):
-                row = reject_row(_read_json(sidecar), entry)
-                rejects += [row] if row else []
-                skipped += 0 if row else 1
-                continue
-            record = _read_json(directory / entry)
-            if not _is_outcome(record):
-                log.warning("skipped %s: not an outcome record", directory / entry)
-                skipped += 1
-                continue
-            tasks.append(ledger.task_row(record))
-            attempt = attempt_row(record)
-            attempts += [attempt] if attempt else []
+    for entry, record, sidecar in spool.finished():
+        if sidecar is not None:
+            row = reject_row(sidecar, entry)
+            rejects += [row] if row else []
+            skipped += 0 if row else 1
+            continue
+        if not _is_outcome(record):
+            log.warning("skipped %s: not an outcome record", entry)
+            skipped += 1
+            continue
+        tasks.append(ledger.task_row(record))
+        attempt = attempt_row(record)
+        attempts += [attempt] if attempt else []
     return tasks, attempts, rejects, skipped
-
-
-def _read_json(path: Path) -> Any:
-    """A JSON file's content; None when unreadable, not a regular file, or not JSON."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        with os.fdopen(fd, "rb") as stream:
-            return json.loads(stream.read())
-    except (OSError, ValueError):
-        return None
 
 
 def _is_outcome(record: Any) -> bool:

@@ -18,7 +18,7 @@ from typing import Any
 from ..spool import task as task_format
 from ..errors import InvalidTask, KoubouError, UsageError
 from ..spool.ledger import LedgerWriter
-from ..spool.files import CLAIM_RE, SIDECAR, Claim, Spool, Unavailable
+from ..spool.files import CLAIM_RE, Claim, Spool, Unavailable
 
 
 class NotCancelled(KoubouError):
@@ -86,18 +86,9 @@ def retry(spool: Spool, task_id: str) -> str:
     if found.state != "failed":
         raise UsageError(f"task {task_id} is {found.state}; only failed tasks can be retried")
     if found.rejected:  # input that was not a task: back as it was, for a fixed config or file
-        name = Path(found.path).name
-        os.rename(found.path, spool.pending / name)
-        Path(str(found.path) + SIDECAR).unlink(missing_ok=True)
-        return name
+        return spool.unreject(found)
     with _controller(spool, "retry") as owner:
-        # Through a claim, so a crash half-way leaves a claim that recovery requeues.
-        claim = Claim(found.path.name, owner, time.time())
-        os.rename(found.path, spool.in_progress / claim.file_name)
-        record = task_format.decode(spool.read_claim(claim)[0])
-        for key in ("status", "error", "result", "attempts"):
-            record.pop(key, None)
-        spool.write_atomic(spool.in_progress, claim.file_name, task_format.encode(record))
+        claim = spool.reopen(found, owner)
         spool.requeue(claim.file_name, None)
     return claim.name
 

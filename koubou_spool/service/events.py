@@ -17,7 +17,7 @@ from typing import Any
 from inotify_simple import flags
 
 from ..spool import task as task_format
-from ..spool.files import CLAIM_RE, SIDECAR, Spool
+from ..spool.files import CLAIM_RE, SIDECAR, STATES, Spool
 from ..spool.watcher import OVERFLOW, Watcher
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,8 @@ class SpoolEvents:
 
     def start(self) -> None:
         """Watch the state directories from the running event loop."""
-        watcher = Watcher()
-        for state in ("pending", "in_progress", "completed", "failed"):
-            directory = self.spool.state_dir(state)
-            watcher.watch(directory, MASK)
-            self._states[str(directory)] = state
+        watcher = self.spool.watch(STATES, MASK)
+        self._states = {str(self.spool.state_dir(state)): state for state in STATES}
         asyncio.get_running_loop().add_reader(watcher.fileno(), self._readable)
         self._watcher = watcher
 

@@ -1,6 +1,6 @@
-"""The workshop's operations, one method each, with no transport types: the MCP server calls
-them, and so will the CLI and the HTTP server. Each call reads the home as it is now (the config is
-re-read, so edits apply without a restart)."""
+"""The workshop's operations, one method each, with no transport types: the CLI, the MCP server
+and the HTTP server call them. Each call reads the home as it is now (the config is re-read, so
+edits apply without a restart)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -17,7 +18,7 @@ from ..craft import router
 from ..craft.attach import read_attachments
 from ..craft.budget import BudgetSettings
 from ..craft.limits import Budget
-from ..errors import ConfigError, UsageError
+from ..errors import ConfigError, TaskNotFound, UsageError, WaitTimeout
 from ..observe import gather as observe, status as status_module
 from ..spool import home as home_module, task as task_format, workflow as workflow_format
 from ..spool.files import Spool
@@ -34,7 +35,8 @@ MAX_PATCH_BYTES = 256 * 1024
 
 
 class Workshop:
-    """The home the server works on; every tool is one method, with no MCP types."""
+    """One home's operations: every command, tool and endpoint is one method, with no
+    transport types."""
 
     def __init__(self, home: Path, config_path: Path) -> None:
         self.home = home
@@ -48,9 +50,11 @@ class Workshop:
             return None
         return (found.st_mtime_ns, found.st_size, found.st_ino)
 
-    def config(self) -> Config:
+    def config(self, required: bool = False) -> Config:
         """The configuration as the file is now: read again whenever the file changed, so
-        edits apply without a restart (a long-running server asks for it on every request)."""
+        edits apply without a restart (a long-running server asks for it on every request).
+        A missing file (or one hidden from this user: config/ is the owner's) gives the
+        defaults, unless `required`."""
         stamp = self._stamp()
         kept = self._kept
         if kept is not None and stamp is not None and kept[0] == stamp:
@@ -58,7 +62,7 @@ class Workshop:
         try:
             config = home_module.load_config(self.home, self.config_path)
         except ConfigError:
-            if os.path.exists(self.config_path):  # a member may not stat config/ (0700)
+            if required or os.path.exists(self.config_path):  # False when config/ is closed
                 raise
             config = Config(craftsmen={}, spool=SpoolSettings())
         self._kept = (stamp, config, None)
@@ -146,13 +150,23 @@ class Workshop:
         """Where a task would go now, and why (the dry run of `koubou route`)."""
         config = self.config()
         task = task_format.validate(fields)
-        keeper = Budget(self.ledger_path, BudgetSettings.parse(config.budget))
-        exhausted = False
-        if keeper.settings.enabled and self.ledger_path.exists():
-            exhausted = bool(keeper.state().get("exhausted"))
         texts = [a.text for a in read_attachments(task.files, config.attach)] if task.files \
             else []
+        exhausted = bool(self.budget().get("exhausted"))
         return router.route(task, config, attachments=texts, budget_exhausted=exhausted)
+
+    def budget(self) -> dict[str, Any]:
+        """The budget's state now: spent and left today and this month, exhausted or not."""
+        keeper = Budget(self.ledger_path, BudgetSettings.parse(self.config().budget))
+        return keeper.state() if keeper.settings.enabled else {"enabled": False}
+
+    def overview(self) -> dict[str, Any]:
+        """Queue depth per state, the registered workers and the budget (`koubou status`)."""
+        spool = self.spool()
+        return {"home": str(self.home), "queues": status_module.queue_counts(spool),
+                "workers": status_module.live_workers(spool, self.ledger_path,
+                                                      self.config().spool.lease_s),
+                "budget": self.budget()}
 
     def retry(self, task_id: str) -> dict[str, Any]:
         """Queue a failed task again with its attempts reset."""
@@ -168,9 +182,16 @@ class Workshop:
         return SpoolEvents(self.spool())
 
     def status(self, task_id: str) -> dict[str, Any]:
-        """One task's state, attempts and result or error."""
+        """One task's state, attempts and result or error; for a workflow's id, its steps."""
         task_format.check_id(task_id, "task_id")
-        return status_module.task_status(self.spool(), self.ledger_path, task_id)
+        spool = self.spool()
+        try:
+            return status_module.task_status(spool, self.ledger_path, task_id)
+        except TaskNotFound:
+            steps = status_module.workflow_steps(spool, task_id)
+            if not steps:
+                raise
+            return {"workflow": task_id, "steps": steps}
 
     def detail(self, task_id: str) -> dict[str, Any]:
         """Everything a person looks at for one task: its status and attempts, the prompt
@@ -184,6 +205,16 @@ class Workshop:
         if found.get("id") and patch.is_file():
             found["patch"] = patch.read_bytes()[:MAX_PATCH_BYTES].decode("utf-8", "replace")
         return found
+
+    def outcome(self, task_id: str) -> dict[str, Any]:
+        """A finished task's whole outcome record; WaitTimeout naming its state if unfinished."""
+        spool = self.spool()
+        outcome = spool.outcome(task_id)
+        if outcome is None:
+            found = spool.find(task_id)
+            raise WaitTimeout(f"task {task_id} is {found.state}, not finished; "
+                              f"`koubou wait {task_id}` blocks until it is")
+        return outcome
 
     def result(self, task_id: str) -> dict[str, Any]:
         """The outcome of a finished task, or its state while it is not finished."""
@@ -200,27 +231,35 @@ class Workshop:
                 answer[key] = outcome[key]
         return answer
 
-    def list(self, state: str | None, limit: int) -> list[dict[str, Any]]:
-        """Tasks, newest first."""
-        if state is not None and state not in STATE_DIRS:
-            raise UsageError(f"state must be one of {', '.join(STATE_DIRS)}, not {state!r}")
-        states = [state] if state else list(STATE_DIRS)
+    def list(self, state: str | Sequence[str] | None, limit: int) -> list[dict[str, Any]]:
+        """Tasks in these states (one, several, or None: all), newest first."""
+        states = [state] if isinstance(state, str) else list(state or STATE_DIRS)
+        for name in states:
+            if name not in STATE_DIRS:
+                raise UsageError(f"state must be one of {', '.join(STATE_DIRS)}, not {name!r}")
         return status_module.list_tasks(self.spool(), states, max(1, min(limit, 500)))
 
     def cancel(self, task_id: str) -> dict[str, Any]:
-        """Cancel a pending or running task (failed as `cancelled`)."""
-        task_format.check_id(task_id, "task_id")
+        """Cancel a pending or running task (failed as `cancelled`); said, not raised, when it
+        had finished already."""
         try:
-            record = control.cancel(self.spool(), self.ledger_path, task_id)
+            record = self.cancel_record(task_id)
         except control.NotCancelled as exc:
             return {"id": task_id, "cancelled": False, "message": str(exc)}
         return {"id": record["id"], "state": "failed", "cancelled": True, "error": record["error"]}
 
+    def cancel_record(self, task_id: str) -> dict[str, Any]:
+        """Cancel a pending or running task; its outcome record. NotCancelled when finished."""
+        task_format.check_id(task_id, "task_id")
+        return control.cancel(self.spool(), self.ledger_path, task_id)
+
     def workers(self) -> dict[str, Any]:
-        """Queue depths, workers and what each craftsman has in flight."""
+        """Queue depths, workers, each endpoint of a craftsman that has several, and what each
+        craftsman has in flight."""
         spool, config, now = self.spool(), self.config(), time.time()
-        return {"queues": observe.queue_counts(spool),
-                "workers": observe.workers(spool, self.ledger_path, config, now),
+        workers = observe.workers(spool, self.ledger_path, config, now)
+        return {"queues": observe.queue_counts(spool), "workers": workers,
+                "endpoints": observe.endpoint_figures(workers),
                 "in_flight": observe.in_flight_by_craftsman(spool, self.ledger_path),
                 "budget": observe.today_budget(self.ledger_path, config, now)}
 

@@ -29,6 +29,7 @@ from .disk import (  # noqa: F401
     flush_files, kind_of, printable, read_regular, rename_noreplace, stage)
 from .lookup import Lookups
 from .registry import Workers
+from .retention import Retention
 from .store import Store
 from .task import Task
 
@@ -44,7 +45,7 @@ def new_worker_id() -> str:
     return f"{_hostname()}-{os.getpid()}-{os.urandom(2).hex()}"
 
 
-class Spool(Lookups, Workers, Store):
+class Spool(Lookups, Retention, Workers, Store):
     """The file store: the task directories of one home, moved between by rename(2)."""
 
     def __init__(self, home: Path, *, fsync: bool = True, max_task_bytes: int = 1_048_576) -> None:
@@ -344,37 +345,6 @@ class Spool(Lookups, Workers, Store):
             os.rename(self._write_tmp(name, task_format.encode(obj)), self.in_progress / entry)
         except NoSpace as exc:
             log.warning("%s; %s goes back without its attempt count", exc, name)
-
-    def reject(self, directory: Path, entry: str, reason: str) -> str | None:
-        """Move input that is not a valid task to failed/ unchanged, with its reason beside it.
-
-        Returns the name it got in failed/, or None when another process moved it first.
-        """
-        name = CLAIM_RE.fullmatch(entry)["name"] if directory == self.in_progress else entry
-        target = self._failed_name(name)
-        try:
-            os.rename(directory / entry, self.failed / target)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            log.error("cannot move %s to failed/: %s", directory / entry, exc.strerror)
-            return None
-        sidecar = {"file": printable(target), "original_name": printable(name),
-                   "status": "failed",
-                   "error": {"kind": "invalid", "message": printable(reason), "attempts": 0,
-                             "at": task_format.iso(time.time())}}
-        self.write_atomic(self.failed, target + SIDECAR, task_format.encode(sidecar))
-        return target
-
-    def _failed_name(self, name: str) -> str:
-        """The name rejected input gets in failed/: its own, unless that is taken or leaves no
-        room for the sidecar's suffix within NAME_MAX."""
-        fits = len(os.fsencode(name)) + len(SIDECAR) <= NAME_MAX
-        if fits and not os.path.lexists(self.failed / name) and not os.path.lexists(
-                self.completed / name):
-            return name
-        room = NAME_MAX - len(SIDECAR) - 27  # "." and a new id
-        return f"{os.fsdecode(os.fsencode(name)[:room])}.{task_format.new_id()}"
 
     # --- workers and their liveness: spool.registry.Workers, on run/workers/ ----------------
 

@@ -10,6 +10,7 @@ and attempts from the outcome files).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
@@ -79,6 +80,10 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("0004_repository_tasks", """
         ALTER TABLE tasks ADD COLUMN repo TEXT;
         ALTER TABLE tasks ADD COLUMN verify_passed INTEGER;
+    """),
+    ("0005_endpoints", """
+        ALTER TABLE tasks ADD COLUMN endpoint TEXT;
+        ALTER TABLE workers ADD COLUMN endpoints TEXT;
     """),
 ]
 
@@ -250,6 +255,7 @@ def task_row(record: dict[str, Any]) -> dict[str, Any]:
         "created_by": record.get("created_by"),
         "truncated": 1 if result.get("truncated") else 0 if result else None,
         "repo": record.get("repo"), "verify_passed": _verify_passed(record),
+        "endpoint": result.get("endpoint"),
     }
 
 
@@ -329,11 +335,12 @@ class LedgerWriter:
         return self._submit(lambda c: _upsert(c, "workers", row))
 
     def heartbeat(self, worker_id: str, state: str, in_flight: int, done: int, failed: int,
-                  at: float) -> Future:
-        """A worker is alive: its state and counters."""
+                  at: float, endpoints: dict[str, list[dict]] | None = None) -> Future:
+        """A worker is alive: its state and counters, and its craftsmen's endpoints (JSON)."""
+        shown = json.dumps(endpoints) if endpoints else None
         return self._submit(lambda c: c.execute(
-            "UPDATE workers SET heartbeat_at = ?, state = ?, in_flight = ?, done = ?, failed = ?"
-            " WHERE id = ?", (at, state, in_flight, done, failed, worker_id)),
+            "UPDATE workers SET heartbeat_at = ?, state = ?, in_flight = ?, done = ?, failed = ?,"
+            " endpoints = ? WHERE id = ?", (at, state, in_flight, done, failed, shown, worker_id)),
             key=("heartbeat", worker_id))
 
     def attempt_started(self, task_id: str, attempt: int, worker_id: str, craftsman: str,

@@ -12,7 +12,7 @@ from typing import Any
 from . import task as task_format
 from ..errors import TaskNotFound
 from .entries import CLAIM_RE, SIDECAR, STATES, Found, Refused, Unavailable, _entry_name
-from .watcher import wait_for_files
+from .watcher import Watcher, wait_for_files
 
 
 class Lookups:
@@ -23,6 +23,21 @@ class Lookups:
         directory = self.state_dir(state)
         return [n for n in os.listdir(directory)
                 if not n.startswith(".") and not n.endswith(SIDECAR) and not n.endswith(".fin")]
+
+    def entries(self, states: Iterable[str]) -> list[tuple[float, str, str, bool]]:
+        """(time, state, name, rejected) of each entry of these states: the time its file was
+        last changed, and whether it is rejected input (in failed/, with a reason beside it)."""
+        found = []
+        for state in states:
+            directory = self.state_dir(state)
+            for name in self.names(state):
+                try:
+                    mtime = os.lstat(f"{directory}/{name}").st_mtime
+                except FileNotFoundError:
+                    continue
+                rejected = state == "failed" and os.path.lexists(f"{directory}/{name}{SIDECAR}")
+                found.append((mtime, state, name, rejected))
+        return found
 
     def claims(self) -> Iterator[tuple[str, re.Match]]:
         """Every claim file in in_progress/ with its parsed name."""
@@ -126,3 +141,14 @@ class Lookups:
         finds the rename committed costs little."""
         self.sync_dir(self.completed)
         self.sync_dir(self.failed)
+
+    def watch(self, states: Iterable[str], mask: int, *, workers: int = 0) -> Watcher:
+        """A change feed on these states (and, with a `workers` mask, the worker registrations):
+        inotify on their directories. Watch first, then look, so nothing changed in between
+        is missed; events() yields (the state's directory, name, mask)."""
+        watcher = Watcher()
+        for state in states:
+            watcher.watch(self.state_dir(state), mask)
+        if workers:
+            watcher.watch(self.workers, workers)
+        return watcher

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ def recover_orphans(spool: Spool, settings: SpoolSettings, owner_id: str, ledger
         if mine is None:
             continue  # another recoverer was first
         log.warning("took over %s from %s worker %s", match["name"], state, match["worker"])
+        stopped = reap(entry.removesuffix(".fin"))
+        if stopped:
+            log.warning("stopped %d process(es) left running for %s", stopped, match["name"])
         try:
             if match["fin"]:
                 done.append(_finishing(spool, settings, mine, ledger, settle_lost))
@@ -61,6 +65,34 @@ def recover_orphans(spool: Spool, settings: SpoolSettings, owner_id: str, ledger
             log.error("could not recover %s: %s; trying again later", match["name"], exc)
             _give_back(spool, mine, entry)
     return done
+
+
+def reap(claim_file: str) -> int:
+    """SIGKILL what still runs for a claim taken over; how many processes.
+
+    A CLI agent dies with its worker (PR_SET_PDEATHSIG), but its own children (a build, a test
+    run, a shell it left behind) do not, and would go on writing in a worktree the next attempt
+    starts afresh. They carry the claim's name in KOUBOU_CLAIM (work.kinds.base_request), which
+    names one attempt of one task: nothing else carries it. Processes of other users cannot be
+    read, and are not ours to stop.
+    """
+    marker = f"KOUBOU_CLAIM={claim_file}".encode()
+    stopped = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as stream:
+                environment = stream.read().split(b"\0")
+        except OSError:
+            continue  # gone, or another user's
+        if marker in environment:
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                stopped += 1
+            except ProcessLookupError:
+                pass
+    return stopped
 
 
 def _give_back(spool: Spool, claim: Claim, entry: str) -> None:

@@ -4,6 +4,9 @@ Only docstrings and stubs, in the way huey's `BaseStorage` lists what a storage 
 spool (spool.files.Spool: directories and renames on one host) is the first implementation; a
 store shared by several hosts is the second one this contract is written for. A caller that keeps
 to these methods works on either; a caller that reads the directories itself is tied to one host.
+(The cluster queue, spool.cluster, is not that second store: it carries only the tasks that
+cross hosts, claimed by craftsman rather than by name, and each host's file spool stays the
+store of its own tasks; spool.bridge moves tasks between the two. See docs/CLUSTER.md.)
 
 The guarantees every implementation keeps (the README's "Guarantees"): a task is in exactly one
 state at a time; a claim has one owner; a revoked claim can publish nothing (the fence); nothing
@@ -12,7 +15,7 @@ a user submitted is deleted except by retention or an explicit command.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .task import Task
@@ -70,12 +73,41 @@ class Store:
         """The entries of one state (counts and listings are built on this)."""
         raise NotImplementedError
 
+    def entries(self, states: Iterable[str]) -> list[tuple[float, str, str, bool]]:
+        """(time, state, name, rejected) of each entry of these states: the listings."""
+        raise NotImplementedError
+
     def counts(self) -> dict[str, int]:
         """Number of entries in each state: pending, in_progress, completed, failed."""
         raise NotImplementedError
 
     def outcome_states(self, names: Iterable[str]) -> dict[str, str]:
         """'completed' or 'failed' for each of these entry names (`<id>.json`) that is there."""
+        raise NotImplementedError
+
+    def finished(self) -> Iterator[tuple[str, Any, Any]]:
+        """(entry, outcome record, rejection reason) of every finished entry: what a ledger
+        rebuild reads back. The record is None for rejected input or an unreadable file."""
+        raise NotImplementedError
+
+    def reopen(self, found: Any, owner: str) -> Any:
+        """Take a failed task back as a claim of `owner`, its outcome fields removed (to be
+        requeued: `koubou retry`)."""
+        raise NotImplementedError
+
+    def unreject(self, found: Any) -> str:
+        """Put rejected input back in pending as it was; the name it has there."""
+        raise NotImplementedError
+
+    # --- retention ----------------------------------------------------------------------------
+
+    def purge(self, cutoff: float) -> tuple[list[str], list[str]]:
+        """Delete outcomes (and rejected input) last changed before cutoff; the purged task
+        ids and rejected names."""
+        raise NotImplementedError
+
+    def clean_tmp(self, cutoff: float) -> int:
+        """Remove what writers that died mid-write left before cutoff; how many."""
         raise NotImplementedError
 
     # --- waiting for work ---------------------------------------------------------------------
@@ -89,6 +121,11 @@ class Store:
     def sync_outcomes(self) -> None:
         """Make every outcome that can be seen durable (with durability on): a waiter that saw
         one calls this before it reports it."""
+        raise NotImplementedError
+
+    def watch(self, states: Iterable[str], mask: int, *, workers: int = 0) -> Any:
+        """A change feed on these states (and the worker registrations): fileno() for an event
+        loop, wait(timeout), events() and close(). Watch first, then look."""
         raise NotImplementedError
 
     # --- workers ------------------------------------------------------------------------------

@@ -110,8 +110,24 @@ class Watcher:
         self._inotify.close()
 
 
+REPO_LANE = "\0repo"  # a craftsman's repository tasks queue apart (no name holds a NUL)
+
+
+def lane(craftsman: str, repository: bool) -> str:
+    """The ready queue a task waits in: its craftsman's, or for a repository task (which also
+    needs one of the home's worktrees) its craftsman's repository lane, so that a full set of
+    worktrees never holds up the craftsman's other tasks."""
+    return craftsman + REPO_LANE if repository else craftsman
+
+
+def craftsman_of(key: str) -> str:
+    """The craftsman a ready queue's key serves."""
+    return key.removesuffix(REPO_LANE)
+
+
 class ReadyQueue:
-    """Claimable pending files per craftsman: priority 10 first, then first come, first served."""
+    """Claimable pending files per lane (a craftsman's, or its repository tasks'): priority 10
+    first, then first come, first served."""
 
     def __init__(self) -> None:
         self._heaps: dict[str, list[tuple[int, int, str]]] = {}

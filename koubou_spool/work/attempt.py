@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from ..config import Config, Craftsman
-from ..craft.backends import Backend, BackendError, Reply, Request
+from ..craft.backends import Backend, BackendError, Reply, Request, Unavailable
 from ..craft.pricing import cost_of
 from ..craft.spending import BudgetExhausted, Spending
 from ..errors import InvalidTask
@@ -45,6 +45,9 @@ class Attempts:
         self.backends = backends
         self.backend_errors = backend_errors
         self.is_revoked = is_revoked
+        # The slot dispatch holds for a claim: for a craftsman with endpoints, the endpoint
+        # the request starts at (the worker sets it to Dispatch.slot).
+        self.slot_of: Callable[[Claim], object] = lambda claim: None
         self.home = str(intake.spool.home)
 
     async def run(self, claim: Claim, craftsman_name: str) -> None:
@@ -86,6 +89,9 @@ class Attempts:
             # Stopping and out of grace: give the task back uncounted; it was not its fault.
             self.publisher.requeue(claim, None)
             raise
+        except Unavailable as exc:  # no endpoint could take it: not the task's fault
+            log.info("%s waits in pending/: %s", task.id, exc)
+            self.publisher.requeue(claim, None)
         except BackendError as exc:
             await self._failed_attempt(claim, task, attempt.number, exc)
         except Exception as exc:  # a bug in a kind of work must fail one attempt, not strand it
@@ -116,7 +122,7 @@ class Attempts:
             self.publisher.requeue(claim, None)
             return None
         return Attempt(task, self.config.craftsmen[craftsman_name], task.attempts + 1, decision,
-                       self.home, attachments)
+                       self.home, attachments, claim.file_name)
 
     async def _work(self, claim: Claim, attempt: Attempt) -> None:
         """Prepare, call and finish through the task's kind of work, then publish."""
@@ -124,6 +130,7 @@ class Attempts:
         succeeded = False
         try:
             request = await work.prepare(attempt)
+            request.lease = self.slot_of(claim)
             reply = await self._call(attempt.craftsman, attempt, request)
             fields = await work.finish(attempt, reply)
             succeeded = True
@@ -147,6 +154,10 @@ class Attempts:
                                                   request)
         try:
             reply = await self._guarded_call(craftsman, request)
+        except Unavailable:  # no server took the request: nothing was billed
+            if reservation is not None:
+                await self.spending.settle(reservation, 0.0)
+            raise
         except BaseException:
             if reservation is not None:  # the call may have been billed: keep the reservation
                 await self.spending.settle(reservation, None)

@@ -1,6 +1,7 @@
 """Dispatch: a slot, then the claim, then the attempt; both given back when the attempt ends.
 
-A slot is taken (home-wide, see craft.limits.Slots) before the claim, so a task is only claimed
+A slot is taken (home-wide, see craft.limits.Slots; for a craftsman with several endpoints, a
+slot at one of them, craft.endpoints) before the claim, so a task is only claimed
 when its craftsman can start it: a busy local model never holds up cloud tasks. The claims this
 process holds are tracked here, and so is who moved one: we (publish, requeue) or someone else
 (cancel, a lease takeover), which revokes it.
@@ -12,9 +13,10 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from ..craft.endpoints import CraftSlots
 from ..craft.limits import Slots
 from ..spool.files import Claim, Spool
-from ..spool.watcher import ReadyQueue
+from ..spool.watcher import ReadyQueue, craftsman_of, lane
 from .intake import FAIL_NOW
 
 Start = Callable[[Claim, str], Coroutine[Any, Any, None]]
@@ -26,11 +28,10 @@ COMMIT_BACKLOG = 4  # outcomes awaiting the disk, per unit of concurrency, befor
 class Dispatch:
     """Claims ready tasks while this process has room and their craftsmen have free slots."""
 
-    def __init__(self, spool: Spool, worker_id: str, ready: ReadyQueue, slots: Slots,
+    def __init__(self, spool: Spool, worker_id: str, ready: ReadyQueue, slots: CraftSlots,
                  serves: list[str], concurrency: int, start: Start,
                  unroutable: Callable[[Claim], None], after_attempt: Callable[[], None],
-                 claim_failed: ClaimFailed, worktrees: Slots | None = None,
-                 repo_priority: Callable[[str], int | None] = lambda name: None) -> None:
+                 claim_failed: ClaimFailed, worktrees: Slots | None = None) -> None:
         self.spool = spool
         self.worker_id = worker_id
         self.ready = ready
@@ -42,7 +43,8 @@ class Dispatch:
         self.after_attempt = after_attempt
         self.claim_failed = claim_failed
         self.worktrees = worktrees  # None: no cap on the home's live worktrees
-        self.repo_priority = repo_priority  # a queued repository task's priority, else None
+        # Where ready tasks wait: what failed judging, then each craftsman's lanes.
+        self.lanes = [FAIL_NOW, *(lane(c, repo) for c in serves for repo in (False, True))]
         self.in_flight: dict[str, asyncio.Task] = {}  # claim file -> its attempt
         self.slot_of: dict[str, tuple[str, int, int | None]] = {}  # claim -> craftsman, slots
         self.starved = False  # tasks wait for a slot another process holds
@@ -53,46 +55,44 @@ class Dispatch:
         self.revoked: set[str] = set()  # our claims someone else moved (cancel, lease takeover)
 
     def pump(self) -> None:
-        """Claim and start tasks until this process or every ready craftsman is full."""
+        """Claim and start tasks until this process, or every lane with tasks ready, is full."""
         full: set[str] = set()
         while (len(self.in_flight) < self.concurrency
                and self.committing() < COMMIT_BACKLOG * self.concurrency):
-            craftsman = self._next_craftsman(full)
-            if craftsman is None:
+            key = self._next_lane(full)
+            if key is None:
                 break
+            craftsman = craftsman_of(key)
             slot = None
-            if craftsman != FAIL_NOW:
+            if key != FAIL_NOW:
                 slot = self.slots.acquire(craftsman)
-                if slot is None:
-                    full.add(craftsman)
+                if slot is None:  # the craftsman is full: both its lanes wait
+                    full.update((lane(craftsman, False), lane(craftsman, True)))
                     continue
-            if not self._claim_next(craftsman, slot):
-                full.add(craftsman)
-        self.starved = any(self.ready.head(name) is not None for name in full)
+            if not self._claim_next(key, craftsman, slot):
+                full.add(key)  # no worktree free: only the repository lane waits
+        self.starved = any(self.ready.head(key) is not None for key in full)
 
-    def _next_craftsman(self, full: set[str]) -> str | None:
-        """The craftsman whose next task comes first, among those not known to be full."""
+    def _next_lane(self, full: set[str]) -> str | None:
+        """The lane whose next task comes first, among those not known to be full."""
         best, best_key = None, None
-        for name in (FAIL_NOW, *self.serves):
-            if name in full:
+        for key in self.lanes:
+            if key in full:
                 continue
-            head = self.ready.head(name)
+            head = self.ready.head(key)
             if head is not None and (best is None or head < best):
-                best, best_key = head, name
+                best, best_key = head, key
         return best_key
 
-    def _claim_next(self, craftsman: str, slot: int | None) -> bool:
-        """Claim the craftsman's next task; False when it must wait for a worktree slot."""
-        name = self.ready.pop(craftsman)
+    def _claim_next(self, key: str, craftsman: str, slot: Any) -> bool:
+        """Claim a lane's next task; False when a repository task must wait for a worktree."""
         worktree = None
-        if slot is not None and self.worktrees is not None:
-            priority = self.repo_priority(name)
-            if priority is not None:
-                worktree = self.worktrees.acquire(WORKTREES)
-                if worktree is None:  # the home has max_worktrees: wait, spending nothing
-                    self.ready.push(craftsman, priority, name)
-                    self.slots.release(craftsman, slot)
-                    return False
+        if key != craftsman and self.worktrees is not None:
+            worktree = self.worktrees.acquire(WORKTREES)
+            if worktree is None:  # the home has max_worktrees: wait where it is, spending nothing
+                self.slots.release(craftsman, slot)
+                return False
+        name = self.ready.pop(key)
         failure = None
         try:
             claim = self.spool.claim(name, self.worker_id)
@@ -103,7 +103,7 @@ class Dispatch:
             if failure is not None:
                 self.claim_failed(name, failure)
             return True
-        if craftsman == FAIL_NOW:
+        if key == FAIL_NOW:
             self.unroutable(claim)
             return True
         self.slot_of[claim.file_name] = (craftsman, slot, worktree)
@@ -124,6 +124,12 @@ class Dispatch:
         self.letting_go.discard(claim.file_name)
         self.revoked.discard(claim.file_name)
         self.after_attempt()
+
+    def slot(self, claim: Claim) -> object:
+        """The slot held for a claim's attempt (an endpoint's Lease, for a craftsman with
+        endpoints), or None."""
+        held = self.slot_of.get(claim.file_name)
+        return None if held is None else held[1]
 
     def claim_moved(self, name: str) -> None:
         """One of our claims left in_progress/ and we did not move it: abort its request."""

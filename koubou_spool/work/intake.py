@@ -25,7 +25,7 @@ from ..spool.files import (NAME_MAX, Claim, Refused, Spool, Unavailable, duplica
                            printable)
 from ..spool.ledger import LedgerWriter
 from ..spool.task import Task, UnreadableTask
-from ..spool.watcher import ReadyQueue, scan_order, settle_delay
+from ..spool.watcher import ReadyQueue, lane, scan_order, settle_delay
 from .routing import Routes
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class Intake:
         elif decision.craftsman is None:
             self.ready.push(FAIL_NOW, task.priority, name)
         elif decision.craftsman in self.serves:
-            self.ready.push(decision.craftsman, task.priority, name)
+            self.ready.push(lane(decision.craftsman, bool(task.repo)), task.priority, name)
             self._remember(name, info, task, None if task.files else decision)
         else:
             self.ready.discard(name)  # another worker serves that craftsman
@@ -240,11 +240,6 @@ class Intake:
         self.parsed[name] = (_signature(info), task, decision, self.budget.exhausted())
         if len(self.parsed) > PARSED_KEPT:
             del self.parsed[next(iter(self.parsed))]  # the oldest: bounded memory at any backlog
-
-    def repo_priority(self, name: str) -> int | None:
-        """The priority of a queued repository task (it needs a worktree), else None."""
-        kept = self.parsed.get(name)
-        return kept[1].priority if kept is not None and kept[1].repo else None
 
     def recalled(self, claim: Claim) -> tuple[Task, router.Route | None] | None:
         """The parse (and route, if still valid) from when the file was queued, if unchanged."""

@@ -47,6 +47,7 @@ class Attempt:
     route: router.Route
     home: str
     attachments: list[Attachment] = field(default_factory=list)
+    claim: str = ""  # the claim's file name: a CLI agent's processes carry it (KOUBOU_CLAIM)
 
 
 class Work(Protocol):
@@ -109,7 +110,10 @@ def base_request(attempt: Attempt, messages: list[dict[str, Any]],
         reasoning_effort=task.reasoning_effort or craftsman.reasoning_effort,
         confidential=attempt.route.confidential,
         workdir=workdir or f"{attempt.home}/outputs/{task.id}",
-        params=dict(task.params))
+        params=dict(task.params),
+        # A CLI agent's children carry it, so that whoever takes the claim over can find and
+        # stop what outlives a worker killed with -9 (spool.recovery.reap).
+        env={"KOUBOU_CLAIM": attempt.claim} if attempt.claim else {})
 
 
 def reply_fields(reply: Reply) -> dict[str, Any]:

@@ -70,8 +70,8 @@ class RepositoryWork:
         request = base_request(attempt, with_feedback(attempt, messages),
                                workdir=str(workspace.path))
         request.confidential = request.confidential or confidential
-        request.env = {"KOUBOU_WORKTREE": str(workspace.path),
-                       "KOUBOU_BASE_SHA": workspace.base_sha, "KOUBOU_BRANCH": workspace.branch}
+        request.env.update(KOUBOU_WORKTREE=str(workspace.path),
+                           KOUBOU_BASE_SHA=workspace.base_sha, KOUBOU_BRANCH=workspace.branch)
         request.writable = [str(workspace.mirror)]  # a sandboxed agent's commits land there
         return request
 

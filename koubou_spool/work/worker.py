@@ -27,6 +27,7 @@ from ..config import Config
 from ..craft import router
 from ..craft.backends import Backend, make_backend
 from ..craft.budget import BudgetSettings
+from ..craft.endpoints import CraftSlots
 from ..craft.limits import Budget, Slots
 from ..craft.spending import Spending
 from ..errors import KoubouError, UsageError
@@ -63,14 +64,12 @@ class Worker:
         self.stopping = False
         self.backends: dict[str, Backend] = {}
         self.backend_errors: dict[str, str] = {}
-        self.slots = Slots(home / "run" / "slots",
-                           {n: config.craftsmen[n].max_concurrent for n in self.serves})
+        self.slots = CraftSlots(home / "run", [config.craftsmen[n] for n in self.serves], self.wake)
         self.intake = Intake(self.spool, config, self.serves, self.budget, self.ledger, self.wake)
         self.worktrees = _worktree_slots(home, config)
         self.dispatch = Dispatch(self.spool, self.id, self.intake.ready, self.slots, self.serves,
                                  concurrency, self._start, self._unroutable, self.wake,
-                                 self.intake.claim_failed, self.worktrees,
-                                 self.intake.repo_priority)
+                                 self.intake.claim_failed, self.worktrees)
         self.publisher = Publisher(self.spool, self.ledger, config.hooks, self.dispatch.let_go)
         self.intake.give_back = lambda claim: self.publisher.requeue(claim, None)
         self.publisher.settled = self.wake
@@ -78,6 +77,7 @@ class Worker:
         self.attempts = Attempts(config, self.id, self.intake, self.publisher,
                                  Spending(self.budget, home), self.ledger, self.backends,
                                  self.backend_errors, self.dispatch.is_revoked)
+        self.attempts.slot_of = self.dispatch.slot
         self._finished = asyncio.Event()
         self._lock_fd = -1
         self._recovering: asyncio.Future | None = None
@@ -188,7 +188,8 @@ class Worker:
         patterns = router.sensitive_patterns(self.config)
         for name in self.serves:
             try:
-                self.backends[name] = make_backend(self.config.craftsmen[name], patterns)
+                self.backends[name] = make_backend(self.config.craftsmen[name], patterns,
+                                                   self.slots.pools.get(name))
             except KoubouError as exc:
                 # A missing key or backend fails that craftsman's tasks, not the whole worker.
                 self.backend_errors[name] = str(exc)
@@ -234,7 +235,7 @@ class Worker:
         os.utime(self._lock_fd, (now, now))
         state = "stopping" if self.stopping else "running"
         self.ledger.heartbeat(self.id, state, len(self.dispatch.in_flight), self.publisher.done,
-                              self.publisher.failed, now)
+                              self.publisher.failed, now, self.slots.endpoints())
         self._recover()
         if self.budget.settings.enabled:  # the mark is the home's: another may have lifted it
             loop.run_in_executor(None, self.budget.recheck).add_done_callback(

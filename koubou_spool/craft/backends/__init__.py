@@ -26,6 +26,9 @@ class Request:
     params: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # and with these added to their environment
     writable: list[str] = field(default_factory=list)  # more paths a sandboxed agent may write
+    # The endpoint slot dispatch took for this attempt (craft.endpoints.Lease), for a craftsman
+    # with several endpoints: the request starts there and may move.
+    lease: Any = None
 
 
 @dataclass
@@ -45,12 +48,28 @@ class Reply:
 
 
 class BackendError(KoubouError):
-    """An attempt failed; `retryable` says whether another attempt may succeed."""
+    """An attempt failed; `retryable` says whether another attempt may succeed.
 
-    def __init__(self, message: str, *, kind: str = "backend", retryable: bool = False) -> None:
+    `endpoint_fault`: the server, not the request, failed (connection error, timeout, 5xx,
+    429), so another endpoint of the craftsman may answer; `reached`: the request got to the
+    server (not refused, not turned away by a 429); `retry_after`: seconds the server asked."""
+
+    def __init__(self, message: str, *, kind: str = "backend", retryable: bool = False,
+                 endpoint_fault: bool = False, reached: bool = True) -> None:
         super().__init__(message)
         self.kind = kind
         self.retryable = retryable
+        self.endpoint_fault = endpoint_fault
+        self.reached = reached
+        self.retry_after: float | None = None
+
+
+class Unavailable(BackendError):
+    """No endpoint of the craftsman can take the request now (all cooling, full or refusing
+    connections): the task goes back to pending/ without spending an attempt."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, kind="unavailable", retryable=True, reached=False)
 
 
 class Backend(Protocol):
@@ -98,11 +117,17 @@ class PolicyGuard:
         await self.inner.close()
 
 
-def make_backend(craftsman: Craftsman, patterns: tuple = ()) -> Backend:
-    """The backend for a craftsman; ConfigError when it cannot be set up (e.g. a missing key)."""
+def make_backend(craftsman: Craftsman, patterns: tuple = (), endpoints: Any = None) -> Backend:
+    """The backend for a craftsman; ConfigError when it cannot be set up (e.g. a missing key).
+
+    A craftsman with several endpoints needs their pool (craft.endpoints.EndpointPool): the
+    home-wide slots and cooldowns its requests are spread by."""
     if craftsman.backend == "echo":
         from .echo import EchoBackend
         backend: Backend = EchoBackend(craftsman)
+    elif craftsman.endpoints:
+        from .endpoints import EndpointsBackend
+        backend = EndpointsBackend(craftsman, endpoints)
     elif craftsman.backend == "openai":
         from .openai_chat import OpenAIChatBackend
         backend = OpenAIChatBackend(craftsman)

@@ -15,8 +15,10 @@ from typing import Any
 
 import openai
 
-from ...config import Craftsman
+from ...config import Craftsman, Endpoint
 from . import BackendError, Reply, Request, usage
+
+CONNECT_S = 5.0  # a host that drops packets is known dead after this, not after timeout_s
 
 # OpenAI's finish reasons. Anything else (vLLM's `abort`, `error`, a missing one) means the
 # server stopped for its own reasons: the answer cannot be trusted, another attempt may do.
@@ -24,13 +26,19 @@ FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter", "function_ca
 
 
 class OpenAIChatBackend:
-    """One AsyncOpenAI client per craftsman, pointed at its base_url."""
+    """One AsyncOpenAI client per craftsman, pointed at its base_url, or at one of its
+    endpoints: then the client's own retries are off, since the other endpoints are the
+    retries (craft/backends/endpoints.py) and its backoff would hold a request on a failing
+    host."""
 
-    def __init__(self, craftsman: Craftsman) -> None:
+    def __init__(self, craftsman: Craftsman, endpoint: Endpoint | None = None) -> None:
         self.craftsman = craftsman
-        self.client = openai.AsyncOpenAI(base_url=craftsman.base_url, api_key=craftsman.api_key(),
-                                         max_retries=craftsman.retries,
-                                         timeout=craftsman.timeout_s)
+        self.base_url = endpoint.base_url if endpoint else craftsman.base_url
+        self.endpoint = endpoint
+        self.client = openai.AsyncOpenAI(
+            base_url=self.base_url,
+            api_key=endpoint.api_key(craftsman.name) if endpoint else craftsman.api_key(),
+            max_retries=0 if endpoint else craftsman.retries, timeout=craftsman.timeout_s)
 
     async def complete(self, request: Request) -> Reply:
         """One chat completion; BackendError says whether another attempt may help."""
@@ -43,32 +51,57 @@ class OpenAIChatBackend:
             params["reasoning_effort"] = request.reasoning_effort
         try:
             raw = await self.client.chat.completions.with_raw_response.create(
-                **params, extra_body=request.params or None, timeout=request.timeout_s)
+                **params, extra_body=request.params or None, timeout=self._timeout(request))
             body = raw.http_response.json()
         except openai.APITimeoutError:
-            raise BackendError(f"no answer from {self.craftsman.base_url} within "
-                               f"{request.timeout_s:g} s", kind="timeout", retryable=True) from None
+            raise BackendError(f"no answer from {self.base_url} within "
+                               f"{request.timeout_s:g} s", kind="timeout", retryable=True,
+                               endpoint_fault=True) from None
         except openai.APIConnectionError as exc:
-            raise BackendError(f"cannot reach {self.craftsman.base_url}: {exc}",
-                               retryable=True) from None
+            raise BackendError(f"cannot reach {self.base_url}: {exc}", retryable=True,
+                               endpoint_fault=True, reached=False) from None
         except openai.APIStatusError as exc:
-            status = exc.status_code
-            raise BackendError(f"HTTP {status} from {self.craftsman.base_url}: {_message(exc)}",
-                               retryable=status in (408, 409, 429) or status >= 500) from None
+            raise self._status_error(exc) from None
         except ValueError:
-            raise BackendError(f"{self.craftsman.base_url} answered with a body that is not JSON",
+            raise BackendError(f"{self.base_url} answered with a body that is not JSON",
                                retryable=True) from None
         return self.reply(body, request.model)
+
+    def _timeout(self, request: Request) -> float | openai.Timeout:
+        """The attempt's timeout; for an endpoint, a shorter one to connect, so a host that
+        drops packets is left for another endpoint soon."""
+        if self.endpoint is None:
+            return request.timeout_s
+        return openai.Timeout(request.timeout_s, connect=min(request.timeout_s, CONNECT_S))
+
+    def _status_error(self, exc: openai.APIStatusError) -> BackendError:
+        status = exc.status_code
+        error = BackendError(f"HTTP {status} from {self.base_url}: {_message(exc)}",
+                             retryable=status in (408, 409, 429) or status >= 500,
+                             endpoint_fault=status == 429 or status >= 500,
+                             reached=status != 429)  # a 429 turned the request away unread
+        parse = getattr(self.client, "_parse_retry_after_header", None)
+        if status == 429 and parse is not None:  # as the client's retries read it: s, ms, a date
+            error.retry_after = parse(exc.response.headers)
+        return error
+
+    async def probe(self, timeout_s: float) -> bool:
+        """Whether GET /models answers within timeout_s: the check before traffic returns."""
+        try:
+            await self.client.models.list(timeout=timeout_s)
+        except openai.OpenAIError:
+            return False
+        return True
 
     def reply(self, body: Any, model: str) -> Reply:
         """The Reply a chat.completion body stands for; BackendError when it is no answer."""
         choices = body.get("choices") if isinstance(body, dict) else None
         if not choices or not isinstance(choices[0], dict):
-            raise BackendError(f"{self.craftsman.base_url} answered with no choices", retryable=True)
+            raise BackendError(f"{self.base_url} answered with no choices", retryable=True)
         choice = choices[0]
         finish_reason = choice.get("finish_reason")
         if finish_reason not in FINISH_REASONS:
-            raise BackendError(f"{self.craftsman.base_url} stopped with finish_reason "
+            raise BackendError(f"{self.base_url} stopped with finish_reason "
                                f"{finish_reason!r}, not one of OpenAI's "
                                f"({', '.join(FINISH_REASONS)}); the answer is not trusted",
                                retryable=True)

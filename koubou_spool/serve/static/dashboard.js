@@ -75,11 +75,20 @@ function showQueues(queues) {
 function showWorkers(workers, inFlight) {
   fill(document.querySelector("#workers tbody"), workers.map((w) => row([
     w.id, w.liveness, w.heartbeat_age_s == null ? "–" : w.heartbeat_age_s.toFixed(1) + " s ago",
-    (w.craftsmen || []).join(", "),
-    (w.endpoints || []).map((e) => e.base_url || e).join(", ") || "–",
-    w.done ?? "", w.failed ?? ""])));
+    (w.craftsmen || []).join(", "), w.done ?? "", w.failed ?? ""])));
   const flying = Object.entries(inFlight || {}).map(([c, n]) => c + ": " + n).join(", ");
   $("in-flight").textContent = flying ? "in flight: " + flying : "nothing in flight";
+}
+
+function showEndpoints(endpoints) {
+  // observe.gather.endpoint_figures: each endpoint of a craftsman, over the live workers
+  $("endpoints-section").hidden = !endpoints.length;
+  fill(document.querySelector("#endpoints tbody"), endpoints.map((e) => {
+    const line = row([e.craftsman, e.endpoint, e.cooling ? "resting" : "ready", e.requests,
+                      e.failures, e.in_flight]);
+    line.dataset.endpoint = e.endpoint;
+    return line;
+  }));
 }
 
 function bar(spent, limit) {
@@ -114,6 +123,7 @@ async function refreshOverview() {
   const facts = await api("/api/workers");
   showQueues(facts.queues || {});
   showWorkers(facts.workers || [], facts.in_flight);
+  showEndpoints(facts.endpoints || []);
   showBudget(facts.budget);
 }
 

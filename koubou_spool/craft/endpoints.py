@@ -1,0 +1,365 @@
+"""Several endpoints of one craftsman (PRODUCT.md §12): which one takes a request, and which rest.
+
+- Slots: `max_concurrent` per endpoint as lock files run/slots/<craftsman>@<key>/<n>, flocked
+  like craft.limits.Slots (the kernel drops a dead process's locks). A craftsman with endpoints
+  has no slots of its own: its capacity is their sum, and the slot dispatch takes before a
+  claim is a Lease on one endpoint, which the request may move to another.
+- Choice: the usable endpoint with the most free slots (times its weight), ties to the lowest
+  recent latency. Free slots are counted home-wide, so busy workers elsewhere count too (a
+  least-busy choice made from one process's view is what sent LiteLLM's traffic to one host).
+- Cooldown: run/endpoints/<craftsman>@<key>.json, the home's: a host one worker found dead is
+  skipped by every worker at its next choice, read from the file, never from a cache that lags
+  (a stat per choice; the file is read again only when it changed), and written whole
+  (spool.durable). It grows from COOL_FIRST_S,
+  doubling with each failure in a row, to COOL_MAX_S, and lasts at least the Retry-After.
+- Probe: when a cooldown ends, GET /models (PROBE_S) must answer before traffic returns; a
+  failed probe is one more failure in a row.
+- Every endpoint resting: acquire() gives None, and one timer wakes the worker when the first
+  cooldown ends; the tasks wait in pending/ without spending attempts. No polling.
+
+The key of an endpoint is a hash of its base_url, so reordering the config keeps its slots
+and its cooldown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Craftsman, Endpoint
+from ..spool import durable, permissions
+from .limits import MarkFile, Slots
+
+log = logging.getLogger(__name__)
+
+COOL_FIRST_S = 2.0
+COOL_MAX_S = 300.0
+PROBE_S = 3.0
+LATENCY_WEIGHT = 0.3  # of the newest request in the moving average
+
+
+def cooldown_s(failures: int, retry_after: float | None = None) -> float:
+    """How long an endpoint rests after `failures` in a row (at least what the server asked)."""
+    grown = min(COOL_MAX_S, COOL_FIRST_S * 2 ** max(0, failures - 1))
+    return max(grown, min(retry_after or 0.0, COOL_MAX_S))
+
+
+def endpoint_key(craftsman: str, endpoint: Endpoint) -> str:
+    """The endpoint's name in run/: its craftsman and a hash of its base_url."""
+    digest = hashlib.sha256(endpoint.base_url.encode()).hexdigest()[:12]
+    return f"{craftsman}@{digest}"
+
+
+def choose(free: list[int], weights: list[float], latency: list[float | None],
+           candidates: list[int]) -> int | None:
+    """The candidate with the most free slots times its weight, ties to the lowest latency (an
+    endpoint not yet measured counts as fastest, so it gets measured); None when none has a
+    free slot."""
+    open_ = [i for i in candidates if free[i] > 0]
+    if not open_:
+        return None
+    return min(open_, key=lambda i: (-free[i] * weights[i], latency[i] or 0.0, i))
+
+
+class Rest(MarkFile):
+    """One endpoint's cooldown file: {until, failures, probed, reason}; absent when well.
+
+    A record the disk refused is kept in memory, so this process at least honours its own
+    rest (without it, a dead host would be picked again at once, and tasks claimed and given
+    back in a loop)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._unwritten: dict | None = None
+
+    def read(self) -> dict | None:
+        """The record on disk, else the one the disk refused, else None (well)."""
+        found = super().read()
+        return found if found is not None else self._unwritten
+
+    def parse(self, obj: dict) -> dict:
+        """The record with its types checked."""
+        return {"until": float(obj["until"]), "failures": int(obj["failures"]),
+                "probed": bool(obj.get("probed")), "reason": str(obj.get("reason", ""))}
+
+    def write(self, record: dict) -> None:
+        """Replace the record whole; a failure to write only costs a repeated try."""
+        try:
+            durable.write_atomic(self.path, json.dumps(record).encode())
+            self._unwritten = None
+        except OSError as exc:
+            self._unwritten = record
+            log.warning("cannot write %s: %s", self.path, exc.strerror)
+
+    def clear(self) -> None:
+        """The endpoint is well again."""
+        self._unwritten = None
+        super().clear()
+
+
+@dataclass
+class Lease:
+    """One endpoint slot held for one request: which endpoint (`index`) and which slot."""
+
+    index: int
+    slot: int
+
+
+@dataclass
+class Figures:
+    """What this process counted at one endpoint (for heartbeats, metrics, `koubou workers`)."""
+
+    requests: int = 0
+    failures: int = 0
+    in_flight: int = 0
+    latency_s: float | None = None  # moving average of answered requests
+
+
+class EndpointPool:
+    """The endpoints of one craftsman in this process: their slots, rests, probes, figures.
+
+    `probe(index)` is set by the backend (it has the clients); `wake` is the worker's, called
+    when an endpoint may take traffic again."""
+
+    def __init__(self, craftsman: Craftsman, run: Path,
+                 wake: Callable[[], None] = lambda: None) -> None:
+        self.craftsman = craftsman
+        self.endpoints = list(craftsman.endpoints)
+        self.keys = [endpoint_key(craftsman.name, e) for e in self.endpoints]
+        self.slots = Slots(run / "slots", {k: e.max_concurrent
+                                           for k, e in zip(self.keys, self.endpoints, strict=True)})
+        rests = run / "endpoints"
+        permissions.make_dir(rests, permissions.OWNER_DIR, parents=True)
+        self.rests = [Rest(rests / f"{key}.json") for key in self.keys]
+        self.figures = [Figures() for _ in self.endpoints]
+        self.wake = wake
+        self.probe: Callable[[int], Awaitable[bool]] | None = None
+        self._probing: dict[int, asyncio.Task] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+
+    # --- choosing -----------------------------------------------------------------------------
+
+    def acquire(self, exclude: set[int] = frozenset()) -> Lease | None:
+        """A slot at the best usable endpoint not in `exclude`; None when none has one (then a
+        timer wakes the worker when the first rest ends, or a freed slot's outcome does)."""
+        candidates = [i for i in range(len(self.endpoints))
+                      if i not in exclude and self.usable(i)]
+        free = [0] * len(self.endpoints)
+        taken: dict[int, int] = {}
+        for index in candidates:
+            free[index], taken[index] = self._count_free(index)
+        best = choose(free, [e.weight for e in self.endpoints],
+                      [f.latency_s for f in self.figures], candidates)
+        for index, slot in taken.items():
+            if index != best and slot >= 0:
+                self.slots.release(self.keys[index], slot)
+        return None if best is None else Lease(best, taken[best])
+
+    def _count_free(self, index: int) -> tuple[int, int]:
+        """Free slots of the endpoint, home-wide, and one of them taken (-1 if none)."""
+        key = self.keys[index]
+        first = self.slots.acquire(key)
+        if first is None:
+            return 0, -1
+        free, probes = 1, []
+        while (slot := self.slots.acquire(key)) is not None:
+            probes.append(slot)
+            free += 1
+        for slot in probes:
+            self.slots.release(key, slot)
+        return free, first
+
+    def move(self, lease: Lease, tried: set[int]) -> bool:
+        """Move the lease to the best usable endpoint not yet tried; False when none has room."""
+        better = self.acquire(tried | {lease.index})
+        if better is None:
+            return False
+        self.release(lease)
+        lease.index, lease.slot = better.index, better.slot
+        return True
+
+    def release(self, lease: Lease) -> None:
+        """Give the lease's slot back."""
+        self.slots.release(self.keys[lease.index], lease.slot)
+
+    def usable(self, index: int) -> bool:
+        """Whether the endpoint takes traffic: well, or probed since its rest. A rest that has
+        ended starts a probe and wakes the worker when it answers; one still running sets the
+        timer for its end."""
+        record = self.rests[index].read()
+        if record is None or record["probed"]:
+            return True
+        if record["until"] <= time.time():
+            self._start_probe(index)
+        else:
+            self._wake_at(record["until"])
+        return False
+
+    # --- what happened --------------------------------------------------------------------------
+
+    def sent(self, index: int) -> None:
+        """A request left for the endpoint."""
+        figures = self.figures[index]
+        figures.requests += 1
+        figures.in_flight += 1
+
+    def answered(self, index: int, seconds: float) -> None:
+        """The endpoint answered: its latency is remembered, and a trial after a probe is over.
+        An answer to a request sent before a rest began does not end the rest: a 429 must keep
+        every request away for its Retry-After, whatever was already in flight."""
+        figures = self.figures[index]
+        figures.in_flight -= 1
+        figures.latency_s = seconds if figures.latency_s is None else (
+            LATENCY_WEIGHT * seconds + (1 - LATENCY_WEIGHT) * figures.latency_s)
+        record = self.rests[index].read()
+        if record is not None and record["probed"]:
+            self.rests[index].clear()
+
+    def aborted(self, index: int) -> None:
+        """A request was cancelled (its claim revoked, the worker stopping): no verdict."""
+        self.figures[index].in_flight -= 1
+
+    def failed(self, index: int, reason: str, retry_after: float | None = None) -> float:
+        """The endpoint failed (connection, timeout, 5xx, 429): it rests, for every worker of
+        the home; returns for how long."""
+        figures = self.figures[index]
+        figures.in_flight -= 1
+        figures.failures += 1
+        return self._rest(index, reason, retry_after)
+
+    def _rest(self, index: int, reason: str, retry_after: float | None = None) -> float:
+        """Start a rest, one failure longer than the last; during a rest, the failures of
+        requests already in flight are the same failure (a dead host fails them all at once)
+        and only a longer Retry-After lengthens it."""
+        record = self.rests[index].read()
+        now = time.time()
+        if record is not None and not record["probed"] and record["until"] > now:  # resting
+            if not retry_after or now + retry_after <= record["until"]:
+                return record["until"] - now
+            failures, seconds = record["failures"], min(retry_after, COOL_MAX_S)
+        else:
+            failures = (record["failures"] if record else 0) + 1
+            seconds = cooldown_s(failures, retry_after)
+        until = now + seconds
+        self.rests[index].write({"until": until, "failures": failures, "probed": False,
+                                 "reason": reason[:300]})
+        log.warning("endpoint %s of %s rests %.1f s: %s", self.endpoints[index].base_url,
+                    self.craftsman.name, seconds, reason)
+        return seconds
+
+    # --- probes and the timer ----------------------------------------------------------------------
+
+    def _start_probe(self, index: int) -> None:
+        if self.probe is None or index in self._probing:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._probing[index] = loop.create_task(self._probe(index))
+
+    async def _probe(self, index: int) -> None:
+        try:
+            well = await self.probe(index)
+        except Exception as exc:  # a bug in a probe must not leave the endpoint resting forever
+            log.exception("probe of %s failed", self.endpoints[index].base_url)
+            well = False
+            reason = f"probe failed: {exc}"
+        else:
+            reason = "probe: GET /models did not answer"
+        finally:
+            self._probing.pop(index, None)
+        if well:
+            record = self.rests[index].read()
+            if record is not None:
+                self.rests[index].write({**record, "probed": True})
+            log.info("endpoint %s of %s answered its probe; traffic returns",
+                     self.endpoints[index].base_url, self.craftsman.name)
+            self.wake()
+        else:
+            self._wake_at(time.time() + self._rest(index, reason))
+
+    def _wake_at(self, when: float) -> None:
+        """One timer, at the earliest rest's end."""
+        if self._timer is not None and self._timer_at <= when and self._timer_at > time.time():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = loop.call_later(max(0.0, when - time.time()) + 0.01, self._timer_due)
+
+    def _timer_due(self) -> None:
+        self._timer = None
+        self.wake()
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def state(self) -> list[dict]:
+        """Each endpoint: its base_url, slots, this process's figures, and its rest if any."""
+        now = time.time()
+        shown = []
+        for endpoint, figures, rest in zip(self.endpoints, self.figures, self.rests, strict=True):
+            record = rest.read()
+            cooling = record is not None and not record["probed"]
+            shown.append({
+                "base_url": endpoint.base_url, "max_concurrent": endpoint.max_concurrent,
+                "requests": figures.requests, "failures": figures.failures,
+                "in_flight": figures.in_flight,
+                "latency_ms": None if figures.latency_s is None else round(figures.latency_s * 1000, 1),
+                "cooling": cooling,
+                "cooling_s": round(max(0.0, record["until"] - now), 1) if cooling else 0.0,
+                "reason": record["reason"] if record else None})
+        return shown
+
+    def close(self) -> None:
+        """Cancel the timer and probes; release every slot lock."""
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in self._probing.values():
+            task.cancel()
+        self.slots.close()
+
+
+class CraftSlots:
+    """The slots dispatch takes for the craftsmen one worker serves: craft.limits.Slots for a
+    craftsman with one base_url, an EndpointPool's Lease for one with several endpoints."""
+
+    def __init__(self, run: Path, craftsmen: list[Craftsman],
+                 wake: Callable[[], None] = lambda: None) -> None:
+        self.pools = {c.name: EndpointPool(c, run, wake) for c in craftsmen if c.endpoints}
+        self.plain = Slots(run / "slots", {c.name: c.max_concurrent for c in craftsmen
+                                           if not c.endpoints})
+
+    def acquire(self, craftsman: str) -> int | Lease | None:
+        """A free slot of the craftsman (home-wide), or None when none can be had now."""
+        pool = self.pools.get(craftsman)
+        return pool.acquire() if pool is not None else self.plain.acquire(craftsman)
+
+    def release(self, craftsman: str, slot: int | Lease) -> None:
+        """Give a slot back."""
+        pool = self.pools.get(craftsman)
+        if pool is not None:
+            pool.release(slot)
+        else:
+            self.plain.release(craftsman, slot)
+
+    def endpoints(self) -> dict[str, list[dict]]:
+        """Each pool's endpoints as `EndpointPool.state` shows them."""
+        return {name: pool.state() for name, pool in self.pools.items()}
+
+    def close(self) -> None:
+        """Release every lock."""
+        for pool in self.pools.values():
+            pool.close()
+        self.plain.close()

@@ -1,0 +1,586 @@
+"""The cluster queue: tasks that cross hosts, in one PostgreSQL database (docs/CLUSTER.md).
+
+Every PostgreSQL statement of koubou lives in this module, as every SQLite one lives in
+ledger.py. Each operation is one statement, hence one transaction, on an autocommit connection:
+
+- claim: `FOR UPDATE SKIP LOCKED` on the best pending row of the craftsmen a worker serves; the
+  attempt number rises by one and the lease runs on the database's clock, never a host's;
+- publish and requeue: fenced by (id, attempt) while in progress, so a revoked lease changes
+  nothing; wake-ups are sent by pg_notify inside the same transaction, so only for what committed;
+- the budget: one conditional UPDATE of the cluster's budget row (READ COMMITTED re-checks its
+  WHERE against the committed row when it waited for another reservation).
+
+Connection loss is ClusterUnavailable: the caller's local work goes on, and it asks again later.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from ..errors import KoubouError
+from . import task as task_format
+from .task import Task
+
+log = logging.getLogger(__name__)
+
+TASKS_CHANNEL = "koubou_tasks"  # payload: the craftsman a task waits for
+OUTCOMES_CHANNEL = "koubou_outcomes"  # payload: the origin host of a finished task
+CHANNELS = (TASKS_CHANNEL, OUTCOMES_CHANNEL)
+MIGRATION_LOCK = 0x6B6F75626F75  # "koubou": the advisory lock first connects migrate under
+CONNECT_TIMEOUT_S = 5
+# A cut-off host sees no FIN: keepalives end a silent connection in about 11 s, not 2 hours.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
+              "keepalives_count": 3}
+BACKOFF_S = (0.1, 5.0)  # reconnecting: from, doubling up to
+BUDGET_ROW = "cluster"
+
+MIGRATIONS: list[tuple[str, str]] = [
+    ("0001_tasks_and_budget", """
+        CREATE TABLE cluster_tasks (
+            id text PRIMARY KEY,
+            seq bigserial NOT NULL,
+            origin text NOT NULL,
+            craftsman text NOT NULL,
+            priority integer NOT NULL,
+            state text NOT NULL DEFAULT 'pending'
+                CHECK (state IN ('pending', 'in_progress', 'completed', 'failed')),
+            attempt integer NOT NULL DEFAULT 0,
+            max_attempts integer NOT NULL,
+            not_before timestamptz,
+            body bytea NOT NULL,
+            worker_id text,
+            host text,
+            submitted_at timestamptz NOT NULL DEFAULT now(),
+            claimed_at timestamptz,
+            lease_until timestamptz,
+            finished_at timestamptz,
+            outcome jsonb,
+            delivered_at timestamptz);
+        CREATE INDEX cluster_tasks_ready ON cluster_tasks (craftsman, priority DESC, seq)
+            WHERE state = 'pending';
+        CREATE INDEX cluster_tasks_leases ON cluster_tasks (lease_until)
+            WHERE state = 'in_progress';
+        CREATE INDEX cluster_tasks_undelivered ON cluster_tasks (origin, finished_at)
+            WHERE state IN ('completed', 'failed') AND delivered_at IS NULL;
+        CREATE TABLE cluster_workers (
+            id text PRIMARY KEY, host text NOT NULL, pid integer, craftsmen text[],
+            started_at timestamptz NOT NULL DEFAULT now(),
+            heartbeat_at timestamptz NOT NULL DEFAULT now());
+        CREATE TABLE cluster_budget (
+            scope text PRIMARY KEY, day text NOT NULL, day_usd numeric NOT NULL,
+            month text NOT NULL, month_usd numeric NOT NULL);
+        INSERT INTO cluster_budget VALUES ('cluster', '', 0, '', 0);
+        CREATE TABLE cluster_reservations (
+            id bigserial PRIMARY KEY, task_id text, attempt integer, craftsman text, host text,
+            day text NOT NULL, month text NOT NULL, reserved_usd numeric NOT NULL,
+            cost_usd numeric, settled boolean NOT NULL DEFAULT false,
+            at timestamptz NOT NULL DEFAULT now());
+        CREATE INDEX cluster_reservations_open ON cluster_reservations (task_id)
+            WHERE NOT settled;
+    """),
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class ClusterUnavailable(KoubouError, ConnectionError):
+    """PostgreSQL cannot be reached (down, restarting, cut off): local work goes on."""
+
+
+class ClusterSchemaError(KoubouError, RuntimeError):
+    """The database holds a schema this koubou does not know (a newer koubou made it)."""
+
+
+class Submission(NamedTuple):
+    """A task leaving its host: the craftsman it was routed to, the attempts it may use."""
+
+    task: Task
+    craftsman: str
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class ClusterClaim:
+    """A lease on one task: `attempt` is the fencing token."""
+
+    task_id: str
+    attempt: int
+    worker_id: str
+    craftsman: str
+    origin: str
+    body: bytes
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A finished task waiting to be written into its origin host's spool."""
+
+    task_id: str
+    state: str
+    outcome: dict[str, Any]
+    attempt: int
+
+
+# --- connections and the schema ------------------------------------------------------------
+
+def connect(dsn: str, *, autocommit: bool = True) -> psycopg.Connection:
+    """A connection with a bounded connect time and keepalives; ClusterUnavailable if none."""
+    try:
+        return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT_S,
+                               **KEEPALIVES)
+    except psycopg.OperationalError as exc:
+        raise unavailable(exc) from None
+
+
+def unavailable(exc: Exception) -> ClusterUnavailable:
+    """The error a lost or refused connection becomes: one sentence, the server's reason."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ClusterUnavailable(f"the cluster's PostgreSQL cannot be reached ({reason}); local "
+                              "work goes on, cross-host tasks wait until it is back")
+
+
+def close_quietly(conn: psycopg.Connection | None) -> None:
+    """Close a connection that may have failed already: its error says nothing more."""
+    if conn is not None:
+        try:
+            conn.close()
+        except psycopg.Error as exc:
+            log.debug("closing a failed connection: %s", exc)
+
+
+def migrate(conn: psycopg.Connection) -> list[str]:
+    """Apply the migrations not yet recorded, each in its own transaction, under an advisory
+    lock so that hosts connecting for the first time together apply each once; their names."""
+    conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS cluster_migrations "
+                     "(name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+        done = {row[0] for row in conn.execute("SELECT name FROM cluster_migrations")}
+        unknown = done - {name for name, _ in MIGRATIONS}
+        if unknown:
+            raise ClusterSchemaError(
+                f"the cluster database has migrations this koubou does not know "
+                f"({', '.join(sorted(unknown))}): upgrade koubou on this host")
+        applied = []
+        for name, script in MIGRATIONS:
+            if name in done:
+                continue
+            with conn.transaction():
+                conn.execute(script)
+                conn.execute("INSERT INTO cluster_migrations (name) VALUES (%s)", (name,))
+            applied.append(name)
+        return applied
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+
+
+def schema_version(conn: psycopg.Connection) -> int:
+    """How many of the migrations the database holds (0: none yet)."""
+    exists = conn.execute("SELECT to_regclass('cluster_migrations') IS NOT NULL").fetchone()[0]
+    if not exists:
+        return 0
+    return conn.execute("SELECT count(*) FROM cluster_migrations").fetchone()[0]
+
+
+# --- the statements ----------------------------------------------------------------------------
+
+SUBMIT = """
+    WITH new AS (
+        INSERT INTO cluster_tasks (id, origin, craftsman, priority, max_attempts, not_before, body)
+        SELECT * FROM unnest(%(ids)s::text[], %(origins)s::text[], %(craftsmen)s::text[],
+                             %(priorities)s::int[], %(max_attempts)s::int[],
+                             %(not_before)s::timestamptz[], %(bodies)s::bytea[])
+        ON CONFLICT (id) DO NOTHING
+        RETURNING id, craftsman)
+    SELECT id, pg_notify('koubou_tasks', craftsman) FROM new"""
+
+CLAIM = """
+    UPDATE cluster_tasks SET state = 'in_progress', attempt = attempt + 1, worker_id = %(worker)s,
+        host = %(host)s, claimed_at = now(), lease_until = now() + make_interval(secs => %(lease)s)
+    WHERE id = (
+        SELECT id FROM cluster_tasks
+        WHERE state = 'pending' AND craftsman = ANY(%(craftsmen)s::text[])
+            AND (not_before IS NULL OR not_before <= now())
+        ORDER BY priority DESC, seq LIMIT 1
+        FOR UPDATE SKIP LOCKED)
+    RETURNING id, attempt, craftsman, origin, body, max_attempts"""
+
+RENEW = """
+    UPDATE cluster_tasks SET lease_until = now() + make_interval(secs => %(lease)s)
+    WHERE id = %(id)s AND attempt = %(attempt)s AND state = 'in_progress'"""
+
+RENEW_ALL = """
+    WITH renewed AS (
+        UPDATE cluster_tasks SET lease_until = now() + make_interval(secs => %(lease)s)
+        WHERE worker_id = %(worker)s AND state = 'in_progress'
+        RETURNING id, attempt),
+    beat AS (
+        UPDATE cluster_workers SET heartbeat_at = now() WHERE id = %(worker)s)
+    SELECT id, attempt FROM renewed"""
+
+# A lease past its end goes back to pending with its attempt counted (the next claim raises it),
+# or fails as lost once max_attempts claims were spent, like the file spool's recovery.
+TAKE_BACK = """
+    WITH expired AS (
+        SELECT id FROM cluster_tasks
+        WHERE state = 'in_progress' AND lease_until < now()
+        FOR UPDATE SKIP LOCKED),
+    back AS (
+        UPDATE cluster_tasks t SET
+            state = CASE WHEN t.attempt >= t.max_attempts THEN 'failed' ELSE 'pending' END,
+            outcome = CASE WHEN t.attempt >= t.max_attempts THEN
+                convert_from(t.body, 'UTF8')::jsonb || jsonb_build_object(
+                    'status', 'failed', 'error', jsonb_build_object(
+                        'kind', 'lost', 'attempts', t.attempt, 'at', %(at)s::text,
+                        'message', 'the lease of its last attempt ran out (worker ' ||
+                            coalesce(t.worker_id, '?') || ' on ' || coalesce(t.host, '?') ||
+                            ' died or was cut off)'))
+                END,
+            finished_at = CASE WHEN t.attempt >= t.max_attempts THEN now() END,
+            worker_id = NULL, lease_until = NULL
+        FROM expired WHERE t.id = expired.id
+        RETURNING t.id, t.state, t.craftsman, t.origin)
+    SELECT id, state, pg_notify(
+        CASE WHEN state = 'pending' THEN 'koubou_tasks' ELSE 'koubou_outcomes' END,
+        CASE WHEN state = 'pending' THEN craftsman ELSE origin END) FROM back"""
+
+PUBLISH = """
+    WITH done AS (
+        UPDATE cluster_tasks SET state = %(state)s, outcome = %(outcome)s, finished_at = now(),
+            lease_until = NULL
+        WHERE id = %(id)s AND attempt = %(attempt)s AND state = 'in_progress'
+        RETURNING origin)
+    SELECT pg_notify('koubou_outcomes', origin) FROM done"""
+
+# Whether a publish that got no answer (the reply lost in a restart) had committed: only the
+# holder of this attempt can have finished the task under it.
+PUBLISHED_BY = """
+    SELECT 1 FROM cluster_tasks WHERE id = %(id)s AND attempt = %(attempt)s
+        AND worker_id = %(worker)s AND state IN ('completed', 'failed')"""
+
+REQUEUE = """
+    WITH back AS (
+        UPDATE cluster_tasks SET state = 'pending', worker_id = NULL, lease_until = NULL
+        WHERE id = %(id)s AND attempt = %(attempt)s AND state = 'in_progress'
+        RETURNING craftsman)
+    SELECT pg_notify('koubou_tasks', craftsman) FROM back"""
+
+UNDELIVERED = """
+    SELECT id, state, outcome, attempt FROM cluster_tasks
+    WHERE origin = %(origin)s AND state IN ('completed', 'failed') AND delivered_at IS NULL
+    ORDER BY finished_at, id LIMIT %(limit)s"""
+
+MARK_DELIVERED = """
+    UPDATE cluster_tasks SET delivered_at = now()
+    WHERE origin = %(origin)s AND id = ANY(%(ids)s::text[]) AND delivered_at IS NULL
+        AND state IN ('completed', 'failed')"""
+
+# The row's spend in the period asked for. A period only moves forward: a host whose clock lags
+# (still yesterday at midnight) counts in the row's newer period, never resets it to its own,
+# so two hosts either side of midnight cannot take turns starting the day from nothing.
+# ISO dates and months sort as text.
+_DAY = "(CASE WHEN %(day)s > day THEN 0 ELSE day_usd END + %(amount)s)"
+_MONTH = "(CASE WHEN %(month)s > month THEN 0 ELSE month_usd END + %(amount)s)"
+RESERVE = f"""
+    WITH taken AS (
+        UPDATE cluster_budget SET day_usd = {_DAY}, month_usd = {_MONTH},
+            day = greatest(day, %(day)s), month = greatest(month, %(month)s)
+        WHERE scope = %(scope)s
+            AND (%(daily)s::numeric IS NULL OR {_DAY} <= %(daily)s::numeric)
+            AND (%(monthly)s::numeric IS NULL OR {_MONTH} <= %(monthly)s::numeric)
+        RETURNING day, month)
+    INSERT INTO cluster_reservations (task_id, attempt, craftsman, host, day, month, reserved_usd)
+    SELECT %(task)s, %(attempt)s, %(craftsman)s, %(host)s, day, month, %(amount)s FROM taken
+    RETURNING id"""
+
+SETTLE = """
+    WITH r AS (
+        UPDATE cluster_reservations SET settled = true, cost_usd = coalesce(%(cost)s, reserved_usd)
+        WHERE id = %(id)s AND NOT settled
+        RETURNING day, month, coalesce(%(cost)s, reserved_usd) - reserved_usd AS delta)
+    UPDATE cluster_budget b SET
+        day_usd = greatest(0, b.day_usd + CASE WHEN b.day = r.day THEN r.delta ELSE 0 END),
+        month_usd = greatest(0, b.month_usd + CASE WHEN b.month = r.month THEN r.delta ELSE 0 END)
+    FROM r WHERE b.scope = %(scope)s"""
+
+
+# --- the queue ---------------------------------------------------------------------------------
+
+class Cluster:
+    """One host's handle on the cluster database; one connection, opened on first use and
+    again after it was lost. Every method raises ClusterUnavailable while it cannot be reached."""
+
+    def __init__(self, dsn: str, *, host: str, lease_s: float = 60.0) -> None:
+        self.dsn = dsn
+        self.host = host
+        self.lease_s = float(lease_s)
+        self._conn: psycopg.Connection | None = None
+
+    @classmethod
+    def open(cls, dsn: str, *, host: str, lease_s: float = 60.0) -> Cluster:
+        """A handle whose database has the schema (created on the first connect)."""
+        cluster = cls(dsn, host=host, lease_s=lease_s)
+        cluster._run(migrate)
+        return cluster
+
+    def close(self) -> None:
+        """Close the connection."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _run(self, operation: Any, *args: Any) -> Any:
+        """operation(conn, *args) on the open connection; a lost one is dropped (the next call
+        connects again) and becomes ClusterUnavailable."""
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self.dsn)
+        try:
+            return operation(self._conn, *args)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            self.close_quietly()
+            raise unavailable(exc) from None
+
+    def close_quietly(self) -> None:
+        """Drop a connection that failed, whatever state it is in."""
+        conn, self._conn = self._conn, None
+        close_quietly(conn)
+
+    def _rows(self, sql: str, params: dict[str, Any]) -> list[tuple]:
+        def query(conn: psycopg.Connection) -> list[tuple]:
+            cursor = conn.execute(sql, params)
+            return cursor.fetchall() if cursor.description else []
+        return self._run(query)
+
+    def _count(self, sql: str, params: dict[str, Any]) -> int:
+        return self._run(lambda conn: conn.execute(sql, params).rowcount)
+
+    # --- the task's path ---------------------------------------------------------------------
+
+    def submit(self, submissions: Iterable[Submission]) -> list[tuple[str, str, bool]]:
+        """Queue tasks in one transaction; (id, state, new) each. An id already there, in any
+        state, queues nothing and reports its state: submitting again is safe."""
+        items = list(submissions)
+        if not items:
+            return []
+        now = time.time()
+        bodies = [task_format.encode({**item.task.raw, "submitted_at": item.task.raw.get(
+            "submitted_at") or task_format.iso(now)}) for item in items]
+        params = {
+            "ids": [item.task.id for item in items], "origins": [self.host] * len(items),
+            "craftsmen": [item.craftsman for item in items],
+            "priorities": [item.task.priority for item in items],
+            "max_attempts": [item.max_attempts for item in items],
+            "not_before": [_timestamp(item.task.not_before) for item in items],
+            "bodies": bodies}
+        new = {row[0] for row in self._rows(SUBMIT, params)}
+        states = self.states([i for i in params["ids"] if i not in new])
+        results = []
+        for task_id in params["ids"]:  # an id twice in one batch is new only the first time
+            results.append((task_id, states.get(task_id, "pending"), task_id in new))
+            new.discard(task_id)
+        return results
+
+    def claim(self, worker_id: str, craftsmen: Sequence[str]) -> ClusterClaim | None:
+        """Lease the best pending task of these craftsmen (priority, then submit order); None
+        when there is none. Locked rows are skipped, so claimers never wait on each other."""
+        rows = self._rows(CLAIM, {"worker": worker_id, "host": self.host, "lease": self.lease_s,
+                                  "craftsmen": list(craftsmen)})
+        if not rows:
+            return None
+        task_id, attempt, craftsman, origin, body, max_attempts = rows[0]
+        return ClusterClaim(task_id, attempt, worker_id, craftsman, origin, bytes(body),
+                            max_attempts)
+
+    def renew(self, claim: ClusterClaim) -> bool:
+        """Extend one lease by lease_s from now; False when it was revoked: stop working on it."""
+        return self._count(RENEW, {"id": claim.task_id, "attempt": claim.attempt,
+                                   "lease": self.lease_s}) == 1
+
+    def heartbeat(self, worker_id: str, claims: Iterable[ClusterClaim]) -> list[ClusterClaim]:
+        """Renew every lease of a worker and its registration in one statement; the claims of
+        `claims` that were revoked meanwhile."""
+        held = {(task_id, attempt) for task_id, attempt in self._rows(
+            RENEW_ALL, {"worker": worker_id, "lease": self.lease_s})}
+        return [c for c in claims if (c.task_id, c.attempt) not in held]
+
+    def take_back_expired(self) -> list[tuple[str, str]]:
+        """Take back every lease past its end: (id, 'pending' or 'failed') each; waiters are
+        woken. Any process may run it; concurrent runs split the rows between them."""
+        rows = self._rows(TAKE_BACK, {"at": task_format.iso(time.time())})
+        return [(task_id, state) for task_id, state, _ in rows]
+
+    def publish(self, claim: ClusterClaim, record: dict[str, Any]) -> bool:
+        """Publish a claim's outcome record (completed or failed); False, and nothing changed,
+        when its lease was revoked (the fence). Safe to call again after ClusterUnavailable."""
+        params = {"id": claim.task_id, "attempt": claim.attempt, "worker": claim.worker_id,
+                  "state": record["status"], "outcome": Jsonb(record)}
+        if self._rows(PUBLISH, params):
+            return True
+        return bool(self._rows(PUBLISHED_BY, params))
+
+    def requeue(self, claim: ClusterClaim) -> bool:
+        """Give a leased task back to pending (its attempt stays counted); False if revoked."""
+        return bool(self._rows(REQUEUE, {"id": claim.task_id, "attempt": claim.attempt}))
+
+    # --- outcomes back to their origin --------------------------------------------------------
+
+    def undelivered(self, limit: int = 500) -> list[Delivery]:
+        """This host's finished tasks not yet written into its spool, oldest first."""
+        rows = self._rows(UNDELIVERED, {"origin": self.host, "limit": limit})
+        return [Delivery(task_id, state, outcome, attempt)
+                for task_id, state, outcome, attempt in rows]
+
+    def mark_delivered(self, task_ids: Iterable[str]) -> int:
+        """Note outcomes as written durably into this host's spool: only after they are."""
+        return self._count(MARK_DELIVERED, {"origin": self.host, "ids": list(task_ids)})
+
+    # --- lookups and workers -------------------------------------------------------------------
+
+    def states(self, task_ids: Iterable[str]) -> dict[str, str]:
+        """The state of each of these ids that is in the cluster."""
+        ids = list(task_ids)
+        if not ids:
+            return {}
+        return dict(self._rows("SELECT id, state FROM cluster_tasks WHERE id = ANY(%(ids)s)",
+                               {"ids": ids}))
+
+    def counts(self) -> dict[str, int]:
+        """Tasks in each state, across the cluster."""
+        counts = dict.fromkeys(("pending", "in_progress", "completed", "failed"), 0)
+        counts.update(self._rows("SELECT state, count(*) FROM cluster_tasks GROUP BY state", {}))
+        return counts
+
+    def register_worker(self, worker_id: str, pid: int, craftsmen: Sequence[str]) -> None:
+        """Register (or re-register) a worker of this host."""
+        self._count("""
+            INSERT INTO cluster_workers (id, host, pid, craftsmen) VALUES (%(id)s, %(host)s,
+                %(pid)s, %(craftsmen)s)
+            ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid,
+                craftsmen = excluded.craftsmen, heartbeat_at = now()""",
+            {"id": worker_id, "host": self.host, "pid": pid, "craftsmen": list(craftsmen)})
+
+    def clock_skew(self) -> float:
+        """This host's clock minus the database's, in seconds (half a round trip of error)."""
+        before = time.time()
+        server = self._rows("SELECT extract(epoch FROM clock_timestamp())::float8", {})[0][0]
+        after = time.time()
+        return (before + after) / 2 - server
+
+    # --- the budget ------------------------------------------------------------------------------
+
+    def reserve(self, *, task_id: str, attempt: int, craftsman: str, amount: float, day: str,
+                month: str, daily_limit: float | None,
+                monthly_limit: float | None) -> tuple[str, float]:
+        """Reserve a call's worst-case cost against the cluster's budget in one conditional
+        UPDATE: ("ok", reservation id), or ("budget", 0) when it does not fit what is left."""
+        rows = self._rows(RESERVE, {
+            "scope": BUDGET_ROW, "task": task_id, "attempt": attempt, "craftsman": craftsman,
+            "host": self.host, "amount": amount, "day": day, "month": month,
+            "daily": daily_limit, "monthly": monthly_limit})
+        return ("ok", float(rows[0][0])) if rows else ("budget", 0.0)
+
+    def settle(self, reservation_id: float, cost: float | None) -> None:
+        """Replace a reservation by the real cost (unknown cost: the reservation stands), in
+        the period it was reserved in."""
+        self._count(SETTLE, {"scope": BUDGET_ROW, "id": int(reservation_id), "cost": cost})
+
+    def spent(self, day: str, month: str) -> tuple[float, float]:
+        """Reserved and spent so far in this day and month (or the newer ones the cluster is in
+        already), across the cluster."""
+        day_usd, month_usd = self._rows(
+            "SELECT CASE WHEN %(day)s > day THEN 0 ELSE day_usd END, CASE WHEN %(month)s > month"
+            " THEN 0 ELSE month_usd END FROM cluster_budget WHERE scope = %(scope)s",
+            {"day": day, "month": month, "scope": BUDGET_ROW})[0]
+        return float(day_usd), float(month_usd)
+
+
+def _timestamp(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+
+# --- wake-ups ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Wake:
+    """What a wait brought: notifications (channel, payload), or `recheck` after a (re)connect,
+    when notifications sent meanwhile may have been missed: look once, then wait again."""
+
+    notices: tuple[tuple[str, str], ...] = ()
+    recheck: bool = False
+
+
+class Wakeups:
+    """One LISTEN connection on the cluster's channels. No polling: `wait` blocks on the socket
+    until a notification or its timeout (the caller's heartbeat)."""
+
+    def __init__(self, dsn: str, channels: Sequence[str] = CHANNELS) -> None:
+        unknown = set(channels) - set(CHANNELS)
+        if unknown:
+            raise ValueError(f"unknown channels {sorted(unknown)}")
+        self.dsn = dsn
+        self.channels = tuple(channels)
+        self._conn: psycopg.Connection | None = None
+        self._backoff = BACKOFF_S[0]
+        self._listened = False
+        self.reconnects = 0  # connections made after the first: for tests and metrics
+
+    def wait(self, timeout: float | None) -> Wake:
+        """Block until notifications come, or timeout. While the server cannot be reached this
+        retries with a growing pause; the first wait after a connection is made returns
+        `recheck` at once."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._conn is None:
+            if self._listen():
+                return Wake(recheck=True)
+            pause = self._backoff
+            self._backoff = min(self._backoff * 2, BACKOFF_S[1])
+            if deadline is not None:
+                pause = min(pause, deadline - time.monotonic())
+                if pause <= 0:
+                    return Wake()
+            time.sleep(pause)
+        return self._receive(deadline)
+
+    def _listen(self) -> bool:
+        try:
+            conn = connect(self.dsn)
+        except ClusterUnavailable as exc:
+            log.debug("%s", exc)
+            return False
+        try:
+            for channel in self.channels:
+                conn.execute(f"LISTEN {channel}")  # names from CHANNELS only, checked above
+        except psycopg.Error:
+            conn.close()
+            return False
+        if self._listened:
+            self.reconnects += 1
+        self._conn, self._backoff, self._listened = conn, BACKOFF_S[0], True
+        return True
+
+    def _receive(self, deadline: float | None) -> Wake:
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        notices = []
+        try:
+            for notify in self._conn.notifies(timeout=remaining, stop_after=1):
+                notices.append((notify.channel, notify.payload))
+            if notices:  # take what else has arrived, without waiting
+                notices.extend((n.channel, n.payload) for n in self._conn.notifies(timeout=0))
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            log.info("cluster wake-ups lost their connection (%s); reconnecting", exc)
+            self.close()
+            return Wake(tuple(notices))
+        return Wake(tuple(notices))
+
+    def close(self) -> None:
+        """Stop listening."""
+        conn, self._conn = self._conn, None
+        close_quietly(conn)

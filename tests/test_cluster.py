@@ -1,0 +1,654 @@
+"""The cluster queue (koubou_spool/spool/cluster.py) against a real PostgreSQL server
+(tests/pgserver.py): the schema, claims, leases, the fence, delivery, wake-ups, the budget,
+faults (a server restarted mid-run, a claimer killed or frozen), and the origin's half of the
+bridge (koubou_spool/spool/bridge.py) between a real home and the cluster."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from koubou_spool.spool import home as home_module, task as task_format
+from koubou_spool.spool.files import Spool
+
+from conftest import Workers, read_json, submit, wait_outcomes, write_config
+import pgserver
+
+try:
+    from koubou_spool.spool import bridge, cluster
+except ImportError:  # psycopg missing: the pg_server fixture names the command that adds it
+    bridge = cluster = None
+
+CLAIMER = Path(__file__).parent / "cluster_claimer.py"
+LEASE_S = 1.0
+
+
+def tasks(count: int, craftsman: str = "echo", prefix: str = "t", **fields: object) -> list:
+    """Submissions of `count` tasks with ids PREFIX-0000..."""
+    return [cluster.Submission(task_format.validate(
+        {"id": f"{prefix}-{n:04d}", "content": f"task {n}", **fields}), craftsman)
+        for n in range(count)]
+
+
+def completed(claim: cluster.ClusterClaim) -> dict:
+    return {"id": claim.task_id, "content": "x", "status": "completed",
+            "result": {"content": "done", "worker_id": claim.worker_id, "attempts": claim.attempt}}
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    """For conditions no event announces (a lease running out on the server's clock)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not within {timeout} s"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def store(pg_dsn: str):
+    handle = cluster.Cluster.open(pg_dsn, host="host-a", lease_s=LEASE_S)
+    yield handle
+    handle.close()
+
+
+# --- the schema ----------------------------------------------------------------------------------
+
+def test_schema_is_created_on_first_connect_once_however_many_connect(pg_dsn: str) -> None:
+    errors: list[BaseException] = []
+    applied: list[list[str]] = []
+
+    def first_connect() -> None:
+        try:
+            conn = cluster.connect(pg_dsn)
+            applied.append(cluster.migrate(conn))
+            conn.close()
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_connect) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors
+    assert sorted(len(names) for names in applied) == [0] * 5 + [cluster.SCHEMA_VERSION]
+    with cluster.connect(pg_dsn) as conn:
+        assert cluster.schema_version(conn) == cluster.SCHEMA_VERSION
+        assert cluster.migrate(conn) == []
+
+
+def test_a_schema_newer_than_this_koubou_is_refused(store: cluster.Cluster, pg_dsn: str) -> None:
+    with cluster.connect(pg_dsn) as conn:
+        conn.execute("INSERT INTO cluster_migrations (name) VALUES ('9999_from_the_future')")
+        with pytest.raises(cluster.ClusterSchemaError, match="9999_from_the_future"):
+            cluster.migrate(conn)
+
+
+# --- submit and claim ----------------------------------------------------------------------------
+
+def test_submit_is_idempotent_on_the_id(store: cluster.Cluster) -> None:
+    assert store.submit(tasks(2)) == [("t-0000", "pending", True), ("t-0001", "pending", True)]
+    claim = store.claim("w1", ["echo"])
+    again = store.submit(tasks(3))
+    assert again == [("t-0000", "in_progress", False), ("t-0001", "pending", False),
+                     ("t-0002", "pending", True)]
+    assert store.publish(claim, completed(claim))
+    assert store.submit(tasks(1))[0] == ("t-0000", "completed", False)
+    assert store.submit(tasks(4)[3:] * 2) == [("t-0003", "pending", True),
+                                              ("t-0003", "pending", False)]
+    assert store.counts() == {"pending": 3, "in_progress": 0, "completed": 1, "failed": 0}
+
+
+def test_claims_go_by_craftsman_then_priority_then_submit_order(store: cluster.Cluster) -> None:
+    store.submit(tasks(2, "cloud", "c", priority=9))
+    store.submit(tasks(3, "echo", "low", priority=2) + tasks(2, "echo", "high", priority=8))
+    order = []
+    while (claim := store.claim("w1", ["echo"])) is not None:
+        order.append(claim.task_id)
+        assert (claim.attempt, claim.craftsman, claim.origin) == (1, "echo", "host-a")
+        assert task_format.decode(claim.body)["submitted_at"]
+    assert order == ["high-0000", "high-0001", "low-0000", "low-0001", "low-0002"]
+    assert store.counts()["pending"] == 2  # the cloud tasks wait for a host that serves cloud
+
+
+def test_a_task_not_before_its_time_is_not_claimed(store: cluster.Cluster) -> None:
+    store.submit(tasks(1, not_before=task_format.iso(time.time() + 3600)))
+    assert store.claim("w1", ["echo"]) is None
+
+
+def test_racing_claimers_each_task_goes_to_one(pg_dsn: str, store: cluster.Cluster) -> None:
+    count, claimers = 400, 8
+    store.submit(tasks(count))
+    taken: list[list[str]] = [[] for _ in range(claimers)]
+
+    def claim_all(n: int) -> None:
+        own = cluster.Cluster(pg_dsn, host=f"host-{n}", lease_s=60)
+        while (claim := own.claim(f"w{n}", ["echo"])) is not None:
+            taken[n].append(claim.task_id)
+        own.close()
+
+    threads = [threading.Thread(target=claim_all, args=(n,)) for n in range(claimers)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    elapsed = time.perf_counter() - started
+    every = [task_id for own in taken for task_id in own]
+    assert sorted(every) == [f"t-{n:04d}" for n in range(count)]  # each once, none lost
+    assert sum(1 for own in taken if own) > 1  # they really raced
+    print(f"\n{count} claims by {claimers} connections through SKIP LOCKED: "
+          f"{count / elapsed:.0f} claims/s")
+
+
+# --- leases and the fence ------------------------------------------------------------------------
+
+def test_a_heartbeat_renews_leases_and_names_the_revoked(store: cluster.Cluster) -> None:
+    store.submit(tasks(2))
+    first, second = store.claim("w1", ["echo"]), store.claim("w1", ["echo"])
+    time.sleep(LEASE_S * 0.6)
+    assert store.heartbeat("w1", [first, second]) == []
+    assert store.renew(first)
+    time.sleep(LEASE_S * 0.6)  # past the first lease's end, not the renewed one's
+    assert store.take_back_expired() == []
+    with cluster.connect(store.dsn) as conn:  # a cancel, say, revokes the second
+        conn.execute("UPDATE cluster_tasks SET state = 'pending', worker_id = NULL"
+                     " WHERE id = %s", (second.task_id,))
+    assert store.heartbeat("w1", [first, second]) == [second]
+    assert not store.renew(second)
+
+
+def test_an_expired_lease_is_taken_over_and_its_late_result_changes_nothing(
+        store: cluster.Cluster, pg_dsn: str) -> None:
+    store.submit(tasks(1))
+    slow = store.claim("w-slow", ["echo"])
+    assert store.take_back_expired() == []  # the lease still runs
+    wait_until(lambda: store.take_back_expired() == [("t-0000", "pending")], LEASE_S * 5,
+               "the lease's end")
+    other = cluster.Cluster(pg_dsn, host="host-b", lease_s=LEASE_S)
+    fresh = other.claim("w-fresh", ["echo"])
+    assert (fresh.task_id, fresh.attempt) == ("t-0000", 2)  # the attempt counted
+    late = completed(slow) | {"result": {"content": "late"}}
+    assert not store.publish(slow, late)
+    assert not store.requeue(slow)
+    assert other.publish(fresh, completed(fresh))
+    assert not store.publish(slow, late)  # after the real outcome too
+    [delivery] = store.undelivered()
+    assert delivery.outcome["result"]["worker_id"] == "w-fresh" and delivery.attempt == 2
+    other.close()
+
+
+def test_a_lease_that_expires_on_its_last_attempt_fails_as_lost(store: cluster.Cluster) -> None:
+    store.submit([cluster.Submission(task_format.validate({"id": "once", "content": "c"}),
+                                     "echo", max_attempts=1)])
+    store.claim("w1", ["echo"])
+    wait_until(lambda: store.take_back_expired() == [("once", "failed")], LEASE_S * 5,
+               "the lease's end")
+    [delivery] = store.undelivered()
+    assert delivery.state == "failed"
+    assert delivery.outcome["error"]["kind"] == "lost"
+    assert delivery.outcome["error"]["attempts"] == 1
+    assert delivery.outcome["content"] == "c"  # the task's fields kept, as in an outcome file
+    task_format.parse_iso(delivery.outcome["error"]["at"])
+
+
+def test_a_publish_repeated_after_a_lost_reply_is_still_ours(store: cluster.Cluster) -> None:
+    store.submit(tasks(1))
+    claim = store.claim("w1", ["echo"])
+    assert store.publish(claim, completed(claim))
+    assert store.publish(claim, completed(claim))  # as if the first commit's reply was lost
+    impostor = cluster.ClusterClaim(claim.task_id, claim.attempt, "w2", "echo", "host-a", b"", 3)
+    assert not store.publish(impostor, completed(impostor))
+
+
+def test_a_requeue_by_the_holder_keeps_the_attempt_counted(store: cluster.Cluster) -> None:
+    store.submit(tasks(1))
+    claim = store.claim("w1", ["echo"])
+    assert store.requeue(claim)
+    assert not store.publish(claim, completed(claim))  # given back: no longer ours
+    assert store.claim("w1", ["echo"]).attempt == 2
+
+
+def test_workers_register_and_heartbeat_and_the_clock_skew_is_measured(
+        store: cluster.Cluster, pg_dsn: str) -> None:
+    store.register_worker("w1", 1234, ["echo", "gpu"])
+    store.register_worker("w1", 1235, ["echo"])  # restarted under the same id
+    store.heartbeat("w1", [])
+    with cluster.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT host, pid, craftsmen, heartbeat_at >= started_at"
+                            " FROM cluster_workers").fetchall() == [("host-a", 1235, ["echo"], True)]
+    assert abs(store.clock_skew()) < 5  # one machine: only the round trip
+
+
+# --- outcomes back to their origin ---------------------------------------------------------------
+
+def test_outcomes_go_to_their_origin_until_it_has_written_them(pg_dsn: str) -> None:
+    host_a = cluster.Cluster.open(pg_dsn, host="host-a", lease_s=LEASE_S)
+    host_b = cluster.Cluster.open(pg_dsn, host="host-b", lease_s=LEASE_S)
+    host_a.submit(tasks(3, "gpu", "from-a"))
+    host_b.submit(tasks(1, "gpu", "from-b"))
+    while (claim := host_b.claim("w-b", ["gpu"])) is not None:  # host b serves gpu
+        assert host_b.publish(claim, completed(claim))
+    assert [d.task_id for d in host_a.undelivered()] == ["from-a-0000", "from-a-0001",
+                                                         "from-a-0002"]
+    assert [d.task_id for d in host_b.undelivered()] == ["from-b-0000"]
+    # host a wrote the first two, then went down before it wrote the third
+    assert host_a.mark_delivered(["from-a-0000", "from-a-0001", "from-b-0000"]) == 2
+    host_a.close()
+    back = cluster.Cluster(pg_dsn, host="host-a")  # host a returns
+    assert [d.task_id for d in back.undelivered()] == ["from-a-0002"]
+    assert back.mark_delivered(["from-a-0002"]) == 1
+    assert back.mark_delivered(["from-a-0002"]) == 0  # delivered once
+    assert back.undelivered() == []
+    back.close()
+    host_b.close()
+
+
+# --- wake-ups ------------------------------------------------------------------------------------
+
+def wait_into(wakeups: cluster.Wakeups, woke: list) -> None:
+    woke.append((wakeups.wait(10), time.perf_counter()))
+
+
+def test_a_waiter_wakes_within_milliseconds_of_a_submit_elsewhere(pg_dsn: str,
+                                                                  store: cluster.Cluster) -> None:
+    wakeups = cluster.Wakeups(pg_dsn)
+    assert wakeups.wait(5) == cluster.Wake(recheck=True)  # listening: look once, then wait
+    delays = []
+    for n in range(20):
+        woke: list[tuple[cluster.Wake, float]] = []
+        waiter = threading.Thread(target=wait_into, args=(wakeups, woke))
+        waiter.start()
+        time.sleep(0.02)  # let it block on the socket
+        sent = time.perf_counter()
+        store.submit(tasks(1, "gpu", f"n{n}"))
+        waiter.join(timeout=10)
+        wake, at = woke[0]
+        assert wake.notices == ((cluster.TASKS_CHANNEL, "gpu"),)
+        delays.append(at - sent)
+    delays.sort()
+    assert delays[len(delays) // 2] < 0.5  # generous: the figure is printed, not judged
+    print(f"\nNOTIFY wake-up, submit to waiter: p50 {delays[10] * 1000:.2f} ms, "
+          f"max {delays[-1] * 1000:.2f} ms (submit's commit included)")
+    wakeups.close()
+
+
+def test_an_idle_wait_returns_at_its_timeout_with_nothing(pg_dsn: str) -> None:
+    wakeups = cluster.Wakeups(pg_dsn, [cluster.OUTCOMES_CHANNEL])
+    assert wakeups.wait(5).recheck
+    started = time.monotonic()
+    assert wakeups.wait(0.3) == cluster.Wake()
+    assert 0.25 < time.monotonic() - started < 3
+    wakeups.close()
+
+
+@pytest.mark.parametrize("how", [signal.SIGQUIT, signal.SIGKILL], ids=["immediate", "killed"])
+def test_after_a_server_restart_the_listener_reconnects_and_rechecks_once(
+        pg_server, pg_dsn: str, store: cluster.Cluster, how: int) -> None:
+    wakeups = cluster.Wakeups(pg_dsn)
+    assert wakeups.wait(5).recheck
+    pg_server.stop(how)  # an immediate shutdown, or the postmaster killed: a crash either way
+    assert wakeups.wait(5) == cluster.Wake()  # the connection is gone
+    assert wakeups.wait(0.2) == cluster.Wake()  # still down: it waited, nothing more
+    pg_server.start()
+    with pytest.raises(cluster.ClusterUnavailable):  # the store's connection died too
+        store.submit(tasks(1, "gpu", "in-the-gap"))
+    store.submit(tasks(1, "gpu", "in-the-gap"))  # a new connection; the NOTIFY reaches nobody
+    assert wakeups.wait(15) == cluster.Wake(recheck=True)
+    assert wakeups.reconnects == 1
+    assert store.claim("w1", ["gpu"]).task_id == "in-the-gap-0000"  # the one re-check finds it
+    woke: list = []
+    waiter = threading.Thread(target=lambda: woke.append(wakeups.wait(10)))
+    waiter.start()
+    time.sleep(0.05)
+    store.submit(tasks(1, "gpu", "after"))
+    waiter.join(timeout=10)
+    assert woke == [cluster.Wake(((cluster.TASKS_CHANNEL, "gpu"),))]  # wake-ups resume
+    wakeups.close()
+
+
+# --- the budget ----------------------------------------------------------------------------------
+
+def test_a_budget_raced_by_twelve_connections_never_passes_its_limit(pg_dsn: str) -> None:
+    limit, amount = 5.0, 0.07  # 71 reservations fit, the 72nd does not
+    granted: list[float] = []
+    lock = threading.Lock()
+
+    def spend(host: int, worker: int) -> None:
+        own = cluster.Cluster.open(pg_dsn, host=f"host-{host}")
+        while True:
+            verdict, _ = own.reserve(task_id=f"{host}-{worker}", attempt=1, craftsman="cloud",
+                                     amount=amount, day="2026-12-02", month="2026-12",
+                                     daily_limit=limit, monthly_limit=100.0)
+            if verdict != "ok":
+                break
+            with lock:
+                granted.append(amount)
+        own.close()
+
+    threads = [threading.Thread(target=spend, args=(h, w)) for h in range(3) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(granted) == 71 and sum(granted) <= limit
+    check = cluster.Cluster(pg_dsn, host="x")
+    day, month = check.spent("2026-12-02", "2026-12")
+    assert day == pytest.approx(71 * amount) and month == pytest.approx(71 * amount)
+    check.close()
+
+
+def test_settling_replaces_the_reservation_in_its_own_period(store: cluster.Cluster) -> None:
+    def reserve(amount: float, day: str) -> tuple[str, float]:
+        return store.reserve(task_id="t", attempt=1, craftsman="cloud", amount=amount, day=day,
+                             month="2026-12", daily_limit=1.0, monthly_limit=1.5)
+
+    verdict, first = reserve(0.8, "2026-12-01")
+    assert verdict == "ok" and reserve(0.3, "2026-12-01") == ("budget", 0.0)
+    store.settle(first, 0.1)
+    assert store.spent("2026-12-01", "2026-12") == pytest.approx((0.1, 0.1))
+    verdict, second = reserve(0.9, "2026-12-01")
+    assert verdict == "ok"
+    # a new day starts from nothing; the month carries on
+    assert reserve(0.6, "2026-12-02") == ("budget", 0.0)  # the month: 1.0 + 0.6 > 1.5
+    verdict, third = reserve(0.4, "2026-12-02")
+    assert verdict == "ok"
+    store.settle(second, None)  # yesterday's call, cost unknown: its reservation stands
+    store.settle(second, 0.0)  # settled once only
+    assert store.spent("2026-12-02", "2026-12") == pytest.approx((0.4, 1.4))
+
+
+def test_a_host_whose_clock_lags_at_midnight_never_restarts_the_day(pg_dsn: str) -> None:
+    ahead = cluster.Cluster.open(pg_dsn, host="ahead")
+    behind = cluster.Cluster(pg_dsn, host="behind")
+
+    def reserve(host: cluster.Cluster, day: str) -> str:
+        return host.reserve(task_id="t", attempt=1, craftsman="cloud", amount=0.6, day=day,
+                            month="2026-12", daily_limit=1.0, monthly_limit=None)[0]
+
+    assert reserve(behind, "2026-12-01") == "ok"
+    assert reserve(ahead, "2026-12-02") == "ok"  # a new day on the host that is ahead
+    assert reserve(behind, "2026-12-01") == "budget"  # counted in the new day: 1.2 > 1.0
+    assert reserve(ahead, "2026-12-02") == "budget"
+    assert behind.spent("2026-12-01", "2026-12") == pytest.approx((0.6, 1.2))
+    ahead.close()
+    behind.close()
+
+
+# --- faults --------------------------------------------------------------------------------------
+
+def run_claimer(store: cluster.Cluster, wakeups: cluster.Wakeups, worker: str,
+                published: collections.Counter, lock: threading.Lock, done: threading.Event,
+                errors: list) -> None:
+    """A worker's loop, as the bridge will run it: claim, publish, and when there is nothing
+    or the server is gone, wait on the wake-ups (which reconnect and re-check)."""
+    try:
+        while not done.is_set():
+            try:
+                store.take_back_expired()
+                claim = store.claim(worker, ["echo"])
+            except cluster.ClusterUnavailable:
+                wakeups.wait(LEASE_S)
+                continue
+            if claim is None:
+                wakeups.wait(LEASE_S)
+                continue
+            time.sleep(0.002)  # the craftsman's work
+            while True:  # a publish whose reply was lost is asked again: it knows its own
+                try:
+                    won = store.publish(claim, completed(claim))
+                    break
+                except cluster.ClusterUnavailable:
+                    wakeups.wait(0.2)
+            if won:
+                with lock:
+                    published[claim.task_id] += 1
+    except BaseException as exc:  # noqa: BLE001 (reported by the test)
+        errors.append(exc)
+
+
+def completed_count(store: cluster.Cluster) -> int:
+    try:
+        return store.counts()["completed"]
+    except cluster.ClusterUnavailable:  # the first look after the restart, on the old connection
+        return -1
+
+
+def test_a_postgres_restart_mid_run_loses_nothing_and_completes_nothing_twice(
+        pg_server, pg_dsn: str, store: cluster.Cluster) -> None:
+    count = 600
+    store.submit(tasks(count))
+    published: collections.Counter = collections.Counter()
+    lock, done, errors = threading.Lock(), threading.Event(), []
+    handles = [(cluster.Cluster(pg_dsn, host=f"host-{n}", lease_s=LEASE_S),
+                cluster.Wakeups(pg_dsn)) for n in range(3)]
+    threads = [threading.Thread(target=run_claimer, args=(own, wake, f"w{n}", published, lock,
+                                                          done, errors))
+               for n, (own, wake) in enumerate(handles)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: sum(published.values()) >= count // 4, 30, "a quarter of the tasks")
+    pg_server.stop(signal.SIGQUIT)  # a crash of the server, mid-run
+    stopped_at = sum(published.values())
+    pg_server.start()
+    wait_until(lambda: completed_count(store) == count, 40, "every task")
+    done.set()
+    for _, wake in handles:
+        wake.close()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert not errors
+    assert stopped_at < count  # the crash came mid-run
+    assert set(published) == {f"t-{n:04d}" for n in range(count)}
+    assert set(published.values()) == {1}  # none completed twice
+    assert store.counts() == {"pending": 0, "in_progress": 0, "completed": count, "failed": 0}
+    deliveries = store.undelivered(limit=count + 1)
+    assert len(deliveries) == count
+    again = sum(1 for d in deliveries if d.attempt > 1)
+    print(f"\n{count} tasks, server crashed after {stopped_at}: {again} ran a second attempt")
+
+
+def start_claimer(pg_dsn: str, worker: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
+    return subprocess.Popen([sys.executable, str(CLAIMER), pg_dsn, "host-c", worker, "echo",
+                             str(LEASE_S)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def test_a_claimer_killed_with_sigkill_has_its_lease_taken_over(pg_dsn: str,
+                                                              store: cluster.Cluster) -> None:
+    store.submit(tasks(1))
+    proc = start_claimer(pg_dsn, "w-doomed")
+    try:
+        assert proc.stdout.readline().split() == ["claimed", "t-0000", "1"]
+        proc.kill()
+        proc.wait(timeout=10)
+        assert store.claim("w-heir", ["echo"]) is None  # still leased to the dead
+        wait_until(lambda: store.take_back_expired() == [("t-0000", "pending")], LEASE_S * 5,
+                   "the dead claimer's lease end")
+        heir = store.claim("w-heir", ["echo"])
+        assert heir.attempt == 2
+        assert store.publish(heir, completed(heir))
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_a_frozen_claimer_that_wakes_after_its_lease_is_fenced_out(pg_dsn: str,
+                                                                  store: cluster.Cluster) -> None:
+    store.submit(tasks(1))
+    proc = start_claimer(pg_dsn, "w-frozen")
+    try:
+        assert proc.stdout.readline().split() == ["claimed", "t-0000", "1"]
+        proc.send_signal(signal.SIGSTOP)  # a paused VM, a swapped-out host
+        wait_until(lambda: store.take_back_expired() == [("t-0000", "pending")], LEASE_S * 5,
+                   "the frozen claimer's lease end")
+        heir = store.claim("w-heir", ["echo"])
+        proc.send_signal(signal.SIGCONT)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().split() == ["published", "False"]
+        assert proc.wait(timeout=10) == 0
+        assert store.publish(heir, completed(heir))
+        assert store.undelivered()[0].outcome["result"]["worker_id"] == "w-heir"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+# --- the origin's half of the bridge: a home's files and the cluster -----------------------------
+
+@pytest.fixture
+def origin(isolated_env: Path) -> Spool:
+    """The file spool of the submitting host."""
+    home_module.init(isolated_env)
+    return Spool.open(isolated_env)
+
+
+def serve_remotely(pg_dsn: str, craftsman: str = "gpu") -> list[str]:
+    """Another host's worker: runs every pending task of the craftsman; the ids it finished."""
+    other = cluster.Cluster(pg_dsn, host="host-b", lease_s=LEASE_S)
+    done = []
+    while (claim := other.claim("w-b", [craftsman])) is not None:
+        record = task_format.decode(claim.body) | {"status": "completed", "result": {
+            "content": "from host b", "worker_id": "w-b", "attempts": claim.attempt}}
+        assert other.publish(claim, record)
+        done.append(claim.task_id)
+    other.close()
+    return done
+
+
+def test_a_task_forwarded_from_a_home_comes_back_into_its_completed(
+        origin: Spool, store: cluster.Cluster, pg_dsn: str) -> None:
+    task_id = submit(origin, id="across", content="for the gpu host")
+    assert bridge.forward(origin, store, "across.json", "gpu", "bridge-a") == "across"
+    assert [name for name, _ in origin.claims()][0].startswith("across.json@bridge-a")
+    assert store.states(["across"]) == {"across": "pending"}
+    assert serve_remotely(pg_dsn) == [task_id]
+    assert bridge.deliver(origin, store, "bridge-a") == ["across"]
+    record = read_json(origin.completed / "across.json")
+    assert record["result"]["content"] == "from host b" and record["content"] == "for the gpu host"
+    assert list(origin.claims()) == []
+    assert bridge.deliver(origin, store, "bridge-a") == []  # delivered once
+
+
+def test_an_outcome_written_before_a_crash_is_only_marked_when_delivered_again(
+        origin: Spool, store: cluster.Cluster, pg_dsn: str) -> None:
+    submit(origin, id="twice", content="c")
+    bridge.forward(origin, store, "twice.json", "gpu", "bridge-a")
+    serve_remotely(pg_dsn)
+    [delivery] = store.undelivered()
+    assert bridge.place(origin, delivery, "bridge-a")  # written; the bridge died before marking
+    before = (origin.completed / "twice.json").read_bytes()
+    assert bridge.deliver(origin, store, "bridge-a2") == ["twice"]
+    assert (origin.completed / "twice.json").read_bytes() == before
+    assert sorted(os.listdir(origin.failed)) == [] and store.undelivered() == []
+
+
+def test_a_host_that_was_down_gets_its_outcomes_when_it_returns(
+        origin: Spool, store: cluster.Cluster, pg_dsn: str) -> None:
+    for n in range(3):
+        submit(origin, id=f"away-{n}", content="c")
+        bridge.forward(origin, store, f"away-{n}.json", "gpu", "bridge-old")
+    # host a goes down; recovery had put one of the dead bridge's claims back in pending/
+    [(entry, _)] = [c for c in origin.claims() if c[0].startswith("away-2.json@")]
+    os.rename(origin.in_progress / entry, origin.pending / "away-2.json")
+    assert sorted(serve_remotely(pg_dsn)) == ["away-0", "away-1", "away-2"]
+    back = cluster.Cluster(pg_dsn, host="host-a")  # host a returns, with a new bridge
+    assert sorted(bridge.deliver(origin, back, "bridge-new")) == ["away-0", "away-1", "away-2"]
+    assert sorted(os.listdir(origin.completed)) == ["away-0.json", "away-1.json", "away-2.json"]
+    assert list(origin.claims()) == [] and os.listdir(origin.pending) == []
+    back.close()
+
+
+def test_a_lost_task_is_delivered_into_failed(origin: Spool, store: cluster.Cluster) -> None:
+    submit(origin, id="lost", content="c")
+    bridge.forward(origin, store, "lost.json", "gpu", "bridge-a", max_attempts=1)
+    store.claim("w-dies", ["gpu"])
+    wait_until(lambda: store.take_back_expired() == [("lost", "failed")], LEASE_S * 5,
+               "the lease's end")
+    assert bridge.deliver(origin, store, "bridge-a") == ["lost"]
+    assert read_json(origin.failed / "lost.json")["error"]["kind"] == "lost"
+
+
+def test_a_task_forwarded_while_the_cluster_is_down_waits_in_pending(pg_server,
+                                                                    origin: Spool) -> None:
+    down = cluster.Cluster(f"host=127.0.0.1 port={pgserver.free_port()} user=koubou dbname=x",
+                           host="host-a")
+    submit(origin, id="waits", content="c")
+    with pytest.raises(cluster.ClusterUnavailable, match="local work goes on"):
+        bridge.forward(origin, down, "waits.json", "gpu", "bridge-a")
+    assert os.listdir(origin.pending) == ["waits.json"] and list(origin.claims()) == []
+    assert "attempts" not in read_json(origin.pending / "waits.json")  # no attempt spent
+
+
+# --- the serving host's half, and two homes end to end -------------------------------------------
+
+def two_homes(tmp_path: Path) -> tuple[Spool, Spool]:
+    spools = []
+    for name in ("host-a", "host-b"):
+        home_module.init(tmp_path / name)
+        write_config(tmp_path / name)
+        spools.append(Spool.open(tmp_path / name))
+    return spools[0], spools[1]
+
+
+def test_a_task_dropped_on_one_home_runs_on_the_other_and_comes_back(
+        tmp_path: Path, pg_dsn: str, workers: Workers) -> None:
+    home_a, home_b = two_homes(tmp_path)
+    host_a = cluster.Cluster.open(pg_dsn, host="host-a", lease_s=30)
+    host_b = cluster.Cluster.open(pg_dsn, host="host-b", lease_s=30)
+    ids = [submit(home_a, id=f"e2e-{n}", content=f"echo me {n}", craftsman="echo")
+           for n in range(5)]
+    for task_id in ids:  # host a serves no echo, say: out they go
+        assert bridge.forward(home_a, host_a, f"{task_id}.json", "echo", "bridge-a") == task_id
+    workers.start(home_b.home)
+    leases = {}
+    while (lease := bridge.take_in(home_b, host_b, "bridge-b", ["echo"])) is not None:
+        leases[lease.task_id] = lease
+    assert sorted(leases) == ids
+    wait_outcomes(home_b, ids)  # host b's own worker ran them, from its pending/
+    assert bridge.renew(host_b, "bridge-b", leases) == []
+    assert sorted(bridge.send_back(home_b, host_b, leases)) == ids and leases == {}
+    assert sorted(bridge.deliver(home_a, host_a, "bridge-a")) == ids
+    for n, task_id in enumerate(ids):
+        record = read_json(home_a.completed / f"{task_id}.json")
+        assert record["status"] == "completed" and f"echo me {n}" in record["result"]["content"]
+        assert record["result"]["worker_id"] in home_b.worker_ids()  # host b's worker ran it
+    assert list(home_a.claims()) == [] and os.listdir(home_a.pending) == []
+    host_a.close()
+    host_b.close()
+
+
+def test_a_lease_lost_while_the_task_ran_is_fenced_then_sent_back_without_a_second_run(
+        tmp_path: Path, pg_dsn: str) -> None:
+    home_a, home_b = two_homes(tmp_path)
+    host_a = cluster.Cluster.open(pg_dsn, host="host-a", lease_s=LEASE_S)
+    host_b = cluster.Cluster.open(pg_dsn, host="host-b", lease_s=LEASE_S)
+    submit(home_a, id="slow", content="c", craftsman="echo")
+    bridge.forward(home_a, host_a, "slow.json", "echo", "bridge-a")
+    first = bridge.take_in(home_b, host_b, "bridge-b", ["echo"])
+    leases = {first.task_id: first}
+    wait_until(lambda: host_a.take_back_expired() == [("slow", "pending")], LEASE_S * 5,
+               "the lease's end")  # host b was too slow to renew
+    assert bridge.renew(host_b, "bridge-b", leases) == ["slow"] and leases == {}
+    # host b's worker finishes the task after all (here: the outcome written by hand)
+    claim = home_b.claim("slow.json", "worker-b")
+    record = task_format.decode(home_b.read_claim(claim)[0]) | {
+        "status": "completed", "result": {"content": "first run", "worker_id": "worker-b"}}
+    assert home_b.publish(claim, "slow", record)
+    second = bridge.take_in(home_b, host_b, "bridge-b", ["echo"])  # the same host again
+    assert second.attempt == 2 and os.listdir(home_b.pending) == []  # not queued twice
+    assert not host_b.publish(first, record)  # the revoked lease is fenced out
+    assert bridge.send_back(home_b, host_b, {"slow": second}) == ["slow"]
+    assert bridge.deliver(home_a, host_a, "bridge-a") == ["slow"]
+    assert read_json(home_a.completed / "slow.json")["result"]["content"] == "first run"
+    host_a.close()
+    host_b.close()
