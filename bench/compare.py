@@ -16,6 +16,7 @@ install. Figures are medians of the runs; compare them with each other, not with
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 import os
@@ -30,9 +31,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from peers import observe, systems  # noqa: E402  (huey and dirq are imported only in the venv)
@@ -58,12 +61,13 @@ class Plan:
     idle_s: float
     scale: tuple[int, ...]
     scale_sample: int
+    real_tasks: int
 
 
 FULL = Plan(runs=3, tasks=5000, seed_tasks=200, pickups=200, seed_pickups=5, idle_s=30,
-            scale=(500, 10_000, 100_000), scale_sample=500)
+            scale=(500, 10_000, 100_000), scale_sample=500, real_tasks=200)
 QUICK = Plan(runs=1, tasks=300, seed_tasks=40, pickups=20, seed_pickups=2, idle_s=5,
-             scale=(500, 2_000), scale_sample=200)
+             scale=(500, 2_000), scale_sample=200, real_tasks=50)
 
 
 def log(message: str) -> None:
@@ -329,24 +333,33 @@ def scale_all(make: Callable[[Path], System], base: Path, plan: Plan) -> dict:
 
 # --- the whole comparison ----------------------------------------------------------------------
 
-def makers() -> dict[str, Callable[[Path], System]]:
-    """Each system by key, built fresh in a directory."""
-    python, bin_dir = sys.executable, Path(sys.executable).parent
-    return {
-        "koubou_on": lambda d: systems.Koubou(d, True, python),
-        "koubou_off": lambda d: systems.Koubou(d, False, python),
-        "huey_thread": lambda d: systems.Huey(d, "thread", bin_dir),
-        "huey_process": lambda d: systems.Huey(d, "process", bin_dir),
-        "dirq": lambda d: systems.Dirq(d, python),
-        "seed": lambda d: systems.Seed(d, python),
-        "bare": lambda d: systems.Bare(d, python),
+def makers(consumers: int, baseline: Path | None) -> dict[str, Callable[[Path], System]]:
+    """Each system by key, built fresh in a directory; `consumers` processes (or workers) each.
+
+    With `baseline`, koubou is measured a second time from that source tree: the code before a
+    change, in the same run."""
+    python, bin_dir, n = sys.executable, Path(sys.executable).parent, consumers
+    every = {
+        "koubou_on": lambda d: systems.Koubou(d, True, python, n),
+        "koubou_off": lambda d: systems.Koubou(d, False, python, n),
     }
+    if baseline is not None:
+        every["before_on"] = lambda d: systems.Koubou(d, True, python, n, baseline, " before")
+        every["before_off"] = lambda d: systems.Koubou(d, False, python, n, baseline, " before")
+    return {**every,
+            "huey_thread": lambda d: systems.Huey(d, "thread", bin_dir, n),
+            "huey_process": lambda d: systems.Huey(d, "process", bin_dir, n),
+            "dirq": lambda d: systems.Dirq(d, python, n),
+            "seed": lambda d: systems.Seed(d, python),
+            "bare": lambda d: systems.Bare(d, python, True, n),
+            "bare_nofsync": lambda d: systems.Bare(d, python, False, n)}
 
 
-def measure(base: Path, plan: Plan) -> dict:
+def measure(base: Path, plan: Plan, args: argparse.Namespace) -> dict:
     """Every figure of every system, in one run."""
-    every = makers()
-    figures: dict = {"systems": {}, "plan": plan.__dict__}
+    baseline = Path(args.baseline).resolve() if args.baseline else None
+    every = makers(args.consumers, baseline)
+    figures: dict = {"systems": {}, "plan": plan.__dict__, "consumers": args.consumers}
     for key, make in every.items():
         n = plan.seed_tasks if key == "seed" else plan.tasks
         pickups = plan.seed_pickups if key == "seed" else plan.pickups
@@ -360,8 +373,98 @@ def measure(base: Path, plan: Plan) -> dict:
     log(f"idle: all {len(every)} systems at once for {plan.idle_s:g} s")
     for key, idle in idle_all(every, base, plan.idle_s).items():
         figures["systems"][key]["idle"] = idle
-    figures["scale"] = scale_all(every["koubou_off"], base, plan)
+    sources = {"after": None, **({"before": baseline} if baseline else {})}
+    figures["http_pickup"] = {label: http_pickup(base, plan, source)
+                              for label, source in sources.items()}
+    figures["scale"] = scale_all(lambda d: systems.Koubou(d, False, sys.executable), base, plan)
+    figures["real"] = {label: real_engine(base, plan, source) for label, source in sources.items()}
     return figures
+
+
+# --- pickup to an HTTP backend, next to the bare client -----------------------------------------
+
+def http_pickup(base: Path, plan: Plan, source: Path | None) -> dict:
+    """Rename into pending/ -> request at a loopback fake, next to the bare openai client's own
+    call -> arrival at the same fake; one koubou pickup, then one client call, alternately."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fake_openai import FakeOpenAI
+    fake = FakeOpenAI().start()
+    system = systems.Koubou(base / f"http-{source is not None}", True, sys.executable,
+                            source=source, base_url=fake.base_url)
+    client = subprocess.Popen([sys.executable, str(ROOT / "bench" / "peers" / "bare_client.py"),
+                               fake.base_url], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    arrivals = system.arrivals()
+    rng = random.Random(7)
+    spool_ms, client_ms = [], []
+    label = "before" if source else "after"
+    try:
+        system.start()
+        probe(system, arrivals)
+        client.stdin.write("warm\n")
+        client.stdin.flush()
+        client.stdout.readline()
+        log(f"http pickup ({label}): {plan.pickups} koubou pickups and as many bare-client calls")
+        for i in range(plan.pickups * plan.runs):
+            prepared = system.prepare(f"h{i:05d}")
+            time.sleep(rng.uniform(0.005, 0.05))
+            fake.request_seen.clear()
+            renamed = time.time()
+            system.submit(prepared)
+            spool_ms.append((arrival(fake) - renamed) * 1000)
+            observe.wait_one(arrivals, f"h{i:05d}", 60)
+            time.sleep(rng.uniform(0.005, 0.05))
+            fake.request_seen.clear()
+            client.stdin.write(f"{i}\n")
+            client.stdin.flush()
+            arrived = arrival(fake)
+            called = float(client.stdout.readline().split()[1])
+            client_ms.append((arrived - called) * 1000)
+    finally:
+        client.stdin.close()
+        client.wait(10)
+        system.stop()
+        arrivals.close()
+        fake.stop()
+        shutil.rmtree(system.dir, ignore_errors=True)
+    return {"koubou_p50": percentile(spool_ms, 50), "koubou_p99": percentile(spool_ms, 99),
+            "client_p50": percentile(client_ms, 50), "client_p99": percentile(client_ms, 99),
+            "n": len(spool_ms)}
+
+
+def arrival(fake: Any) -> float:
+    """When the next request reached the fake server."""
+    if not fake.request_seen.wait(30):
+        raise TimeoutError("no request reached the fake server in 30 s")
+    with fake.lock:
+        return fake.requests[-1]["at"]
+
+
+# --- one request at a time on the real engine ---------------------------------------------------
+
+def real_engine(base: Path, plan: Plan, source: Path | None) -> dict | None:
+    """bench/real_server.py's max_concurrent 1 row: the spool against the bare client on the
+    tests' llama.cpp engine, median of the runs; None when the engine is not built."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import realengine
+    import real_server
+    if not realengine.is_built():
+        log("real engine: not built (python3 tests/realengine.py --build); row left out")
+        return None
+    (base / "server").mkdir(exist_ok=True)
+    ratios, direct_rates, spool_rates = [], [], []
+    with realengine.serving(base / "server") as base_url:
+        asyncio.run(real_server.direct(base_url, 20, 1))
+        for run in range(plan.runs):
+            log(f"real engine ({'before' if source else 'after'}), run {run + 1}/{plan.runs}")
+            plain = asyncio.run(real_server.direct(base_url, plan.real_tasks, 1))
+            spooled = real_server.through_spool(base / f"real-{run}-{source is not None}",
+                                                base_url, plan.real_tasks, 1, source)
+            direct_rates.append(plain["tasks_per_s"])
+            spool_rates.append(spooled["tasks_per_s"])
+            ratios.append(spooled["tasks_per_s"] / plain["tasks_per_s"])
+    return {"direct": statistics.median(direct_rates), "spool": statistics.median(spool_rates),
+            "ratio": statistics.median(ratios), "tasks": plan.real_tasks}
 
 
 # --- the table ---------------------------------------------------------------------------------
@@ -371,22 +474,43 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
-def targets(f: dict) -> list[tuple[str, str, str, str]]:
-    """(target, measured, wanted, verdict) for each of the issue's targets."""
+def ratio_rows(f: dict, key: str) -> list[tuple[str, str, str, str]]:
+    """The issue's targets for one koubou (key "koubou" or "before"), each a ratio of this run."""
     s, rows = f["systems"], []
-    for key in ("koubou_on", "koubou_off"):
-        p = s[key]["pickup"]
-        rows.append((f"{s[key]['name']}: pickup p50 (rename -> outcome file)", f"{p['p50']:.2f} ms",
-                     "<= 1 ms", verdict(p["p50"] <= 1)))
-        rows.append((f"{s[key]['name']}: pickup p99", f"{p['p99']:.2f} ms", "<= 5 ms",
-                     verdict(p["p99"] <= 5)))
-    huey = max(s["huey_thread"]["throughput"]["e2e"], s["huey_process"]["throughput"]["e2e"])
-    off = s["koubou_off"]["throughput"]["e2e"]
-    rows.append(("throughput fsync off / Huey's best", f"{off / huey:.2f}x", ">= 2x",
-                 verdict(off >= 2 * huey)))
-    on, bare = s["koubou_on"]["throughput"]["e2e"], s["bare"]["throughput"]["e2e"]
-    rows.append(("throughput fsync on / bare loop with fsync", f"{100 * on / bare:.0f} %", ">= 80 %",
-                 verdict(on >= 0.8 * bare)))
+    on, off = f"{key}_on", f"{key}_off"
+    if on not in s:
+        return rows
+    tag = " (before)" if key == "before" else ""
+    bare_on, bare_off = s["bare"]["throughput"]["drain"], s["bare_nofsync"]["throughput"]["drain"]
+    ratio = s[on]["throughput"]["drain"] / bare_on
+    rows.append((f"fsync on: drain / bare loop fsync every step{tag}", f"{ratio:.2f}x", ">= 1.2x",
+                 verdict(ratio >= 1.2)))
+    ratio = s[off]["throughput"]["drain"] / bare_off
+    rows.append((f"fsync off: drain / bare loop no fsync{tag}", f"{ratio:.2f}x", ">= 0.75x",
+                 verdict(ratio >= 0.75)))
+    huey_cpu = min(s["huey_thread"]["throughput"]["cpu_1k"], s["huey_process"]["throughput"]["cpu_1k"])
+    cpu = s[off]["throughput"]["cpu_1k"]
+    rows.append((f"fsync off: CPU s / 1k tasks, koubou / Huey's lower{tag}",
+                 f"{cpu:.2f} / {huey_cpu:.2f}", "<= 1x", verdict(cpu <= huey_cpu)))
+    label = "before" if key == "before" else "after"
+    http = f.get("http_pickup", {}).get(label)
+    if http:
+        for p, limit in (("p50", 0.5), ("p99", 2.0)):
+            over = http[f"koubou_{p}"] - http[f"client_{p}"]
+            rows.append((f"pickup {p}: rename -> request at the fake, above the bare client{tag}",
+                         f"{http[f'koubou_{p}']:.2f} - {http[f'client_{p}']:.2f} = {over:+.2f} ms",
+                         f"<= {limit:g} ms", verdict(over <= limit)))
+    real = f.get("real", {}).get(label)
+    if real:
+        rows.append((f"real engine, max_concurrent 1: spool / bare client{tag}",
+                     f"{real['spool']:.1f} / {real['direct']:.1f} = {real['ratio']:.2f}x", ">= 0.95x",
+                     verdict(real["ratio"] >= 0.95)))
+    return rows
+
+
+def targets(f: dict) -> list[tuple[str, str, str, str]]:
+    """(target, measured, wanted, verdict) for each target, koubou now and (if measured) before."""
+    s, rows = f["systems"], [*ratio_rows(f, "koubou"), *ratio_rows(f, "before")]
     idle_s = f["plan"]["idle_s"]
     heartbeats = idle_s / HEARTBEAT_S
     for key in ("koubou_on", "koubou_off"):
@@ -395,11 +519,12 @@ def targets(f: dict) -> list[tuple[str, str, str, str]]:
                      f"{idle['cpu_percent']:.3f} %", "<= 0.5 %", verdict(idle["cpu_percent"] <= 0.5)))
         # Measured on a lone idle worker: each heartbeat wakes the ledger writer once and the
         # event loop once or twice (the timer, then the writer's hand-back), and nothing else
-        # does. The window can also catch the tail of a heartbeat begun just before it.
+        # does. The window can also catch the tail of a heartbeat begun just before it. Each
+        # consumer process has its own heartbeats.
         beats = math.ceil(heartbeats) + 1
-        allowed = 3 * beats
+        allowed = 3 * beats * f["consumers"]
         rows.append((f"{s[key]['name']}: wake-ups while idle", f"{idle['wakeups']}",
-                     f"<= {allowed} ({beats} heartbeats x 3 wake-ups)",
+                     f"<= {allowed} ({beats} heartbeats x 3 wake-ups x {f['consumers']})",
                      verdict(idle["wakeups"] <= allowed)))
     scale = f["scale"]
     small, large = min(scale, key=int), max(scale, key=int)
@@ -426,8 +551,6 @@ def system_rows(f: dict) -> list[list[str]]:
                      f"{p['p50']:.2f}", f"{p['p99']:.2f}", f"{p['n']}", f"{t['cpu_1k']:.2f}",
                      f"{i['cpu_percent']:.3f}", f"{i['wakeups']}", f"{i['after_idle_ms']:.1f}",
                      f"{t['twice'] + p['twice']}"])
-    rows.append(["target (koubou)", "", "2x huey/80% bare", "", "<= 1", "<= 5", "", "",
-                 "<= 0.5", "heartbeats", "", "0"])
     return rows
 
 
@@ -435,12 +558,14 @@ def print_table(f: dict, wall_s: float) -> None:
     """The one table, with the machine, the method notes and the targets."""
     plan = f["plan"]
     print(f"machine: {f['machine']}")
-    print(f"runs: median of {plan['runs']}; peers: {f['peers']}\n")
+    print(f"load average at the start / end: {f['load_start']} / {f['load_end']}")
+    print(f"runs: median of {plan['runs']}; {f['consumers']} consumer processes (Huey: workers) "
+          f"per system; peers: {f['peers']}\n")
     print_grid(["system", "tasks", "e2e tasks/s", "drain tasks/s", "pickup p50 ms", "p99 ms",
                 "pickups", "CPU s/1k tasks", f"idle CPU % ({plan['idle_s']:g} s)", "idle wake-ups",
                 "1st pickup after idle ms", "run twice"], system_rows(f))
-    for key in ("koubou_on", "koubou_off"):
-        p = f["systems"][key]["pickup"]
+    for key in ("koubou_on", "koubou_off", "before_on", "before_off"):
+        p = f["systems"].get(key, {}).get("pickup", {})
         if "claim_p50" in p:
             print(f"  {f['systems'][key]['name']}: rename -> claim (IN_MOVED_TO in in_progress/) "
                   f"p50 {p['claim_p50']:.2f} ms, p99 {p['claim_p99']:.2f} ms")
@@ -450,9 +575,22 @@ def print_table(f: dict, wall_s: float) -> None:
              f"{s['p99']:.2f}", f"{s['rss']:.1f}"] for n, s in f["scale"].items()]
     print_grid(["pending", "submit tasks/s", "claim tasks/s", "pickup p50 ms", "p99 ms",
                 "worker RSS MiB"], rows)
+    print("\npickup to an HTTP backend (loopback fake; koubou fsync on, openai craftsman), next "
+          "to the bare openai client's call -> arrival, alternating")
+    rows = [[label, f"{h['koubou_p50']:.2f}", f"{h['koubou_p99']:.2f}", f"{h['client_p50']:.2f}",
+             f"{h['client_p99']:.2f}", f"{h['n']}"] for label, h in f["http_pickup"].items()]
+    print_grid(["koubou", "rename -> request p50 ms", "p99 ms", "client call -> arrival p50 ms",
+                "p99 ms", "samples"], rows)
+    real = {label: r for label, r in f["real"].items() if r}
+    if real:
+        print("\nreal llama.cpp engine (tests' tiny model), max_concurrent 1, "
+              f"{next(iter(real.values()))['tasks']} tasks, median of {plan['runs']}")
+        print_grid(["koubou", "bare client tasks/s", "spool tasks/s", "ratio"],
+                   [[label, f"{r['direct']:.1f}", f"{r['spool']:.1f}", f"{r['ratio']:.2f}"]
+                    for label, r in real.items()])
     print("\ntargets")
     print_grid(["target", "measured", "wanted", "verdict"], [list(r) for r in targets(f)])
-    print(NOTES.format(**plan))
+    print(NOTES.format(**plan, consumers=f["consumers"]))
     print(f"wall time: {wall_s / 60:.1f} min")
 
 
@@ -475,8 +613,19 @@ how it was measured
   each, one system after another: "1st pickup after idle" (Huey backs off to polling every 10 s).
 - run twice: executions beyond the first (koubou: completed attempts in the ledger; Huey, dirq,
   seed: lines in the execution log; bare: a rename happens once) over throughput and pickup runs.
-- Huey: SqliteHuey defaults, huey_consumer defaults (1 worker); dirq: polls every 0.1 s when a pass
-  finds nothing (our choice: its docs show one pass); seed: 2 worker processes."""
+- consumers: {consumers} processes per system (koubou workers, bare loops, dirq loops; Huey: -w
+  {consumers} workers in one consumer); the seed: 2 worker processes. Huey: SqliteHuey defaults;
+  dirq: polls every 0.1 s when a pass finds nothing (our choice: its docs show one pass).
+- the throughput targets compare drains (the consumer's own work, not the submissions'); bare
+  loop "fsync every step": rename, fsync of the file, fsync of done/ per task; "no fsync": the
+  rename alone.
+- pickup to an HTTP backend: one koubou worker (fsync on, an openai craftsman) and the bare
+  openai client (bench/peers/bare_client.py, AsyncOpenAI, a process of its own) against the
+  same loopback fake in this process, alternating, each after a random 5-50 ms pause: koubou
+  from the rename into pending/, the client from its call, to the request's arrival.
+- real engine: bench/real_server.py's max_concurrent 1 row (one worker, --concurrency 1,
+  fsync on) next to the bare client, {real_tasks} tasks a run, when the tests' engine is built.
+- "before": the same koubou measurements from the --baseline source tree, in the same run."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -485,7 +634,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small counts, one run each")
     parser.add_argument("--dir", help="where to put the bench's files (default: the temp dir)")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--consumers", type=int, default=2,
+                        help="consumer processes per system (Huey: workers); default 2")
+    parser.add_argument("--baseline", help="also measure koubou from this source tree (e.g. "
+                        "`git worktree add /tmp/before main`): before and after in one run")
     return parser.parse_args(argv)
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: other work on a shared machine skews a run."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def peer_versions() -> str:
@@ -499,8 +657,10 @@ def run(args: argparse.Namespace) -> None:
     started = time.monotonic()
     base = Path(tempfile.mkdtemp(prefix="koubou-compare-", dir=args.dir)).resolve()
     try:
-        figures = measure(base, QUICK if args.quick else FULL)
+        load_start = load_average()
+        figures = measure(base, QUICK if args.quick else FULL, args)
         figures["machine"], figures["peers"] = machine(base), peer_versions()
+        figures["load_start"], figures["load_end"] = load_start, load_average()
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print_table(figures, time.monotonic() - started)

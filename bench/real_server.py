@@ -52,7 +52,9 @@ async def direct(base_url: str, count: int, concurrency: int) -> dict:
     return {"tasks_per_s": count / elapsed, "p50_ms": spool_bench.percentile(latencies, 50)}
 
 
-def through_spool(base: Path, base_url: str, count: int, concurrency: int) -> dict:
+def through_spool(base: Path, base_url: str, count: int, concurrency: int,
+                  source: Path | None = None) -> dict:
+    """The same prompts as tasks through one `koubou worker` (from `source`, if given)."""
     spool = spool_bench.make_home(base, f"real-{concurrency}", fsync=True, base_url=base_url,
                                   max_concurrent=concurrency)
     config = spool.home / "config" / "koubou.yaml"
@@ -60,7 +62,8 @@ def through_spool(base: Path, base_url: str, count: int, concurrency: int) -> di
                       .replace("retries: 0", f"retries: 0\n    max_tokens: {MAX_TOKENS}"))
     batch = spool_bench.tasks(count)
     spool.submit(batch)
-    worker = spool_bench.start_worker(spool, "--drain", "--concurrency", str(concurrency))
+    worker = spool_bench.start_worker(spool, "--drain", "--concurrency", str(concurrency),
+                                      source=source)
     assert worker.wait(600) == 0
     ids = [t.id for t in batch]
     durations = [spool_bench.result_of(spool, i)["duration_s"] * 1000 for i in ids]

@@ -65,10 +65,12 @@ def make_home(base: Path, name: str, *, fsync: bool, base_url: str = "http://127
     return Spool.open(home, type("S", (), {"fsync": fsync, "max_task_bytes": 1 << 20})())
 
 
-def start_worker(spool: Spool, *args: str) -> subprocess.Popen:
+def start_worker(spool: Spool, *args: str, source: Path | None = None) -> subprocess.Popen:
+    """A `koubou worker` from this checkout (or from the source tree `source`)."""
+    env = {**os.environ, "PYTHONPATH": str(source or ROOT)}
     return subprocess.Popen([sys.executable, "-m", "koubou_spool.cli.koubou", "worker",
                              "--home", str(spool.home), "--log-level", "warning", *args],
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, env=env)
 
 
 def stop_worker(proc: subprocess.Popen) -> None:

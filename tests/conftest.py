@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 from collections.abc import Iterator
@@ -190,6 +192,33 @@ def wait_outcomes(spool: Spool, ids: list[str], timeout: float = 30) -> dict[str
     found = wait_for_files([spool.completed, spool.failed], names, timeout)
     assert found == names, f"{len(names - found)} tasks not finished in {timeout} s"
     return {i: spool.outcome(i) for i in ids}
+
+
+def finished_attempt(home: Path, task_id: str, columns: str, timeout: float = 10) -> tuple:
+    """The ledger row (`columns`) of the task's last finished attempt. A worker records an
+    attempt's end once its outcome is durable, so the row follows the outcome file by a few
+    milliseconds: read again until it is there (no event says when the writer thread commits)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = sqlite3.connect(home / "db" / "koubou.db", timeout=10)
+        try:
+            row = conn.execute(f"SELECT {columns} FROM attempts WHERE task_id = ? AND outcome IS "
+                               "NOT NULL ORDER BY attempt DESC", (task_id,)).fetchone()
+        finally:
+            conn.close()
+        if row is not None:
+            return row
+        assert time.monotonic() < deadline, f"no finished attempt of {task_id} in the ledger"
+        time.sleep(0.01)
+
+
+def assert_no_claims(spool: Spool, timeout: float = 5) -> None:
+    """in_progress/ empties: a worker removes a published outcome's finishing claim once the
+    ledger has its record, a moment after the outcome appears."""
+    deadline = time.monotonic() + timeout
+    while os.listdir(spool.in_progress):
+        assert time.monotonic() < deadline, f"claims left: {os.listdir(spool.in_progress)}"
+        time.sleep(0.05)
 
 
 def wait_ready(spool: Spool) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
-from conftest import Workers, log_of, submit, wait_outcomes
+from conftest import Workers, assert_no_claims, finished_attempt, log_of, submit, wait_outcomes
 from fake_openai import FakeOpenAI
 from koubou_spool.spool import ledger
 from koubou_spool.spool import task as task_format
@@ -238,9 +238,9 @@ def test_claude_and_codex_agents_record_tokens_and_cost(
     by_codex = outcomes[codex]["result"]
     assert by_codex["content"].startswith("codex: ")
     assert by_codex["cost_usd"] == pytest.approx((600 * 1.0 + 400 * 0.1 + 200 * 10.0) / 1e6)
-    conn = sqlite3.connect(home / "db" / "koubou.db")
-    rows = dict(conn.execute("SELECT craftsman, cost_usd FROM attempts"))
-    assert rows["claude"] == 0.0123 and rows["codex"] == pytest.approx(by_codex["cost_usd"])
+    # The ledger records an attempt once its outcome is durable: a moment after the file.
+    assert finished_attempt(home, claude, "craftsman, cost_usd") == ("claude", 0.0123)
+    assert finished_attempt(home, codex, "cost_usd")[0] == pytest.approx(by_codex["cost_usd"])
     assert (home / "outputs" / claude).is_dir()  # each task runs in its own directory
 
 
@@ -405,14 +405,6 @@ def test_an_agent_over_max_output_bytes_is_stopped_at_once_and_not_retried() -> 
 def test_an_agent_that_floods_stderr_still_answers() -> None:
     craftsman = _command([sys.executable, AGENT, "flood", "stderr"], max_output_bytes=1 << 20)
     assert _complete(craftsman).content == "done\n"
-
-
-def assert_no_claims(spool: Spool, timeout: float = 5) -> None:
-    """in_progress/ empties: a publish unlinks its finishing claim just after the outcome."""
-    deadline = time.monotonic() + timeout
-    while os.listdir(spool.in_progress):
-        assert time.monotonic() < deadline, f"claims left: {os.listdir(spool.in_progress)}"
-        threading.Event().wait(0.05)
 
 
 class LedgerHolder:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Workers, log_of, submit, wait_outcomes, write_config
+from conftest import Workers, assert_no_claims, log_of, submit, wait_outcomes, write_config
 from fake_openai import FakeOpenAI
 from koubou_spool.errors import EXIT_UNUSABLE
 from koubou_spool.spool import home as home_module
@@ -136,7 +136,8 @@ def test_a_worker_holds_outcomes_on_a_full_disk_and_publishes_them_when_space_re
         assert len(fake.completions()) == len(ids)  # each ran once
         assert worker.poll() is None
         assert log_of(worker).count(CONDITION) <= 2, log_of(worker)
-        assert os.listdir(spool.in_progress) == [] and os.listdir(spool.tmp) == []
+        assert_no_claims(spool)
+        assert os.listdir(spool.tmp) == []
         workers.terminate_all()
         assert worker.returncode == 0, log_of(worker)
         with sqlite3.connect(spool.home / "db" / "koubou.db") as db:  # the ledger kept them

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (Workers, log_of, read_json, submit, wait_file, wait_outcomes, wait_ready,
-                      write_config)
+from conftest import (Workers, assert_no_claims, finished_attempt, log_of, read_json, submit,
+                      wait_file, wait_outcomes, wait_ready, write_config)
 from fake_openai import FakeOpenAI
 from koubou_spool.spool import ledger, task as task_format
 from koubou_spool.spool.files import Spool
@@ -42,10 +42,8 @@ def test_a_task_reaches_the_craftsman_and_its_outcome_is_recorded(
     body = fake_openai.completions()[0]
     assert body["max_tokens"] == 64  # always sent
     assert body["messages"][-1] == {"role": "user", "content": "review the diff"}
-    conn = sqlite3.connect(home / "db" / "koubou.db")
-    row = conn.execute("SELECT attempt, outcome, craftsman, prompt_tokens, completion_tokens,"
-                       " total_tokens, cost_usd FROM attempts WHERE task_id = ?",
-                       (task_id,)).fetchone()
+    row = finished_attempt(home, task_id, "attempt, outcome, craftsman, prompt_tokens,"
+                           " completion_tokens, total_tokens, cost_usd")
     assert row == (1, "completed", "local", 3, 4, 7, 0.0)
 
 
@@ -208,7 +206,8 @@ def test_each_kind_of_bad_input_lands_in_failed_with_its_reason(
         assert reason and "Error" not in reason, (name, reason)  # a reason, not an exception
     assert os.path.islink(spool.failed / "link.json")
     assert target_unchanged(tmp_path)
-    assert os.listdir(spool.pending) == [] and os.listdir(spool.in_progress) == []
+    assert os.listdir(spool.pending) == []
+    assert_no_claims(spool)
     # the worker is still serving
     task_id = submit(spool, content="still alive")
     assert wait_outcomes(spool, [task_id])[task_id]["status"] == "completed"

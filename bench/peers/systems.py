@@ -25,15 +25,18 @@ PEERS = Path(__file__).resolve().parent
 ROOT = PEERS.parent.parent
 sys.path.insert(0, str(ROOT))
 
-from koubou_spool import home as home_module  # noqa: E402
-from koubou_spool import task as task_format  # noqa: E402
-from koubou_spool.spool import Spool  # noqa: E402
+from koubou_spool.spool import home as home_module  # noqa: E402
+from koubou_spool.spool import task as task_format  # noqa: E402
+from koubou_spool.spool.files import Spool  # noqa: E402
 
 
 class System:
-    """Consumer processes over a state directory; subclasses say what they run and watch."""
+    """Consumer processes over a state directory; subclasses say what they run and watch.
+
+    `consumers` is how many consumer processes (or Huey workers) a system runs."""
 
     name = "system"
+    consumers = 1
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
@@ -121,16 +124,27 @@ class FileSpool(System):
 
 
 class Koubou(FileSpool):
-    """koubou-spool: one `koubou worker` process with the built-in echo craftsman."""
+    """koubou-spool: `koubou worker` processes with the built-in echo craftsman, or with an
+    openai craftsman at `base_url`. `source`: run the worker from that source tree instead
+    (the code before a change, measured in the same run)."""
 
-    def __init__(self, directory: Path, fsync: bool, python: str) -> None:
+    def __init__(self, directory: Path, fsync: bool, python: str, consumers: int = 1,
+                 source: Path | None = None, label: str = "",
+                 base_url: str | None = None) -> None:
         self.fsync = fsync
-        self.name = f"koubou fsync {'on' if fsync else 'off'}"
+        self.name = f"koubou{label} fsync {'on' if fsync else 'off'}"
         self.python = python
+        self.consumers = consumers
+        self.source = source
         super().__init__(directory)
-        config = {"craftsmen": {"echo": {"backend": "echo", "max_concurrent": 16},
-                                "parked": {"backend": "echo"}},
-                  "routing": {"rules": [{"then": "echo"}]},
+        craftsmen: dict[str, Any] = {"echo": {"backend": "echo", "max_concurrent": 16},
+                                     "parked": {"backend": "echo"}}
+        first = "echo"
+        if base_url:
+            craftsmen["local"] = {"backend": "openai", "base_url": base_url, "local": True,
+                                  "model": "fake-model", "max_concurrent": 16, "retries": 0}
+            first = "local"
+        config = {"craftsmen": craftsmen, "routing": {"rules": [{"then": first}]},
                   "spool": {"fsync": fsync, "heartbeat_s": 10}}
         (self.dir / "home" / "config" / "koubou.yaml").write_text(yaml.safe_dump(config))
 
@@ -139,9 +153,11 @@ class Koubou(FileSpool):
         return observe.DirArrivals(self.spool.completed, claims=self.spool.in_progress)
 
     def start(self, *args: str) -> None:
-        """One worker serving echo (and, unless told otherwise, the parked craftsman)."""
-        self.spawn([self.python, "-m", "koubou_spool.cli.koubou", "worker",
-                    "--home", str(self.spool.home), *args])
+        """The workers, serving echo (and, unless told otherwise, the parked craftsman)."""
+        env = {"PYTHONPATH": str(self.source)} if self.source else {"PYTHONPATH": str(ROOT)}
+        for _ in range(self.consumers):
+            self.spawn([self.python, "-m", "koubou_spool.cli.koubou", "worker",
+                        "--home", str(self.spool.home), *args], env=env)
 
     def executions(self) -> Counter[str]:
         """Completed attempts per task, from the ledger (read after the worker stopped)."""
@@ -155,11 +171,14 @@ class Koubou(FileSpool):
 
 
 class Bare(FileSpool):
-    """The floor: bare_loop.py moving koubou's files pending/ -> done/, fsync of file and dir."""
+    """The floor: bare_loop.py moving koubou's files pending/ -> done/, fsync of file and dir
+    on every step (or, with fsync False, the renames alone)."""
 
-    name = "bare rename+inotify"
-
-    def __init__(self, directory: Path, python: str) -> None:
+    def __init__(self, directory: Path, python: str, fsync: bool = True,
+                 consumers: int = 1) -> None:
+        self.fsync = fsync
+        self.name = f"bare rename+inotify, {'fsync every step' if fsync else 'no fsync'}"
+        self.consumers = consumers
         super().__init__(directory)
         self.python = python
         self.done = self.dir / "done"
@@ -170,9 +189,11 @@ class Bare(FileSpool):
         return observe.DirArrivals(self.done)
 
     def start(self) -> None:
-        """The loop, one process."""
-        self.spawn([self.python, str(PEERS / "bare_loop.py"), str(self.spool.pending),
-                    str(self.done)])
+        """The loops, one process each."""
+        flag = [] if self.fsync else ["--no-fsync"]
+        for _ in range(self.consumers):
+            self.spawn([self.python, str(PEERS / "bare_loop.py"), str(self.spool.pending),
+                        str(self.done), *flag])
 
     def executions(self) -> Counter[str]:
         """A rename happens once: each file in done/ is one execution."""
@@ -182,9 +203,9 @@ class Bare(FileSpool):
 class Huey(System):
     """Huey with SqliteHuey, default consumer settings (one worker), thread or process."""
 
-    def __init__(self, directory: Path, kind: str, bin_dir: Path) -> None:
+    def __init__(self, directory: Path, kind: str, bin_dir: Path, consumers: int = 1) -> None:
         super().__init__(directory)
-        self.kind, self.bin_dir = kind, bin_dir
+        self.kind, self.bin_dir, self.consumers = kind, bin_dir, consumers
         self.name = f"huey sqlite {kind}"
         self.db = self.dir / "huey.db"
         sys.path.insert(0, str(PEERS))
@@ -192,8 +213,9 @@ class Huey(System):
         self.app, self.noop = huey_app.build(str(self.db), str(self.log))
 
     def start(self) -> None:
-        """huey_consumer huey_app.huey -k thread|process."""
-        self.spawn([str(self.bin_dir / "huey_consumer"), "huey_app.huey", "-k", self.kind],
+        """huey_consumer huey_app.huey -k thread|process -w CONSUMERS."""
+        self.spawn([str(self.bin_dir / "huey_consumer"), "huey_app.huey", "-k", self.kind,
+                    "-w", str(self.consumers)],
                    env={"PYTHONPATH": str(PEERS), "HUEY_DB": str(self.db),
                         "HUEY_LOG": str(self.log)})
 
@@ -216,16 +238,18 @@ class Dirq(System):
 
     name = "python-dirq QueueSimple"
 
-    def __init__(self, directory: Path, python: str) -> None:
+    def __init__(self, directory: Path, python: str, consumers: int = 1) -> None:
         super().__init__(directory)
         from dirq.QueueSimple import QueueSimple  # only inside the bench's virtualenv
         self.python = python
+        self.consumers = consumers
         self.queue = QueueSimple(str(self.dir / "queue"))
 
     def start(self) -> None:
-        """The consumer loop, one process."""
-        self.spawn([self.python, str(PEERS / "dirq_consumer.py"), str(self.dir / "queue"),
-                    str(self.log)])
+        """The consumer loops, one process each."""
+        for _ in range(self.consumers):
+            self.spawn([self.python, str(PEERS / "dirq_consumer.py"), str(self.dir / "queue"),
+                        str(self.log)])
 
     def submit_backlog(self, ids: list[str]) -> None:
         """One add per task."""

@@ -102,17 +102,24 @@ class SpoolEvents:
                 record = self.spool.outcome(task_id)  # after registering: nothing slips between
                 left = deadline - loop.time()
                 if record is not None or left <= 0:
-                    return record
+                    return await self._durable(record)
                 try:
                     await asyncio.wait_for(future, left)
                 except TimeoutError:
-                    return self.spool.outcome(task_id)
+                    return await self._durable(self.spool.outcome(task_id))
             finally:
                 waiting = self._waiters.get(name)
                 if waiting is not None:
                     waiting.discard(future)
                     if not waiting:
                         del self._waiters[name]
+
+    async def _durable(self, record: dict[str, Any] | None) -> dict[str, Any] | None:
+        """An outcome is answered only once durable: its directory fsynced (in a thread, off
+        the loop), as `koubou wait` does (Spool.sync_outcomes)."""
+        if record is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.spool.sync_outcomes)
+        return record
 
     # --- the reader ----------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import ctypes
 import errno
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from . import permissions
@@ -93,6 +94,40 @@ def write_all(fd: int, data: bytes) -> None:
 _libc = ctypes.CDLL(None, use_errno=True)
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def flush_files(paths: list[str]) -> None:
+    """fsync each file, starting the writeback of all of them first.
+
+    On ext4 a new file's blocks are allocated when its data is written back; started for every
+    file before the first fsync, the allocations all land in the journal transaction that fsync
+    commits, and the later fsyncs find their metadata committed already: one journal commit for
+    the lot instead of one a file."""
+    fds = []
+    try:
+        for path in paths:
+            fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        if len(fds) > 1 and _sync_file_range is not None:
+            for fd in fds:
+                _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # a hint: errors are fsync's
+        for fd in fds:
+            os.fsync(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        function = _libc.sync_file_range
+    except AttributeError:
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return function
+
+
+_sync_file_range = _libc_sync_file_range()
 
 
 def rename_noreplace(source: str | Path, target: str | Path) -> None:

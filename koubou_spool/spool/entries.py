@@ -75,6 +75,25 @@ class Claim:
         return f"{self.name}@{self.worker_id}+{self.seq}"
 
 
+@dataclass
+class Outcome:
+    """One outcome on its way into completed/ or failed/: fenced (the claim is `finishing`),
+    then written, placed and made durable by spool.files.Spool.write_outcomes, which fills in
+    how it went. `placed`: it is in place (and durable, with fsync on); else `duplicate` (an
+    outcome of this id stood first; the fenced claim is still there, for failed/), or `error`
+    (nothing written, the claim unfenced: NoSpace when the disk refused it)."""
+
+    claim: Claim
+    task_id: str
+    data: bytes
+    directory: Path
+    finishing: str
+    tmp: str | None = None
+    placed: bool = False
+    duplicate: bool = False
+    error: OSError | None = None
+
+
 @dataclass(frozen=True)
 class Found:
     """Where a task is: its state, its file, and whether it was rejected input."""

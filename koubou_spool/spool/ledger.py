@@ -33,6 +33,11 @@ BUSY_TIMEOUT_MS = 2000
 MAX_BACKOFF_S = 2.0
 MAX_QUEUED = 100_000  # records waiting for a locked ledger (rows, not outcome texts: ~1 KB each)
 BATCH = 1000
+# How long the writer lets records gather after the first wakes it (a heartbeat excepted: it
+# comes alone): one transaction for the records of a burst instead of one each, and the thread
+# stays off the GIL while the loop that just queued a record (an attempt starting) goes on to
+# send its request.
+LINGER_S = 0.002
 
 MIGRATIONS: list[tuple[str, str]] = [
     ("0001_initial", """
@@ -408,6 +413,10 @@ class LedgerWriter:
         with self._ready:
             while not self._items and not self._closing:
                 self._ready.wait()
+            burst = not self._closing and self._items[0][2] is None  # a heartbeat comes alone
+        if burst:
+            time.sleep(LINGER_S)
+        with self._ready:
             batch = []
             while self._items and len(batch) < BATCH:
                 item = self._items.popleft()

@@ -128,8 +128,19 @@ class Lookups:
 
     def wait_for_outcomes(self, names: set[str], timeout: float | None) -> set[str]:
         """Block (on inotify) until each entry name is in completed/ or failed/, or timeout;
-        the names found."""
-        return wait_for_files([self.completed, self.failed], names, timeout)
+        the names found, durable (sync_outcomes) before they are returned."""
+        found = wait_for_files([self.completed, self.failed], names, timeout)
+        if found:
+            self.sync_outcomes()
+        return found
+
+    def sync_outcomes(self) -> None:
+        """fsync completed/ and failed/ (with spool.fsync on): an outcome seen there is then
+        durable. The rename that placed it is visible before its worker's fsync (the group
+        commit's round) has run; a waiter that acts on it makes sure first, and an fsync that
+        finds the rename committed costs little."""
+        self.sync_dir(self.completed)
+        self.sync_dir(self.failed)
 
     def watch(self, states: Iterable[str], mask: int, *, workers: int = 0) -> Watcher:
         """A change feed on these states (and, with a `workers` mask, the worker registrations):

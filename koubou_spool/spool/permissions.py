@@ -59,6 +59,8 @@ def open_file(path: str | os.PathLike, flags: int, mode: int = RECORD) -> int:
     An existing file that is not ours keeps its mode: only its owner may change it.
     """
     fd = os.open(path, flags | os.O_CLOEXEC, mode)
+    if flags & os.O_EXCL and not mode & _umask():
+        return fd  # a new file, and the umask took nothing from its mode: exactly `mode` already
     try:
         os.fchmod(fd, mode)
     except PermissionError:
@@ -67,6 +69,24 @@ def open_file(path: str | os.PathLike, flags: int, mode: int = RECORD) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _umask() -> int:
+    """This process's umask, read where it can be read without changing it (/proc, Linux 4.7+);
+    all bits set when it cannot, so every mode is fixed with fchmod. Read once: koubou never
+    changes it."""
+    global _UMASK
+    if _UMASK is None:
+        try:
+            with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+                line = next(line for line in status if line.startswith("Umask:"))
+            _UMASK = int(line.split()[1], 8)
+        except (OSError, StopIteration, ValueError, IndexError):
+            _UMASK = 0o777
+    return _UMASK
+
+
+_UMASK: int | None = None
 
 
 def make_dir(path: Path, mode: int, gid: int = -1, parents: bool = False) -> bool:

@@ -114,10 +114,41 @@ def _finishing(spool: Spool, settings: SpoolSettings, claim: Claim, ledger: Ledg
     except (OSError, InvalidTask):
         task = None
     if task is not None and spool.outcome_state(task.id) is not None:
+        # Its worker may have died between the rename and the round's fsync: make the outcome
+        # durable before the marker that would run the task again goes.
+        spool.sync_outcomes()
+        _record_kept(spool, ledger, task.id)
         path.unlink()
         return Recovered(claim.name, task.id, "kept")
     os.rename(path, spool.in_progress / claim.file_name)
     return _claim(spool, settings, claim, ledger, settle_lost)
+
+
+def _record_kept(spool: Spool, ledger: LedgerWriter, task_id: str) -> None:
+    """Record an outcome that landed while its worker died before the ledger had it (a worker
+    removes its marker only after the record; one recorded already is written again, the same)."""
+    try:
+        record = spool.outcome(task_id)
+    except (OSError, ValueError):
+        return
+    if not isinstance(record, dict):
+        return
+    try:
+        if record.get("status") == "completed":
+            result = record["result"]
+            recorded = ledger.attempt_finished(
+                task_id, result["attempts"], "completed",
+                finished_at=task_format.parse_iso(result["finished_at"]), usage=result["usage"],
+                cost_usd=result.get("cost_usd"), model=result.get("model"), record=record)
+        else:
+            error = record["error"]
+            recorded = ledger.attempt_finished(
+                task_id, error["attempts"], "failed", finished_at=task_format.parse_iso(error["at"]),
+                error_kind=error["kind"], message=error["message"], record=record)
+    except (KeyError, TypeError, ValueError):
+        return  # not an outcome this version wrote: `koubou ledger rebuild` reads what it can
+    if not ledger.backlog:
+        concurrent.futures.wait([recorded], timeout=LEDGER_WAIT_S)
 
 
 def _claim(spool: Spool, settings: SpoolSettings, claim: Claim, ledger: LedgerWriter,

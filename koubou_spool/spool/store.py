@@ -114,7 +114,13 @@ class Store:
 
     def wait_for_outcomes(self, names: set[str], timeout: float | None) -> set[str]:
         """Block until each entry name has an outcome, or timeout (None: forever); the names
-        that have one. A store wakes waiters itself (the file spool on inotify)."""
+        that have one, durable by then. A store wakes waiters itself (the file spool on
+        inotify)."""
+        raise NotImplementedError
+
+    def sync_outcomes(self) -> None:
+        """Make every outcome that can be seen durable (with durability on): a waiter that saw
+        one calls this before it reports it."""
         raise NotImplementedError
 
     def watch(self, states: Iterable[str], mask: int, *, workers: int = 0) -> Any:

@@ -74,7 +74,7 @@ class Attempts:
         self.ledger.attempt_started(task.id, attempt.number, self.worker_id, craftsman_name,
                                     task.model or attempt.craftsman.model, claim.claimed_at)
         if task.expires_at is not None and task.expires_at <= time.time():
-            await self.publisher.fail(claim, task, "expired", f"not started before expires_at "
+            self.publisher.fail(claim, task, "expired", f"not started before expires_at "
                                       f"{task.raw.get('expires_at')}", attempt.number)
             return
         try:
@@ -116,7 +116,7 @@ class Attempts:
                 attachments = self.intake.routes.attachments(task)
                 decision = self.intake.routes.route(task, attachments)
             except InvalidTask as exc:
-                await self.publisher.fail(claim, task, "invalid", str(exc), task.attempts + 1)
+                self.publisher.fail(claim, task, "invalid", str(exc), task.attempts + 1)
                 return None
         if decision.craftsman != craftsman_name:
             self.publisher.requeue(claim, None)
@@ -169,8 +169,9 @@ class Attempts:
 
     async def _guarded_call(self, craftsman: Craftsman, request: Request) -> Reply:
         try:
-            return await asyncio.wait_for(self.backends[craftsman.name].complete(request),
-                                          request.timeout_s)
+            # asyncio.timeout, not wait_for: no second task and future per call.
+            async with asyncio.timeout(request.timeout_s):
+                return await self.backends[craftsman.name].complete(request)
         except TimeoutError:
             raise BackendError(f"{craftsman.name} did not answer within {request.timeout_s:g} s",
                                kind="timeout", retryable=True) from None
@@ -194,7 +195,7 @@ class Attempts:
             "started_at": task_format.iso(claim.claimed_at),
             "finished_at": task_format.iso(finished),
             "duration_s": round(time.monotonic() - claim.clock, 3)}
-        await self.publisher.complete(claim, task, attempt.number, result, cost)
+        self.publisher.complete(claim, task, attempt.number, result, cost)
 
     async def _budget_exhausted(self, claim: Claim, task: Task, attempt: int,
                                 error: BudgetExhausted) -> None:
@@ -202,7 +203,7 @@ class Attempts:
         that could never fit fails at once."""
         message = str(error)
         if error.final or self.spending.budget.settings.when_exhausted == "fail":
-            await self.publisher.fail(claim, task, "budget", message, attempt)
+            self.publisher.fail(claim, task, "budget", message, attempt)
             return
         log.info("budget exhausted for %s (%s); requeued", task.id, message)
         self.publisher.requeue(claim, None)  # routed again: local, or deferred
@@ -214,7 +215,7 @@ class Attempts:
             log.warning("attempt %d/%d of %s failed, requeued: %s", attempt, limit, task.id, error)
             self.publisher.retry(claim, task, attempt, error.kind, str(error))
             return
-        await self.publisher.fail(claim, task, error.kind, str(error), attempt)
+        self.publisher.fail(claim, task, error.kind, str(error), attempt)
 
     # --- claims no craftsman can take -----------------------------------------------------------
 

@@ -22,6 +22,7 @@ from .intake import FAIL_NOW
 Start = Callable[[Claim, str], Coroutine[Any, Any, None]]
 WORKTREES = "worktrees"  # the one name of the worktree slots (repos.max_worktrees)
 ClaimFailed = Callable[[str, OSError], None]
+COMMIT_BACKLOG = 4  # outcomes awaiting the disk, per unit of concurrency, before claims pause
 
 
 class Dispatch:
@@ -47,13 +48,17 @@ class Dispatch:
         self.in_flight: dict[str, asyncio.Task] = {}  # claim file -> its attempt
         self.slot_of: dict[str, tuple[str, int, int | None]] = {}  # claim -> craftsman, slots
         self.starved = False  # tasks wait for a slot another process holds
+        # Outcomes of ended attempts not yet durable: they hold no slot, but past a few rounds'
+        # worth the disk is behind, and claiming more would only queue more for it.
+        self.committing: Callable[[], int] = lambda: 0
         self.letting_go: set[str] = set()  # our claims we are moving ourselves (publish, requeue)
         self.revoked: set[str] = set()  # our claims someone else moved (cancel, lease takeover)
 
     def pump(self) -> None:
         """Claim and start tasks until this process, or every lane with tasks ready, is full."""
         full: set[str] = set()
-        while len(self.in_flight) < self.concurrency:
+        while (len(self.in_flight) < self.concurrency
+               and self.committing() < COMMIT_BACKLOG * self.concurrency):
             key = self._next_lane(full)
             if key is None:
                 break

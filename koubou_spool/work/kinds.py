@@ -190,7 +190,12 @@ def _diff(home: str, result: dict[str, Any]) -> str | None:
 # --- feedback: what a refused attempt tells the next one -----------------------------------
 
 def _feedback_path(attempt: Attempt) -> Path:
-    return Path(attempt.home) / "outputs" / attempt.task.id / FEEDBACK
+    return Path(_feedback_file(attempt))
+
+
+def _feedback_file(attempt: Attempt) -> str:
+    # A str, not a Path: looked for on every attempt, and almost never there.
+    return f"{attempt.home}/outputs/{attempt.task.id}/{FEEDBACK}"
 
 
 def remember_feedback(attempt: Attempt, message: str) -> None:
@@ -206,7 +211,8 @@ def remember_feedback(attempt: Attempt, message: str) -> None:
 def with_feedback(attempt: Attempt, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The messages, plus a last user message with what a refused earlier attempt was told."""
     try:
-        said = json.loads(_feedback_path(attempt).read_text(encoding="utf-8"))
+        with open(_feedback_file(attempt), encoding="utf-8") as file:
+            said = json.loads(file.read())
     except (OSError, ValueError):
         return messages
     return [*messages, {"role": "user", "content": (
@@ -216,9 +222,9 @@ def with_feedback(attempt: Attempt, messages: list[dict[str, Any]]) -> list[dict
 
 def forget_feedback(attempt: Attempt) -> None:
     """Drop the feedback (and the task's outputs/ folder when nothing else is in it)."""
-    path = _feedback_path(attempt)
+    path = _feedback_file(attempt)
     try:
-        path.unlink()
-        path.parent.rmdir()
+        os.unlink(path)
+        os.rmdir(os.path.dirname(path))
     except OSError:
         pass  # usually there is none; or the folder holds a command craftsman's work

@@ -1,8 +1,9 @@
-"""Publish: the end of a claim. The ledger record first, then the outcome file (the fence), then
-the `on_finish` hook; or the claim goes back to pending/ for another attempt.
+"""Publish: the end of a claim. The fence, then the outcome file through the group commit
+(spool.commit), then, once it is durable, the report: the ledger record, the `on_finish` hook,
+the counts and the log line. Or the claim goes back to pending/ for another attempt.
 
-The record lands before the outcome unless the ledger is locked: local work never waits on it
-for more than LEDGER_WAIT_S (the record follows when the ledger is free).
+The attempt does not wait for any of it: its craftsman's slot is free as soon as the outcome is
+fenced, so the next request never waits on the last one's files and ledger record.
 
 An outcome the disk refuses (full, over quota, read-only) is held: its claim stays ours in
 in_progress/, and the outcome is published again every HELD_RETRY_S until the disk has room,
@@ -21,13 +22,15 @@ from typing import Any
 
 from .. import hooks as hook_runner
 from ..spool import task as task_format
-from ..spool.files import Claim, NoSpace, Spool
+from ..spool.commit import GroupCommit
+from ..spool.files import Claim, NoSpace, Outcome, Spool
 from ..spool.ledger import LedgerWriter
 from ..spool.task import Task
 
 log = logging.getLogger(__name__)
 
-LEDGER_WAIT_S = 1.0
+Record = Callable[[], Future]  # queues the attempt's ledger record, once its outcome is durable
+LEDGER_WAIT_S = 1.0  # the longest an outcome's marker waits for its ledger record
 HELD_RETRY_S = 2.0
 DISK_LOG_S = 60.0
 
@@ -43,30 +46,39 @@ class Publisher:
         self.let_go = let_go
         self.done = 0
         self.failed = 0
-        self.held: list[tuple[Claim, Task, dict]] = []  # outcomes the disk refused, oldest first
-        self.settled: Callable[[], None] = lambda: None  # called when the last held one lands
+        self.held: list[tuple[Claim, Task, dict, Record]] = []  # refused by the disk, oldest first
+        self.settled: Callable[[], None] = lambda: None  # outcomes landed: the worker looks again
+        self.commits: GroupCommit | None = None  # made on the loop, at the first publish
         self._retry: asyncio.TimerHandle | None = None
         self._disk_said = -DISK_LOG_S
 
-    async def complete(self, claim: Claim, task: Task, attempt: int, result: dict[str, Any],
-                       cost: float | None) -> None:
-        """Record a completed attempt, then publish its outcome."""
+    @property
+    def committing(self) -> int:
+        """Outcomes fenced and not yet durable and reported."""
+        return self.commits.pending if self.commits is not None else 0
+
+    def close(self) -> None:
+        """Stop the group commit's thread (after the rounds queued)."""
+        if self.commits is not None:
+            self.commits.close()
+
+    def complete(self, claim: Claim, task: Task, attempt: int, result: dict[str, Any],
+                 cost: float | None) -> None:
+        """Publish a completed attempt's outcome; its ledger record follows once it is durable."""
         record = task_format.completed_record(task, result)
-        await self._recorded(self.ledger.attempt_finished(
+        self.publish(claim, task, record, lambda: self.ledger.attempt_finished(
             task.id, attempt, "completed", finished_at=time.time(), usage=result["usage"],
             cost_usd=cost, model=result["model"], record=record))
-        self.publish(claim, task, record)
 
-    async def fail(self, claim: Claim, task: Task, kind: str, message: str, attempt: int) -> None:
-        """Record a failed task, then publish its outcome."""
-        record, recorded = self._record_failure(task, kind, message, attempt)
-        await self._recorded(recorded)
-        self.publish(claim, task, record)
+    def fail(self, claim: Claim, task: Task, kind: str, message: str, attempt: int) -> None:
+        """Publish a failed task's outcome; its ledger record follows once it is durable."""
+        now = time.time()
+        record = task_format.failed_record(task.raw, kind, message, attempt, now)
+        self.publish(claim, task, record, lambda: self.ledger.attempt_finished(
+            task.id, attempt, "failed", finished_at=now, error_kind=kind, message=message,
+            record=record))
 
-    def fail_now(self, claim: Claim, task: Task, kind: str, message: str, attempt: int) -> None:
-        """Fail a task outside an attempt, without waiting for the ledger."""
-        record, _ = self._record_failure(task, kind, message, attempt)
-        self.publish(claim, task, record)
+    fail_now = fail  # outside an attempt: the same, nothing there waits for it
 
     def retry(self, claim: Claim, task: Task, attempt: int, kind: str, message: str) -> None:
         """Record a failed attempt that will be tried again, and requeue its task."""
@@ -79,33 +91,44 @@ class Publisher:
         self.let_go(claim)
         self.spool.requeue(claim.file_name, attempts)
 
-    def _record_failure(self, task: Task, kind: str, message: str,
-                        attempt: int) -> tuple[dict, Future]:
-        now = time.time()
-        record = task_format.failed_record(task.raw, kind, message, attempt, now)
-        return record, self.ledger.attempt_finished(task.id, attempt, "failed", finished_at=now,
-                                                    error_kind=kind, message=message, record=record)
-
-    async def _recorded(self, future: Future) -> None:
-        """Let the ledger record land before the outcome is published, unless it is locked."""
-        if self.ledger.backlog:
-            return
-        # asyncio.wait, not wait_for: giving up must not cancel the record itself.
-        await asyncio.wait([asyncio.wrap_future(future)], timeout=LEDGER_WAIT_S)
-
-    def publish(self, claim: Claim, task: Task, record: dict) -> None:
-        """The outcome file, through the fence; then the hook and the log line. Held for a
-        retry when the disk refuses it."""
+    def publish(self, claim: Claim, task: Task, record: dict, recorded: Record) -> None:
+        """The fence, then the outcome through the group commit, reported once durable. Held
+        for a retry when the disk refuses it."""
         if self.held:  # the disk was full a moment ago: keep the order, try at the next retry
-            self._hold(claim, task, record, None)
+            self._hold(claim, task, record, recorded, None)
             return
-        try:
-            self._publish(claim, task, record)
-        except NoSpace as exc:
-            self._hold(claim, task, record, exc)
+        self.let_go(claim)
+        outcome = self.spool.fence(claim, task.id, record)
+        if outcome is None:
+            self._discarded(task, recorded)
+            return
+        if self.commits is None:
+            self.commits = GroupCommit(self.spool, asyncio.get_running_loop())
+        self.commits.add(outcome, lambda o: self._committed(o, task, record, recorded))
 
-    def _hold(self, claim: Claim, task: Task, record: dict, exc: NoSpace | None) -> None:
-        self.held.append((claim, task, record))
+    def _committed(self, outcome: Outcome, task: Task, record: dict, recorded: Record) -> None:
+        """On the loop, after the outcome's round: report it, or hold or give back its claim."""
+        try:
+            if self.spool.settle(outcome):
+                self._report(task, record, recorded, outcome)
+            else:
+                self._discarded(task, recorded)
+        except NoSpace as exc:
+            self._hold(outcome.claim, task, record, recorded, exc)
+        except OSError as exc:  # not the disk's room: the task runs again rather than stay claimed
+            log.error("cannot publish the outcome of %s (%s); it goes back to pending/",
+                      task.id, exc)
+            self._give_back(outcome.claim)
+        self.settled()
+
+    def _discarded(self, task: Task, recorded: Record) -> None:
+        recorded()
+        log.warning("outcome of %s discarded: its claim was revoked, or another task "
+                    "with this id finished first", task.id)
+
+    def _hold(self, claim: Claim, task: Task, record: dict, recorded: Record,
+              exc: NoSpace | None) -> None:
+        self.held.append((claim, task, record, recorded))
         now = time.monotonic()
         if exc is not None and now - self._disk_said >= DISK_LOG_S:
             self._disk_said = now
@@ -118,9 +141,9 @@ class Publisher:
         """Timer: publish the held outcomes in order, until the disk refuses one again."""
         self._retry = None
         while self.held:
-            claim, task, record = self.held[0]
+            claim, task, record, recorded = self.held[0]
             try:
-                self._publish(claim, task, record)
+                self._publish(claim, task, record, recorded)
             except NoSpace as exc:
                 self._hold_again(exc)
                 return
@@ -148,7 +171,7 @@ class Publisher:
             self._retry.cancel()
             self._retry = None
         while self.held:
-            claim, task, _ = self.held.pop(0)
+            claim, task, _, _ = self.held.pop(0)
             log.warning("%s goes back to pending/: its outcome could not be written", task.id)
             self._give_back(claim)
 
@@ -158,12 +181,22 @@ class Publisher:
         except OSError as exc:  # left claimed: recovery requeues it once this worker is gone
             log.error("cannot requeue %s: %s", claim.name, exc)
 
-    def _publish(self, claim: Claim, task: Task, record: dict) -> None:
+    def _publish(self, claim: Claim, task: Task, record: dict, recorded: Record) -> None:
+        """A held outcome, published at once (fsync in this thread: the disk is the trouble)."""
         self.let_go(claim)
         if not self.spool.publish(claim, task.id, record):
-            log.warning("outcome of %s discarded: its claim was revoked, or another task "
-                        "with this id finished first", task.id)
+            self._discarded(task, recorded)
             return
+        self._report(task, record, recorded)
+
+    def _report(self, task: Task, record: dict, recorded: Record,
+                outcome: Outcome | None = None) -> None:
+        """A durable outcome: its ledger record, the hook, the counts and the log line. Its
+        finishing claim goes once the ledger has the record (or gave up on it): until then a
+        crash leaves recovery the marker, and it records the outcome."""
+        written = recorded()
+        if outcome is not None:
+            self._unmark_when(written, outcome)
         self._on_finish(task.id, record)
         if record["status"] == "completed":
             self.done += 1
@@ -173,6 +206,16 @@ class Publisher:
             self.failed += 1
             log.warning("failed %s (%s): %s", task.id, record["error"]["kind"],
                         record["error"]["message"])
+
+    def _unmark_when(self, written: Future, outcome: Outcome) -> None:
+        """Remove the outcome's marker once its record is written, or after LEDGER_WAIT_S at
+        most: a locked or broken ledger keeps the record in memory, and must not keep markers
+        piling up in in_progress/ (a crash then loses the record: `koubou ledger rebuild`)."""
+        if self.ledger.backlog:
+            self.spool.unmark(outcome)
+            return
+        written.add_done_callback(lambda _: self.spool.unmark(outcome))  # in the ledger's thread
+        asyncio.get_running_loop().call_later(LEDGER_WAIT_S, self.spool.unmark, outcome)
 
     def _on_finish(self, task_id: str, record: dict) -> None:
         """hooks.on_finish: an argv run after each task ends; its failure is only logged."""

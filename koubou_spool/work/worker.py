@@ -73,6 +73,7 @@ class Worker:
         self.publisher = Publisher(self.spool, self.ledger, config.hooks, self.dispatch.let_go)
         self.intake.give_back = lambda claim: self.publisher.requeue(claim, None)
         self.publisher.settled = self.wake
+        self.dispatch.committing = lambda: self.publisher.committing
         self.attempts = Attempts(config, self.id, self.intake, self.publisher,
                                  Spending(self.budget, home), self.ledger, self.backends,
                                  self.backend_errors, self.dispatch.is_revoked)
@@ -164,8 +165,8 @@ class Worker:
         self._check_finished()
 
     def _check_finished(self) -> None:
-        if self.dispatch.in_flight:
-            return
+        if self.dispatch.in_flight or self.publisher.committing:
+            return  # attempts running, or outcomes not durable yet
         if self.stopping:
             self.publisher.give_back_held()
         elif self.publisher.held:
@@ -196,6 +197,7 @@ class Worker:
 
     async def _close(self, loop: asyncio.AbstractEventLoop) -> None:
         self.intake.close()
+        self.publisher.close()
         for backend in self.backends.values():
             await backend.close()
         self.ledger.worker_stopped(self.id, time.time())
