@@ -337,6 +337,10 @@ class Cluster:
         if conn is not None:
             conn.close()
 
+    def ensure_schema(self) -> list[str]:
+        """Apply what migrations the database lacks (a reconnect to a new server); their names."""
+        return self._run(migrate)
+
     def _run(self, operation: Any, *args: Any) -> Any:
         """operation(conn, *args) on the open connection; a lost one is dropped (the next call
         connects again) and becomes ClusterUnavailable."""

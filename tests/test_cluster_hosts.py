@@ -1,0 +1,190 @@
+"""Homes as hosts of one cluster, end to end: each home with its own `koubou worker` and
+`koubou cluster` processes and its own cluster.host, on a real PostgreSQL (tests/pgserver.py).
+Tasks dropped into one host's pending/ whose craftsman only another host serves run there and
+come back into the first host's completed/; kill -9 of a serving host, and a restart of the
+server, lose none and complete none twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from koubou_spool.spool import home as home_module
+from koubou_spool.spool.files import Spool
+
+from conftest import log_of, submit, wait_outcomes, write_config
+
+try:
+    import psycopg
+except ImportError:  # the pg_server fixture names the command that adds it
+    psycopg = None
+
+DSN_ENV = "KOUBOU_TEST_CLUSTER_DSN"
+LEASE_S = 3
+
+
+class Host:
+    """One host: a home, its worker and its bridge, as separate processes."""
+
+    def __init__(self, root: Path, name: str, *, latency_ms: int = 0, slots: int = 16) -> None:
+        self.name = name
+        self.home = root / name
+        home_module.init(self.home)
+        write_config(self.home, craftsmen={
+            "local": {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m",
+                      "local": True, "max_concurrent": 2, "timeout_s": 5, "retries": 0},
+            "echo": {"backend": "echo", "max_concurrent": slots, "latency_ms": latency_ms}},
+            spool={"fsync": True, "heartbeat_s": 0.5, "lease_s": 10, "grace_s": 0.5,
+                   "stop_grace_s": 5},
+            cluster={"dsn_env": DSN_ENV, "host": name, "lease_s": LEASE_S})
+        self.spool = Spool.open(self.home)
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, *args: str) -> subprocess.Popen:
+        log = open(self.home / f"{args[0]}-{len(self.procs)}.log", "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "koubou_spool.cli.koubou", *args, "--home", str(self.home),
+             "--log-level", "info"], stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT)
+        proc.log_path = log.name  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def serve(self, *craftsmen: str) -> tuple[subprocess.Popen, subprocess.Popen]:
+        """A worker of these craftsmen and the bridge."""
+        worker = self.start("worker", *[arg for c in craftsmen for arg in ("--craftsman", c)])
+        bridge = self.start("cluster")
+        deadline = time.monotonic() + 15
+        while len(self.spool.worker_ids()) < 2:  # nothing announces a registration elsewhere
+            assert time.monotonic() < deadline, self.logs()
+            time.sleep(0.02)
+        return worker, bridge
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def terminate(self) -> list[int]:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        return [proc.wait(timeout=20) for proc in self.procs]
+
+    def logs(self) -> str:
+        return "\n".join(log_of(proc) for proc in self.procs)
+
+
+@pytest.fixture
+def hosts(tmp_path: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(DSN_ENV, pg_dsn)
+    made: list[Host] = []
+
+    def make(name: str, **options: int) -> Host:
+        made.append(Host(tmp_path, name, **options))
+        return made[-1]
+    yield make
+    for host in made:
+        host.kill()
+
+
+def drop(host: Host, count: int, prefix: str) -> list[str]:
+    """Tasks for the echo craftsman, queued in the host's pending/."""
+    return [submit(host.spool, id=f"{prefix}-{n:03d}", content=f"{prefix} {n}", craftsman="echo")
+            for n in range(count)]
+
+
+def rows(pg_dsn: str) -> dict[str, tuple]:
+    """(state, attempt, origin, host, delivered) of every cluster task."""
+    with psycopg.connect(pg_dsn) as conn:
+        return {r[0]: r[1:] for r in conn.execute(
+            "SELECT id, state, attempt, origin, host, delivered_at IS NOT NULL "
+            "FROM cluster_tasks")}
+
+
+def wait_delivered(pg_dsn: str, ids: list[str], timeout: float = 10) -> dict[str, tuple]:
+    deadline = time.monotonic() + timeout
+    while True:  # the mark follows the file by one statement: nothing announces it here
+        found = rows(pg_dsn)
+        if all(found.get(i, ("",) * 5)[4] for i in ids) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def assert_once_each(origin: Host, servers: list[Host], ids: list[str], pg_dsn: str) -> None:
+    """Each task completed, its outcome in the origin's completed/ (once: a name is one file),
+    run by a worker of a serving host, the cluster's row completed and delivered."""
+    outcomes = wait_outcomes(origin.spool, ids, timeout=30)
+    assert not {f"{i}.json" for i in ids} & set(os.listdir(origin.spool.failed))
+    server_ids = {w for host in servers for w in host.spool.worker_ids()}
+    for record in outcomes.values():
+        assert record["status"] == "completed", record
+        assert record["result"]["worker_id"] in server_ids
+    found = wait_delivered(pg_dsn, ids)
+    assert {i: found[i][0] for i in ids} == dict.fromkeys(ids, "completed")
+    assert all(found[i][2] == origin.name and found[i][4] for i in ids)
+    names = {f"{i}.json" for i in ids}
+    assert not names & set(os.listdir(origin.spool.pending))
+    assert not [entry for entry, _ in origin.spool.claims() if entry.split("@")[0] in names]
+
+
+def test_tasks_dropped_on_one_host_run_on_the_host_that_serves_them_and_come_back(
+        hosts, pg_dsn: str) -> None:
+    started = time.monotonic()
+    a, b = hosts("host-a"), hosts("host-b")
+    a.serve("local")  # host a serves no echo
+    b.serve("echo")
+    submit(a.spool, id="stays", content="x", craftsman="local")
+    ids = drop(a, 40, "across")
+    assert_once_each(a, [b], ids, pg_dsn)
+    assert "stays" not in rows(pg_dsn)  # a task host a serves never leaves it
+    assert sorted(os.listdir(b.spool.completed)) == sorted(f"{i}.json" for i in ids)
+    more = drop(a, 5, "later")  # the bridges are idle now: inotify and NOTIFY wake them
+    assert_once_each(a, [b], more, pg_dsn)
+    assert a.terminate() == [0, 0] and b.terminate() == [0, 0]  # SIGTERM: exit 0
+    assert "Traceback" not in a.logs() + b.logs()
+    assert a.spool.find("stays").state in ("pending", "in_progress", "failed")  # still a's
+    assert time.monotonic() - started < 20
+
+
+def test_a_serving_host_killed_mid_run_has_its_tasks_taken_over_after_the_lease(
+        hosts, pg_dsn: str) -> None:
+    a, b, c = hosts("host-a"), hosts("host-b", latency_ms=400, slots=4), hosts("host-c")
+    a.serve("local")
+    b.serve("echo")
+    ids = drop(a, 24, "killed")
+    deadline = time.monotonic() + 15
+    while len(os.listdir(a.spool.completed)) < 4:  # host b is half-way
+        assert time.monotonic() < deadline, b.logs()
+        time.sleep(0.05)
+    b.kill()  # kill -9 of every process of host b, leases held
+    held = [i for i, row in rows(pg_dsn).items() if row[0] == "in_progress"]
+    assert held, "host b held no lease when it was killed"
+    c.serve("echo")
+    assert_once_each(a, [b, c], ids, pg_dsn)
+    found = rows(pg_dsn)
+    assert all(found[i][1] == 2 and found[i][3] == "host-c" for i in held)  # taken over once
+    assert "Traceback" not in a.logs() + c.logs()
+
+
+def test_a_postgres_restart_mid_run_loses_nothing_and_wakeups_resume(
+        hosts, pg_server, pg_dsn: str) -> None:
+    a, b = hosts("host-a"), hosts("host-b", latency_ms=100, slots=4)
+    a.serve("local")
+    b.serve("echo")
+    ids = drop(a, 30, "before")
+    deadline = time.monotonic() + 15
+    while len(os.listdir(a.spool.completed)) < 3:
+        assert time.monotonic() < deadline, b.logs()
+        time.sleep(0.05)
+    pg_server.restart()
+    after = drop(a, 10, "after")  # dropped once the server is back
+    assert_once_each(a, [b], ids + after, pg_dsn)
+    assert "Traceback" not in a.logs() + b.logs()
