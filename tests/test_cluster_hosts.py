@@ -18,7 +18,7 @@ import pytest
 from koubou_spool.spool import home as home_module
 from koubou_spool.spool.files import Spool
 
-from conftest import log_of, submit, wait_outcomes, write_config
+from conftest import log_of, read_json, submit, wait_outcomes, write_config
 
 try:
     import psycopg
@@ -188,3 +188,35 @@ def test_a_postgres_restart_mid_run_loses_nothing_and_wakeups_resume(
     after = drop(a, 10, "after")  # dropped once the server is back
     assert_once_each(a, [b], ids + after, pg_dsn)
     assert "Traceback" not in a.logs() + b.logs()
+
+
+def test_while_the_cluster_cannot_be_reached_local_work_goes_on_and_it_is_said_once(
+        hosts, pg_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pgserver
+    monkeypatch.setenv(DSN_ENV, f"host=127.0.0.1 port={pgserver.free_port()} user=koubou "
+                       "dbname=nowhere")
+    a = hosts("host-a")
+    _, bridge = a.serve("echo")
+    ids = drop(a, 5, "local")
+    outcomes = wait_outcomes(a.spool, ids, timeout=15)  # its own worker, no database needed
+    assert all(record["status"] == "completed" for record in outcomes.values())
+    submit(a.spool, id="waits", content="x", craftsman="local")  # no worker serves it here
+    time.sleep(2)  # some heartbeats of trying again
+    assert a.spool.find("waits").state == "pending" and "attempts" not in read_json(
+        a.spool.pending / "waits.json")
+    assert bridge.poll() is None
+    assert log_of(bridge).count("cannot be reached") == 1  # once a minute, not per attempt
+    bridge.send_signal(signal.SIGTERM)
+    assert bridge.wait(timeout=10) == 0
+
+
+def test_a_home_without_a_cluster_dsn_is_told_in_one_sentence(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DSN_ENV, raising=False)
+    host = Host(tmp_path, "host-a")
+    result = subprocess.run([sys.executable, "-m", "koubou_spool.cli.koubou", "cluster", "--home",
+                             str(host.home)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"koubou: cluster.dsn_env names {DSN_ENV}, which is not set in this environment; "
+        "export the cluster's PostgreSQL DSN in it"]
