@@ -220,3 +220,32 @@ def test_a_home_without_a_cluster_dsn_is_told_in_one_sentence(tmp_path: Path,
     assert result.stderr.strip().splitlines() == [
         f"koubou: cluster.dsn_env names {DSN_ENV}, which is not set in this environment; "
         "export the cluster's PostgreSQL DSN in it"]
+
+
+def test_doctor_checks_the_cluster(tmp_path: Path, pg_dsn: str,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import pgserver
+    from koubou_spool import config as config_module
+    from koubou_spool.ops import doctor
+    from koubou_spool.spool import cluster
+    host = Host(tmp_path, "host-a")
+    config_path = host.home / "config" / "koubou.yaml"
+    config = config_module.load(config_path)
+    monkeypatch.delenv(DSN_ENV, raising=False)
+    [unset] = doctor.check_cluster(config)
+    assert unset.level == doctor.ERROR and f"{DSN_ENV}, which is not set" in unset.message
+    monkeypatch.setenv(DSN_ENV, f"host=127.0.0.1 port={pgserver.free_port()} user=koubou dbname=x")
+    [down] = doctor.check_cluster(config)
+    assert down.level == doctor.ERROR and "cannot be reached" in down.message
+    monkeypatch.setenv(DSN_ENV, pg_dsn)
+    fresh = doctor.check_cluster(config)  # an empty database: the bridge will migrate it
+    assert [p.level for p in fresh] == [doctor.INFO, doctor.WARNING]
+    assert "schema version 0 of" in fresh[0].message and "s from the database's" in fresh[0].message
+    cluster.Cluster.open(pg_dsn, host="host-a").close()
+    checks = {c.name: c for c in doctor.run(host.home, config_path, timeout=0.5)}
+    assert checks["cluster"].status == "ok"
+    assert f"schema version {cluster.SCHEMA_VERSION} of" in checks["cluster"].problems[0].message
+    monkeypatch.setattr(cluster.Cluster, "clock_skew", lambda self: 12.5)
+    skewed = doctor.check_cluster(config)
+    assert [p.level for p in skewed] == [doctor.INFO, doctor.WARNING]
+    assert "clock is +12.5 s from the cluster database's" in skewed[1].message

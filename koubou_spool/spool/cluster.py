@@ -337,6 +337,10 @@ class Cluster:
         if conn is not None:
             conn.close()
 
+    def schema_version(self) -> int:
+        """How many migrations the database holds (0: none yet)."""
+        return self._run(schema_version)
+
     def ensure_schema(self) -> list[str]:
         """Apply what migrations the database lacks (a reconnect to a new server); their names."""
         return self._run(migrate)
