@@ -142,9 +142,11 @@ def test_tasks_dropped_on_one_host_run_on_the_host_that_serves_them_and_come_bac
     a.serve("local")  # host a serves no echo
     b.serve("echo")
     submit(a.spool, id="stays", content="x", craftsman="local")
+    submit(a.spool, id="secret", content="x", craftsman="echo", sensitivity="confidential")
     ids = drop(a, 40, "across")
     assert_once_each(a, [b], ids, pg_dsn)
     assert "stays" not in rows(pg_dsn)  # a task host a serves never leaves it
+    assert "secret" not in rows(pg_dsn) and a.spool.find("secret").state == "pending"
     assert sorted(os.listdir(b.spool.completed)) == sorted(f"{i}.json" for i in ids)
     more = drop(a, 5, "later")  # the bridges are idle now: inotify and NOTIFY wake them
     assert_once_each(a, [b], more, pg_dsn)

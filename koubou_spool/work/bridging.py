@@ -222,10 +222,15 @@ class Bridge:
             return None  # gone, or for a worker to reject with its reason
         if bridge.taken_in(task) or task.id in self.leases:
             return None
+        if task.files or task.repo:
+            return None  # local paths: they mean nothing on another host
         try:
-            craftsman = router.route(task, self.config).craftsman
+            route = router.route(task, self.config)
         except (InvalidTask, KoubouError):
             return None
+        if route.confidential:
+            return None  # confidential stays on its host (§4.7): it waits for a worker here
+        craftsman = route.craftsman
         if craftsman is None or craftsman in local or craftsman in (self.settings.serve or ()):
             return None  # served here, or said to be (a worker restarting): it stays
         return craftsman
