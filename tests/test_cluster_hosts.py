@@ -259,3 +259,27 @@ def test_doctor_checks_the_cluster(tmp_path: Path, pg_dsn: str,
     skewed = doctor.check_cluster(config)
     assert [p.level for p in skewed] == [doctor.INFO, doctor.WARNING]
     assert "clock is +12.5 s from the cluster database's" in skewed[1].message
+
+
+def test_an_origin_bridge_killed_mid_run_is_replaced_and_every_outcome_still_comes_back(
+        hosts, pg_dsn: str) -> None:
+    a, b = hosts("host-a"), hosts("host-b", latency_ms=300, slots=2)
+    _, first = a.serve("local")
+    b.serve("echo")
+    ids = drop(a, 10, "orphan")
+    deadline = time.monotonic() + 15
+    while len(os.listdir(a.spool.completed)) < 2 or len(rows(pg_dsn)) < len(ids):
+        assert time.monotonic() < deadline, a.logs("cluster")
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)  # its claims on host a are the faces of tasks on host b
+    first.wait(timeout=10)
+    # host a's worker requeues the dead bridge's claims, uncounted; nothing forwards them
+    wait_until_pending = time.monotonic() + 10
+    while len(os.listdir(a.spool.pending)) + len(os.listdir(a.spool.completed)) < len(ids):
+        assert time.monotonic() < wait_until_pending, a.logs("worker")
+        time.sleep(0.05)
+    assert all("attempts" not in read_json(a.spool.pending / name)
+               for name in os.listdir(a.spool.pending))
+    a.start("cluster")  # a new bridge delivers what host b finished meanwhile
+    assert_once_each(a, [b], ids, pg_dsn)
+    assert {row[1] for row in rows(pg_dsn).values()} == {1}  # each ran once, on host b
