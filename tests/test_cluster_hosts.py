@@ -6,6 +6,7 @@ server, lose none and complete none twice."""
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import subprocess
@@ -283,3 +284,25 @@ def test_an_origin_bridge_killed_mid_run_is_replaced_and_every_outcome_still_com
     a.start("cluster")  # a new bridge delivers what host b finished meanwhile
     assert_once_each(a, [b], ids, pg_dsn)
     assert {row[1] for row in rows(pg_dsn).values()} == {1}  # each ran once, on host b
+
+
+def test_two_serving_hosts_share_the_work_each_taking_no_more_than_its_slots(
+        hosts, pg_dsn: str) -> None:
+    a = hosts("host-a")
+    b, c = hosts("host-b", latency_ms=200, slots=2), hosts("host-c", latency_ms=200, slots=2)
+    a.serve("local")
+    b.serve("echo")
+    c.serve("echo")
+    ids = drop(a, 16, "shared")
+    most = 0
+    deadline = time.monotonic() + 30
+    while len(os.listdir(a.spool.completed)) < len(ids):
+        assert time.monotonic() < deadline, a.logs("cluster")
+        held = collections.Counter(row[3] for row in rows(pg_dsn).values()
+                                   if row[0] == "in_progress")
+        most = max([most, *held.values()])
+        time.sleep(0.05)
+    assert_once_each(a, [b, c], ids, pg_dsn)
+    ran = collections.Counter(row[3] for row in rows(pg_dsn).values())
+    assert set(ran) == {"host-b", "host-c"} and sum(ran.values()) == len(ids), ran
+    assert most <= 2  # never more leases on one host than its echo's max_concurrent
