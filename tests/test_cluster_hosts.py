@@ -306,3 +306,24 @@ def test_two_serving_hosts_share_the_work_each_taking_no_more_than_its_slots(
     ran = collections.Counter(row[3] for row in rows(pg_dsn).values())
     assert set(ran) == {"host-b", "host-c"} and sum(ran.values()) == len(ids), ran
     assert most <= 2  # never more leases on one host than its echo's max_concurrent
+
+
+def test_leases_of_a_serving_worker_that_died_are_given_back_at_once_by_its_bridge(
+        hosts, pg_dsn: str) -> None:
+    a, b, c = hosts("host-a"), hosts("host-b", latency_ms=400, slots=4), hosts("host-c")
+    a.serve("local")
+    worker_b, _ = b.serve("echo")
+    c.serve("local")  # host c's echo worker starts later
+    ids = drop(a, 12, "handed")
+    deadline = time.monotonic() + 15
+    while len(os.listdir(a.spool.completed)) < 2:
+        assert time.monotonic() < deadline, b.logs()
+        time.sleep(0.05)
+    worker_b.send_signal(signal.SIGKILL)  # host b's bridge lives on
+    worker_b.wait(timeout=10)
+    c.start("worker", "--craftsman", "echo")
+    started = time.monotonic()
+    assert_once_each(a, [b, c], ids, pg_dsn)
+    assert time.monotonic() - started < LEASE_S * 3
+    assert "gave back" in b.logs("cluster")
+    assert all(rows(pg_dsn)[i][3] in ("host-b", "host-c") for i in ids)

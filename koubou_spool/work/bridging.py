@@ -111,6 +111,7 @@ class Bridge:
                     if self._served_changed():
                         rescan = True
                         flags.add("served")
+                        self._release_unserved()
                 if self.stopping:
                     break
                 if not self.up or "recheck" in flags:
@@ -308,6 +309,23 @@ class Bridge:
         served = served_craftsmen(self.spool)
         changed, self.served = served != self.served, served
         return changed
+
+    def _release_unserved(self) -> None:
+        """Give back at once the leases of craftsmen no live worker here serves any more (the
+        worker died or stopped), rather than renewing them for tasks nobody here will run. A
+        local outcome that comes later is sent back if the task is taken in here again."""
+        if not self.up:
+            return
+        gone = [lease for lease in self.leases.values() if lease.craftsman not in self.served]
+        try:
+            for lease in gone:
+                self.cluster.requeue(lease)
+                del self.leases[lease.task_id]
+        except ClusterUnavailable as exc:
+            self._down(exc)
+        if gone:
+            log.warning("gave back %d lease(s) to the cluster: no live worker here serves %s",
+                        len(gone), ", ".join(sorted({lease.craftsman for lease in gone})))
 
     def _connect(self) -> bool:
         """Make sure of the schema and this bridge's registration; False while unreachable."""
