@@ -131,6 +131,7 @@ def assert_once_each(origin: Host, servers: list[Host], ids: list[str], pg_dsn: 
     server_ids = {w for host in servers for w in host.spool.worker_ids()}
     for record in outcomes.values():
         assert record["status"] == "completed", record
+        assert "metadata" not in record  # take_in's mark stays on the host that ran it
         assert record["result"]["worker_id"] in server_ids
     found = wait_delivered(pg_dsn, ids)
     assert {i: found[i][0] for i in ids} == dict.fromkeys(ids, "completed")

@@ -129,10 +129,22 @@ def send_back(spool: Spool, cluster: Cluster, leases: dict[str, ClusterClaim]) -
     for name in spool.outcome_states(names):
         task_id = names[name]
         record = spool.outcome(task_id)
-        if record is not None and cluster.publish(leases[task_id], record):
+        if record is not None and cluster.publish(leases[task_id], _as_sent(record,
+                                                                            leases[task_id])):
             published.append(task_id)
         del leases[task_id]
     return published
+
+
+def _as_sent(record: dict, lease: ClusterClaim) -> dict:
+    """The outcome with the task's metadata as its origin sent it (take_in's mark removed)."""
+    sent = task_format.decode(lease.body)
+    record = dict(record)
+    if "metadata" in sent:
+        record["metadata"] = sent["metadata"]
+    else:
+        record.pop("metadata", None)
+    return record
 
 
 def renew(cluster: Cluster, bridge_id: str, leases: dict[str, ClusterClaim]) -> list[str]:
