@@ -115,7 +115,7 @@ def cluster_command() -> None:
     serves. Needs `cluster.dsn_env` in the config; SIGTERM exits 0.
     """
     try:
-        from ..work.bridging import run_bridge  # psycopg only where the cluster is used
+        from ..service.bridging import run_bridge  # psycopg only where the cluster is used
     except ImportError as exc:
         raise UsageError(f"`koubou cluster` needs psycopg 3 ({exc}); install it with "
                          "pip install 'koubou-spool[cluster]'") from None

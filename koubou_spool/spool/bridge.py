@@ -15,7 +15,7 @@ keeps the leases alive meanwhile and drops the revoked ones. A task whose lease 
 that comes back to this host finds its local outcome and is sent back without a second run.
 
 The process that runs all this on inotify, NOTIFY and a heartbeat, and chooses which tasks
-leave, is work/bridging.py (`koubou cluster`).
+leave, is service/bridging.py (`koubou cluster`).
 """
 
 from __future__ import annotations
