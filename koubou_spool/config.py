@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -92,6 +94,36 @@ class SpoolSettings:
     max_task_bytes: int = 1_048_576
     grace_s: float = 3.0
     stop_grace_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """The `cluster:` section (docs/CLUSTER.md): the variable that holds the DSN (never the
+    DSN itself), this host's name, the craftsmen it takes in for the cluster (None: every one
+    a live worker of this home serves), and the lease of a cluster task."""
+
+    dsn_env: str | None = None
+    host: str = ""
+    serve: tuple[str, ...] | None = None
+    lease_s: float = 60.0
+
+    @classmethod
+    def parse(cls, section: dict[str, Any] | None) -> ClusterSettings:
+        """Settings from a checked section; the host defaults to this machine's name."""
+        section = section or {}
+        serve = section.get("serve")
+        return cls(dsn_env=section.get("dsn_env"), host=section.get("host") or default_host(),
+                   serve=None if serve is None else tuple(serve),
+                   lease_s=float(section.get("lease_s") or 60.0))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.dsn_env)
+
+
+def default_host() -> str:
+    """This machine's short name, as a cluster host name."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0])[:63] or "host"
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ FACTS: dict[str, tuple[str, ...] | None] = {
 CONDITION_WORDS = ("confidential", "public", *LEVELS)
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # craftsman names end up in unit names and labels
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+HOST_RE = re.compile(r"[A-Za-z0-9._-]{1,63}")  # a cluster host: in ids and LISTEN payloads
 DURATION_RE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h|d)")
 UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://|[^/:]+:")  # scheme://, or git's host:path
@@ -406,6 +407,13 @@ def author(path: str, value: Any, found: Findings) -> Any:
     return value
 
 
+def host_name(path: str, value: Any, found: Findings) -> Any:
+    """A host's name in the cluster: letters, digits, dots, dashes and underscores."""
+    if not (isinstance(value, str) and HOST_RE.fullmatch(value)):
+        found.wrong(path, "a host name of letters, digits, '.', '-' and '_' (at most 63)", value)
+    return value
+
+
 PATHS = list_of(text, "a list of paths")
 LOCATIONS = list_of(location, "a list of paths and URL prefixes")
 TOP = section({
@@ -420,7 +428,9 @@ TOP = section({
                                "max_worktrees": nullable(integer(1)), "author": author})),
     "serve": nullable(section({"host": word, "port": integer(1, 65535),
                                "tokens_env": env_name, "wait_s": duration()})),
-    "cluster": nullable(section({"dsn_env": env_name})),
+    "cluster": nullable(section({"dsn_env": env_name, "host": host_name,
+                                 "serve": nullable(list_of(word, "a list of craftsman names")),
+                                 "lease_s": duration()})),
 }, required=("craftsmen",))
 
 
@@ -442,6 +452,19 @@ def _check_rules(document: dict, found: Findings) -> None:
                 if then == "local" else ""
             found.wrong(f"routing.rules[{index}].then", "a configured craftsman "
                         f"({', '.join(map(str, names))}){hint}", then)
+
+
+def _check_cluster(document: dict, found: Findings) -> None:
+    """The craftsmen a host serves for the cluster are configured ones."""
+    names = document.get("craftsmen")
+    serve = (document.get("cluster") or {}).get("serve") if isinstance(
+        document.get("cluster"), dict) else None
+    if not isinstance(names, dict) or not isinstance(serve, list):
+        return
+    for index, name in enumerate(serve):
+        if isinstance(name, str) and name not in names:
+            found.wrong(f"cluster.serve[{index}]", "a configured craftsman "
+                        f"({', '.join(map(str, names))})", name)
 
 
 def _check_lease(spool: Any, defaults: Mapping[str, Any], found: Findings) -> None:
@@ -466,5 +489,6 @@ def check(document: Any, spool_defaults: Mapping[str, Any] | None = None
         return document, found
     checked = TOP("", document, found)
     _check_rules(checked, found)
+    _check_cluster(checked, found)
     _check_lease(checked.get("spool"), spool_defaults or {}, found)
     return checked, found

@@ -652,3 +652,22 @@ def test_a_lease_lost_while_the_task_ran_is_fenced_then_sent_back_without_a_seco
     assert read_json(home_a.completed / "slow.json")["result"]["content"] == "first run"
     host_a.close()
     host_b.close()
+
+
+def test_recovery_gives_a_dead_bridges_claims_back_uncounted(origin: Spool, tmp_path: Path) -> None:
+    from koubou_spool.config import SpoolSettings
+    from koubou_spool.spool.ledger import LedgerWriter
+    from koubou_spool.spool.recovery import recover_orphans
+    for task_id in ("faced", "worked"):
+        submit(origin, id=task_id, content="c")
+    origin.claim("faced.json", "bridge-host-a-1-dead")  # a bridge that died: no lock file
+    origin.claim("worked.json", "host-a-2-dead")  # an ordinary worker that died
+    ledger = LedgerWriter(tmp_path / "ledger.db")
+    try:
+        done = recover_orphans(origin, SpoolSettings(), "host-a-3-live", ledger)
+    finally:
+        ledger.close()
+    assert sorted((r.task_id, r.action) for r in done) == [("faced", "requeued"),
+                                                            ("worked", "requeued")]
+    assert "attempts" not in read_json(origin.pending / "faced.json")  # the face was no attempt
+    assert read_json(origin.pending / "worked.json")["attempts"] == 1

@@ -171,6 +171,18 @@ BAD_CONFIGS: list[tuple[str, str | bytes, str]] = [
      ': spool: expected a mapping of settings, found ["fsync"] (a list)'),
     ("serve port out of range", document(more="serve: {port: 70000}\n"),
      ": serve.port: expected a whole number from 1 to 65535, found 70000 (a number)"),
+    ("cluster host with a space", document(more="cluster: {host: 'my host'}\n"),
+     ": cluster.host: expected a host name of letters, digits, '.', '-' and '_' (at most 63), "
+     'found "my host" (a string)'),
+    ("cluster serve a mapping", document(more="cluster: {serve: {echo: 2}}\n"),
+     ': cluster.serve: expected a list of craftsman names, found {"echo": 2} (a mapping)'),
+    ("cluster serve unknown", document(more="cluster: {serve: [echo, gpu]}\n"),
+     ': cluster.serve[1]: expected a configured craftsman (local, echo), found "gpu" (a string)'),
+    ("cluster lease zero", document(more="cluster: {lease_s: 0}\n"),
+     f": cluster.lease_s: expected {DURATION}, found 0 (a number)"),
+    ("cluster dsn_env a DSN", document(more="cluster: {dsn_env: 'postgresql://h/db'}\n"),
+     ": cluster.dsn_env: expected the name of an environment variable such as OPENAI_API_KEY "
+     "(the secret itself stays in the environment), found a string (not shown)"),
     ("verify timeout not a duration", document(more="repos: {verify_timeout_s: forever}\n"),
      f': repos.verify_timeout_s: expected {DURATION}, found "forever" (a string)'),
     ("unparsable YAML", document(more="budget: {daily_usd: 1\n"),

@@ -10,7 +10,7 @@ from ..spool import ledger
 from ..spool import home as home_module, permissions
 from ..observe import status as status_module
 from ..spool.task import DIFFICULTIES, SENSITIVITIES
-from ..errors import EXIT_OK, EXIT_TASK_FAILED
+from ..errors import EXIT_OK, EXIT_TASK_FAILED, UsageError
 from ..spool.home import STATE_DIRS
 from ..work.worker import run_worker
 from .common import KoubouGroup, emit_json, home_options, notice, session, setup_logging
@@ -105,6 +105,24 @@ def worker(craftsmen: tuple[str, ...], concurrency: int, drain: bool) -> None:
     config = where.config(required=True)
     run_worker(where.home, config, craftsmen=list(craftsmen) or None,
                concurrency=concurrency, drain=drain)
+
+
+@cli.command("cluster")
+@home_options
+def cluster_command() -> None:
+    """Run this home's bridge to the cluster (docs/CLUSTER.md): forward the tasks no worker
+    here serves, deliver their outcomes, take in cluster tasks for the craftsmen this host
+    serves. Needs `cluster.dsn_env` in the config; SIGTERM exits 0.
+    """
+    try:
+        from ..service.bridging import run_bridge  # psycopg only where the cluster is used
+    except ImportError as exc:
+        raise UsageError(f"`koubou cluster` needs psycopg 3 ({exc}); install it with "
+                         "pip install 'koubou-spool[cluster]'") from None
+    setup_logging()
+    where = session()
+    config = where.config(required=True)
+    raise SystemExit(run_bridge(where.home, config))
 
 
 @cli.command()

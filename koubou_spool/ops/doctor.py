@@ -45,6 +45,7 @@ INOTIFY_LIMITS = (
     ("max_queued_events", 16384, "a burst of submits beyond the queue overflows it and workers "
      "fall back to a full rescan"),
 )
+MAX_SKEW_S = 2.0  # leases run on the database's clock; budget days and timestamps on hosts'
 SECRET_WORDS = ("api_key:", "apikey:", "password", "secret", "token:", "bearer ")
 
 
@@ -86,6 +87,8 @@ def run(home: Path, config_path: Path, timeout: float = 5.0) -> list[Check]:
     checks.insert(1, Check("config", unknown + check_config_file(config_path, config)))
     checks.append(Check("api keys", check_api_keys(config)))
     checks.append(Check("repositories", check_repositories(home, config)))
+    if config_module.ClusterSettings.parse(config.cluster).enabled:
+        checks.append(Check("cluster", check_cluster(config)))
     checks += check_craftsmen(config, timeout)
     return checks
 
@@ -203,6 +206,45 @@ def check_ledger(path: Path) -> list[Problem]:
 
 
 # --- craftsmen -------------------------------------------------------------------------------
+
+def check_cluster(config: Config) -> list[Problem]:
+    """The cluster's PostgreSQL (docs/CLUSTER.md): its DSN set and reachable, its schema one
+    this koubou knows, this host's clock close to the database's."""
+    settings = config_module.ClusterSettings.parse(config.cluster)
+    dsn = os.environ.get(settings.dsn_env or "")
+    if not dsn:
+        return [Problem(ERROR, f"cluster.dsn_env names {settings.dsn_env}, which is not set; "
+                        "export the cluster's PostgreSQL DSN in it before `koubou cluster`")]
+    try:
+        from ..spool import cluster
+    except ImportError as exc:
+        return [Problem(ERROR, f"the cluster needs psycopg 3 ({exc}); install it with "
+                        "pip install 'koubou-spool[cluster]'")]
+    handle = cluster.Cluster(dsn, host=settings.host)
+    try:
+        version = handle.schema_version()
+        skew = handle.clock_skew()
+    except cluster.ClusterUnavailable as exc:
+        return [Problem(ERROR, str(exc))]
+    finally:
+        handle.close_quietly()
+    problems = [Problem(INFO, f"host {settings.host}: the cluster's PostgreSQL answers; "
+                        f"schema version {version} of {cluster.SCHEMA_VERSION}; this clock is "
+                        f"{skew:+.3f} s from the database's")]
+    if version > cluster.SCHEMA_VERSION:
+        problems.append(Problem(ERROR, f"the cluster database has schema version {version}, "
+                                f"newer than this koubou's {cluster.SCHEMA_VERSION}: upgrade "
+                                "koubou on this host"))
+    elif version < cluster.SCHEMA_VERSION:
+        problems.append(Problem(WARNING, f"the cluster database has schema version {version} "
+                                f"of {cluster.SCHEMA_VERSION}; the next `koubou cluster` "
+                                "migrates it"))
+    if abs(skew) > MAX_SKEW_S:
+        problems.append(Problem(WARNING, f"this host's clock is {skew:+.1f} s from the cluster "
+                                "database's: budget days and timestamps drift between hosts; "
+                                "run NTP (chrony, systemd-timesyncd)"))
+    return problems
+
 
 def check_repositories(home: Path, config: Config) -> list[Problem]:
     """The mirrors of repository tasks and their size on disk; whether any repo is allowed."""

@@ -14,8 +14,8 @@ queues it in its own pending/, pinned to that craftsman, where its workers run i
 keeps the leases alive meanwhile and drops the revoked ones. A task whose lease was lost and
 that comes back to this host finds its local outcome and is sent back without a second run.
 
-Not yet here: the choice of which tasks leave (routing, and the craftsmen each host serves),
-and the process that runs all this on inotify, NOTIFY and a heartbeat.
+The process that runs all this on inotify, NOTIFY and a heartbeat, and chooses which tasks
+leave, is service/bridging.py (`koubou cluster`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,13 @@ from .entries import Claim
 from .files import Spool
 
 log = logging.getLogger(__name__)
+
+FROM_KEY = "koubou_cluster_from"  # in a taken-in task's metadata: the host it came from
+
+
+def taken_in(task: task_format.Task) -> bool:
+    """Whether a task was queued here by take_in: it runs here, it never leaves again."""
+    return isinstance(task.raw.get("metadata"), dict) and FROM_KEY in task.raw["metadata"]
 
 
 def forward(spool: Spool, cluster: Cluster, name: str, craftsman: str, bridge_id: str,
@@ -104,6 +111,8 @@ def take_in(spool: Spool, cluster: Cluster, bridge_id: str,
         return None
     obj = task_format.decode(claim.body)
     obj["craftsman"] = claim.craftsman
+    # Marked as come from the cluster, so this home's bridge never forwards it back out.
+    obj["metadata"] = {**(obj.get("metadata") or {}), FROM_KEY: claim.origin}
     try:
         spool.submit([task_format.validate(obj)])
     except BaseException:
@@ -120,10 +129,22 @@ def send_back(spool: Spool, cluster: Cluster, leases: dict[str, ClusterClaim]) -
     for name in spool.outcome_states(names):
         task_id = names[name]
         record = spool.outcome(task_id)
-        if record is not None and cluster.publish(leases[task_id], record):
+        if record is not None and cluster.publish(leases[task_id], _as_sent(record,
+                                                                            leases[task_id])):
             published.append(task_id)
         del leases[task_id]
     return published
+
+
+def _as_sent(record: dict, lease: ClusterClaim) -> dict:
+    """The outcome with the task's metadata as its origin sent it (take_in's mark removed)."""
+    sent = task_format.decode(lease.body)
+    record = dict(record)
+    if "metadata" in sent:
+        record["metadata"] = sent["metadata"]
+    else:
+        record.pop("metadata", None)
+    return record
 
 
 def renew(cluster: Cluster, bridge_id: str, leases: dict[str, ClusterClaim]) -> list[str]:

@@ -337,6 +337,14 @@ class Cluster:
         if conn is not None:
             conn.close()
 
+    def schema_version(self) -> int:
+        """How many migrations the database holds (0: none yet)."""
+        return self._run(schema_version)
+
+    def ensure_schema(self) -> list[str]:
+        """Apply what migrations the database lacks (a reconnect to a new server); their names."""
+        return self._run(migrate)
+
     def _run(self, operation: Any, *args: Any) -> Any:
         """operation(conn, *args) on the open connection; a lost one is dropped (the next call
         connects again) and becomes ClusterUnavailable."""

@@ -16,6 +16,9 @@ from ..errors import SpoolError
 CLAIM_RE = re.compile(r"(?P<name>.+)@(?P<worker>[A-Za-z0-9-]+)(?:\+(?P<seq>[0-9]+))?"
                       r"(?P<fin>\.fin)?")
 _claim_seq = itertools.count(1)
+# A cluster bridge's worker id begins so (spool/bridge.py): its claims are the faces of tasks
+# that run on other hosts, never attempts, and recovery gives them back uncounted.
+BRIDGE_PREFIX = "bridge-"
 SIDECAR = ".error.json"
 STATES = ("pending", "in_progress", "completed", "failed")
 NAME_MAX = 255  # bytes in one file name on ext4, xfs, btrfs and tmpfs

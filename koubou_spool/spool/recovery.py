@@ -20,6 +20,7 @@ from . import task as task_format
 from ..config import SpoolSettings
 from ..errors import InvalidTask
 from .ledger import LedgerWriter
+from .entries import BRIDGE_PREFIX
 from .files import CLAIM_RE, Claim, Refused, Spool, Unavailable
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,9 @@ def recover_orphans(spool: Spool, settings: SpoolSettings, owner_id: str, ledger
         if stopped:
             log.warning("stopped %d process(es) left running for %s", stopped, match["name"])
         try:
-            if match["fin"]:
+            if match["worker"].startswith(BRIDGE_PREFIX):
+                done.append(_bridged(spool, mine, match["fin"]))
+            elif match["fin"]:
                 done.append(_finishing(spool, settings, mine, ledger, settle_lost))
             else:
                 done.append(_claim(spool, settings, mine, ledger, settle_lost))
@@ -149,6 +152,22 @@ def _record_kept(spool: Spool, ledger: LedgerWriter, task_id: str) -> None:
         return  # not an outcome this version wrote: `koubou ledger rebuild` reads what it can
     if not ledger.backlog:
         concurrent.futures.wait([recorded], timeout=LEDGER_WAIT_S)
+
+
+def _bridged(spool: Spool, claim: Claim, fin: str | None) -> Recovered:
+    """A dead bridge's claim: no attempt ran here, so it goes back to pending/ uncounted (the
+    next bridge forwards it again, once in the cluster: the insert is idempotent on the id);
+    one whose outcome it was delivering when it died keeps that outcome."""
+    if fin:
+        path = spool.in_progress / (claim.file_name + ".fin")
+        task_id = task_format.id_from_name(claim.name)
+        if task_id is not None and spool.outcome_state(task_id) is not None:
+            spool.sync_outcomes()  # durable before the marker goes, as in _finishing
+            path.unlink()
+            return Recovered(claim.name, task_id, "kept")
+        os.rename(path, spool.in_progress / claim.file_name)
+    spool.requeue(claim.file_name, None)
+    return Recovered(claim.name, task_format.id_from_name(claim.name), "requeued")
 
 
 def _claim(spool: Spool, settings: SpoolSettings, claim: Claim, ledger: LedgerWriter,

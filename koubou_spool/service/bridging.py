@@ -1,0 +1,352 @@
+"""`koubou cluster`: the bridge between this home's file spool and the cluster's PostgreSQL
+(docs/CLUSTER.md), one process per home, beside its workers.
+
+It runs the halves of spool/bridge.py:
+
+- out: a pending task routed to a craftsman that no live worker of this home serves is
+  forwarded (a local claim by the bridge, an idempotent insert) and its outcome, once some host
+  has published it, is delivered into completed/ or failed/ (fsynced, then marked delivered);
+- in: cluster tasks of the craftsmen this host serves for the cluster are taken in, at most
+  as many of each craftsman as its max_concurrent, queued in pending/ for this home's workers;
+  their leases are renewed with the heartbeat and their outcomes sent back, fenced by attempt.
+
+Nothing polls. The loop sleeps in select(2) on inotify (pending/, completed/, failed/), on a
+pipe the listener thread writes to when a NOTIFY (or a reconnect's one re-check) comes, and on
+the heartbeat's timeout. While PostgreSQL cannot be reached the bridge says so once a minute,
+keeps its local claims alive, and tries again at each heartbeat and when the listener is back;
+local work never waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import ClusterSettings, Config
+from ..craft import router
+from ..errors import InvalidTask, KoubouError, UsageError
+from ..observe.status import served_craftsmen
+from ..spool import bridge
+from ..spool import task as task_format
+from ..spool.cluster import (OUTCOMES_CHANNEL, TASKS_CHANNEL, Cluster, ClusterClaim,
+                             ClusterUnavailable, Wakeups)
+from ..spool.entries import BRIDGE_PREFIX, Refused, Unavailable
+from ..spool.files import Spool, new_worker_id
+from ..spool.watcher import OUTCOME_MASK, OVERFLOW, PENDING_MASK, Watcher
+
+log = logging.getLogger(__name__)
+
+DOWN_LOG_S = 60.0  # while the cluster is unreachable, say so this often
+DELIVER_BATCH = 500
+
+
+def cluster_dsn(settings: ClusterSettings) -> str:
+    """The DSN from the variable cluster.dsn_env names; UsageError when unset."""
+    if not settings.dsn_env:
+        raise UsageError("this home has no cluster: set cluster.dsn_env in its config to the "
+                         "name of the variable that holds the PostgreSQL DSN")
+    dsn = os.environ.get(settings.dsn_env)
+    if not dsn:
+        raise UsageError(f"cluster.dsn_env names {settings.dsn_env}, which is not set in this "
+                         "environment; export the cluster's PostgreSQL DSN in it")
+    return dsn
+
+
+class Bridge:
+    """One home's bridge process. `run` serves until SIGTERM or SIGINT and returns 0."""
+
+    def __init__(self, home: Path, config: Config) -> None:
+        self.config = config
+        self.settings = ClusterSettings.parse(config.cluster)
+        self.dsn = cluster_dsn(self.settings)
+        self.spool = Spool.open(home, config.spool)
+        self.id = BRIDGE_PREFIX + new_worker_id()
+        self.cluster = Cluster(self.dsn, host=self.settings.host, lease_s=self.settings.lease_s)
+        self.leases: dict[str, ClusterClaim] = {}  # taken in: task id -> its lease
+        self.up = False  # the last database call succeeded
+        self.down_logged = -DOWN_LOG_S
+        self.stopping = False
+        self.served: set[str] = set()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._flags: set[str] = set()
+        self._lock = threading.Lock()
+        self._lock_fd = -1
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self._lock_fd = self.spool.register_worker(self.id, {
+            "id": self.id, "role": "bridge", "host": self.settings.host, "pid": os.getpid(),
+            "started_at": task_format.iso(time.time())})
+        watcher = Watcher()
+        for directory, mask in ((self.spool.pending, PENDING_MASK),
+                                (self.spool.completed, OUTCOME_MASK),
+                                (self.spool.failed, OUTCOME_MASK)):
+            watcher.watch(directory, mask)
+        threading.Thread(target=self._listen, name="cluster-wakeups", daemon=True).start()
+        log.info("bridge %s of host %s in %s", self.id, self.settings.host, self.spool.home)
+        heartbeat_s = self.config.spool.heartbeat_s
+        self.served = served_craftsmen(self.spool)
+        try:
+            if self._connect():
+                self._round(set(), True, True, {"recheck"})
+            next_beat = time.monotonic() + heartbeat_s
+            while not self.stopping:
+                ready, _, _ = select.select([watcher.fileno(), self._wake_r], [], [],
+                                            max(0.0, next_beat - time.monotonic()))
+                names, outcomes, rescan = self._local_events(watcher, ready)
+                flags = self._take_flags(ready)
+                beat = time.monotonic() >= next_beat
+                if beat:
+                    next_beat = time.monotonic() + heartbeat_s
+                    self._beat()
+                    if self._served_changed():
+                        rescan = True
+                        flags.add("served")
+                        self._release_unserved()
+                if self.stopping:
+                    break
+                if not self.up or "recheck" in flags:
+                    # Reconnect at a heartbeat or when the listener is back, not at each event;
+                    # what happened meanwhile is looked at once, whole.
+                    if not (beat or "recheck" in flags) or not self._connect():
+                        continue
+                    flags.add("recheck")
+                    rescan = outcomes = True
+                self._round(names, rescan, outcomes, flags)
+        finally:
+            watcher.close()
+            self.cluster.close_quietly()
+            self.spool.unregister_worker(self.id, self._lock_fd)
+        log.info("bridge %s stopped", self.id)
+        return 0
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+        os.write(self._wake_w, b"s")
+
+    def _local_events(self, watcher: Watcher, ready: list) -> tuple[set[str], bool, bool]:
+        """(pending names that came, whether an outcome landed, whether to rescan pending/)."""
+        names: set[str] = set()
+        outcomes = rescan = False
+        if watcher.fileno() not in ready:
+            return names, outcomes, rescan
+        for directory, name, _ in watcher.events():
+            if name == OVERFLOW:
+                rescan = outcomes = True
+            elif directory == self.spool.pending:
+                names.add(name)
+            else:
+                outcomes = True
+        return names, outcomes, rescan
+
+    def _take_flags(self, ready: list) -> set[str]:
+        if self._wake_r in ready:
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+        with self._lock:
+            flags, self._flags = self._flags, set()
+        return flags
+
+    def _listen(self) -> None:
+        """The listener thread: NOTIFY and reconnects become flags and a byte on the pipe."""
+        wakeups = Wakeups(self.dsn)
+        while not self.stopping:
+            wake = wakeups.wait(None)
+            flags = {"recheck"} if wake.recheck else set()
+            for channel, payload in wake.notices:
+                if channel == TASKS_CHANNEL:
+                    flags.add(f"tasks:{payload}")
+                elif channel == OUTCOMES_CHANNEL and payload == self.settings.host:
+                    flags.add("outcomes")
+            if flags:
+                with self._lock:
+                    self._flags |= flags
+                os.write(self._wake_w, b"w")
+
+    # --- one round ---------------------------------------------------------------------------
+
+    def _round(self, names: set[str], rescan: bool, outcomes: bool, flags: set[str]) -> None:
+        """Forward what came into pending/, deliver what the cluster finished for this host,
+        send back what finished here, take in what fits."""
+        try:
+            if rescan:
+                names = set(os.listdir(self.spool.pending))
+            if names:
+                self._forward(sorted(names))
+            if flags & {"recheck", "outcomes"}:
+                self._deliver()
+            freed = self._send_back() if outcomes and self.leases else 0
+            wanted = {flag[len("tasks:"):] for flag in flags if flag.startswith("tasks:")}
+            if freed or flags & {"recheck", "served"} or wanted & set(self._serving()):
+                self._take_in()
+        except ClusterUnavailable as exc:
+            self._down(exc)
+
+    def _forward(self, names: list[str]) -> None:
+        local = served_craftsmen(self.spool)
+        for name in names:
+            if self.stopping:
+                return
+            craftsman = self._leaving(name, local)
+            if craftsman is None:
+                continue
+            try:
+                task_id = bridge.forward(self.spool, self.cluster, name, craftsman, self.id,
+                                         self.config.spool.max_attempts)
+            except (InvalidTask, OSError, Refused, Unavailable) as exc:
+                log.warning("could not forward %s: %s", name, exc)
+                continue
+            if task_id is not None:
+                log.info("forwarded %s to the cluster for craftsman %s", task_id, craftsman)
+
+    def _leaving(self, name: str, local: set[str]) -> str | None:
+        """The craftsman a pending task goes to when no live worker here serves it; None when
+        it stays (served here, come from the cluster, not a task, not readable yet)."""
+        if name.startswith(".") or not name.endswith(".json"):
+            return None
+        try:
+            data, _ = self.spool.read_entry(self.spool.pending, name)
+            task = task_format.parse(data, default_id=task_format.id_from_name(name))
+        except (OSError, Refused, Unavailable, InvalidTask):
+            return None  # gone, or for a worker to reject with its reason
+        if bridge.taken_in(task) or task.id in self.leases:
+            return None
+        if task.files or task.repo:
+            return None  # local paths: they mean nothing on another host
+        try:
+            route = router.route(task, self.config)
+        except (InvalidTask, KoubouError):
+            return None
+        if route.confidential:
+            return None  # confidential stays on its host (§4.7): it waits for a worker here
+        craftsman = route.craftsman
+        if craftsman is None or craftsman in local or craftsman in (self.settings.serve or ()):
+            return None  # served here, or said to be (a worker restarting): it stays
+        return craftsman
+
+    def _deliver(self) -> None:
+        while True:
+            placed = bridge.deliver(self.spool, self.cluster, self.id, DELIVER_BATCH)
+            if placed:
+                log.info("delivered %d outcome(s) from the cluster: %s", len(placed),
+                         ", ".join(placed[:5]))
+            if len(placed) < DELIVER_BATCH:
+                return
+
+    def _send_back(self) -> int:
+        """Send back the outcomes of taken-in tasks that finished here; how many leases that
+        ended (sent, or fenced out)."""
+        before = len(self.leases)
+        sent = bridge.send_back(self.spool, self.cluster, self.leases)
+        if sent:
+            log.info("sent back %d outcome(s) to the cluster: %s", len(sent), ", ".join(sent[:5]))
+        return before - len(self.leases)
+
+    def _serving(self) -> list[str]:
+        """The craftsmen this host takes cluster tasks in for now: those it serves for the
+        cluster (all configured, unless cluster.serve says) that a live worker here serves."""
+        wanted = self.settings.serve if self.settings.serve is not None else self.config.craftsmen
+        return sorted(set(wanted) & self.served)
+
+    def _take_in(self) -> None:
+        """Lease tasks up to each craftsman's free slots: its max_concurrent, less the leases
+        of it held. Bounded, so that the first host to look does not lease everything."""
+        while self._take_in_once() and self._send_back():
+            pass  # a task that ran here under an earlier lease was done already: room again
+
+    def _take_in_once(self) -> int:
+        taken = 0
+        for craftsman in self._serving():
+            cap = self.config.craftsmen[craftsman].max_concurrent
+            while not self.stopping:
+                held = sum(lease.craftsman == craftsman for lease in self.leases.values())
+                if held >= cap:
+                    break
+                lease = bridge.take_in(self.spool, self.cluster, self.id, [craftsman])
+                if lease is None:
+                    break
+                self.leases[lease.task_id] = lease
+                taken += 1
+                log.info("took in %s from host %s (attempt %d)", lease.task_id, lease.origin,
+                         lease.attempt)
+        return taken
+
+    # --- heartbeat and the connection ------------------------------------------------------------
+
+    def _beat(self) -> None:
+        """Keep the local claims alive; renew the leases, take back expired ones anywhere."""
+        now = time.time()
+        os.utime(self._lock_fd, (now, now))
+        if not self.up:
+            return
+        try:
+            revoked = bridge.renew(self.cluster, self.id, self.leases)
+            if revoked:
+                log.warning("leases revoked (they ran out): %s", ", ".join(revoked))
+            taken = self.cluster.take_back_expired()
+            if taken:
+                log.warning("took back %d expired lease(s) in the cluster", len(taken))
+            if self.leases:
+                self._send_back()
+        except ClusterUnavailable as exc:
+            self._down(exc)
+
+    def _served_changed(self) -> bool:
+        """Whether the craftsmen live workers here serve changed: pending tasks are judged
+        again (a worker stopped, and its tasks must leave; one started, they may stay)."""
+        served = served_craftsmen(self.spool)
+        changed, self.served = served != self.served, served
+        return changed
+
+    def _release_unserved(self) -> None:
+        """Give back at once the leases of craftsmen no live worker here serves any more (the
+        worker died or stopped), rather than renewing them for tasks nobody here will run. A
+        local outcome that comes later is sent back if the task is taken in here again."""
+        if not self.up:
+            return
+        gone = [lease for lease in self.leases.values() if lease.craftsman not in self.served]
+        try:
+            for lease in gone:
+                self.cluster.requeue(lease)
+                del self.leases[lease.task_id]
+        except ClusterUnavailable as exc:
+            self._down(exc)
+        if gone:
+            log.warning("gave back %d lease(s) to the cluster: no live worker here serves %s",
+                        len(gone), ", ".join(sorted({lease.craftsman for lease in gone})))
+
+    def _connect(self) -> bool:
+        """Make sure of the schema and this bridge's registration; False while unreachable."""
+        try:
+            self.cluster.ensure_schema()
+            self.cluster.register_worker(self.id, os.getpid(), self._serving())
+        except ClusterUnavailable as exc:
+            self._down(exc)
+            return False
+        if not self.up:
+            log.info("connected to the cluster as host %s", self.settings.host)
+        self.up = True
+        return True
+
+    def _down(self, exc: ClusterUnavailable) -> None:
+        self.up = False
+        if time.monotonic() - self.down_logged >= DOWN_LOG_S:
+            self.down_logged = time.monotonic()
+            log.warning("%s", exc)
+
+
+def run_bridge(home: Path, config: Config) -> int:
+    """Build and run the bridge of a home."""
+    return Bridge(home, config).run()
