@@ -48,7 +48,7 @@ class Syncs:
             self.flushed.update(paths)
 
         monkeypatch.setattr(durable, "sync_dir", sync_dir)
-        monkeypatch.setattr("koubou_spool.spool.files.flush_files", flush_files)
+        monkeypatch.setattr("koubou_spool.spool.outcomes.flush_files", flush_files)
 
     def is_durable(self, directory: Path, name: str) -> bool:
         return name in self.durable.get(str(directory), set())

@@ -354,7 +354,7 @@ def test_a_locked_ledger_does_not_stop_local_work(
     workers.start(home)
     warm = submit(spool, craftsman="echo")
     wait_outcomes(spool, [warm])
-    holder = sqlite3.connect(ledger_path, timeout=0)
+    holder = sqlite3.connect(ledger_path, timeout=10)  # the worker may be writing the warm-up's record
     holder.execute("BEGIN EXCLUSIVE")  # held for 5 s: more than two of the ledger's busy timeouts
     locked_at = time.monotonic()
     try:

@@ -109,3 +109,9 @@ class Found:
 def _entry_name(key: str) -> bool:
     """A name that can only mean an entry of a directory: one component, not hidden."""
     return bool(key) and "/" not in key and "\0" not in key and not key.startswith(".")
+
+
+def duplicate_reason(task_id: str, state: str) -> str:
+    """Why a second task with an id already finished is refused."""
+    return (f"an outcome for id {task_id} already exists ({state}/{task_id}.json); an id "
+            "runs once: give this task another id, or `koubou retry` the first")
