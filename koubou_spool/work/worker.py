@@ -81,6 +81,7 @@ class Worker:
         self._finished = asyncio.Event()
         self._lock_fd = -1
         self._recovering: asyncio.Future | None = None
+        self._next_beat: asyncio.TimerHandle | None = None
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -196,6 +197,9 @@ class Worker:
                 log.error("%s", exc)
 
     async def _close(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._next_beat is not None:  # no beat may touch the ledger or the lock once closed
+            self._next_beat.cancel()
+            self._next_beat = None
         self.intake.close()
         self.publisher.close()
         for backend in self.backends.values():
@@ -228,7 +232,7 @@ class Worker:
         except Exception:
             log.exception("heartbeat failed; the next one is in %g s", self.settings.heartbeat_s)
         finally:
-            loop.call_later(self.settings.heartbeat_s, self._heartbeat)
+            self._next_beat = loop.call_later(self.settings.heartbeat_s, self._heartbeat)
 
     def _beat(self, loop: asyncio.AbstractEventLoop) -> None:
         now = time.time()

@@ -7,13 +7,18 @@ A task's `params` go into the body as they are (the client's `extra_body`), and 
 read from the body the server sent, not from the client's typed model: local servers add
 fields OpenAI does not have (gpt-oss's `reasoning` from LM Studio, Ollama and vLLM,
 `reasoning_content` from llama.cpp), and that body is what the result keeps.
+
+The openai package is imported on the first request, not when the worker starts: it is about
+a second of CPU and 35 MB, which a worker whose openai craftsmen get no task never pays.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-import openai
+if TYPE_CHECKING:
+    import openai
 
 from ...config import Craftsman, Endpoint
 from . import BackendError, Reply, Request, usage
@@ -35,13 +40,22 @@ class OpenAIChatBackend:
         self.craftsman = craftsman
         self.base_url = endpoint.base_url if endpoint else craftsman.base_url
         self.endpoint = endpoint
-        self.client = openai.AsyncOpenAI(
-            base_url=self.base_url,
-            api_key=endpoint.api_key(craftsman.name) if endpoint else craftsman.api_key(),
-            max_retries=0 if endpoint else craftsman.retries, timeout=craftsman.timeout_s)
+        # Read now: a missing key fails the craftsman when the worker starts, not its first task.
+        self._api_key = endpoint.api_key(craftsman.name) if endpoint else craftsman.api_key()
+        self._client: openai.AsyncOpenAI | None = None
+
+    @property
+    def client(self) -> openai.AsyncOpenAI:
+        if self._client is None:
+            self._client = _sdk().AsyncOpenAI(
+                base_url=self.base_url, api_key=self._api_key,
+                max_retries=0 if self.endpoint else self.craftsman.retries,
+                timeout=self.craftsman.timeout_s)
+        return self._client
 
     async def complete(self, request: Request) -> Reply:
         """One chat completion; BackendError says whether another attempt may help."""
+        openai = _sdk()
         params = {"model": request.model, "messages": request.messages,
                   # Always sent: without it some local servers generate until the context is full.
                   self.craftsman.token_limit_param: request.max_tokens}
@@ -72,7 +86,7 @@ class OpenAIChatBackend:
         drops packets is left for another endpoint soon."""
         if self.endpoint is None:
             return request.timeout_s
-        return openai.Timeout(request.timeout_s, connect=min(request.timeout_s, CONNECT_S))
+        return _sdk().Timeout(request.timeout_s, connect=min(request.timeout_s, CONNECT_S))
 
     def _status_error(self, exc: openai.APIStatusError) -> BackendError:
         status = exc.status_code
@@ -89,7 +103,7 @@ class OpenAIChatBackend:
         """Whether GET /models answers within timeout_s: the check before traffic returns."""
         try:
             await self.client.models.list(timeout=timeout_s)
-        except openai.OpenAIError:
+        except _sdk().OpenAIError:
             return False
         return True
 
@@ -116,8 +130,9 @@ class OpenAIChatBackend:
                      refusal=message.get("refusal") or None, response=body)
 
     async def close(self) -> None:
-        """Close the HTTP connection pool."""
-        await self.client.close()
+        """Close the HTTP connection pool, if a request ever opened one."""
+        if self._client is not None:
+            await self._client.close()
 
 
 def _text(content: Any) -> str:
@@ -136,3 +151,8 @@ def _message(exc: openai.APIStatusError) -> str:
         if isinstance(inner, str):
             return inner[:500]
     return (exc.message or "")[:500]
+
+
+def _sdk() -> Any:
+    """The openai package, imported on first use (see the module's docstring)."""
+    return importlib.import_module("openai")
