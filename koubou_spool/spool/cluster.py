@@ -312,6 +312,15 @@ SETTLE = """
     FROM r WHERE b.scope = %(scope)s"""
 
 
+SETTLE_LOST = """
+    UPDATE cluster_reservations SET settled = true, cost_usd = reserved_usd
+    WHERE task_id = %(task)s AND host = %(host)s AND NOT settled"""
+
+EXPIRE_RESERVATIONS = """
+    UPDATE cluster_reservations SET settled = true, cost_usd = reserved_usd
+    WHERE NOT settled AND at < now() - make_interval(secs => %(age)s)"""
+
+
 # --- the queue ---------------------------------------------------------------------------------
 
 class Cluster:
@@ -508,6 +517,16 @@ class Cluster:
             " THEN 0 ELSE month_usd END FROM cluster_budget WHERE scope = %(scope)s",
             {"day": day, "month": month, "scope": BUDGET_ROW})[0]
         return float(day_usd), float(month_usd)
+
+    def settle_lost(self, task_id: str) -> int:
+        """A dead worker's reservations for a task on this host count in full (the call may
+        have run): they stay in the period's figures as they are, and are no longer open."""
+        return self._count(SETTLE_LOST, {"task": task_id, "host": self.host})
+
+    def expire_reservations(self, older_than_s: float) -> int:
+        """Reservations left open longer than any attempt lasts (their host never came back)
+        count in full, as a lost attempt's do: the period's figures keep them either way."""
+        return self._count(EXPIRE_RESERVATIONS, {"age": float(older_than_s)})
 
 
 def _timestamp(ts: float | None) -> datetime | None:
