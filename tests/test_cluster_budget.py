@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from koubou_spool.spool import home as home_module
+from koubou_spool.spool.cluster import Cluster
 from koubou_spool.spool.files import Spool
 
 from conftest import Workers, log_of, submit, wait_outcomes, write_config
@@ -27,7 +29,7 @@ PER_MTOK = 100.0  # $0.0001 a token, in and out: a call of the fake costs about 
 
 
 def make_home(root: Path, name: str, base_url: str, *, daily_usd: float,
-              when_exhausted: str, slots: int = 4) -> Spool:
+              when_exhausted: str, slots: int = 4, **cloud: object) -> Spool:
     """A home in the cluster with a priced cloud craftsman and a free local one, both on the
     fake (told apart by their model names)."""
     home = root / name
@@ -35,7 +37,7 @@ def make_home(root: Path, name: str, base_url: str, *, daily_usd: float,
     write_config(home, craftsmen={
         "cloud": {"backend": "openai", "base_url": base_url, "model": "cloud-model",
                   "max_concurrent": slots, "timeout_s": 10, "max_tokens": 8, "retries": 0,
-                  "price": {"input_per_mtok": PER_MTOK, "output_per_mtok": PER_MTOK}},
+                  "price": {"input_per_mtok": PER_MTOK, "output_per_mtok": PER_MTOK}, **cloud},
         "local": {"backend": "openai", "base_url": base_url, "model": "local-model",
                   "local": True, "max_concurrent": 4, "timeout_s": 10, "max_tokens": 8,
                   "retries": 0}},
@@ -135,3 +137,44 @@ def test_while_postgres_is_down_no_cloud_call_is_made_and_local_work_goes_on(
     assert all(r["result"]["attempts"] == 1 for r in done.values()), done  # waiting: no attempt
     assert cluster_budget(cluster_env)[0] == pytest.approx(billed(fake_openai), abs=1e-9)
     assert "no cloud call until it is back" in log_of(proc)
+
+
+# --- rate windows across the cluster ----------------------------------------------------------
+
+def test_a_rate_window_raced_by_twelve_connections_counts_no_more_than_it_allows(
+        pg_dsn: str) -> None:
+    handles = [Cluster.open(pg_dsn, host=f"host{n % 3}") for n in range(12)]
+
+    def try_count(handle: Cluster, max_rpm: int | None, max_tpm: int | None) -> list[float]:
+        return [handle.count_request("cloud", max_rpm, max_tpm, 100) for _ in range(5)]
+
+    with ThreadPoolExecutor(12) as pool:
+        rpm = [w for ws in pool.map(lambda h: try_count(h, 7, None), handles) for w in ws]
+    assert rpm.count(0.0) == 7  # 60 tries, 7 counted: the rest told to wait about a minute
+    assert all(55 < w <= 60 for w in rpm if w), rpm
+    with psycopg.connect(pg_dsn) as conn:  # a new minute
+        conn.execute("UPDATE cluster_windows SET requests = '[]'")
+    with ThreadPoolExecutor(12) as pool:
+        tpm = [w for ws in pool.map(lambda h: try_count(h, None, 450), handles) for w in ws]
+    assert tpm.count(0.0) == 4  # 100 tokens each within 450 a minute
+    for handle in handles:
+        handle.close()
+
+
+def test_max_rpm_holds_across_two_hosts(tmp_path: Path, cluster_env: str, fake_openai,
+                                        workers: Workers) -> None:
+    spools = [make_home(tmp_path, f"host{n}", fake_openai.base_url, daily_usd=1.0,
+                        when_exhausted="defer", max_rpm=5, timeout_s=120) for n in range(2)]
+    for spool in spools:
+        for m in range(8):
+            submit(spool, id=f"{spool.home.name}-{m}", craftsman="cloud", content=f"r {m}")
+        workers.start(spool.home)
+        workers.start(spool.home)
+    deadline = time.monotonic() + 30
+    while len(calls(fake_openai, "cloud-model")) < 5:  # nothing announces a request here
+        assert time.monotonic() < deadline, [log_of(p) for p in workers.procs]
+        time.sleep(0.05)
+    time.sleep(2.0)  # each host alone would send five more in this minute
+    assert len(calls(fake_openai, "cloud-model")) == 5
+    done = sum(len(os.listdir(spool.completed)) for spool in spools)
+    assert done == 5 and not any(os.listdir(spool.failed) for spool in spools)

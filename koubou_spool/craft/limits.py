@@ -178,16 +178,25 @@ class Budget:
         now = time.time()
         day, month = self.settings.periods(now)
         budgeted = not craftsman.local
-        shared = self.shared if self.budgets(craftsman) else None
+        # In a cluster a cloud craftsman's limits are the cluster's; a local one's, the home's.
+        # The cluster's rate window is counted first (a place taken by a call the budget then
+        # refuses stays counted: the window errs on the provider's side).
+        shared = self.shared if budgeted else None
         limits = (None, None) if shared is not None or not budgeted else (
             self.settings.daily_usd, self.settings.monthly_usd)
+        rates = (None, None) if shared is not None else (craftsman.max_rpm, craftsman.max_tpm)
         try:
+            if shared is not None and (craftsman.max_rpm or craftsman.max_tpm):
+                wait = shared.count_request(craftsman.name, craftsman.max_rpm,
+                                            craftsman.max_tpm, tokens)
+                if wait > 0:
+                    return "rate", wait
             result = ledger.reserve(
                 self._conn(), task_id=task_id, attempt=attempt, craftsman=craftsman.name,
                 amount=amount if budgeted else 0.0, day=day, month=month,
                 daily_limit=limits[0], monthly_limit=limits[1],
-                max_rpm=craftsman.max_rpm, max_tpm=craftsman.max_tpm, tokens=tokens, now=now)
-            if shared is not None and result[0] == "ok":
+                max_rpm=rates[0], max_tpm=rates[1], tokens=tokens, now=now)
+            if shared is not None and self.budgets(craftsman) and result[0] == "ok":
                 result = self._reserve_shared(shared, int(result[1]), task_id, attempt,
                                               craftsman, amount, day, month)
         except UNVOUCHED:
@@ -201,8 +210,8 @@ class Budget:
     def _reserve_shared(self, shared: SharedBudget, ledger_id: int, task_id: str, attempt: int,
                         craftsman: Craftsman, amount: float, day: str,
                         month: str) -> tuple[str, float]:
-        """The cluster's reservation beside the ledger's; the ledger's is given back (settled
-        at 0: no call is made) when the cluster refuses it or cannot be asked."""
+        """The cluster's budget reservation beside the ledger's; the ledger's is given back
+        (settled at 0: no call is made) when the cluster refuses it or cannot be asked."""
         try:
             fits = shared.reserve(ledger_id, task_id=task_id, attempt=attempt,
                                   craftsman=craftsman.name, amount=amount, day=day, month=month,

@@ -1,8 +1,9 @@
-"""The cluster's half of the budget (PRODUCT.md §12, docs/CLUSTER.md "The budget").
+"""The cluster's half of the budget and rate windows (PRODUCT.md §12, docs/CLUSTER.md).
 
 With `cluster.dsn_env` set, every priced call of every host reserves its worst case on the
 cluster's one budget row in PostgreSQL (one conditional UPDATE), and settles its real cost
-there afterwards; the home's SQLite ledger keeps its own records beside it (reports). One
+there afterwards; the home's SQLite ledger keeps its own records beside it (reports). Their
+`max_rpm` and `max_tpm` windows are counted there too, one conditional UPDATE each. One
 connection per worker process, opened at the first priced call: a worker of local craftsmen
 never connects.
 
@@ -66,6 +67,12 @@ class SharedBudget:
         with self._lock:
             self._ids[ledger_id] = int(cluster_id)
         return True
+
+    def count_request(self, craftsman: str, max_rpm: int | None, max_tpm: int | None,
+                      tokens: int) -> float:
+        """A place in the craftsman's cluster-wide rate window: 0.0, or seconds to wait."""
+        return self._call(lambda cluster: cluster.count_request(craftsman, max_rpm, max_tpm,
+                                                                tokens))
 
     def settle(self, ledger_id: int, cost: float | None) -> None:
         """Settle the cluster's side of a ledger reservation (none: nothing to do). Never
