@@ -178,3 +178,27 @@ def test_max_rpm_holds_across_two_hosts(tmp_path: Path, cluster_env: str, fake_o
     assert len(calls(fake_openai, "cloud-model")) == 5
     done = sum(len(os.listdir(spool.completed)) for spool in spools)
     assert done == 5 and not any(os.listdir(spool.failed) for spool in spools)
+
+
+def test_a_killed_workers_reservation_is_settled_in_full_and_left_open_by_none(
+        tmp_path: Path, cluster_env: str, fake_openai, workers: Workers) -> None:
+    spool = make_home(tmp_path, "host0", fake_openai.base_url, daily_usd=1.0,
+                      when_exhausted="defer")
+    fake_openai.latency_s = 30  # the call is in flight when its worker dies
+    victim = workers.start(spool.home)
+    task = submit(spool, id="killed", craftsman="cloud", content="mid-call")
+    assert fake_openai.request_seen.wait(15), log_of(victim)
+    victim.kill()
+    victim.wait(timeout=10)
+    assert cluster_budget(cluster_env)[2] == 1  # open, at its worst case
+    fake_openai.latency_s = 0
+    workers.start(spool.home)  # its recovery takes the dead worker's claim over
+    record = wait_outcomes(spool, [task], timeout=30)[task]
+    assert record["status"] == "completed", record
+    spent, reservations, still_open = cluster_budget(cluster_env)
+    assert reservations == 2 and still_open == 0
+    with psycopg.connect(cluster_env) as conn:
+        lost = conn.execute("SELECT reserved_usd, cost_usd FROM cluster_reservations "
+                            "WHERE attempt = 1").fetchone()
+    assert lost[0] == lost[1]  # the lost call may have run: it counts in full
+    assert spent == pytest.approx(float(lost[0]) + billed(fake_openai), abs=1e-9)

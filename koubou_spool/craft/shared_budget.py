@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 from ..config import ClusterSettings, Config
-from ..spool.cluster import BACKOFF_S, Cluster, ClusterUnavailable
+from ..spool.cluster import BACKOFF_S, Cluster, ClusterSchemaError, ClusterUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,9 @@ class SharedBudget:
         except ClusterUnavailable:
             self._start_reconnecting()
             raise
+        except ClusterSchemaError as exc:  # a newer koubou made it: no call it cannot vouch for
+            log.error("%s", exc)
+            raise ClusterUnavailable(str(exc)) from None
 
     def _start_reconnecting(self) -> None:
         with self._lock:
