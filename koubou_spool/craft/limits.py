@@ -3,7 +3,9 @@
 - Slots: `max_concurrent` per craftsman as lock files run/slots/<craftsman>/<n>; a worker holds
   an flock on one while a request is in flight. The kernel drops the lock when the process dies,
   however it dies, so a slot is never leaked. Workers notice freed slots through outcome events.
-- Budget and rate windows: one SQLite transaction in the ledger per call (ledger.reserve).
+- Budget and rate windows: one SQLite transaction in the ledger per call (ledger.reserve). In a
+  cluster the budget's limits are kept on the cluster's row in PostgreSQL (shared_budget.py)
+  and the ledger records the home's own reservations beside it.
 - The exhausted mark: run/budget-exhausted.json, the home's, not a process's: workers split
   per craftsman (koubou-worker@cloud, koubou-worker@local) must agree that cloud tasks go
   local, or each leaves them to the other.
@@ -22,10 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from ..spool import ledger, permissions
+from ..spool.cluster import ClusterUnavailable
 from .budget import BudgetSettings, reached
+from .shared_budget import SharedBudget
 from ..config import Craftsman
 
 log = logging.getLogger(__name__)
+
+# What leaves a budgeted call unvouched for: the ledger locked or broken, the cluster away.
+UNVOUCHED = (sqlite3.Error, ClusterUnavailable)
 
 
 class Slots:
@@ -136,11 +143,14 @@ class ExhaustedMark(MarkFile):
 
 
 class Budget:
-    """Budget reservations and rate windows in the ledger; called from worker threads."""
+    """Budget reservations and rate windows in the ledger, and on the cluster's row when the
+    home is in a cluster (`shared`); called from worker threads."""
 
-    def __init__(self, path: Path, settings: BudgetSettings, mark: Path | None = None) -> None:
+    def __init__(self, path: Path, settings: BudgetSettings, mark: Path | None = None,
+                 shared: SharedBudget | None = None) -> None:
         self.path = path
         self.settings = settings
+        self.shared = shared
         self._local = threading.local()
         # db/koubou.db -> run/budget-exhausted.json, beside the slots and worker locks
         self.mark = ExhaustedMark(mark or path.parent.parent / "run" / "budget-exhausted.json")
@@ -158,22 +168,38 @@ class Budget:
 
     def reserve(self, task_id: str, attempt: int, craftsman: Craftsman, amount: float,
                 tokens: int) -> tuple[str, float]:
-        """ledger.reserve with this home's limits; local craftsmen reserve nothing.
+        """ledger.reserve with this home's limits (in a cluster, the cluster's row holds them);
+        local craftsmen reserve nothing.
 
-        sqlite3.Error when the ledger is locked or broken: then a budgeted call cannot be
-        vouched for, and the home is marked exhausted (routing sends cloud tasks where
-        when_exhausted says) until a recheck finds the ledger readable and room in it."""
+        sqlite3.Error when the ledger is locked or broken, ClusterUnavailable when the cluster
+        cannot be asked: then a budgeted call cannot be vouched for, and the home is marked
+        exhausted (routing sends cloud tasks where when_exhausted says) until a recheck finds
+        the budget readable and room in it."""
         now = time.time()
         day, month = self.settings.periods(now)
         budgeted = not craftsman.local
+        # In a cluster a cloud craftsman's limits are the cluster's; a local one's, the home's.
+        # The cluster's rate window is counted first (a place taken by a call the budget then
+        # refuses stays counted: the window errs on the provider's side).
+        shared = self.shared if budgeted else None
+        limits = (None, None) if shared is not None or not budgeted else (
+            self.settings.daily_usd, self.settings.monthly_usd)
+        rates = (None, None) if shared is not None else (craftsman.max_rpm, craftsman.max_tpm)
         try:
+            if shared is not None and (craftsman.max_rpm or craftsman.max_tpm):
+                wait = shared.count_request(craftsman.name, craftsman.max_rpm,
+                                            craftsman.max_tpm, tokens)
+                if wait > 0:
+                    return "rate", wait
             result = ledger.reserve(
                 self._conn(), task_id=task_id, attempt=attempt, craftsman=craftsman.name,
                 amount=amount if budgeted else 0.0, day=day, month=month,
-                daily_limit=self.settings.daily_usd if budgeted else None,
-                monthly_limit=self.settings.monthly_usd if budgeted else None,
-                max_rpm=craftsman.max_rpm, max_tpm=craftsman.max_tpm, tokens=tokens, now=now)
-        except sqlite3.Error:
+                daily_limit=limits[0], monthly_limit=limits[1],
+                max_rpm=rates[0], max_tpm=rates[1], tokens=tokens, now=now)
+            if shared is not None and self.budgets(craftsman) and result[0] == "ok":
+                result = self._reserve_shared(shared, int(result[1]), task_id, attempt,
+                                              craftsman, amount, day, month)
+        except UNVOUCHED:
             if self.budgets(craftsman):
                 self.mark.set(self._period_end(now), amount)
             raise
@@ -181,12 +207,32 @@ class Budget:
             self.mark.set(self._period_end(now), amount)
         return result
 
+    def _reserve_shared(self, shared: SharedBudget, ledger_id: int, task_id: str, attempt: int,
+                        craftsman: Craftsman, amount: float, day: str,
+                        month: str) -> tuple[str, float]:
+        """The cluster's budget reservation beside the ledger's; the ledger's is given back
+        (settled at 0: no call is made) when the cluster refuses it or cannot be asked."""
+        try:
+            fits = shared.reserve(ledger_id, task_id=task_id, attempt=attempt,
+                                  craftsman=craftsman.name, amount=amount, day=day, month=month,
+                                  daily_limit=self.settings.daily_usd,
+                                  monthly_limit=self.settings.monthly_usd)
+        except ClusterUnavailable:
+            ledger.settle(self._conn(), ledger_id, 0.0)
+            raise
+        if not fits:
+            ledger.settle(self._conn(), ledger_id, 0.0)
+            return "budget", 0.0
+        return "ok", float(ledger_id)
+
     def budgets(self, craftsman: Craftsman) -> bool:
         """Whether this craftsman's calls count against the budget."""
         return self.settings.enabled and not craftsman.local
 
     def settle(self, reservation_id: int, cost: float | None) -> list[tuple[str, int, float, float]]:
         """Record the real cost; returns the alerts (period, percent, spent, limit) now due."""
+        if self.shared is not None:  # first: it never raises, and a retried settle skips it
+            self.shared.settle(int(reservation_id), cost)
         conn = self._conn()
         ledger.settle(conn, reservation_id, cost)
         now = time.time()
@@ -202,6 +248,8 @@ class Budget:
 
     def settle_lost(self, task_id: str) -> None:
         """Count a dead worker's reservation for a task in full."""
+        if self.shared is not None:
+            self.shared.settle_lost(task_id)
         try:
             ledger.settle_lost(self._conn(), task_id)
         except sqlite3.Error as exc:
@@ -231,8 +279,8 @@ class Budget:
     def _room_for(self, amount: float) -> bool:
         day, month = self.settings.periods(time.time())
         try:
-            day_spent, month_spent = ledger.spent(self._conn(), day, month)
-        except sqlite3.Error as exc:
+            day_spent, month_spent = self._spent(day, month)
+        except UNVOUCHED as exc:
             log.debug("budget recheck skipped: %s", exc)
             return False
         rooms = [limit - spent for spent, limit in ((day_spent, self.settings.daily_usd),
@@ -240,11 +288,21 @@ class Budget:
                  if limit is not None]
         return not rooms or min(rooms) >= amount
 
+    def _spent(self, day: str, month: str) -> tuple[float, float]:
+        """Reserved and spent in these periods where the limits are kept: the cluster's row,
+        or the home's ledger."""
+        if self.shared is None:
+            return ledger.spent(self._conn(), day, month)
+        spent = self.shared.spent(day, month)
+        if spent is None:
+            raise ClusterUnavailable("the cluster's budget cannot be reached")
+        return spent
+
     def _period_end(self, now: float) -> float:
         day, month = self.settings.periods(now)
         try:
-            day_spent, month_spent = ledger.spent(self._conn(), day, month)
-        except sqlite3.Error:
+            day_spent, month_spent = self._spent(day, month)
+        except UNVOUCHED:
             return self.settings.next_day_start(now)
         monthly = self.settings.monthly_usd
         if monthly is not None and month_spent >= monthly * 0.999:

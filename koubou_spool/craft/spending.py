@@ -17,7 +17,7 @@ from .backends import BackendError, Request
 from ..config import Craftsman
 from ..errors import KoubouError
 from .. import hooks
-from .limits import Budget
+from .limits import UNVOUCHED, Budget
 from .pricing import price_of
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class Spending:
             try:
                 verdict, value = await self._reserve_once(task_id, attempt, craftsman, amount,
                                                           tokens + request.max_tokens)
-            except sqlite3.Error as exc:
+            except UNVOUCHED as exc:
                 return self._unvouched(craftsman, exc)
             if verdict == "ok":
                 return int(value)
@@ -130,12 +130,13 @@ class Spending:
                                   "run within the budget; shorten the prompt or max_tokens",
                                   final=True)
 
-    def _unvouched(self, craftsman: Craftsman, error: sqlite3.Error) -> None:
+    def _unvouched(self, craftsman: Craftsman, error: Exception) -> None:
         """No reservation could be made: a budgeted call is not made (BudgetExhausted, and
         when_exhausted decides); a call that only has a rate window goes on without it, since
         a locked ledger never stops work that spends nothing (PRODUCT.md §4.5)."""
         if self.budget.budgets(craftsman):
-            raise BudgetExhausted(f"the ledger is unavailable ({error}), so the budget cannot "
+            where = "the ledger" if isinstance(error, sqlite3.Error) else "the cluster's budget"
+            raise BudgetExhausted(f"{where} is unavailable ({error}), so the budget cannot "
                                   f"vouch for a call to {craftsman.name}")
         log.warning("ledger unavailable (%s); %s's max_rpm/max_tpm not kept for this call",
                     error, craftsman.name)

@@ -41,6 +41,7 @@ KEEPALIVES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
               "keepalives_count": 3}
 BACKOFF_S = (0.1, 5.0)  # reconnecting: from, doubling up to
 BUDGET_ROW = "cluster"
+RATE_RETRY_S = 0.05  # the shortest wait a full rate window asks for
 
 MIGRATIONS: list[tuple[str, str]] = [
     ("0001_tasks_and_budget", """
@@ -85,6 +86,19 @@ MIGRATIONS: list[tuple[str, str]] = [
             at timestamptz NOT NULL DEFAULT now());
         CREATE INDEX cluster_reservations_open ON cluster_reservations (task_id)
             WHERE NOT settled;
+    """),
+    ("0002_limits", """
+        -- One row per craftsman: its requests of the last minute as [epoch seconds, tokens],
+        -- so that a check-and-count is one conditional UPDATE of that row (READ COMMITTED
+        -- re-checks its WHERE against the row another host committed meanwhile).
+        CREATE TABLE cluster_windows (
+            craftsman text PRIMARY KEY, requests jsonb NOT NULL DEFAULT '[]');
+        CREATE FUNCTION koubou_recent(requests jsonb, since float8) RETURNS jsonb
+            LANGUAGE sql IMMUTABLE AS
+            $$ SELECT jsonb_path_query_array(requests, 'strict $[*] ? (@[0] > $s)',
+                                             jsonb_build_object('s', since)) $$;
+        CREATE FUNCTION koubou_tokens(requests jsonb) RETURNS bigint LANGUAGE sql IMMUTABLE AS
+            $$ SELECT coalesce(sum((e->>1)::bigint), 0) FROM jsonb_array_elements(requests) e $$;
     """),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -312,6 +326,26 @@ SETTLE = """
     FROM r WHERE b.scope = %(scope)s"""
 
 
+SETTLE_LOST = """
+    UPDATE cluster_reservations SET settled = true, cost_usd = reserved_usd
+    WHERE task_id = %(task)s AND host = %(host)s AND NOT settled"""
+
+EXPIRE_RESERVATIONS = """
+    UPDATE cluster_reservations SET settled = true, cost_usd = reserved_usd
+    WHERE NOT settled AND at < now() - make_interval(secs => %(age)s)"""
+
+
+_RECENT = "koubou_recent(requests, extract(epoch FROM now())::float8 - 60)"
+COUNT_REQUEST = f"""
+    UPDATE cluster_windows SET requests = {_RECENT} || jsonb_build_array(jsonb_build_array(
+            extract(epoch FROM now())::float8, %(tokens)s::int))
+    WHERE craftsman = %(craftsman)s
+        AND (%(rpm)s::int IS NULL OR jsonb_array_length({_RECENT}) < %(rpm)s::int)
+        AND (%(tpm)s::int IS NULL OR jsonb_array_length({_RECENT}) = 0
+             OR koubou_tokens({_RECENT}) + %(tokens)s::int <= %(tpm)s::int)
+    RETURNING 1"""
+
+
 # --- the queue ---------------------------------------------------------------------------------
 
 class Cluster:
@@ -509,6 +543,39 @@ class Cluster:
             {"day": day, "month": month, "scope": BUDGET_ROW})[0]
         return float(day_usd), float(month_usd)
 
+    def settle_lost(self, task_id: str) -> int:
+        """A dead worker's reservations for a task on this host count in full (the call may
+        have run): they stay in the period's figures as they are, and are no longer open."""
+        return self._count(SETTLE_LOST, {"task": task_id, "host": self.host})
+
+    def expire_reservations(self, older_than_s: float) -> int:
+        """Reservations left open longer than any attempt lasts (their host never came back)
+        count in full, as a lost attempt's do: the period's figures keep them either way."""
+        return self._count(EXPIRE_RESERVATIONS, {"age": float(older_than_s)})
+
+
+    def count_request(self, craftsman: str, max_rpm: int | None, max_tpm: int | None,
+                      tokens: int) -> float:
+        """Count a request in the craftsman's cluster-wide minute window if it has room, in
+        one conditional UPDATE: 0.0 when counted, else the seconds until it may have room (on
+        the database's clock; a hint for the caller's timer, the next try decides)."""
+        params = {"craftsman": craftsman, "rpm": max_rpm, "tpm": max_tpm, "tokens": tokens}
+        for _ in range(3):  # a row made meanwhile, or a window emptied meanwhile: try again
+            if self._rows(COUNT_REQUEST, params):
+                return 0.0
+            found = self._rows("SELECT requests, extract(epoch FROM now())::float8 FROM "
+                               "cluster_windows WHERE craftsman = %(craftsman)s", params)
+            if not found:  # the craftsman's first request in the cluster: make its row
+                self._count("INSERT INTO cluster_windows (craftsman) VALUES (%(craftsman)s) "
+                            "ON CONFLICT DO NOTHING", params)
+                continue
+            requests, now = found[0]
+            recent = sorted(at for at, _ in requests if at > now - 60)
+            if recent:
+                if max_rpm is not None and len(recent) >= max_rpm:
+                    return max(recent[len(recent) - max_rpm] + 60 - now, RATE_RETRY_S)
+                return max(recent[0] + 60 - now, RATE_RETRY_S)
+        return RATE_RETRY_S
 
 def _timestamp(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC)

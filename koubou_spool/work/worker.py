@@ -29,6 +29,7 @@ from ..craft.backends import Backend, make_backend
 from ..craft.budget import BudgetSettings
 from ..craft.endpoints import CraftSlots
 from ..craft.limits import Budget, Slots
+from ..craft.shared_budget import SharedBudget
 from ..craft.spending import Spending
 from ..errors import KoubouError, UsageError
 from ..ops.notify import Notifier
@@ -58,7 +59,8 @@ class Worker:
         self.serves = list(craftsmen or config.craftsmen)
         self.drain = drain
         self.id = new_worker_id()
-        self.budget = Budget(home / "db" / "koubou.db", BudgetSettings.parse(config.budget))
+        self.budget = Budget(home / "db" / "koubou.db", BudgetSettings.parse(config.budget),
+                             shared=SharedBudget.from_config(config))
         self.ledger = LedgerWriter(home / "db" / "koubou.db")
         self.notifier = Notifier()
         self.stopping = False
@@ -92,6 +94,9 @@ class Worker:
         self._open_backends()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        if self.budget.shared is not None:  # the cluster's budget is back: recheck now
+            self.budget.shared.on_reachable = lambda: loop.call_soon_threadsafe(
+                self._recheck_budget, loop)
         watcher = self._watch()
         loop.add_reader(watcher.fileno(), self._on_events, watcher)
         log.info("worker %s serving %s in %s (concurrency %d)", self.id, ", ".join(self.serves),
@@ -206,6 +211,8 @@ class Worker:
             await backend.close()
         self.ledger.worker_stopped(self.id, time.time())
         await loop.run_in_executor(None, self.ledger.close)
+        if self.budget.shared is not None:
+            self.budget.shared.close()
         self.slots.close()
         if self.worktrees is not None:
             self.worktrees.close()
@@ -241,6 +248,9 @@ class Worker:
         self.ledger.heartbeat(self.id, state, len(self.dispatch.in_flight), self.publisher.done,
                               self.publisher.failed, now, self.slots.endpoints())
         self._recover()
+        self._recheck_budget(loop)
+
+    def _recheck_budget(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.budget.settings.enabled:  # the mark is the home's: another may have lifted it
             loop.run_in_executor(None, self.budget.recheck).add_done_callback(
                 self._budget_rechecked)
