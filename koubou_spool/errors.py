@@ -59,3 +59,13 @@ class WaitTimeout(KoubouError, TimeoutError):
     """Waiting for a task ran out of time; the task stays queued."""
 
     exit_code = EXIT_TIMEOUT
+
+
+# Kept here rather than in spool/cluster.py, so that code which only catches them (the
+# budget) never imports psycopg, an optional dependency (the `cluster` extra).
+class ClusterUnavailable(KoubouError, ConnectionError):
+    """PostgreSQL cannot be reached (down, restarting, cut off): local work goes on."""
+
+
+class ClusterSchemaError(KoubouError, RuntimeError):
+    """The database holds a schema this koubou does not know (a newer koubou made it)."""

@@ -47,6 +47,38 @@ def test_a_task_reaches_the_craftsman_and_its_outcome_is_recorded(
     assert row == (1, "completed", "local", 3, 4, 7, 0.0)
 
 
+def test_a_worker_runs_without_psycopg_and_loads_openai_only_for_a_request(
+        home: Path, spool: Spool, fake_openai: FakeOpenAI, tmp_path: Path) -> None:
+    # psycopg is the optional `cluster` extra; the openai SDK costs a second of CPU to import.
+    script = """
+import sys
+sys.modules["psycopg"] = None  # import psycopg raises ImportError, as where it is absent
+from pathlib import Path
+from koubou_spool import config
+from koubou_spool.craft.backends import make_backend
+from koubou_spool.work import worker
+make_backend(config.load(Path(sys.argv[1])).craftsmen["local"])  # what a worker's start does
+assert "openai" not in sys.modules, "openai imported before any request"
+"""
+    subprocess.run([sys.executable, "-c", script, str(home / "config" / "koubou.yaml")],
+                   check=True, timeout=60)
+    task_id = submit(spool, content="hello", craftsman="local")
+    log = tmp_path / "drain.log"
+    drain = f"""
+import sys
+sys.modules["psycopg"] = None
+from koubou_spool.cli.koubou import main
+sys.argv = ["koubou", "worker", "--home", {str(home)!r}, "--drain"]
+main()
+"""
+    with log.open("wb") as out:
+        done = subprocess.run([sys.executable, "-c", drain], stdout=out, stderr=subprocess.STDOUT,
+                              timeout=60)
+    assert done.returncode == 0, log.read_text()
+    outcome = wait_outcomes(spool, [task_id])[task_id]
+    assert outcome["status"] == "completed" and outcome["result"]["content"] == "echo: hello"
+
+
 def test_priority_ten_runs_first_and_fifo_within_a_priority(
         home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
     ids = [submit(spool, id=f"p{priority}-{n}", priority=priority)

@@ -21,13 +21,15 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..spool import ledger, permissions
-from ..spool.cluster import ClusterUnavailable
-from .budget import BudgetSettings, reached
-from .shared_budget import SharedBudget
 from ..config import Craftsman
+from ..errors import ClusterUnavailable
+from ..spool import ledger, permissions
+from .budget import BudgetSettings, reached
+
+if TYPE_CHECKING:  # psycopg, its dependency, is the optional `cluster` extra
+    from .shared_budget import SharedBudget
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import psycopg
 from psycopg.types.json import Jsonb
 
-from ..errors import KoubouError
+from ..errors import ClusterSchemaError, ClusterUnavailable
 from . import task as task_format
 from .task import Task
 
@@ -102,14 +102,6 @@ MIGRATIONS: list[tuple[str, str]] = [
     """),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
-
-
-class ClusterUnavailable(KoubouError, ConnectionError):
-    """PostgreSQL cannot be reached (down, restarting, cut off): local work goes on."""
-
-
-class ClusterSchemaError(KoubouError, RuntimeError):
-    """The database holds a schema this koubou does not know (a newer koubou made it)."""
 
 
 class Submission(NamedTuple):

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from ..config import Config, Craftsman
-from ..craft.backends import Backend, BackendError, Reply, Request, Unavailable
+from ..craft.backends import Backend, BackendError, Reply, Request, Unavailable, ready
 from ..craft.pricing import cost_of
 from ..craft.spending import BudgetExhausted, Spending
 from ..errors import InvalidTask
@@ -168,6 +168,7 @@ class Attempts:
         return reply
 
     async def _guarded_call(self, craftsman: Craftsman, request: Request) -> Reply:
+        await ready(craftsman)
         try:
             # asyncio.timeout, not wait_for: no second task and future per call.
             async with asyncio.timeout(request.timeout_s):

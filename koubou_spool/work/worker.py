@@ -23,13 +23,12 @@ from typing import Any
 
 from inotify_simple import flags
 
-from ..config import Config
+from ..config import ClusterSettings, Config
 from ..craft import router
 from ..craft.backends import Backend, make_backend
 from ..craft.budget import BudgetSettings
 from ..craft.endpoints import CraftSlots
 from ..craft.limits import Budget, Slots
-from ..craft.shared_budget import SharedBudget
 from ..craft.spending import Spending
 from ..errors import KoubouError, UsageError
 from ..ops.notify import Notifier
@@ -60,7 +59,7 @@ class Worker:
         self.drain = drain
         self.id = new_worker_id()
         self.budget = Budget(home / "db" / "koubou.db", BudgetSettings.parse(config.budget),
-                             shared=SharedBudget.from_config(config))
+                             shared=_shared_budget(config))
         self.ledger = LedgerWriter(home / "db" / "koubou.db")
         self.notifier = Notifier()
         self.stopping = False
@@ -303,6 +302,14 @@ def _worktree_slots(home: Path, config: Config) -> Slots | None:
     """Home-wide slots for repos.max_worktrees, or None when there is no cap."""
     cap = RepoSettings.parse(config.repos).max_worktrees
     return Slots(home / "run" / "worktree-slots", {WORKTREES: cap}) if cap else None
+
+
+def _shared_budget(config: Config) -> Any:
+    """The cluster's budget when the home is in a cluster; psycopg is imported only then."""
+    if not ClusterSettings.parse(config.cluster).enabled:
+        return None
+    from ..craft.shared_budget import SharedBudget
+    return SharedBudget.from_config(config)
 
 
 def run_worker(home: Path, config: Config, **options: object) -> int:

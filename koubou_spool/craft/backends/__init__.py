@@ -117,6 +117,14 @@ class PolicyGuard:
         await self.inner.close()
 
 
+async def ready(craftsman: Craftsman) -> None:
+    """Load what the craftsman's backend imports on first use (the openai SDK, about a second
+    of CPU), in a thread: called before an attempt's timeout starts, so it is not spent on it."""
+    if craftsman.backend == "openai":
+        from .openai_chat import load_sdk
+        await load_sdk()
+
+
 def make_backend(craftsman: Craftsman, patterns: tuple = (), endpoints: Any = None) -> Backend:
     """The backend for a craftsman; ConfigError when it cannot be set up (e.g. a missing key).
 

@@ -14,6 +14,7 @@ a second of CPU and 35 MB, which a worker whose openai craftsmen get no task nev
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from typing import TYPE_CHECKING, Any
 
@@ -156,3 +157,15 @@ def _message(exc: openai.APIStatusError) -> str:
 def _sdk() -> Any:
     """The openai package, imported on first use (see the module's docstring)."""
     return importlib.import_module("openai")
+
+
+async def load_sdk() -> None:
+    """Import the openai package in a thread, so the loop goes on serving meanwhile (a module
+    half imported by another thread is in sys.modules already: wait for the whole of it)."""
+    global _loaded
+    if not _loaded:
+        await asyncio.get_running_loop().run_in_executor(None, _sdk)
+        _loaded = True
+
+
+_loaded = False
