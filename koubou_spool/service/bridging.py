@@ -10,20 +10,18 @@ It runs the halves of spool/bridge.py:
   as many of each craftsman as its max_concurrent, queued in pending/ for this home's workers;
   their leases are renewed with the heartbeat and their outcomes sent back, fenced by attempt.
 
-Nothing polls. The loop sleeps in select(2) on inotify (pending/, completed/, failed/), on a
-pipe the listener thread writes to when a NOTIFY (or a reconnect's one re-check) comes, and on
-the heartbeat's timeout. While PostgreSQL cannot be reached the bridge says so once a minute,
-keeps its local claims alive, and tries again at each heartbeat and when the listener is back;
-local work never waits for it.
+Nothing polls. The loop sleeps in select(2) (service/bridge_wakeups.py) on inotify (pending/,
+completed/, failed/), on a pipe the listener thread writes to when a NOTIFY (or a reconnect's
+one re-check) comes, and on the heartbeat's timeout. While PostgreSQL cannot be reached the
+bridge says so once a minute, keeps its local claims alive, and tries again at each heartbeat
+and when the listener is back; local work never waits for it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,11 +32,10 @@ from ..errors import InvalidTask, KoubouError, UsageError
 from ..observe.status import served_craftsmen
 from ..spool import bridge
 from ..spool import task as task_format
-from ..spool.cluster import (OUTCOMES_CHANNEL, TASKS_CHANNEL, Cluster, ClusterClaim,
-                             ClusterUnavailable, Wakeups)
+from ..spool.cluster import Cluster, ClusterClaim, ClusterUnavailable
 from ..spool.entries import BRIDGE_PREFIX, Refused, Unavailable
 from ..spool.files import Spool, new_worker_id
-from ..spool.watcher import OUTCOME_MASK, OVERFLOW, PENDING_MASK, Watcher
+from .bridge_wakeups import BridgeWakeups, Events
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +70,7 @@ class Bridge:
         self.down_logged = -DOWN_LOG_S
         self.stopping = False
         self.served: set[str] = set()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._flags: set[str] = set()
-        self._lock = threading.Lock()
+        self.wakeups = BridgeWakeups(self.spool, self.dsn, self.settings.host)
         self._lock_fd = -1
 
     # --- the loop --------------------------------------------------------------------------
@@ -86,44 +81,36 @@ class Bridge:
         self._lock_fd = self.spool.register_worker(self.id, {
             "id": self.id, "role": "bridge", "host": self.settings.host, "pid": os.getpid(),
             "started_at": task_format.iso(time.time())})
-        watcher = Watcher()
-        for directory, mask in ((self.spool.pending, PENDING_MASK),
-                                (self.spool.completed, OUTCOME_MASK),
-                                (self.spool.failed, OUTCOME_MASK)):
-            watcher.watch(directory, mask)
-        threading.Thread(target=self._listen, name="cluster-wakeups", daemon=True).start()
+        self.wakeups.start()
         log.info("bridge %s of host %s in %s", self.id, self.settings.host, self.spool.home)
         heartbeat_s = self.config.spool.heartbeat_s
         self.served = served_craftsmen(self.spool)
         try:
             if self._connect():
-                self._round(set(), True, True, {"recheck"})
+                self._round(Events(rescan=True, outcomes=True, flags={"recheck"}))
             next_beat = time.monotonic() + heartbeat_s
             while not self.stopping:
-                ready, _, _ = select.select([watcher.fileno(), self._wake_r], [], [],
-                                            max(0.0, next_beat - time.monotonic()))
-                names, outcomes, rescan = self._local_events(watcher, ready)
-                flags = self._take_flags(ready)
+                events = self.wakeups.wait(next_beat - time.monotonic())
                 beat = time.monotonic() >= next_beat
                 if beat:
                     next_beat = time.monotonic() + heartbeat_s
                     self._beat()
                     if self._served_changed():
-                        rescan = True
-                        flags.add("served")
+                        events.rescan = True
+                        events.flags.add("served")
                         self._release_unserved()
                 if self.stopping:
                     break
-                if not self.up or "recheck" in flags:
+                if not self.up or "recheck" in events.flags:
                     # Reconnect at a heartbeat or when the listener is back, not at each event;
                     # what happened meanwhile is looked at once, whole.
-                    if not (beat or "recheck" in flags) or not self._connect():
+                    if not (beat or "recheck" in events.flags) or not self._connect():
                         continue
-                    flags.add("recheck")
-                    rescan = outcomes = True
-                self._round(names, rescan, outcomes, flags)
+                    events.flags.add("recheck")
+                    events.rescan = events.outcomes = True
+                self._round(events)
         finally:
-            watcher.close()
+            self.wakeups.close()
             self.cluster.close_quietly()
             self.spool.unregister_worker(self.id, self._lock_fd)
         log.info("bridge %s stopped", self.id)
@@ -131,63 +118,22 @@ class Bridge:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stopping = True
-        os.write(self._wake_w, b"s")
-
-    def _local_events(self, watcher: Watcher, ready: list) -> tuple[set[str], bool, bool]:
-        """(pending names that came, whether an outcome landed, whether to rescan pending/)."""
-        names: set[str] = set()
-        outcomes = rescan = False
-        if watcher.fileno() not in ready:
-            return names, outcomes, rescan
-        for directory, name, _ in watcher.events():
-            if name == OVERFLOW:
-                rescan = outcomes = True
-            elif directory == self.spool.pending:
-                names.add(name)
-            else:
-                outcomes = True
-        return names, outcomes, rescan
-
-    def _take_flags(self, ready: list) -> set[str]:
-        if self._wake_r in ready:
-            try:
-                while os.read(self._wake_r, 512):
-                    pass
-            except BlockingIOError:
-                pass
-        with self._lock:
-            flags, self._flags = self._flags, set()
-        return flags
-
-    def _listen(self) -> None:
-        """The listener thread: NOTIFY and reconnects become flags and a byte on the pipe."""
-        wakeups = Wakeups(self.dsn)
-        while not self.stopping:
-            wake = wakeups.wait(None)
-            flags = {"recheck"} if wake.recheck else set()
-            for channel, payload in wake.notices:
-                if channel == TASKS_CHANNEL:
-                    flags.add(f"tasks:{payload}")
-                elif channel == OUTCOMES_CHANNEL and payload == self.settings.host:
-                    flags.add("outcomes")
-            if flags:
-                with self._lock:
-                    self._flags |= flags
-                os.write(self._wake_w, b"w")
+        self.wakeups.stop()
 
     # --- one round ---------------------------------------------------------------------------
 
-    def _round(self, names: set[str], rescan: bool, outcomes: bool, flags: set[str]) -> None:
+    def _round(self, events: Events) -> None:
         """Forward what came into pending/, deliver what the cluster finished for this host,
         send back what finished here, take in what fits."""
+        names, flags = events.names, events.flags
         try:
-            if rescan:
+            if events.rescan:
                 names = set(os.listdir(self.spool.pending))
             if names:
                 self._forward(sorted(names))
             if flags & {"recheck", "outcomes"}:
                 self._deliver()
-            freed = self._send_back() if outcomes and self.leases else 0
+            freed = self._send_back() if events.outcomes and self.leases else 0
             wanted = {flag[len("tasks:"):] for flag in flags if flag.startswith("tasks:")}
             if freed or flags & {"recheck", "served"} or wanted & set(self._serving()):
                 self._take_in()
