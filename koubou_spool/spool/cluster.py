@@ -636,11 +636,14 @@ class Wakeups:
     def _receive(self, deadline: float | None) -> Wake:
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         notices = []
+        conn = self._conn  # close() from another thread may clear it: it then closes this one
+        if conn is None:
+            return Wake()
         try:
-            for notify in self._conn.notifies(timeout=remaining, stop_after=1):
+            for notify in conn.notifies(timeout=remaining, stop_after=1):
                 notices.append((notify.channel, notify.payload))
             if notices:  # take what else has arrived, without waiting
-                notices.extend((n.channel, n.payload) for n in self._conn.notifies(timeout=0))
+                notices.extend((n.channel, n.payload) for n in conn.notifies(timeout=0))
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             log.info("cluster wake-ups lost their connection (%s); reconnecting", exc)
             self.close()
