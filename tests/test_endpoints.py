@@ -126,6 +126,9 @@ def test_most_free_slots_first_weighted_then_the_fastest() -> None:
     assert choose([2, 2, 0], [1, 1, 1], [0.3, None, 0.1], [0, 1, 2]) == 1  # unmeasured first
     assert choose([2, 3, 2], [2, 1, 1], [None] * 3, [0, 1, 2]) == 0  # weight
     assert choose([0, 0, 5], [1, 1, 1], [None] * 3, [0, 1]) is None  # 2 not a candidate
+    near = [0.100, 0.110, 0.120]  # equal endpoints, measured a little apart: they take turns
+    assert [choose([2, 2, 2], [1, 1, 1], near, [0, 1, 2], turn) for turn in range(4)] == [
+        0, 1, 2, 0]
 
 
 def test_slots_and_rests_are_the_homes_not_a_workers(tmp_path: Path) -> None:
@@ -185,7 +188,9 @@ def test_a_killed_endpoint_loses_its_share_and_wins_it_back_after_a_probe(
 
 def test_equal_endpoints_share_equally_and_their_slots_hold_across_workers(
         isolated_env: Path, workers) -> None:
-    servers = [FakeOpenAI(latency_s=0.02).start() for _ in range(3)]
+    # 50 ms a request: well above a loaded worker's own time per task, as any model's is. At
+    # 20 ms, on 2 busy cores, the endpoint a slower worker happened to hold served less.
+    servers = [FakeOpenAI(latency_s=0.05).start() for _ in range(3)]
     try:
         spool = endpoints_home(isolated_env, [s.base_url for s in servers], 2)
         workers.start(isolated_env)

@@ -135,6 +135,19 @@ def test_top_redraws_on_spool_events_and_quits_on_q(home: Path, spool: Spool) ->
         os.close(fd)
 
 
+def test_workers_shows_a_worker_the_ledger_has_no_row_for_from_its_lock_file(
+        home: Path, spool: Spool) -> None:
+    # A worker just started, or a ledger too busy to read: its lock file still names it.
+    fd = spool.register_worker("w-lockonly", {"id": "w-lockonly", "pid": os.getpid(),
+                                              "craftsmen": ["echo"]})
+    try:
+        listed = json.loads(CliRunner().invoke(cli, ["workers", "--json"]).output)
+    finally:
+        spool.unregister_worker("w-lockonly", fd)
+    assert [(w["id"], w["craftsmen"], w["liveness"]) for w in listed] == [
+        ("w-lockonly", ["echo"], "alive")]
+
+
 def test_workers_lists_a_live_worker(home: Path, spool: Spool, workers: Workers) -> None:
     workers.start(home, "--craftsman", "echo")
     wait_ready(spool)

@@ -511,9 +511,14 @@ def test_heartbeats_reach_the_ledger(home: Path, spool: Spool, workers: Workers)
     proc = workers.start(home)
     task_id = submit(spool, craftsman="echo")
     wait_outcomes(spool, [task_id])
+    # The ledger is written behind the outcome, by the worker's ledger thread: wait for its row
+    # (read-only, so this test never creates the file the worker is about to).
+    deadline = time.monotonic() + 10
+    while not ledger.read(home / "db" / "koubou.db", ledger.workers, default=[]):
+        assert time.monotonic() < deadline, "no worker row in the ledger within 10 s"
+        threading.Event().wait(0.1)
     conn = sqlite3.connect(home / "db" / "koubou.db")
     first = conn.execute("SELECT heartbeat_at FROM workers").fetchone()[0]
-    deadline = time.monotonic() + 10
     while conn.execute("SELECT heartbeat_at FROM workers").fetchone()[0] == first:
         assert time.monotonic() < deadline, "no heartbeat within 10 s (heartbeat_s is 1)"
         threading.Event().wait(0.2)

@@ -42,6 +42,7 @@ COOL_FIRST_S = 2.0
 COOL_MAX_S = 300.0
 PROBE_S = 3.0
 LATENCY_WEIGHT = 0.3  # of the newest request in the moving average
+LATENCY_TIE = 1.25  # latencies within this factor of the lowest count as equal
 
 
 def cooldown_s(failures: int, retry_after: float | None = None) -> float:
@@ -57,14 +58,19 @@ def endpoint_key(craftsman: str, endpoint: Endpoint) -> str:
 
 
 def choose(free: list[int], weights: list[float], latency: list[float | None],
-           candidates: list[int]) -> int | None:
+           candidates: list[int], turn: int = 0) -> int | None:
     """The candidate with the most free slots times its weight, ties to the lowest latency (an
     endpoint not yet measured counts as fastest, so it gets measured); None when none has a
-    free slot."""
+    free slot. Latencies within LATENCY_TIE of the lowest are a tie too, taken in turn from
+    index `turn` on: equal endpoints measured a little apart by noise still share equally."""
     open_ = [i for i in candidates if free[i] > 0]
     if not open_:
         return None
-    return min(open_, key=lambda i: (-free[i] * weights[i], latency[i] or 0.0, i))
+    most = max(free[i] * weights[i] for i in open_)
+    best = [i for i in open_ if free[i] * weights[i] == most]
+    fastest = min(latency[i] or 0.0 for i in best)
+    near = [i for i in best if (latency[i] or 0.0) <= fastest * LATENCY_TIE]
+    return min(near, key=lambda i: (i - turn) % len(free))
 
 
 class Rest(MarkFile):
@@ -143,6 +149,7 @@ class EndpointPool:
         self._probing: dict[int, asyncio.Task] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._turn = 0  # where the next tie starts, so equal endpoints take turns
 
     # --- choosing -----------------------------------------------------------------------------
 
@@ -156,7 +163,9 @@ class EndpointPool:
         for index in candidates:
             free[index], taken[index] = self._count_free(index)
         best = choose(free, [e.weight for e in self.endpoints],
-                      [f.latency_s for f in self.figures], candidates)
+                      [f.latency_s for f in self.figures], candidates, self._turn)
+        if best is not None:
+            self._turn = best + 1
         for index, slot in taken.items():
             if index != best and slot >= 0:
                 self.slots.release(self.keys[index], slot)

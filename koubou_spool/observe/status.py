@@ -27,10 +27,20 @@ def live_workers(spool: Spool, ledger_path: Path, lease_s: float) -> list[dict[s
     for worker_id in spool.worker_ids():
         if not worker_id:
             continue
-        info = dict(rows.get(worker_id, {"id": worker_id}))
+        info = dict(rows.get(worker_id) or _from_lock_file(spool, worker_id))
         info["liveness"] = spool.worker_state(worker_id, lease_s, observed=False)
         found.append(info)
     return found
+
+
+def _from_lock_file(spool: Spool, worker_id: str) -> dict[str, Any]:
+    """A worker the ledger has no row for yet (just started, or the ledger busy), in the
+    ledger row's shape, from what it wrote into its lock file."""
+    written = spool.worker_info(worker_id)
+    written = written if isinstance(written, dict) else {}
+    craftsmen = written.get("craftsmen")
+    return {"id": worker_id, "host": written.get("host"), "pid": written.get("pid"),
+            "craftsmen": ",".join(craftsmen) if isinstance(craftsmen, list) else None}
 
 
 def served_craftsmen(spool: Spool) -> set[str]:
