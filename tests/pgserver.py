@@ -69,9 +69,12 @@ def free_port() -> int:
 
 
 class PgServer:
-    """One PostgreSQL cluster in a temporary directory; `dsn(dbname)` to reach it."""
+    """One PostgreSQL cluster in a temporary directory; `dsn(dbname)` to reach it. A test may
+    add addresses of its own (a network namespace's veth pair, tests/netns.py): `listen` on
+    them besides 127.0.0.1, and `trust` the clients of these networks."""
 
-    def __init__(self) -> None:
+    def __init__(self, listen: tuple[str, ...] = (), trust: tuple[str, ...] = ()) -> None:
+        self.listen, self.trust = listen, trust
         where = bin_dir()
         if where is None:
             raise RuntimeError(f"no PostgreSQL binaries; `{ENABLES}` installs them")
@@ -104,6 +107,8 @@ class PgServer:
                 timeout=120, **self._as)
         if code != 0:
             raise RuntimeError(f"initdb failed ({code}): {log.read_text(errors='replace')[-2000:]}")
+        with open(self.data / "pg_hba.conf", "a") as hba:
+            hba.writelines(f"host all all {network} trust\n" for network in self.trust)
         return self
 
     def start(self) -> PgServer:
@@ -113,9 +118,10 @@ class PgServer:
         log = open(self.log_path, "ab")
         # fsync off: a killed server keeps what it wrote in the page cache, which is all a test
         # of a server restart needs (the machine does not crash), and the machine is shared.
+        listen = ",".join(("127.0.0.1", *self.listen))
         self.proc = subprocess.Popen(
             [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
-             "-k", str(self.sockets), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+             "-k", str(self.sockets), "-c", f"listen_addresses={listen}", "-c", "fsync=off",
              "-c", "full_page_writes=off", "-c", "shared_buffers=16MB", "-c", "max_connections=60",
              "-c", "max_wal_senders=0", "-c", "wal_level=minimal", "-c", "log_min_messages=warning"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
@@ -181,9 +187,10 @@ class PgServer:
 
     # --- reaching it -------------------------------------------------------------------------
 
-    def dsn(self, dbname: str = "postgres") -> str:
-        """A libpq connection string to a database of this server, over loopback TCP."""
-        return f"host=127.0.0.1 port={self.port} user={SUPERUSER} dbname={dbname}"
+    def dsn(self, dbname: str = "postgres", host: str = "127.0.0.1") -> str:
+        """A libpq connection string to a database of this server, over TCP (loopback unless
+        `host` is one of `listen`)."""
+        return f"host={host} port={self.port} user={SUPERUSER} dbname={dbname}"
 
     def create_database(self, name: str) -> str:
         """A new empty database; its DSN."""

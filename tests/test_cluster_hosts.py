@@ -48,13 +48,15 @@ class Host:
             cluster={"dsn_env": DSN_ENV, "host": name, "lease_s": LEASE_S})
         self.spool = Spool.open(self.home)
         self.procs: list[subprocess.Popen] = []
+        self.prefix: list[str] = []  # a host in a network namespace: ["ip", "netns", "exec", ...]
+        self.env: dict[str, str] | None = None  # its processes' environment, if not ours
 
     def start(self, *args: str) -> subprocess.Popen:
         log = open(self.home / f"{args[0]}-{len(self.procs)}.log", "wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "koubou_spool.cli.koubou", *args, "--home", str(self.home),
-             "--log-level", "info"], stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT)
+            [*self.prefix, sys.executable, "-m", "koubou_spool.cli.koubou", *args,
+             "--home", str(self.home), "--log-level", "info"], stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT, env=self.env)
         proc.log_path = log.name  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc

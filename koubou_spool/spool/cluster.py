@@ -36,9 +36,11 @@ OUTCOMES_CHANNEL = "koubou_outcomes"  # payload: the origin host of a finished t
 CHANNELS = (TASKS_CHANNEL, OUTCOMES_CHANNEL)
 MIGRATION_LOCK = 0x6B6F75626F75  # "koubou": the advisory lock first connects migrate under
 CONNECT_TIMEOUT_S = 5
-# A cut-off host sees no FIN: keepalives end a silent connection in about 11 s, not 2 hours.
+# A cut-off host sees no FIN: keepalives end an idle connection in about 11 s, not 2 hours, and
+# tcp_user_timeout one whose request goes unanswered as soon, not after 15 minutes of
+# retransmissions (keepalives do not probe a connection with data in flight).
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
-              "keepalives_count": 3}
+              "keepalives_count": 3, "tcp_user_timeout": 11_000}
 BACKOFF_S = (0.1, 5.0)  # reconnecting: from, doubling up to
 BUDGET_ROW = "cluster"
 RATE_RETRY_S = 0.05  # the shortest wait a full rate window asks for
