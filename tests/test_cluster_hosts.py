@@ -335,3 +335,27 @@ def test_leases_of_a_serving_worker_that_died_are_given_back_at_once_by_its_brid
     assert time.monotonic() - started < LEASE_S * 3
     assert "gave back" in b.logs("cluster")
     assert all(rows(pg_dsn)[i][3] in ("host-b", "host-c") for i in ids)
+
+
+def test_a_lease_that_ends_at_a_heartbeat_makes_room_for_the_next_task(
+        hosts, pg_dsn: str) -> None:
+    # The heartbeat may send back an outcome before the round its inotify event wakes: then the
+    # heartbeat, not the round, freed the slot, and no NOTIFY will come for the tasks that wait
+    # (theirs went out when they were forwarded). Seen as a stall in a run as a normal user.
+    a, b = hosts("host-a"), hosts("host-b", latency_ms=1000, slots=1)
+    a.serve("local")
+    _, bridge_b = b.serve("echo")
+    ids = drop(a, 3, "beat")
+    deadline = time.monotonic() + 15
+    while sorted(row[0] for row in rows(pg_dsn).values()) != ["in_progress", "pending",
+                                                               "pending"]:
+        assert time.monotonic() < deadline, b.logs()
+        time.sleep(0.02)
+    time.sleep(0.3)  # the NOTIFYs of the forwards reach host b's bridge and are spent
+    bridge_b.send_signal(signal.SIGSTOP)  # its lease's task finishes while it cannot look
+    try:
+        wait_outcomes(b.spool, [i for i, row in rows(pg_dsn).items() if row[0] == "in_progress"])
+        time.sleep(1.0)  # past its heartbeat_s (0.5): it wakes to a beat and the event at once
+    finally:
+        bridge_b.send_signal(signal.SIGCONT)
+    assert_once_each(a, [b], ids, pg_dsn)

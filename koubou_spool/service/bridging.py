@@ -94,7 +94,8 @@ class Bridge:
                 beat = time.monotonic() >= next_beat
                 if beat:
                     next_beat = time.monotonic() + heartbeat_s
-                    self._beat()
+                    if self._beat():
+                        events.flags.add("freed")  # leases ended at the beat: room to take in
                     if self._served_changed():
                         events.rescan = True
                         events.flags.add("served")
@@ -135,7 +136,7 @@ class Bridge:
                 self._deliver()
             freed = self._send_back() if events.outcomes and self.leases else 0
             wanted = {flag[len("tasks:"):] for flag in flags if flag.startswith("tasks:")}
-            if freed or flags & {"recheck", "served"} or wanted & set(self._serving()):
+            if freed or flags & {"recheck", "served", "freed"} or wanted & set(self._serving()):
                 self._take_in()
         except ClusterUnavailable as exc:
             self._down(exc)
@@ -231,12 +232,14 @@ class Bridge:
 
     # --- heartbeat and the connection ------------------------------------------------------------
 
-    def _beat(self) -> None:
-        """Keep the local claims alive; renew the leases, take back expired ones anywhere."""
+    def _beat(self) -> bool:
+        """Keep the local claims alive; renew the leases, take back expired ones anywhere;
+        whether leases of this bridge ended (revoked, or sent back), leaving room to take in:
+        no wake-up may come for the tasks still waiting, their NOTIFY was sent long ago."""
         now = time.time()
         os.utime(self._lock_fd, (now, now))
         if not self.up:
-            return
+            return False
         try:
             revoked = bridge.renew(self.cluster, self.id, self.leases)
             if revoked:
@@ -244,10 +247,10 @@ class Bridge:
             taken = self.cluster.take_back_expired()
             if taken:
                 log.warning("took back %d expired lease(s) in the cluster", len(taken))
-            if self.leases:
-                self._send_back()
+            return bool(revoked) or bool(self.leases and self._send_back())
         except ClusterUnavailable as exc:
             self._down(exc)
+            return False
 
     def _served_changed(self) -> bool:
         """Whether the craftsmen live workers here serve changed: pending tasks are judged
