@@ -45,7 +45,8 @@ def cut_off(monkeypatch: pytest.MonkeyPatch) -> Iterator[CutOff]:
         missing("PostgreSQL's initdb and postgres", pgserver.ENABLES)
     reason = netns.why_not()
     if reason is not None:  # a container without CAP_NET_ADMIN, or a normal user
-        pytest.skip(f"cutting a host off needs a network namespace: {reason}")
+        pytest.skip(f"cutting a host off needs a network namespace: {reason}; bin/koubou-test run as "
+                    "root enables it where the machine allows namespaces")
     with netns.Namespace() as ns:
         server = pgserver.PgServer(listen=(ns.outside,), trust=(f"{ns.inside}/32",))
         try:

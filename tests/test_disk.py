@@ -28,7 +28,8 @@ CONDITION = "no space left for"
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs mounted for this test alone, unmounted at its end."""
     if os.geteuid() != 0:
-        pytest.skip("needs root to mount a 2 MiB tmpfs for a full disk (run as root)")
+        pytest.skip("needs root to mount a 2 MiB tmpfs for a full disk: bin/koubou-test run as "
+                    "root enables it")
     mount = tmp_path / "disk"
     mount.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],

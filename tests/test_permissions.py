@@ -55,7 +55,8 @@ def _blocked(path: Path) -> tuple[Path, Path] | None:
 
 def _why_not(cover: tuple[Path, Path] | None) -> str | None:
     if os.geteuid() != 0:
-        return "needs root: the tests create throwaway accounts with useradd"
+        return ("needs root to create throwaway accounts with useradd: bin/koubou-test run as "
+                "root enables it")
     missing = [tool for tool in ("useradd", "userdel", "groupadd", "groupdel", "unshare", "mount")
                if shutil.which(tool) is None]
     if missing:
