@@ -23,7 +23,8 @@ from koubou_spool.cli.koubou import cli
 from koubou_spool.spool import home as home_module
 
 from conftest import submit, write_config
-from serve_client import serve_client
+from cdp import CHROMIUM, Browser
+from serve_client import running, serve_client
 from test_cluster_hosts import DSN_ENV, LEASE_S, Host, drop, hosts, wait_delivered  # noqa: F401 (a fixture)
 
 UNREAD = "the cluster could not be read, so this shows host"
@@ -182,6 +183,41 @@ def test_every_host_shows_the_whole_cluster_and_a_killed_host_goes_stale(
     assert "  cluster  pending" in out.splitlines()
 
 
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium")
+def test_the_dashboard_shows_the_hosts_their_workers_and_other_origins_tasks(
+        hosts, pg_dsn: str, tmp_path: Path) -> None:  # noqa: F811 (the fixture above)
+    a, b = hosts("host-a"), hosts("host-b")
+    a.serve("local")
+    b.serve("echo")
+    ids = drop(a, 3, "shown")
+    wait_delivered(pg_dsn, ids, timeout=30)
+    until(lambda: koubou_json(b.home, "status")["cluster"]["hosts"],
+          lambda found: [h["host"] for h in found] == ["host-a", "host-b"])
+    browser = Browser(tmp_path / "profile")
+    try:
+        with running(b.home, tmp_path / "serve.log") as server:
+            browser.page("Page.navigate", url=server.url + "/")
+            browser.wait_for("document.querySelectorAll('#hosts tr[data-host]').length === 2"
+                             " && document.querySelectorAll('#tasks tr.task').length === 3", 10)
+            hosts_shown = browser.evaluate(
+                "[...document.querySelectorAll('#hosts tr[data-host]')].map((r) =>"
+                " [...r.cells].map((c) => c.textContent))")
+            worker_hosts = browser.evaluate(
+                "[...document.querySelectorAll('#workers tbody tr')].map((r) =>"
+                " r.cells[0].textContent)")
+            tasks_shown = browser.evaluate(
+                "[...document.querySelectorAll('#tasks tr.task')].map((r) =>"
+                " [r.dataset.id, r.cells[3].textContent])")
+            errors = browser.errors()
+    finally:
+        browser.close()
+    assert [(row[0], row[2]) for row in hosts_shown] == [("host-a", "fresh"),
+                                                         ("host-b (this host)", "fresh")]
+    assert sorted(set(worker_hosts)) == ["host-a", "host-b"]
+    assert sorted(tasks_shown) == [[i, "from host-a, on host-b"] for i in ids]
+    assert errors == [], json.dumps(errors, indent=1)[:2000]
+
+
 def silent_listener() -> socket.socket:
     """A loopback port that accepts connections and never answers: a server that hangs."""
     sock = socket.socket()
@@ -246,3 +282,41 @@ assert "psycopg" not in sys.modules, "psycopg imported without cluster.dsn_env"
 """
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60,
                    env=os.environ | {DSN_ENV: "host=127.0.0.1 port=1"})
+
+
+def test_a_host_row_sums_today_at_each_heartbeat_and_the_days_before_once_an_hour(
+        tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from koubou_spool import config as config_module
+    from koubou_spool.observe.cluster_view import Snapshots
+    from koubou_spool.spool import ledger
+    from koubou_spool.spool.files import Spool
+    home = tmp_path / "h"
+    home_module.init(home)
+    write_config(home, budget={"timezone": "UTC"})
+    now = datetime(2026, 11, 15, 12, tzinfo=UTC).timestamp()
+    path = home / "db" / "koubou.db"
+    conn = ledger.open_ledger(path)
+
+    def finished(task_id: str, at: float, cost: float) -> None:
+        conn.execute("INSERT INTO tasks (id, craftsman, status, finished_at, prompt_tokens,"
+                     " completion_tokens, cost_usd) VALUES (?, 'echo', 'completed', ?, 3, 4, ?)",
+                     (task_id, at, cost))
+    finished("last-month", now - 20 * 86400, 1.0)
+    finished("yesterday", now - 86400, 0.25)
+    finished("today", now - 3600, 0.5)
+    shots = Snapshots(Spool.open(home), path,
+                      config_module.load(home / "config" / "koubou.yaml"))
+    first = shots.take(now)["usage"]
+    assert (first["day"], first["month"], first["timezone"]) == ("2026-11-15", "2026-11", "UTC")
+    [today] = first["today"]
+    [month] = first["this_month"]
+    assert (today["tasks"], today["prompt_tokens"], today["cost_usd"]) == (1, 3, 0.5)
+    assert (month["tasks"], month["completion_tokens"], month["cost_usd"]) == (2, 8, 0.75)
+    finished("late", now - 86400, 1.0)  # a row of yesterday that landed late
+    finished("now", now + 1, 1.0)
+    later = shots.usage(now + 2)
+    assert [later["today"][0]["tasks"], later["this_month"][0]["tasks"]] == [2, 3]
+    hour_on = shots.usage(now + 3601)
+    assert [hour_on["today"][0]["tasks"], hour_on["this_month"][0]["tasks"]] == [2, 4]

@@ -29,7 +29,7 @@ from typing import Any
 from ..config import ClusterSettings, Config
 from ..craft import router
 from ..errors import InvalidTask, KoubouError, UsageError
-from ..observe.cluster_view import snapshot
+from ..observe.cluster_view import Snapshots
 from ..observe.status import served_craftsmen
 from ..spool import bridge
 from ..spool import task as task_format
@@ -74,6 +74,7 @@ class Bridge:
         self.served: set[str] = set()
         self.wakeups = BridgeWakeups(self.spool, self.dsn, self.settings.host)
         self.board = Board(self.dsn, connect_timeout=CONNECT_TIMEOUT_S)  # this host's row
+        self.snapshots = Snapshots(self.spool, home / "db" / "koubou.db", config)
         self._lock_fd = -1
 
     # --- the loop --------------------------------------------------------------------------
@@ -298,8 +299,7 @@ class Bridge:
     def _publish_host(self) -> None:
         """Replace this host's row in cluster_hosts: what every host's `koubou status`,
         `workers`, `report` and dashboard show of this one (observe/cluster_view.py)."""
-        self.board.publish(self.settings.host, snapshot(
-            self.spool, self.spool.home / "db" / "koubou.db", self.config, time.time()))
+        self.board.publish(self.settings.host, self.snapshots.take(time.time()))
 
     def _down(self, exc: ClusterUnavailable) -> None:
         self.up = False
