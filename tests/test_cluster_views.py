@@ -103,6 +103,8 @@ def test_every_host_shows_the_whole_cluster_and_a_killed_host_goes_stale(
     assert header[:2] == ["host", "worker"]
     assert {line.split()[0] for line in out.splitlines()[2:] if line.strip()} == {
         "host-a", "host-b", "host-c"}
+    out, _ = koubou(a.home, "top", "--once")
+    assert {w["host"] + "/" + w["id"] for w in workers} <= set(out.split())
 
     # list: host b lists the tasks host a submitted, each once, with where they ran
     listed = koubou_json(b.home, "list", "--limit", "50")

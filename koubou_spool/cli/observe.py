@@ -87,8 +87,11 @@ def top(once: bool) -> None:
     def draw() -> list[str]:
         now = time.time()
         found = where.workers()
-        return top_module.frame(where.home, found["queues"], found["workers"],
-                                found["in_flight"], found["budget"], now)
+        shown = found["workers"]
+        if "cluster" in found:  # every host's workers: named host/worker
+            shown = [w | {"id": f"{w['host']}/{w['id']}"} for w in shown]
+        return top_module.frame(where.home, found["queues"], shown, found["in_flight"],
+                                found["budget"], now)
     if once:
         click.echo("\n".join(draw()))
         return
