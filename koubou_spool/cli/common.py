@@ -70,6 +70,12 @@ def notice(message: str) -> None:
     click.echo(f"{click.get_current_context().find_root().info_name}: {message}", err=True)
 
 
+def cluster_notice(cluster: dict[str, Any] | None) -> None:
+    """The one line a view of the cluster adds on stderr when the cluster could not be read."""
+    if cluster and cluster.get("error"):
+        notice(cluster["error"])
+
+
 def _fail(error: Exception, code: int) -> None:
     notice(str(error))
     raise click.exceptions.Exit(code)

@@ -13,7 +13,9 @@ from ..spool.task import DIFFICULTIES, SENSITIVITIES
 from ..errors import EXIT_OK, EXIT_TASK_FAILED, UsageError
 from ..spool.home import STATE_DIRS
 from ..work.worker import run_worker
-from .common import KoubouGroup, emit_json, home_options, notice, session, setup_logging
+from ..observe import render as report_render
+from .common import (KoubouGroup, cluster_notice, emit_json, home_options, notice, session,
+                     setup_logging)
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
@@ -143,6 +145,7 @@ def status(task_id: str | None, as_json: bool) -> None:
             _print_task_status(found)
         return
     facts = where.overview()
+    cluster_notice(facts.get("cluster"))
     if as_json:
         emit_json(facts)
         return
@@ -151,6 +154,10 @@ def status(task_id: str | None, as_json: bool) -> None:
         click.echo(f"worker {w['id']} {w['liveness']} in_flight={w.get('in_flight', '?')} "
                    f"done={w.get('done', '?')} failed={w.get('failed', '?')}")
     click.echo(_budget_line(facts["budget"]))
+    if facts.get("cluster", {}).get("hosts") is not None:
+        click.echo("")
+        for line in report_render.hosts_table(facts["cluster"]["hosts"]):
+            click.echo(line)
 
 
 def _print_workflow_status(found: dict) -> None:
@@ -162,8 +169,13 @@ def _print_workflow_status(found: dict) -> None:
 
 def _print_task_status(found: dict) -> None:
     click.echo(f"{found.get('id') or found['file']}: {found['state']}")
+    if found.get("origin"):  # a cluster task submitted on another host
+        click.echo(f"  origin   {found['origin']}" + (f", run on {found['host']} (attempt "
+                                                      f"{found['attempt']})" if found.get("host")
+                                                      else ""))
     if found.get("worker_id"):
         click.echo(f"  worker   {found['worker_id']}")
+    _print_cluster_face(found.get("cluster"))
     if found.get("worktree"):
         click.echo(f"  worktree {found['worktree']}")
     for attempt in found.get("attempts", []):
@@ -179,6 +191,16 @@ def _print_task_status(found: dict) -> None:
                    f"{result.get('craftsman')} ({result.get('model')}), "
                    f"{result.get('duration_s')} s; `koubou result {found['id']}` prints it")
         _print_repository_result(result.get("repo"))
+
+
+def _print_cluster_face(cluster: dict | None) -> None:
+    """Where a task this host forwarded runs now, or why the cluster could not say."""
+    if cluster and cluster.get("error"):
+        notice(cluster["error"])
+    elif cluster and cluster.get("task"):
+        task = cluster["task"]
+        click.echo(f"  cluster  {task['state']}" + (f" on {task['host']} (attempt "
+                                                    f"{task['attempt']})" if task["host"] else ""))
 
 
 def _print_repository_result(repo: dict | None) -> None:
@@ -202,13 +224,16 @@ def _print_repository_result(repo: dict | None) -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
 def list_command(state: tuple[str, ...], limit: int, as_json: bool) -> None:
     """List tasks, newest first."""
-    listed = session().list(state or None, limit)
+    found = session().listing(state or None, limit)
+    cluster_notice(found.get("cluster"))
     if as_json:
-        emit_json(listed)
+        emit_json(found["tasks"])
         return
-    for item in listed:
+    for item in found["tasks"]:
         label = item["id"] or item["file"]
         extra = " (rejected input)" if item.get("rejected") else ""
+        if item.get("origin"):
+            extra = f"  from {item['origin']}" + (f", on {item['host']}" if item["host"] else "")
         click.echo(f"{item['time']}  {item['state']:11}  {label}{extra}")
 
 

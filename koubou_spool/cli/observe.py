@@ -10,7 +10,7 @@ import click
 from ..observe import gather as observe, render as report_render, top as top_module
 from ..errors import SpoolError, UsageError
 from ..observe.render import seconds
-from .common import KoubouCommand, emit_json, home_options, session
+from .common import KoubouCommand, cluster_notice, emit_json, home_options, session
 
 
 @click.command(cls=KoubouCommand)
@@ -32,6 +32,7 @@ def report(day: str | None, month: str | None, since: str | None, as_json: bool,
     if as_json and as_csv:
         raise UsageError("give --json or --csv, not both")
     figures = session().report(day, month, since)
+    cluster_notice(figures.get("cluster"))
     if html_file:
         observe.write_atomic(Path(html_file), report_render.html_page(figures))
     if as_json:
@@ -48,22 +49,27 @@ def report(day: str | None, month: str | None, since: str | None, as_json: bool,
 def workers(as_json: bool) -> None:
     """Workers with their liveness, heartbeat age, tasks in flight, done and failed counts,
     and each endpoint of their craftsmen (requests, failures, in flight, resting)."""
-    found = session().workers()["workers"]
+    facts = session().workers()
+    found = facts["workers"]
+    cluster_notice(facts.get("cluster"))
     if as_json:
         emit_json(found)
         return
     if not found:
         click.echo("no workers running; start one with `koubou worker`")
         return
-    rows = [[w["id"], w["liveness"], seconds(w.get("heartbeat_age_s")), w.get("in_flight", "-"),
-             w.get("done", "-"), w.get("failed", "-"), ",".join(w["craftsmen"]) or "all"]
-            for w in found]
-    for line in report_render.table(
-            ["worker", "liveness", "heartbeat", "in flight", "done", "failed", "craftsmen"], rows):
+    hosts = "cluster" in facts  # in a cluster: every host's workers, with a host column
+    rows = [([w.get("host") or "-"] if hosts else []) + [
+        w["id"], w["liveness"], seconds(w.get("heartbeat_age_s")), w.get("in_flight", "-"),
+        w.get("done", "-"), w.get("failed", "-"), ",".join(w["craftsmen"]) or "all"]
+        for w in found]
+    for line in report_render.table((["host"] if hosts else []) + [
+            "worker", "liveness", "heartbeat", "in flight", "done", "failed", "craftsmen"], rows):
         click.echo(line)
     shown = [[w["id"], craftsman, e["base_url"], e["requests"], e["failures"], e["in_flight"],
               f"resting {e['cooling_s']:g} s" if e["cooling"] else "up"]
-             for w in found for craftsman, ones in w["endpoints"].items() for e in ones]
+             for w in found for craftsman, ones in (w.get("endpoints") or {}).items()
+             for e in ones]
     if shown:
         click.echo("")
         for line in report_render.table(["worker", "craftsman", "endpoint", "requests", "failures",
@@ -81,8 +87,11 @@ def top(once: bool) -> None:
     def draw() -> list[str]:
         now = time.time()
         found = where.workers()
-        return top_module.frame(where.home, found["queues"], found["workers"],
-                                found["in_flight"], found["budget"], now)
+        shown = found["workers"]
+        if "cluster" in found:  # every host's workers: named host/worker
+            shown = [w | {"id": f"{w['host']}/{w['id']}"} for w in shown]
+        return top_module.frame(where.home, found["queues"], shown, found["in_flight"],
+                                found["budget"], now)
     if once:
         click.echo("\n".join(draw()))
         return

@@ -82,7 +82,43 @@ def text(report: dict[str, Any]) -> str:
     failures = report["failures_by_kind"]
     out += [""] + (table(["failure", "tasks"], [[k, v] for k, v in failures.items()])
                    if failures else ["failures: none"])
+    if report.get("cluster", {}).get("hosts") is not None:
+        out += [""] + _cluster(report["cluster"])
     return "\n".join(out) + "\n"
+
+
+def _freshness(host: dict[str, Any]) -> str:
+    return "stale" if host["stale"] else "fresh"
+
+
+def hosts_table(hosts: list[dict[str, Any]]) -> list[str]:
+    """The Hosts section of `koubou status`: each host's queues as its bridge last wrote them."""
+    if not hosts:
+        return ["hosts: none has written its row yet (each host's `koubou cluster` does)"]
+    return ["hosts (as each host's bridge last wrote):"] + table(
+        ["host", "row age", "row", "pending", "in progress", "completed", "failed", "workers"],
+        [[h["host"] + (" (this host)" if h["this_host"] else ""), seconds(h["age_s"]),
+          _freshness(h), *(h["queues"].get(state, "-") for state in
+                           ("pending", "in_progress", "completed", "failed")), h["workers"]]
+         for h in hosts])
+
+
+def _cluster(cluster: dict[str, Any]) -> list[str]:
+    """The cluster's figures per host: what each host ran in the period, from its row."""
+    def cells(line: dict[str, Any]) -> list[Any]:
+        return [line["tasks"], line["completed"], line["failed"], line["prompt_tokens"],
+                line["completion_tokens"], usd(line["cost_usd"])]
+    rows = [[h["host"], seconds(h["age_s"]), _freshness(h),
+             *(cells(h) if h["covered"] else ["-"] * 6)] for h in cluster["hosts"]]
+    rows.append(["total", "", "", *cells(cluster["total"])])
+    out = [f"cluster hosts, tasks each ran in {cluster['period']}:"] + table(
+        ["host", "row age", "row", "tasks", "completed", "failed", "tokens in", "tokens out",
+         "cost"], rows)
+    missing = [h["host"] for h in cluster["hosts"] if not h["covered"]]
+    if missing:
+        out.append(f"no figures for this period from {', '.join(missing)}: a host's row holds "
+                   "only its today and this month")
+    return out
 
 
 def _usage(report: dict[str, Any]) -> list[str]:
@@ -157,6 +193,10 @@ def csv_rows(report: dict[str, Any]) -> Iterator[tuple[str, str, str, Any]]:
         yield "failures", kind, "tasks", count
     for day in report["cost_per_day"]:
         yield "cost_per_day", day["day"], "usd", day["cost_usd"]
+    for host in report.get("cluster", {}).get("hosts") or []:
+        for metric in ("age_s", "stale", "tasks", "completed", "failed", "prompt_tokens",
+                       "completion_tokens", "cost_usd"):
+            yield "cluster_hosts", host["host"], metric, host[metric]
 
 
 def csv_text(report: dict[str, Any]) -> str:

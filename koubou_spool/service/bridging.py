@@ -29,10 +29,12 @@ from typing import Any
 from ..config import ClusterSettings, Config
 from ..craft import router
 from ..errors import InvalidTask, KoubouError, UsageError
+from ..observe.cluster_view import Snapshots
 from ..observe.status import served_craftsmen
 from ..spool import bridge
 from ..spool import task as task_format
-from ..spool.cluster import Cluster, ClusterClaim, ClusterUnavailable
+from ..spool.cluster import CONNECT_TIMEOUT_S, Cluster, ClusterClaim, ClusterUnavailable
+from ..spool.cluster_hosts import Board
 from ..spool.entries import BRIDGE_PREFIX, Refused, Unavailable
 from ..spool.files import Spool, new_worker_id
 from .bridge_wakeups import BridgeWakeups, Events
@@ -71,6 +73,8 @@ class Bridge:
         self.stopping = False
         self.served: set[str] = set()
         self.wakeups = BridgeWakeups(self.spool, self.dsn, self.settings.host)
+        self.board = Board(self.dsn, connect_timeout=CONNECT_TIMEOUT_S)  # this host's row
+        self.snapshots = Snapshots(self.spool, home / "db" / "koubou.db", config)
         self._lock_fd = -1
 
     # --- the loop --------------------------------------------------------------------------
@@ -113,6 +117,7 @@ class Bridge:
         finally:
             self.wakeups.close()
             self.cluster.close_quietly()
+            self.board.close()
             self.spool.unregister_worker(self.id, self._lock_fd)
         log.info("bridge %s stopped", self.id)
         return 0
@@ -247,6 +252,7 @@ class Bridge:
             taken = self.cluster.take_back_expired()
             if taken:
                 log.warning("took back %d expired lease(s) in the cluster", len(taken))
+            self._publish_host()
             return bool(revoked) or bool(self.leases and self._send_back())
         except ClusterUnavailable as exc:
             self._down(exc)
@@ -281,6 +287,7 @@ class Bridge:
         try:
             self.cluster.ensure_schema()
             self.cluster.register_worker(self.id, os.getpid(), self._serving())
+            self._publish_host()
         except ClusterUnavailable as exc:
             self._down(exc)
             return False
@@ -288,6 +295,11 @@ class Bridge:
             log.info("connected to the cluster as host %s", self.settings.host)
         self.up = True
         return True
+
+    def _publish_host(self) -> None:
+        """Replace this host's row in cluster_hosts: what every host's `koubou status`,
+        `workers`, `report` and dashboard show of this one (observe/cluster_view.py)."""
+        self.board.publish(self.settings.host, self.snapshots.take(time.time()))
 
     def _down(self, exc: ClusterUnavailable) -> None:
         self.up = False

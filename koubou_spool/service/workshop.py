@@ -8,19 +8,20 @@ import logging
 import os
 import time
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
 
-from ..config import Config, SpoolSettings
+from ..config import ClusterSettings, Config, SpoolSettings
 from ..craft import router
 from ..craft.attach import read_attachments
 from ..craft.budget import BudgetSettings
 from ..craft.limits import Budget
-from ..errors import ConfigError, TaskNotFound, UsageError, WaitTimeout
-from ..observe import gather as observe, status as status_module
+from ..errors import ConfigError, KoubouError, TaskNotFound, UsageError, WaitTimeout
+from ..observe import cluster_view, gather as observe, status as status_module
 from ..spool import home as home_module, task as task_format, workflow as workflow_format
+from ..spool.entries import BRIDGE_PREFIX
 from ..spool.files import Spool
 from ..spool.home import STATE_DIRS
 from . import control, serving
@@ -42,6 +43,7 @@ class Workshop:
         self.home = home
         self.config_path = config_path
         self._kept: tuple[Any, Config, Spool | None] | None = None  # (file stamp, config, spool)
+        self._board: Any = None  # cluster_hosts.Board, made at the first look at the cluster
 
     def _stamp(self) -> Any:
         try:
@@ -161,12 +163,30 @@ class Workshop:
         return keeper.state() if keeper.settings.enabled else {"enabled": False}
 
     def overview(self) -> dict[str, Any]:
-        """Queue depth per state, the registered workers and the budget (`koubou status`)."""
+        """Queue depth per state, the registered workers and the budget (`koubou status`);
+        in a cluster, each host's queues and the age of its row."""
         spool = self.spool()
-        return {"home": str(self.home), "queues": status_module.queue_counts(spool),
-                "workers": status_module.live_workers(spool, self.ledger_path,
-                                                      self.config().spool.lease_s),
-                "budget": self.budget()}
+        facts = {"home": str(self.home), "queues": status_module.queue_counts(spool),
+                 "workers": status_module.live_workers(spool, self.ledger_path,
+                                                       self.config().spool.lease_s),
+                 "budget": self.budget()}
+        seen = self._cluster(lambda board, me: {"hosts": cluster_view.host_lines(
+            cluster_view.hosts(board.hosts()), me)})
+        return facts if seen is None else facts | {"cluster": seen}
+
+    def _cluster(self, read: Callable[[Any, str], dict[str, Any]]) -> dict[str, Any] | None:
+        """read(board, this host) on the cluster's database, with this host's name; or this
+        host's name and the one sentence saying why the cluster could not be read. None
+        without cluster.dsn_env: then psycopg is never imported."""
+        settings = ClusterSettings.parse(self.config().cluster)
+        if not settings.enabled:
+            return None
+        try:
+            if self._board is None:
+                self._board = cluster_view.board_for(settings)
+            return {"host": settings.host} | read(self._board, settings.host)
+        except KoubouError as exc:
+            return {"host": settings.host, "error": cluster_view.unread(settings.host, exc)}
 
     def retry(self, task_id: str) -> dict[str, Any]:
         """Queue a failed task again with its attempts reset."""
@@ -186,17 +206,28 @@ class Workshop:
         task_format.check_id(task_id, "task_id")
         spool = self.spool()
         try:
-            return status_module.task_status(spool, self.ledger_path, task_id)
+            found = status_module.task_status(spool, self.ledger_path, task_id)
         except TaskNotFound:
             steps = status_module.workflow_steps(spool, task_id)
-            if not steps:
+            if steps:
+                return {"workflow": task_id, "steps": steps}
+            seen = self._cluster(lambda board, me: {"task": board.task(task_id)})
+            if not seen or not seen.get("task"):
                 raise
-            return {"workflow": task_id, "steps": steps}
+            return cluster_view.task_status(seen["task"], PROMPT_FIELDS)
+        if str(found.get("worker_id")).startswith(BRIDGE_PREFIX):  # its face: where it runs
+            seen = self._cluster(lambda board, me: {"task": cluster_view.where_it_runs(
+                board.task(task_id))})
+            if seen is not None:
+                found["cluster"] = seen
+        return found
 
     def detail(self, task_id: str) -> dict[str, Any]:
         """Everything a person looks at for one task: its status and attempts, the prompt
         (content, system, messages) and, for a repository task, its patch."""
         found = self.status(task_id)
+        if "origin" in found:  # another host's: the task as the cluster holds it
+            return found
         record = status_module.read_record(self.spool(), task_id) or {}
         found["task"] = {k: record[k] for k in PROMPT_FIELDS if k in record}
         found["task"].update({k: v for k, v in (record.get("body") or {}).items()
@@ -233,11 +264,23 @@ class Workshop:
 
     def list(self, state: str | Sequence[str] | None, limit: int) -> list[dict[str, Any]]:
         """Tasks in these states (one, several, or None: all), newest first."""
+        return self.listing(state, limit)["tasks"]
+
+    def listing(self, state: str | Sequence[str] | None, limit: int) -> dict[str, Any]:
+        """`list`, and in a cluster the cluster's tasks of other origins among them (with
+        `cluster`: this host, or why the cluster could not be read)."""
         states = [state] if isinstance(state, str) else list(state or STATE_DIRS)
         for name in states:
             if name not in STATE_DIRS:
                 raise UsageError(f"state must be one of {', '.join(STATE_DIRS)}, not {name!r}")
-        return status_module.list_tasks(self.spool(), states, max(1, min(limit, 500)))
+        limit = max(1, min(limit, 500))
+        local = status_module.list_tasks(self.spool(), states, limit)
+        seen = self._cluster(lambda board, me: {"tasks": board.tasks(
+            origin=me, states=states, limit=limit)})
+        if seen is None:
+            return {"tasks": local}
+        remote = seen.pop("tasks", [])
+        return {"tasks": cluster_view.merge_tasks(local, remote, limit), "cluster": seen}
 
     def cancel(self, task_id: str) -> dict[str, Any]:
         """Cancel a pending or running task (failed as `cancelled`); said, not raised, when it
@@ -258,13 +301,27 @@ class Workshop:
         craftsman has in flight."""
         spool, config, now = self.spool(), self.config(), time.time()
         workers = observe.workers(spool, self.ledger_path, config, now)
-        return {"queues": observe.queue_counts(spool), "workers": workers,
-                "endpoints": observe.endpoint_figures(workers),
-                "in_flight": observe.in_flight_by_craftsman(spool, self.ledger_path),
-                "budget": observe.today_budget(self.ledger_path, config, now)}
+        facts = {"queues": observe.queue_counts(spool), "workers": workers,
+                 "endpoints": observe.endpoint_figures(workers),
+                 "in_flight": observe.in_flight_by_craftsman(spool, self.ledger_path),
+                 "budget": observe.today_budget(self.ledger_path, config, now)}
+        seen = self._cluster(lambda board, me: {"hosts": cluster_view.hosts(board.hosts())})
+        if seen is None:
+            return facts
+        for worker in workers:
+            worker["host"] = seen["host"]
+        if "error" in seen:
+            return facts | {"cluster": seen}
+        found = seen.pop("hosts")
+        facts["workers"] = workers + cluster_view.other_workers(found, seen["host"])
+        return facts | {"cluster": seen | {"hosts": cluster_view.host_lines(found, seen["host"])}}
 
     def report(self, day: str | None, month: str | None, since: str | None) -> dict[str, Any]:
         """The report of a period (default: today)."""
         config = self.config()
-        return observe.report_for(self.spool(), self.ledger_path, config, day=day, month=month,
-                                  since=since)
+        figures = observe.report_for(self.spool(), self.ledger_path, config, day=day,
+                                     month=month, since=since)
+        label = figures["period"]["label"]
+        seen = self._cluster(lambda board, me: cluster_view.report_rows(
+            cluster_view.hosts(board.hosts()), label))
+        return figures if seen is None else figures | {"cluster": seen}

@@ -102,6 +102,17 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE FUNCTION koubou_tokens(requests jsonb) RETURNS bigint LANGUAGE sql IMMUTABLE AS
             $$ SELECT coalesce(sum((e->>1)::bigint), 0) FROM jsonb_array_elements(requests) e $$;
     """),
+    ("0003_hosts", """
+        -- One row per host, replaced whole by its bridge at each heartbeat: what `koubou
+        -- status`, `workers`, `report` and the dashboard of any host show of it
+        -- (spool/cluster_hosts.py). The age of a row is on the database's clock.
+        CREATE TABLE cluster_hosts (
+            host text PRIMARY KEY, heartbeat_at timestamptz NOT NULL DEFAULT now(),
+            snapshot jsonb NOT NULL);
+        -- `koubou list` of other hosts' tasks, newest first, stops at its limit.
+        CREATE INDEX cluster_tasks_recent ON cluster_tasks
+            ((coalesce(finished_at, submitted_at)) DESC);
+    """),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

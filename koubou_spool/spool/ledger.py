@@ -648,6 +648,32 @@ def report_task_totals(conn: sqlite3.Connection) -> list[dict[str, Any]]:
         " COALESCE(SUM(cost_usd), 0) AS cost_usd FROM tasks GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")]
 
 
+def report_usage(conn: sqlite3.Connection, start: float, end: float) -> list[dict[str, Any]]:
+    """Per craftsman, tasks finished in the period (completed, failed), their tokens, and the
+    spend of the period's attempts (report_spend's rule), summed here: a bridge sends these
+    figures to the cluster at each heartbeat, so they must not cost a row per task."""
+    rows: dict[str, dict[str, Any]] = {}
+    for r in conn.execute(
+            "SELECT COALESCE(craftsman, '(none)'), COUNT(*), SUM(status = 'completed'),"
+            " SUM(status = 'failed'), COALESCE(SUM(prompt_tokens), 0),"
+            " COALESCE(SUM(completion_tokens), 0) FROM tasks"
+            " WHERE finished_at >= ? AND finished_at < ? GROUP BY 1", (start, end)):
+        rows[r[0]] = {"craftsman": r[0], "tasks": r[1], "completed": r[2] or 0,
+                      "failed": r[3] or 0, "prompt_tokens": r[4], "completion_tokens": r[5],
+                      "cost_usd": 0.0}
+    for craftsman, cost in conn.execute(
+            "SELECT COALESCE(craftsman, '(none)'), SUM(cost_usd) FROM ("
+            " SELECT craftsman, cost_usd FROM attempts WHERE finished_at >= ? AND finished_at < ?"
+            " AND cost_usd IS NOT NULL UNION ALL SELECT t.craftsman, t.cost_usd FROM tasks AS t"
+            " WHERE t.finished_at >= ? AND t.finished_at < ? AND t.cost_usd IS NOT NULL"
+            " AND NOT EXISTS (SELECT 1 FROM attempts AS a WHERE a.task_id = t.id)) GROUP BY 1",
+            (start, end, start, end)):
+        rows.setdefault(craftsman, {"craftsman": craftsman, "tasks": 0, "completed": 0,
+                                    "failed": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                    "cost_usd": 0.0})["cost_usd"] = cost or 0.0
+    return [rows[name] for name in sorted(rows)]
+
+
 # --- rebuild and maintenance ---
 # `koubou ledger rebuild` (rebuild.py), `koubou maintain` (maintain.py), `koubou doctor` (doctor.py).
 

@@ -72,12 +72,31 @@ function showQueues(queues) {
   }));
 }
 
-function showWorkers(workers, inFlight) {
-  fill(document.querySelector("#workers tbody"), workers.map((w) => row([
+function showWorkers(workers, inFlight, inCluster) {
+  // In a cluster every host's workers are listed, with a host column.
+  for (const th of document.querySelectorAll("#workers .host-column")) th.hidden = !inCluster;
+  fill(document.querySelector("#workers tbody"), workers.map((w) => row((inCluster ? [w.host] : []).concat([
     w.id, w.liveness, w.heartbeat_age_s == null ? "–" : w.heartbeat_age_s.toFixed(1) + " s ago",
-    (w.craftsmen || []).join(", "), w.done ?? "", w.failed ?? ""])));
+    (w.craftsmen || []).join(", "), w.done ?? "", w.failed ?? ""]))));
   const flying = Object.entries(inFlight || {}).map(([c, n]) => c + ": " + n).join(", ");
   $("in-flight").textContent = flying ? "in flight: " + flying : "nothing in flight";
+}
+
+function showHosts(cluster) {
+  // observe.cluster_view.host_lines: each host's row as its bridge last wrote it
+  $("hosts-section").hidden = !cluster;
+  if (!cluster) return;
+  $("cluster-error").hidden = !cluster.error;
+  $("cluster-error").textContent = cluster.error || "";
+  fill(document.querySelector("#hosts tbody"), (cluster.hosts || []).map((h) => {
+    const q = h.queues || {};
+    const line = row([h.host + (h.this_host ? " (this host)" : ""), h.age_s.toFixed(1) + " s",
+                      h.stale ? "stale" : "fresh", q.pending ?? "–", q.in_progress ?? "–",
+                      q.completed ?? "–", q.failed ?? "–", h.workers]);
+    line.dataset.host = h.host;
+    if (h.stale) line.className = "stale";
+    return line;
+  }));
 }
 
 function showEndpoints(endpoints) {
@@ -122,7 +141,8 @@ function showBudget(budget) {
 async function refreshOverview() {
   const facts = await api("/api/workers");
   showQueues(facts.queues || {});
-  showWorkers(facts.workers || [], facts.in_flight);
+  showWorkers(facts.workers || [], facts.in_flight, Boolean(facts.cluster));
+  showHosts(facts.cluster);
   showEndpoints(facts.endpoints || []);
   showBudget(facts.budget);
 }
@@ -147,8 +167,9 @@ function taskRow(task) {
   } else if (task.state === "failed") {
     actions.append(actionButton("Retry", "retry", task.id, "retry"));
   }
+  const where = task.origin ? "from " + task.origin + (task.host ? ", on " + task.host : "") : "";
   const tr = row([task.id || task.file, el("span", task.state, "state " + task.state), task.time,
-                  task.worker_id || "", actions]);
+                  task.worker_id || where, actions]);
   tr.className = "task";
   tr.dataset.id = task.id || task.file;
   tr.dataset.state = task.state;
@@ -162,6 +183,7 @@ async function refreshTasks() {
   const query = new URLSearchParams({ limit: $("limit").value });
   if (filter) query.set("state", filter);
   const listed = await api("/api/tasks?" + query);
+  if (listed.cluster && listed.cluster.error) say(listed.cluster.error);
   const tasks = listed.tasks.filter((t) => !wanted || String(t.id || t.file).toLowerCase().includes(wanted));
   fill(document.querySelector("#tasks tbody"), tasks.map(taskRow));
 }

@@ -49,10 +49,11 @@ async def result(request: Request) -> JSONResponse:
 
 
 async def list_tasks(request: Request) -> JSONResponse:
-    """Tasks newest first; `state` and `limit` (default 50) filter."""
-    found = await _call(request, "list", request.query_params.get("state") or None,
+    """Tasks newest first; `state` and `limit` (default 50) filter. In a cluster, with the
+    cluster's tasks of other origins and `cluster` (this host, or why it could not be read)."""
+    found = await _call(request, "listing", request.query_params.get("state") or None,
                         int_param(request, "limit", 50, 1, 500))
-    return JSONResponse({"tasks": found})
+    return JSONResponse(found)
 
 
 async def cancel(request: Request) -> JSONResponse:
@@ -67,7 +68,8 @@ async def retry(request: Request) -> JSONResponse:
 
 
 async def workers(request: Request) -> JSONResponse:
-    """Queues, workers, in-flight tasks per craftsman, today's budget."""
+    """Queues, workers, in-flight tasks per craftsman, today's budget; in a cluster, every
+    host's workers and `cluster` with each host's row."""
     return JSONResponse(await _call(request, "workers"))
 
 
