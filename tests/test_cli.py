@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import click
@@ -112,7 +113,11 @@ def test_status_list_result_and_wait(home: Path, spool: Spool, workers: Workers)
     assert waited.exit_code == 0 and f"{queued}: completed" in waited.stdout
     result = run(cli, "result", queued)
     assert result.exit_code == 0 and result.stdout == "hello\n"
-    status = json.loads(run(cli, "status", queued, "--json").stdout)
+    # The attempt's ledger row is written behind the outcome, by the worker's ledger thread.
+    deadline = time.monotonic() + 10
+    while not (status := json.loads(run(cli, "status", queued, "--json").stdout))["attempts"]:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
     assert status["state"] == "completed" and status["attempts"][0]["outcome"] == "completed"
     listed = json.loads(run(cli, "list", "--json", "--state", "completed").stdout)
     assert [item["id"] for item in listed] == [queued]
