@@ -604,15 +604,28 @@ def test_a_lost_task_is_delivered_into_failed(origin: Spool, store: cluster.Clus
     assert read_json(origin.failed / "lost.json")["error"]["kind"] == "lost"
 
 
-def test_a_task_forwarded_while_the_cluster_is_down_waits_in_pending(pg_server,
-                                                                    origin: Spool) -> None:
+def test_tasks_forwarded_while_the_cluster_is_down_wait_in_pending(pg_server,
+                                                                  origin: Spool) -> None:
     down = cluster.Cluster(f"host=127.0.0.1 port={pgserver.free_port()} user=koubou dbname=x",
                            host="host-a")
-    submit(origin, id="waits", content="c")
+    for task_id in ("waits", "too"):
+        submit(origin, id=task_id, content="c")
     with pytest.raises(cluster.ClusterUnavailable, match="local work goes on"):
-        bridge.forward(origin, down, [("waits.json", "gpu")], "bridge-a")
-    assert os.listdir(origin.pending) == ["waits.json"] and list(origin.claims()) == []
+        bridge.forward(origin, down, [("waits.json", "gpu"), ("too.json", "gpu")], "bridge-a")
+    assert sorted(os.listdir(origin.pending)) == ["too.json", "waits.json"]
+    assert list(origin.claims()) == []
     assert "attempts" not in read_json(origin.pending / "waits.json")  # no attempt spent
+
+
+def test_a_file_that_is_no_task_stays_behind_and_the_rest_of_the_round_leaves(
+        origin: Spool, store: cluster.Cluster) -> None:
+    submit(origin, id="first", content="c")
+    (origin.pending / "broken.json").write_text("{not json")
+    submit(origin, id="last", content="c")
+    leaving = [(name, "gpu") for name in ("first.json", "broken.json", "gone.json", "last.json")]
+    assert bridge.forward(origin, store, leaving, "bridge-a") == ["first", "last"]
+    assert os.listdir(origin.pending) == ["broken.json"]  # for a worker to reject, uncounted
+    assert store.states(["first", "last"]) == {"first": "pending", "last": "pending"}
 
 
 # --- the serving host's half, and two homes end to end -------------------------------------------

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 DOWN_LOG_S = 60.0  # while the cluster is unreachable, say so this often
 DELIVER_BATCH = 500
+# Tasks in one forwarding statement: a round's usual few in one, and a backlog found after an
+# outage (tasks of up to spool.max_task_bytes each) not in one statement of any size.
+FORWARD_BATCH = 500
 
 
 def cluster_dsn(settings: ClusterSettings) -> str:
@@ -147,7 +150,7 @@ class Bridge:
             self._down(exc)
 
     def _forward(self, names: list[str]) -> None:
-        """Forward every pending task of these that leaves, in one transaction."""
+        """Forward the pending tasks of these that leave, FORWARD_BATCH to a transaction."""
         local = served_craftsmen(self.spool)
         leaving = []
         for name in names:
@@ -156,10 +159,12 @@ class Bridge:
             craftsman = self._leaving(name, local)
             if craftsman is not None:
                 leaving.append((name, craftsman))
-        sent = bridge.forward(self.spool, self.cluster, leaving, self.id,
-                              self.config.spool.max_attempts)
-        if sent:
-            log.info("forwarded %d task(s) to the cluster: %s", len(sent), ", ".join(sent[:5]))
+        for start in range(0, len(leaving), FORWARD_BATCH):
+            sent = bridge.forward(self.spool, self.cluster, leaving[start:start + FORWARD_BATCH],
+                                  self.id, self.config.spool.max_attempts)
+            if sent:
+                log.info("forwarded %d task(s) to the cluster: %s", len(sent),
+                         ", ".join(sent[:5]))
 
     def _leaving(self, name: str, local: set[str]) -> str | None:
         """The craftsman a pending task goes to when no live worker here serves it; None when
