@@ -168,7 +168,7 @@ def _found(spool: Spool, task_id: str) -> tuple[str, str]:
 def take_in(spool: Spool, cluster: Cluster, bridge_id: str, craftsman: str,
             limit: int) -> list[ClusterClaim]:
     """Lease up to `limit` cluster tasks of a craftsman in one statement and queue them in
-    this home's pending/ together (one fsync), pinned to it; the leases. A task already in
+    this home's pending/ together (one group commit), pinned to it; the leases. A task already in
     this home (an earlier lease of it ran here) is not queued again."""
     claims = cluster.claim_many(bridge_id, [craftsman], limit)
     if not claims:
