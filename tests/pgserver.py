@@ -73,9 +73,13 @@ class PgServer:
     add addresses of its own (a network namespace's veth pair, tests/netns.py): `listen` on
     them besides 127.0.0.1, and `trust` the clients of these networks."""
 
-    def __init__(self, listen: tuple[str, ...] = (), trust: tuple[str, ...] = ()) -> None:
+    def __init__(self, listen: tuple[str, ...] = (), trust: tuple[str, ...] = (), *,
+                 fsync: bool = False) -> None:
+        """fsync: the server's own (off for tests; on for a benchmark that stands for a real
+        server, whose commits wait for their WAL to reach the disk)."""
         self.listen, self.trust = listen, trust
         where = bin_dir()
+        self.fsync = fsync
         if where is None:
             raise RuntimeError(f"no PostgreSQL binaries; `{ENABLES}` installs them")
         self.bin = where
@@ -116,13 +120,15 @@ class PgServer:
         if not self.port:
             self.port = free_port()
         log = open(self.log_path, "ab")
-        # fsync off: a killed server keeps what it wrote in the page cache, which is all a test
+        # fsync off (unless asked): a killed server keeps what it wrote in the page cache, which is all a test
         # of a server restart needs (the machine does not crash), and the machine is shared.
         listen = ",".join(("127.0.0.1", *self.listen))
+        durable = "on" if self.fsync else "off"
         self.proc = subprocess.Popen(
             [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
-             "-k", str(self.sockets), "-c", f"listen_addresses={listen}", "-c", "fsync=off",
-             "-c", "full_page_writes=off", "-c", "shared_buffers=16MB", "-c", "max_connections=60",
+             "-k", str(self.sockets), "-c", f"listen_addresses={listen}", "-c", f"fsync={durable}",
+             "-c", f"full_page_writes={durable}", "-c", "shared_buffers=16MB",
+             "-c", "max_connections=60",
              "-c", "max_wal_senders=0", "-c", "wal_level=minimal", "-c", "log_min_messages=warning"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
             start_new_session=True, **self._as)

@@ -216,6 +216,31 @@ def test_a_requeue_by_the_holder_keeps_the_attempt_counted(store: cluster.Cluste
     assert store.claim("w1", ["echo"]).attempt == 2
 
 
+def test_many_tasks_cross_in_one_statement_each_with_one_wakeup_per_craftsman(
+        pg_dsn: str, store: cluster.Cluster) -> None:
+    wakeups = cluster.Wakeups(pg_dsn)
+    assert wakeups.wait(5).recheck
+    store.submit(tasks(40, "echo") + tasks(30, "gpu", "g"))
+    assert sorted(wakeups.wait(5).notices) == [(cluster.TASKS_CHANNEL, "echo"),
+                                               (cluster.TASKS_CHANNEL, "gpu")]
+    first = store.claim_many("w1", ["echo"], 25)
+    assert [c.task_id for c in first] == [f"t-{n:04d}" for n in range(25)]  # submit order
+    rest = store.claim_many("w2", ["echo"], 25)
+    assert len(rest) == 15 and {c.attempt for c in first + rest} == {1}
+    revoked = cluster.ClusterClaim(first[0].task_id, 0, "w1", "echo", "host-a", b"", 3)
+    assert store.requeue_many(rest[:5] + [revoked]) == {c.task_id for c in rest[:5]}
+    assert wakeups.wait(5).notices == ((cluster.TASKS_CHANNEL, "echo"),)
+    sent = [(c, completed(c)) for c in first[1:]] + [(revoked, completed(revoked))]
+    assert store.publish_many(sent) == {c.task_id for c in first[1:]}  # the fence, row by row
+    assert wakeups.wait(5).notices == ((cluster.OUTCOMES_CHANNEL, "host-a"),)
+    assert store.publish_many(sent) == {c.task_id for c in first[1:]}  # a lost reply, again
+    assert wakeups.wait(0.3) == cluster.Wake()  # nothing changed: nobody woken
+    assert store.counts() == {"pending": 30 + 5, "in_progress": 11, "completed": 24,
+                              "failed": 0}
+    assert len(store.undelivered()) == 24
+    wakeups.close()
+
+
 def test_workers_register_and_heartbeat_and_the_clock_skew_is_measured(
         store: cluster.Cluster, pg_dsn: str) -> None:
     store.register_worker("w1", 1234, ["echo", "gpu"])
@@ -528,7 +553,7 @@ def serve_remotely(pg_dsn: str, craftsman: str = "gpu") -> list[str]:
 def test_a_task_forwarded_from_a_home_comes_back_into_its_completed(
         origin: Spool, store: cluster.Cluster, pg_dsn: str) -> None:
     task_id = submit(origin, id="across", content="for the gpu host")
-    assert bridge.forward(origin, store, "across.json", "gpu", "bridge-a") == "across"
+    assert bridge.forward(origin, store, [("across.json", "gpu")], "bridge-a") == ["across"]
     assert [name for name, _ in origin.claims()][0].startswith("across.json@bridge-a")
     assert store.states(["across"]) == {"across": "pending"}
     assert serve_remotely(pg_dsn) == [task_id]
@@ -542,10 +567,11 @@ def test_a_task_forwarded_from_a_home_comes_back_into_its_completed(
 def test_an_outcome_written_before_a_crash_is_only_marked_when_delivered_again(
         origin: Spool, store: cluster.Cluster, pg_dsn: str) -> None:
     submit(origin, id="twice", content="c")
-    bridge.forward(origin, store, "twice.json", "gpu", "bridge-a")
+    bridge.forward(origin, store, [("twice.json", "gpu")], "bridge-a")
     serve_remotely(pg_dsn)
     [delivery] = store.undelivered()
-    assert bridge.place(origin, delivery, "bridge-a")  # written; the bridge died before marking
+    # written; the bridge died before marking it delivered
+    assert bridge.place(origin, [delivery], "bridge-a") == ["twice"]
     before = (origin.completed / "twice.json").read_bytes()
     assert bridge.deliver(origin, store, "bridge-a2") == ["twice"]
     assert (origin.completed / "twice.json").read_bytes() == before
@@ -556,7 +582,7 @@ def test_a_host_that_was_down_gets_its_outcomes_when_it_returns(
         origin: Spool, store: cluster.Cluster, pg_dsn: str) -> None:
     for n in range(3):
         submit(origin, id=f"away-{n}", content="c")
-        bridge.forward(origin, store, f"away-{n}.json", "gpu", "bridge-old")
+        bridge.forward(origin, store, [(f"away-{n}.json", "gpu")], "bridge-old")
     # host a goes down; recovery had put one of the dead bridge's claims back in pending/
     [(entry, _)] = [c for c in origin.claims() if c[0].startswith("away-2.json@")]
     os.rename(origin.in_progress / entry, origin.pending / "away-2.json")
@@ -570,7 +596,7 @@ def test_a_host_that_was_down_gets_its_outcomes_when_it_returns(
 
 def test_a_lost_task_is_delivered_into_failed(origin: Spool, store: cluster.Cluster) -> None:
     submit(origin, id="lost", content="c")
-    bridge.forward(origin, store, "lost.json", "gpu", "bridge-a", max_attempts=1)
+    bridge.forward(origin, store, [("lost.json", "gpu")], "bridge-a", max_attempts=1)
     store.claim("w-dies", ["gpu"])
     wait_until(lambda: store.take_back_expired() == [("lost", "failed")], LEASE_S * 5,
                "the lease's end")
@@ -578,15 +604,28 @@ def test_a_lost_task_is_delivered_into_failed(origin: Spool, store: cluster.Clus
     assert read_json(origin.failed / "lost.json")["error"]["kind"] == "lost"
 
 
-def test_a_task_forwarded_while_the_cluster_is_down_waits_in_pending(pg_server,
-                                                                    origin: Spool) -> None:
+def test_tasks_forwarded_while_the_cluster_is_down_wait_in_pending(pg_server,
+                                                                  origin: Spool) -> None:
     down = cluster.Cluster(f"host=127.0.0.1 port={pgserver.free_port()} user=koubou dbname=x",
                            host="host-a")
-    submit(origin, id="waits", content="c")
+    for task_id in ("waits", "too"):
+        submit(origin, id=task_id, content="c")
     with pytest.raises(cluster.ClusterUnavailable, match="local work goes on"):
-        bridge.forward(origin, down, "waits.json", "gpu", "bridge-a")
-    assert os.listdir(origin.pending) == ["waits.json"] and list(origin.claims()) == []
+        bridge.forward(origin, down, [("waits.json", "gpu"), ("too.json", "gpu")], "bridge-a")
+    assert sorted(os.listdir(origin.pending)) == ["too.json", "waits.json"]
+    assert list(origin.claims()) == []
     assert "attempts" not in read_json(origin.pending / "waits.json")  # no attempt spent
+
+
+def test_a_file_that_is_no_task_stays_behind_and_the_rest_of_the_round_leaves(
+        origin: Spool, store: cluster.Cluster) -> None:
+    submit(origin, id="first", content="c")
+    (origin.pending / "broken.json").write_text("{not json")
+    submit(origin, id="last", content="c")
+    leaving = [(name, "gpu") for name in ("first.json", "broken.json", "gone.json", "last.json")]
+    assert bridge.forward(origin, store, leaving, "bridge-a") == ["first", "last"]
+    assert os.listdir(origin.pending) == ["broken.json"]  # for a worker to reject, uncounted
+    assert store.states(["first", "last"]) == {"first": "pending", "last": "pending"}
 
 
 # --- the serving host's half, and two homes end to end -------------------------------------------
@@ -607,12 +646,11 @@ def test_a_task_dropped_on_one_home_runs_on_the_other_and_comes_back(
     host_b = cluster.Cluster.open(pg_dsn, host="host-b", lease_s=30)
     ids = [submit(home_a, id=f"e2e-{n}", content=f"echo me {n}", craftsman="echo")
            for n in range(5)]
-    for task_id in ids:  # host a serves no echo, say: out they go
-        assert bridge.forward(home_a, host_a, f"{task_id}.json", "echo", "bridge-a") == task_id
+    # host a serves no echo, say: out they go, in one insert
+    assert bridge.forward(home_a, host_a, [(f"{i}.json", "echo") for i in ids], "bridge-a") == ids
     workers.start(home_b.home)
-    leases = {}
-    while (lease := bridge.take_in(home_b, host_b, "bridge-b", ["echo"])) is not None:
-        leases[lease.task_id] = lease
+    leases = {lease.task_id: lease for lease in bridge.take_in(home_b, host_b, "bridge-b",
+                                                               "echo", 16)}
     assert sorted(leases) == ids
     wait_outcomes(home_b, ids)  # host b's own worker ran them, from its pending/
     assert bridge.renew(host_b, "bridge-b", leases) == []
@@ -633,8 +671,8 @@ def test_a_lease_lost_while_the_task_ran_is_fenced_then_sent_back_without_a_seco
     host_a = cluster.Cluster.open(pg_dsn, host="host-a", lease_s=LEASE_S)
     host_b = cluster.Cluster.open(pg_dsn, host="host-b", lease_s=LEASE_S)
     submit(home_a, id="slow", content="c", craftsman="echo")
-    bridge.forward(home_a, host_a, "slow.json", "echo", "bridge-a")
-    first = bridge.take_in(home_b, host_b, "bridge-b", ["echo"])
+    bridge.forward(home_a, host_a, [("slow.json", "echo")], "bridge-a")
+    [first] = bridge.take_in(home_b, host_b, "bridge-b", "echo", 1)
     leases = {first.task_id: first}
     wait_until(lambda: host_a.take_back_expired() == [("slow", "pending")], LEASE_S * 5,
                "the lease's end")  # host b was too slow to renew
@@ -644,10 +682,10 @@ def test_a_lease_lost_while_the_task_ran_is_fenced_then_sent_back_without_a_seco
     record = task_format.decode(home_b.read_claim(claim)[0]) | {
         "status": "completed", "result": {"content": "first run", "worker_id": "worker-b"}}
     assert home_b.publish(claim, "slow", record)
-    second = bridge.take_in(home_b, host_b, "bridge-b", ["echo"])  # the same host again
+    [second] = bridge.take_in(home_b, host_b, "bridge-b", "echo", 1)  # the same host again
     assert second.attempt == 2 and os.listdir(home_b.pending) == []  # not queued twice
     assert not host_b.publish(first, record)  # the revoked lease is fenced out
-    assert bridge.send_back(home_b, host_b, {"slow": second}) == ["slow"]
+    assert bridge.send_back(home_b, host_b, {"slow": second}) == {"slow"}
     assert bridge.deliver(home_a, host_a, "bridge-a") == ["slow"]
     assert read_json(home_a.completed / "slow.json")["result"]["content"] == "first run"
     host_a.close()

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 DOWN_LOG_S = 60.0  # while the cluster is unreachable, say so this often
 DELIVER_BATCH = 500
+# Tasks in one forwarding statement: a round's usual few in one, and a backlog found after an
+# outage (tasks of up to spool.max_task_bytes each) not in one statement of any size.
+FORWARD_BATCH = 500
 
 
 def cluster_dsn(settings: ClusterSettings) -> str:
@@ -147,21 +150,21 @@ class Bridge:
             self._down(exc)
 
     def _forward(self, names: list[str]) -> None:
+        """Forward the pending tasks of these that leave, FORWARD_BATCH to a transaction."""
         local = served_craftsmen(self.spool)
+        leaving = []
         for name in names:
             if self.stopping:
                 return
             craftsman = self._leaving(name, local)
-            if craftsman is None:
-                continue
-            try:
-                task_id = bridge.forward(self.spool, self.cluster, name, craftsman, self.id,
-                                         self.config.spool.max_attempts)
-            except (InvalidTask, OSError, Refused, Unavailable) as exc:
-                log.warning("could not forward %s: %s", name, exc)
-                continue
-            if task_id is not None:
-                log.info("forwarded %s to the cluster for craftsman %s", task_id, craftsman)
+            if craftsman is not None:
+                leaving.append((name, craftsman))
+        for start in range(0, len(leaving), FORWARD_BATCH):
+            sent = bridge.forward(self.spool, self.cluster, leaving[start:start + FORWARD_BATCH],
+                                  self.id, self.config.spool.max_attempts)
+            if sent:
+                log.info("forwarded %d task(s) to the cluster: %s", len(sent),
+                         ", ".join(sent[:5]))
 
     def _leaving(self, name: str, local: set[str]) -> str | None:
         """The craftsman a pending task goes to when no live worker here serves it; None when
@@ -203,7 +206,8 @@ class Bridge:
         before = len(self.leases)
         sent = bridge.send_back(self.spool, self.cluster, self.leases)
         if sent:
-            log.info("sent back %d outcome(s) to the cluster: %s", len(sent), ", ".join(sent[:5]))
+            log.info("sent back %d outcome(s) to the cluster: %s", len(sent),
+                     ", ".join(sorted(sent)[:5]))
         return before - len(self.leases)
 
     def _serving(self) -> list[str]:
@@ -221,18 +225,17 @@ class Bridge:
     def _take_in_once(self) -> int:
         taken = 0
         for craftsman in self._serving():
-            cap = self.config.craftsmen[craftsman].max_concurrent
-            while not self.stopping:
-                held = sum(lease.craftsman == craftsman for lease in self.leases.values())
-                if held >= cap:
-                    break
-                lease = bridge.take_in(self.spool, self.cluster, self.id, [craftsman])
-                if lease is None:
-                    break
-                self.leases[lease.task_id] = lease
-                taken += 1
-                log.info("took in %s from host %s (attempt %d)", lease.task_id, lease.origin,
-                         lease.attempt)
+            held = sum(lease.craftsman == craftsman for lease in self.leases.values())
+            free = self.config.craftsmen[craftsman].max_concurrent - held
+            if free <= 0 or self.stopping:
+                continue
+            leases = bridge.take_in(self.spool, self.cluster, self.id, craftsman, free)
+            self.leases.update((lease.task_id, lease) for lease in leases)
+            taken += len(leases)
+            if leases:
+                log.info("took in %d task(s) of %s: %s", len(leases), craftsman, ", ".join(
+                    f"{lease.task_id} from {lease.origin} (attempt {lease.attempt})"
+                    for lease in leases[:5]))
         return taken
 
     # --- heartbeat and the connection ------------------------------------------------------------
@@ -273,11 +276,12 @@ class Bridge:
             return
         gone = [lease for lease in self.leases.values() if lease.craftsman not in self.served]
         try:
-            for lease in gone:
-                self.cluster.requeue(lease)
-                del self.leases[lease.task_id]
+            self.cluster.requeue_many(gone)
         except ClusterUnavailable as exc:
             self._down(exc)
+            return
+        for lease in gone:
+            del self.leases[lease.task_id]
         if gone:
             log.warning("gave back %d lease(s) to the cluster: no live worker here serves %s",
                         len(gone), ", ".join(sorted({lease.craftsman for lease in gone})))

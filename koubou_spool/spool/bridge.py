@@ -1,18 +1,22 @@
 """The origin's half of the bridge between a home's file spool and the cluster (docs/CLUSTER.md,
 "A task's path across hosts", steps 1 and 5).
 
-`forward` takes a pending task out to the cluster: a local claim by the bridge (the file
-spool's rename, so one owner) and an idempotent insert. The claim stays in in_progress/ as the
-task's face on its host until `deliver` publishes the outcome into it: completed/ or failed/,
-fsynced, and only then marked delivered in the database. Both are safe to run again after a
-crash at any point: an insert of an id already there inserts nothing, and an outcome already
-in the spool is only marked.
+`forward` takes pending tasks out to the cluster: a local claim of each by the bridge (the
+file spool's rename, so one owner), then one idempotent insert of them all. A claim stays in
+in_progress/ as the task's face on its host until `deliver` publishes the outcome into it:
+completed/ or failed/, fsynced, and only then marked delivered in the database. Both are safe
+to run again after a crash at any point: an insert of an id already there inserts nothing, and
+an outcome already in the spool is only marked.
 
-The serving host's half: `take_in` leases a cluster task of a craftsman this host serves and
-queues it in its own pending/, pinned to that craftsman, where its workers run it as any task;
-`send_back` publishes the local outcomes of the leases held, fenced by (id, attempt); `renew`
-keeps the leases alive meanwhile and drops the revoked ones. A task whose lease was lost and
-that comes back to this host finds its local outcome and is sent back without a second run.
+The serving host's half: `take_in` leases cluster tasks of a craftsman this host serves and
+queues them in its own pending/, pinned to that craftsman, where its workers run them as any
+task; `send_back` publishes the local outcomes of the leases held, fenced by (id, attempt);
+`renew` keeps the leases alive meanwhile and drops the revoked ones. A task whose lease was
+lost and that comes back to this host finds its local outcome and is sent back without a
+second run.
+
+Each step is one statement for all the tasks a bridge's round has (spool/cluster_batch.py),
+and the spool's side of a step one fsync per directory, however many tasks cross.
 
 The process that runs all this on inotify, NOTIFY and a heartbeat, and chooses which tasks
 leave, is service/bridging.py (`koubou cluster`).
@@ -21,12 +25,14 @@ leave, is service/bridging.py (`koubou cluster`).
 from __future__ import annotations
 
 import logging
+import os
 
-from ..errors import TaskNotFound
+from ..errors import InvalidTask, TaskNotFound
 from . import task as task_format
 from .cluster import Cluster, ClusterClaim, Delivery, Submission
-from .entries import Claim
+from .entries import Claim, Outcome, Refused, Unavailable
 from .files import Spool
+from .task import Task
 
 log = logging.getLogger(__name__)
 
@@ -38,100 +44,164 @@ def taken_in(task: task_format.Task) -> bool:
     return isinstance(task.raw.get("metadata"), dict) and FROM_KEY in task.raw["metadata"]
 
 
-def forward(spool: Spool, cluster: Cluster, name: str, craftsman: str, bridge_id: str,
-            max_attempts: int = 3) -> str | None:
-    """Send pending/<name> to the cluster for `craftsman`; its id, or None when a worker of
-    this home took it first. InvalidTask (and the file back in pending/, to be rejected there)
-    when it is no task; ClusterUnavailable (and the file back in pending/) when the database
-    cannot be reached: it waits there, as any task does."""
-    claim = spool.claim(name, bridge_id)
+def forward(spool: Spool, cluster: Cluster, leaving: list[tuple[str, str]], bridge_id: str,
+            max_attempts: int = 3) -> list[str]:
+    """Send the pending tasks of `leaving` (file name, craftsman) to the cluster in one
+    transaction; the ids sent. A file a worker of this home took first is left to it; one that
+    is no task goes back to pending/, to be rejected there. ClusterUnavailable (and every file
+    back in pending/) when the database cannot be reached: they wait there, as any task does."""
+    claims, submissions = [], []
+    for name, craftsman in leaving:
+        claimed = _claim_task(spool, name, bridge_id)
+        if claimed is not None:
+            claims.append(claimed[0])
+            submissions.append(Submission(claimed[1], craftsman, max_attempts))
+    try:
+        cluster.submit(submissions)
+    except BaseException:
+        # Back uncounted: the bridge's claims are no attempts. A commit whose reply was lost
+        # is harmless: the next forward of the same ids inserts nothing.
+        for claim in claims:
+            spool.requeue(claim.file_name, None)
+        raise
+    return [submission.task.id for submission in submissions]
+
+
+def _claim_task(spool: Spool, name: str, bridge_id: str) -> tuple[Claim, Task] | None:
+    """The bridge's claim on pending/<name> and the task it holds; None when a worker took it
+    first, or when it is no task (back in pending/, uncounted, for a worker to reject)."""
+    try:
+        claim = spool.claim(name, bridge_id)
+    except OSError as exc:  # a name too long for the claim's suffix
+        log.warning("could not forward %s: %s", name, exc)
+        return None
     if claim is None:
         return None
     try:
         data, _ = spool.read_claim(claim)
-        task = task_format.parse(data, default_id=task_format.id_from_name(name))
-        cluster.submit([Submission(task, craftsman, max_attempts)])
-    except BaseException:
-        # Back uncounted: the bridge's claim is no attempt. A commit whose reply was lost is
-        # harmless: the next forward of the same id inserts nothing.
+        return claim, task_format.parse(data, default_id=task_format.id_from_name(name))
+    except (InvalidTask, OSError, Refused, Unavailable) as exc:
+        log.warning("could not forward %s: %s", name, exc)
         spool.requeue(claim.file_name, None)
-        raise
-    return task.id
+        return None
 
 
 def deliver(spool: Spool, cluster: Cluster, bridge_id: str, limit: int = 500) -> list[str]:
     """Write this host's finished cluster tasks into its spool, then mark them delivered; the
     ids delivered. A host that was down gets everything undelivered when it comes back."""
-    placed = [d.task_id for d in cluster.undelivered(limit) if place(spool, d, bridge_id)]
+    placed = place(spool, cluster.undelivered(limit), bridge_id)
     if placed:
         cluster.mark_delivered(placed)
     return placed
 
 
-def place(spool: Spool, delivery: Delivery, bridge_id: str) -> bool:
-    """Publish one outcome into the spool (durably: spool.publish fsyncs); True when the spool
-    holds an outcome for the task now, whoever wrote it (the first outcome of an id stands)."""
-    if spool.outcome_state(delivery.task_id) is not None:
-        return True
-    claim = _claim_for(spool, delivery.task_id, bridge_id)
-    if claim is None:
-        return False  # moved while we looked: the next delivery round takes it
-    if spool.publish(claim, delivery.task_id, delivery.outcome):
-        return True
-    return spool.outcome_state(delivery.task_id) is not None
+def place(spool: Spool, deliveries: list[Delivery], bridge_id: str) -> list[str]:
+    """Publish outcomes into the spool together, durable with one fsync of each directory
+    (spool.write_outcomes: group commit); the ids whose outcome the spool holds now, whoever
+    wrote it (the first outcome of an id stands)."""
+    placed, fenced = [], []
+    claims = _claim_entries(spool)
+    for delivery in deliveries:
+        if spool.outcome_state(delivery.task_id) is not None:
+            placed.append(delivery.task_id)
+            continue
+        claim = _claim_for(spool, delivery.task_id, bridge_id, claims)
+        if claim is None:
+            continue  # moved while we looked: the next delivery round takes it
+        outcome = spool.fence(claim, delivery.task_id, delivery.outcome)
+        if outcome is not None:
+            fenced.append(outcome)
+    spool.write_outcomes(fenced)
+    return placed + [outcome.task_id for outcome in fenced if _settled(spool, outcome)]
 
 
-def _claim_for(spool: Spool, task_id: str, bridge_id: str) -> Claim | None:
+def _settled(spool: Spool, outcome: Outcome) -> bool:
+    """Whether a written outcome stands (its finishing claim then removed); a disk that refused
+    it leaves the bridge's claim as it was, for the next delivery round."""
+    try:
+        if spool.settle(outcome):
+            spool.unmark(outcome)
+            return True
+    except OSError as exc:
+        log.warning("cluster outcome of %s not written: %s", outcome.task_id, exc)
+        return False
+    return spool.outcome_state(outcome.task_id) is not None
+
+
+def _claim_entries(spool: Spool) -> dict[str, str]:
+    """The claims in in_progress/ by task file name, read once for a whole delivery round."""
+    return {match["name"]: entry for entry, match in spool.claims()}
+
+
+def _claim_for(spool: Spool, task_id: str, bridge_id: str,
+               claims: dict[str, str]) -> Claim | None:
     """The bridge's claim on the local entry of a task: its own, a dead bridge's taken over,
     or the pending file claimed (recovery put a dead bridge's claim back there)."""
+    name = f"{task_id}.json"
+    if name in claims:
+        state, entry = "in_progress", claims[name]
+    elif os.path.lexists(spool.pending / name):
+        state, entry = "pending", name
+    else:
+        state, entry = _found(spool, task_id)
+    if state == "pending":
+        return spool.claim(entry, bridge_id)
+    if state == "in_progress" and not entry.endswith(".fin"):
+        return spool.take_over(entry, bridge_id)
+    return None
+
+
+def _found(spool: Spool, task_id: str) -> tuple[str, str]:
+    """(state, entry) of a task dropped under another name than its id: the spool's full
+    lookup, which reads the queued files; ("", "") when it is nowhere."""
     try:
         found = spool.find(task_id)
     except TaskNotFound:
         log.warning("cluster outcome of %s has no task in %s; it stays undelivered", task_id,
                     spool.home)
-        return None
-    entry = found.path.name
-    if found.state == "pending":
-        return spool.claim(entry, bridge_id)
-    if found.state == "in_progress" and not entry.endswith(".fin"):
-        return spool.take_over(entry, bridge_id)
-    return None
-
+        return "", ""
+    return found.state, found.path.name
 
 
 # --- the serving host's half ---------------------------------------------------------------------
 
-def take_in(spool: Spool, cluster: Cluster, bridge_id: str,
-            craftsmen: list[str]) -> ClusterClaim | None:
-    """Lease one cluster task of these craftsmen and queue it in this home's pending/, pinned
-    to the craftsman it was routed to; the lease, or None when none waits. A task already in
+def take_in(spool: Spool, cluster: Cluster, bridge_id: str, craftsman: str,
+            limit: int) -> list[ClusterClaim]:
+    """Lease up to `limit` cluster tasks of a craftsman in one statement and queue them in
+    this home's pending/ together (one group commit), pinned to it; the leases. A task already in
     this home (an earlier lease of it ran here) is not queued again."""
-    claim = cluster.claim(bridge_id, craftsmen)
-    if claim is None:
-        return None
+    claims = cluster.claim_many(bridge_id, [craftsman], limit)
+    if not claims:
+        return []
+    try:
+        spool.submit([_as_queued(claim) for claim in claims])
+    except BaseException:
+        cluster.requeue_many(claims)  # the leases back at once rather than after lease_s
+        raise
+    return claims
+
+
+def _as_queued(claim: ClusterClaim) -> Task:
+    """A leased task as this home queues it: pinned to its craftsman, marked as come from the
+    cluster, so that this home's bridge never forwards it back out."""
     obj = task_format.decode(claim.body)
     obj["craftsman"] = claim.craftsman
-    # Marked as come from the cluster, so this home's bridge never forwards it back out.
     obj["metadata"] = {**(obj.get("metadata") or {}), FROM_KEY: claim.origin}
-    try:
-        spool.submit([task_format.validate(obj)])
-    except BaseException:
-        cluster.requeue(claim)  # the lease back at once rather than after lease_s
-        raise
-    return claim
+    return task_format.validate(obj)
 
 
-def send_back(spool: Spool, cluster: Cluster, leases: dict[str, ClusterClaim]) -> list[str]:
-    """Publish the local outcome of each lease whose task finished here, and forget those
-    leases (published, or fenced out because revoked); the ids published."""
+def send_back(spool: Spool, cluster: Cluster, leases: dict[str, ClusterClaim]) -> set[str]:
+    """Publish the local outcomes of the leases whose tasks finished here, in one statement,
+    and forget those leases (published, or fenced out because revoked); the ids published."""
     names = {f"{task_id}.json": task_id for task_id in leases}
-    published = []
-    for name in spool.outcome_states(names):
-        task_id = names[name]
+    finished = [names[name] for name in spool.outcome_states(names)]
+    outcomes = []
+    for task_id in finished:
         record = spool.outcome(task_id)
-        if record is not None and cluster.publish(leases[task_id], _as_sent(record,
-                                                                            leases[task_id])):
-            published.append(task_id)
+        if record is not None:  # gone meanwhile: nothing to send, the lease ends all the same
+            outcomes.append((leases[task_id], _as_sent(record, leases[task_id])))
+    published = cluster.publish_many(outcomes)
+    for task_id in finished:  # only once published: a lost connection keeps them for later
         del leases[task_id]
     return published
 

@@ -1,10 +1,11 @@
 """The cluster queue: tasks that cross hosts, in one PostgreSQL database (docs/CLUSTER.md).
 
-Every PostgreSQL statement of koubou lives in this module, as every SQLite one lives in
-ledger.py. Each operation is one statement, hence one transaction, on an autocommit connection:
+Every PostgreSQL statement of koubou lives in this module and in cluster_batch.py (those of a
+task's path, each for many tasks at once), as every SQLite one lives in ledger.py. Each
+operation is one statement, hence one transaction, on an autocommit connection:
 
-- claim: `FOR UPDATE SKIP LOCKED` on the best pending row of the craftsmen a worker serves; the
-  attempt number rises by one and the lease runs on the database's clock, never a host's;
+- claim: `FOR UPDATE SKIP LOCKED` on the best pending rows of the craftsmen a worker serves;
+  the attempt number rises by one and the lease runs on the database's clock, never a host's;
 - publish and requeue: fenced by (id, attempt) while in progress, so a revoked lease changes
   nothing; wake-ups are sent by pg_notify inside the same transaction, so only for what committed;
 - the budget: one conditional UPDATE of the cluster's budget row (READ COMMITTED re-checks its
@@ -26,7 +27,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from ..errors import ClusterSchemaError, ClusterUnavailable
-from . import task as task_format
+from . import cluster_batch as batch, task as task_format
 from .task import Task
 
 log = logging.getLogger(__name__)
@@ -211,27 +212,6 @@ def schema_version(conn: psycopg.Connection) -> int:
 
 # --- the statements ----------------------------------------------------------------------------
 
-SUBMIT = """
-    WITH new AS (
-        INSERT INTO cluster_tasks (id, origin, craftsman, priority, max_attempts, not_before, body)
-        SELECT * FROM unnest(%(ids)s::text[], %(origins)s::text[], %(craftsmen)s::text[],
-                             %(priorities)s::int[], %(max_attempts)s::int[],
-                             %(not_before)s::timestamptz[], %(bodies)s::bytea[])
-        ON CONFLICT (id) DO NOTHING
-        RETURNING id, craftsman)
-    SELECT id, pg_notify('koubou_tasks', craftsman) FROM new"""
-
-CLAIM = """
-    UPDATE cluster_tasks SET state = 'in_progress', attempt = attempt + 1, worker_id = %(worker)s,
-        host = %(host)s, claimed_at = now(), lease_until = now() + make_interval(secs => %(lease)s)
-    WHERE id = (
-        SELECT id FROM cluster_tasks
-        WHERE state = 'pending' AND craftsman = ANY(%(craftsmen)s::text[])
-            AND (not_before IS NULL OR not_before <= now())
-        ORDER BY priority DESC, seq LIMIT 1
-        FOR UPDATE SKIP LOCKED)
-    RETURNING id, attempt, craftsman, origin, body, max_attempts"""
-
 RENEW = """
     UPDATE cluster_tasks SET lease_until = now() + make_interval(secs => %(lease)s)
     WHERE id = %(id)s AND attempt = %(attempt)s AND state = 'in_progress'"""
@@ -270,37 +250,6 @@ TAKE_BACK = """
     SELECT id, state, pg_notify(
         CASE WHEN state = 'pending' THEN 'koubou_tasks' ELSE 'koubou_outcomes' END,
         CASE WHEN state = 'pending' THEN craftsman ELSE origin END) FROM back"""
-
-PUBLISH = """
-    WITH done AS (
-        UPDATE cluster_tasks SET state = %(state)s, outcome = %(outcome)s, finished_at = now(),
-            lease_until = NULL
-        WHERE id = %(id)s AND attempt = %(attempt)s AND state = 'in_progress'
-        RETURNING origin)
-    SELECT pg_notify('koubou_outcomes', origin) FROM done"""
-
-# Whether a publish that got no answer (the reply lost in a restart) had committed: only the
-# holder of this attempt can have finished the task under it.
-PUBLISHED_BY = """
-    SELECT 1 FROM cluster_tasks WHERE id = %(id)s AND attempt = %(attempt)s
-        AND worker_id = %(worker)s AND state IN ('completed', 'failed')"""
-
-REQUEUE = """
-    WITH back AS (
-        UPDATE cluster_tasks SET state = 'pending', worker_id = NULL, lease_until = NULL
-        WHERE id = %(id)s AND attempt = %(attempt)s AND state = 'in_progress'
-        RETURNING craftsman)
-    SELECT pg_notify('koubou_tasks', craftsman) FROM back"""
-
-UNDELIVERED = """
-    SELECT id, state, outcome, attempt FROM cluster_tasks
-    WHERE origin = %(origin)s AND state IN ('completed', 'failed') AND delivered_at IS NULL
-    ORDER BY finished_at, id LIMIT %(limit)s"""
-
-MARK_DELIVERED = """
-    UPDATE cluster_tasks SET delivered_at = now()
-    WHERE origin = %(origin)s AND id = ANY(%(ids)s::text[]) AND delivered_at IS NULL
-        AND state IN ('completed', 'failed')"""
 
 # The row's spend in the period asked for. A period only moves forward: a host whose clock lags
 # (still yesterday at midnight) counts in the row's newer period, never resets it to its own,
@@ -427,7 +376,7 @@ class Cluster:
             "max_attempts": [item.max_attempts for item in items],
             "not_before": [_timestamp(item.task.not_before) for item in items],
             "bodies": bodies}
-        new = {row[0] for row in self._rows(SUBMIT, params)}
+        new = {row[0] for row in self._rows(batch.SUBMIT, params)}
         states = self.states([i for i in params["ids"] if i not in new])
         results = []
         for task_id in params["ids"]:  # an id twice in one batch is new only the first time
@@ -436,15 +385,22 @@ class Cluster:
         return results
 
     def claim(self, worker_id: str, craftsmen: Sequence[str]) -> ClusterClaim | None:
-        """Lease the best pending task of these craftsmen (priority, then submit order); None
-        when there is none. Locked rows are skipped, so claimers never wait on each other."""
-        rows = self._rows(CLAIM, {"worker": worker_id, "host": self.host, "lease": self.lease_s,
-                                  "craftsmen": list(craftsmen)})
-        if not rows:
-            return None
-        task_id, attempt, craftsman, origin, body, max_attempts = rows[0]
-        return ClusterClaim(task_id, attempt, worker_id, craftsman, origin, bytes(body),
-                            max_attempts)
+        """Lease the best pending task of these craftsmen; None when there is none."""
+        claims = self.claim_many(worker_id, craftsmen, 1)
+        return claims[0] if claims else None
+
+    def claim_many(self, worker_id: str, craftsmen: Sequence[str],
+                   limit: int) -> list[ClusterClaim]:
+        """Lease up to `limit` pending tasks of these craftsmen in one statement, best first
+        (priority, then submit order). Locked rows are skipped: claimers never wait on each
+        other."""
+        rows = self._rows(batch.CLAIM, {"worker": worker_id, "host": self.host,
+                                        "lease": self.lease_s, "craftsmen": list(craftsmen),
+                                        "limit": limit})
+        rows.sort(key=lambda row: (-row[6], row[7]))  # RETURNING keeps no order
+        return [ClusterClaim(task_id, attempt, worker_id, craftsman, origin, bytes(body),
+                             max_attempts)
+                for task_id, attempt, craftsman, origin, body, max_attempts, _, _ in rows]
 
     def renew(self, claim: ClusterClaim) -> bool:
         """Extend one lease by lease_s from now; False when it was revoked: stop working on it."""
@@ -467,27 +423,47 @@ class Cluster:
     def publish(self, claim: ClusterClaim, record: dict[str, Any]) -> bool:
         """Publish a claim's outcome record (completed or failed); False, and nothing changed,
         when its lease was revoked (the fence). Safe to call again after ClusterUnavailable."""
-        params = {"id": claim.task_id, "attempt": claim.attempt, "worker": claim.worker_id,
-                  "state": record["status"], "outcome": Jsonb(record)}
-        if self._rows(PUBLISH, params):
-            return True
-        return bool(self._rows(PUBLISHED_BY, params))
+        return bool(self.publish_many([(claim, record)]))
+
+    def publish_many(self, outcomes: Sequence[tuple[ClusterClaim, dict[str, Any]]]) -> set[str]:
+        """Publish the outcome records of these claims in one statement; the ids published.
+        A revoked claim's changes nothing (the fence). Safe to call again after
+        ClusterUnavailable: an outcome already published under its claim counts as published."""
+        if not outcomes:
+            return set()
+        params = {"ids": [claim.task_id for claim, _ in outcomes],
+                  "attempts": [claim.attempt for claim, _ in outcomes],
+                  "workers": [claim.worker_id for claim, _ in outcomes],
+                  "states": [record["status"] for _, record in outcomes],
+                  "outcomes": [Jsonb(record) for _, record in outcomes]}
+        published = {row[0] for row in self._rows(batch.PUBLISH, params)}
+        if len(published) < len(outcomes):
+            published |= {row[0] for row in self._rows(batch.PUBLISHED_BY, params)}
+        return published
 
     def requeue(self, claim: ClusterClaim) -> bool:
         """Give a leased task back to pending (its attempt stays counted); False if revoked."""
-        return bool(self._rows(REQUEUE, {"id": claim.task_id, "attempt": claim.attempt}))
+        return bool(self.requeue_many([claim]))
+
+    def requeue_many(self, claims: Sequence[ClusterClaim]) -> set[str]:
+        """Give leased tasks back to pending in one statement; the ids given back (a revoked
+        claim gives nothing back)."""
+        if not claims:
+            return set()
+        return {row[0] for row in self._rows(batch.REQUEUE, {
+            "ids": [c.task_id for c in claims], "attempts": [c.attempt for c in claims]})}
 
     # --- outcomes back to their origin --------------------------------------------------------
 
     def undelivered(self, limit: int = 500) -> list[Delivery]:
         """This host's finished tasks not yet written into its spool, oldest first."""
-        rows = self._rows(UNDELIVERED, {"origin": self.host, "limit": limit})
+        rows = self._rows(batch.UNDELIVERED, {"origin": self.host, "limit": limit})
         return [Delivery(task_id, state, outcome, attempt)
                 for task_id, state, outcome, attempt in rows]
 
     def mark_delivered(self, task_ids: Iterable[str]) -> int:
         """Note outcomes as written durably into this host's spool: only after they are."""
-        return self._count(MARK_DELIVERED, {"origin": self.host, "ids": list(task_ids)})
+        return self._count(batch.MARK_DELIVERED, {"origin": self.host, "ids": list(task_ids)})
 
     # --- lookups and workers -------------------------------------------------------------------
 

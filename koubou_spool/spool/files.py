@@ -100,16 +100,28 @@ class Spool(Lookups, Outcomes, Retention, Workers, Store):
     # --- submit ----------------------------------------------------------------------------
 
     def submit(self, tasks: Iterable[Task]) -> list[tuple[Task, str, bool]]:
-        """Queue tasks atomically; returns (task, state, new) each. An existing id is left alone."""
+        """Queue tasks atomically; returns (task, state, new) each. An existing id is left alone.
+
+        Each file is durable before its rename into pending/, all of them with one journal
+        commit (flush_files: group commit), then the directory with one fsync."""
         permissions.require_submit(self.home, self.tmp, self.pending)
         results = []
+        staged: dict[int, str] = {}  # index in results -> its file in tmp/
         now = time.time()
-        for task in tasks:
-            state = None if task.fresh_id else self._existing_state(task.id)
-            new = False
-            if state is None:
-                state, new = "pending", self._link_pending(task, now)
-            results.append((task, state, new))
+        try:
+            for task in tasks:
+                state = None if task.fresh_id else self._existing_state(task.id)
+                if state is None:
+                    staged[len(results)] = self._stage_pending(task, now)
+                results.append((task, state or "pending", False))
+            if self.fsync and staged:
+                flush_files(list(staged.values()))
+            for index in list(staged):
+                task = results[index][0]
+                results[index] = (task, "pending", self._link_pending(staged.pop(index), task))
+        finally:
+            for tmp in staged.values():  # not linked: nothing partial is left behind
+                os.unlink(tmp)
         if any(new for _, _, new in results):
             self.sync_dir(self.pending)
         return results
@@ -130,10 +142,15 @@ class Spool(Lookups, Outcomes, Retention, Workers, Store):
             return self.outcome_state(task_id) or "in_progress"
         return self.outcome_state(task_id)
 
-    def _link_pending(self, task: Task, now: float) -> bool:
+    def _stage_pending(self, task: Task, now: float) -> str:
+        """A task's file in tmp/, not yet flushed; NoSpace (and no file) when the disk refuses."""
         raw = dict(task.raw)
         raw.setdefault("submitted_at", task_format.iso(now))
-        tmp = self._write_tmp(task.id, task_format.encode(raw))
+        return stage(self.tmp, task.id, task_format.encode(raw), fsync=False, home=self.home)
+
+    def _link_pending(self, tmp: str, task: Task) -> bool:
+        """Rename a staged file into pending/ unless the name is taken; False (and the file
+        gone) when it is."""
         try:
             rename_noreplace(tmp, self.pending / f"{task.id}.json")
             return True

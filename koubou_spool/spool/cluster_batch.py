@@ -1,0 +1,85 @@
+"""The statements of a task's path across hosts, each for many tasks at once (spool/cluster.py
+runs them; docs/CLUSTER.md, "A task's path across hosts").
+
+A bridge's round crosses many tasks together, so each step is one statement, hence one
+transaction, whatever the number of tasks: submit, claim, publish, requeue, delivery. Every
+guarantee of the one-task statements holds row by row: submit is idempotent on the id, claims
+skip locked rows, publish and requeue are fenced by (id, attempt) while in progress. The
+wake-ups are one pg_notify per craftsman (tasks) or per origin (outcomes) of what committed,
+not one per task: a listener needs to know what to look at, not how much. (PostgreSQL folds
+identical notifications of one transaction anyway, but only after each call has been made.)
+
+A CTE that only calls pg_notify is run only as far as the outer query reads it, so
+`_notifying` joins it into the result: the notifications go out exactly for the rows changed.
+"""
+
+from __future__ import annotations
+
+
+def _notifying(change: str, channel: str, key: str) -> str:
+    """A statement that makes `change` (a data-modifying query returning id and `key`) and
+    sends one pg_notify on `channel` per distinct `key` of the rows it changed; their ids."""
+    return f"""
+    WITH done AS ({change}),
+    woken AS (SELECT {key}, pg_notify('{channel}', {key}) FROM done GROUP BY {key})
+    SELECT done.id FROM done JOIN woken USING ({key})"""
+
+
+# The ids that were new come back; an id already there, in any state, inserts nothing.
+SUBMIT = _notifying("""
+    INSERT INTO cluster_tasks (id, origin, craftsman, priority, max_attempts, not_before, body)
+    SELECT * FROM unnest(%(ids)s::text[], %(origins)s::text[], %(craftsmen)s::text[],
+                         %(priorities)s::int[], %(max_attempts)s::int[],
+                         %(not_before)s::timestamptz[], %(bodies)s::bytea[])
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id, craftsman""", "koubou_tasks", "craftsman")
+
+# Up to `limit` of the best pending rows of these craftsmen, locked as they are picked; rows
+# another claimer holds are skipped, so claimers never wait on each other.
+CLAIM = """
+    WITH picked AS (
+        SELECT id FROM cluster_tasks
+        WHERE state = 'pending' AND craftsman = ANY(%(craftsmen)s::text[])
+            AND (not_before IS NULL OR not_before <= now())
+        ORDER BY priority DESC, seq LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED)
+    UPDATE cluster_tasks t SET state = 'in_progress', attempt = attempt + 1,
+        worker_id = %(worker)s, host = %(host)s, claimed_at = now(),
+        lease_until = now() + make_interval(secs => %(lease)s)
+    FROM picked WHERE t.id = picked.id
+    RETURNING t.id, t.attempt, t.craftsman, t.origin, t.body, t.max_attempts, t.priority, t.seq"""
+
+# Each outcome under its claim's (id, attempt), only while that claim holds the task.
+PUBLISH = _notifying("""
+    UPDATE cluster_tasks t SET state = s.state, outcome = s.outcome, finished_at = now(),
+        lease_until = NULL
+    FROM unnest(%(ids)s::text[], %(attempts)s::int[], %(states)s::text[],
+                %(outcomes)s::jsonb[]) AS s(id, attempt, state, outcome)
+    WHERE t.id = s.id AND t.attempt = s.attempt AND t.state = 'in_progress'
+    RETURNING t.id, t.origin""", "koubou_outcomes", "origin")
+
+# Which of these claims' outcomes stand under their own attempt: a publish that got no answer
+# (the reply lost in a restart) had committed. Only the holder of an attempt can have finished
+# the task under it.
+PUBLISHED_BY = """
+    SELECT t.id FROM cluster_tasks t
+    JOIN unnest(%(ids)s::text[], %(attempts)s::int[], %(workers)s::text[])
+        AS c(id, attempt, worker_id) USING (id, attempt, worker_id)
+    WHERE t.state IN ('completed', 'failed')"""
+
+# Back to pending with their attempts counted, fenced as publish is.
+REQUEUE = _notifying("""
+    UPDATE cluster_tasks t SET state = 'pending', worker_id = NULL, lease_until = NULL
+    FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS c(id, attempt)
+    WHERE t.id = c.id AND t.attempt = c.attempt AND t.state = 'in_progress'
+    RETURNING t.id, t.craftsman""", "koubou_tasks", "craftsman")
+
+UNDELIVERED = """
+    SELECT id, state, outcome, attempt FROM cluster_tasks
+    WHERE origin = %(origin)s AND state IN ('completed', 'failed') AND delivered_at IS NULL
+    ORDER BY finished_at, id LIMIT %(limit)s"""
+
+MARK_DELIVERED = """
+    UPDATE cluster_tasks SET delivered_at = now()
+    WHERE origin = %(origin)s AND id = ANY(%(ids)s::text[]) AND delivered_at IS NULL
+        AND state IN ('completed', 'failed')"""
