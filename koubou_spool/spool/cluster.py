@@ -553,9 +553,11 @@ class Cluster:
             requests, now = found[0]
             recent = sorted(at for at, _ in requests if at > now - 60)
             if recent:
-                if max_rpm is not None and len(recent) >= max_rpm:
-                    return max(recent[len(recent) - max_rpm] + 60 - now, RATE_RETRY_S)
-                return max(recent[0] + 60 - now, RATE_RETRY_S)
+                oldest = (recent[len(recent) - max_rpm]
+                          if max_rpm is not None and len(recent) >= max_rpm else recent[0])
+                # At most the window: a request another connection counted after this
+                # statement's now() (it began first, the other committed first) is not later.
+                return min(max(oldest + 60 - now, RATE_RETRY_S), 60.0)
         return RATE_RETRY_S
 
 def _timestamp(ts: float | None) -> datetime | None:
