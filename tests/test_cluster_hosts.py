@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from koubou_spool import config as config_module
+from koubou_spool.cli.koubou import cli
 from koubou_spool.service import serving
 from koubou_spool.spool import task as task_format
 
@@ -261,3 +263,65 @@ def test_a_lease_that_ends_at_a_heartbeat_makes_room_for_the_next_task(
     finally:
         bridge_b.send_signal(signal.SIGCONT)
     assert_once_each(a, [b], ids, pg_dsn)
+
+
+def cancel_on(host: Host, task_id: str) -> None:
+    result = CliRunner().invoke(cli, ["cancel", task_id, "--home", str(host.home)])
+    assert result.exit_code == 0, result.output
+
+
+def wait_row(pg_dsn: str, task_id: str, state: str, timeout: float = 10) -> tuple:
+    """Until the task's cluster row is in `state` (the first bridge may not have made the
+    schema yet); the row."""
+    deadline = time.monotonic() + timeout
+    row = None
+    while row is None or row[0] != state:
+        assert time.monotonic() < deadline, row
+        time.sleep(0.05)
+        try:
+            row = rows(pg_dsn).get(task_id)
+        except clusterhosts.psycopg.errors.UndefinedTable:
+            row = None
+    return row
+
+
+def test_a_task_cancelled_on_its_origin_stops_on_the_host_running_it(
+        hosts, pg_dsn: str) -> None:
+    a, b = hosts("host-a"), hosts("host-b", latency_ms=20_000, slots=2)
+    a.serve("local")
+    b.serve("echo")
+    [task_id] = drop(a, 1, "cancel")
+    deadline = time.monotonic() + 15
+    while not any(entry.startswith(f"{task_id}.json@vm-") for entry, _ in b.spool.claims()):
+        assert time.monotonic() < deadline, b.logs()  # host b's worker is running it
+        time.sleep(0.05)
+    started = time.monotonic()
+    cancel_on(a, task_id)
+    assert read_json(a.spool.failed / f"{task_id}.json")["error"]["kind"] == "cancelled"
+    wait_row(pg_dsn, task_id, "failed")
+    [stopped] = wait_outcomes(b.spool, [task_id], timeout=10).values()  # not after 20 s
+    assert stopped["status"] == "failed" and stopped["error"]["kind"] == "cancelled"
+    assert time.monotonic() - started < 10
+    assert not (b.spool.completed / f"{task_id}.json").exists()
+    assert not (a.spool.completed / f"{task_id}.json").exists()
+    while f"stopped {task_id}" not in b.logs("cluster"):  # logged once its cancel returned
+        assert time.monotonic() - started < 10, b.logs("cluster")
+        time.sleep(0.05)
+    assert "Traceback" not in a.logs("cluster") + b.logs("cluster")
+
+
+def test_a_forwarded_task_cancelled_before_any_host_takes_it_never_runs(
+        hosts, pg_dsn: str) -> None:
+    a, b = hosts("host-a"), hosts("host-b")
+    a.serve("local")  # no host serves echo yet: the task waits in the cluster
+    [task_id] = drop(a, 1, "early")
+    wait_row(pg_dsn, task_id, "pending")
+    cancel_on(a, task_id)
+    assert wait_row(pg_dsn, task_id, "failed")[1] == 0  # never claimed
+    b.serve("echo")
+    later = drop(a, 2, "later")  # host b serves and takes these, not the cancelled one
+    assert_once_each(a, [b], later, pg_dsn)
+    assert rows(pg_dsn)[task_id][:2] == ("failed", 0)
+    assert task_id not in {entry.split(".json")[0] for entry in os.listdir(b.spool.pending)
+                           + os.listdir(b.spool.completed) + os.listdir(b.spool.failed)}
+    assert read_json(a.spool.failed / f"{task_id}.json")["error"]["kind"] == "cancelled"

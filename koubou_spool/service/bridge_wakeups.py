@@ -14,7 +14,7 @@ import select
 import threading
 from dataclasses import dataclass, field
 
-from ..spool.cluster import OUTCOMES_CHANNEL, TASKS_CHANNEL, Wakeups
+from ..spool.cluster import CANCEL_CHANNEL, OUTCOMES_CHANNEL, TASKS_CHANNEL, Wakeups
 from ..spool.files import Spool
 from ..spool.watcher import OUTCOME_MASK, OVERFLOW, PENDING_MASK, Watcher
 
@@ -23,10 +23,12 @@ from ..spool.watcher import OUTCOME_MASK, OVERFLOW, PENDING_MASK, Watcher
 class Events:
     """What one wait brought. `flags`: "recheck" (the listener (re)connected: look once at
     everything), "outcomes" (this host's tasks finished in the cluster), "tasks:CRAFTSMAN" (a
-    cluster task of that craftsman waits); the bridge adds "served" itself."""
+    cluster task of that craftsman waits), "cancel" (a task this host holds a lease of was
+    cancelled on its origin); the bridge adds "served" and "freed" itself."""
 
     names: set[str] = field(default_factory=set)  # pending names that came
     outcomes: bool = False  # an outcome landed in completed/ or failed/
+    failed: set[str] = field(default_factory=set)  # the names that landed in failed/
     rescan: bool = False  # pending/ must be read whole (inotify overflowed)
     flags: set[str] = field(default_factory=set)
 
@@ -79,6 +81,8 @@ class BridgeWakeups:
                 events.names.add(name)
             else:
                 events.outcomes = True
+                if directory == self.spool.failed:
+                    events.failed.add(name)
         return events
 
     def _take_flags(self, ready: list) -> set[str]:
@@ -103,6 +107,8 @@ class BridgeWakeups:
                     flags.add(f"tasks:{payload}")
                 elif channel == OUTCOMES_CHANNEL and payload == self.host:
                     flags.add("outcomes")
+                elif channel == CANCEL_CHANNEL and payload == self.host:
+                    flags.add("cancel")
             if flags:
                 with self._lock:
                     self._flags |= flags

@@ -38,6 +38,7 @@ from ..spool.cluster_hosts import Board
 from ..spool.entries import BRIDGE_PREFIX, Refused, Unavailable
 from ..spool.files import Spool, new_worker_id
 from .bridge_wakeups import BridgeWakeups, Events
+from .control import NotCancelled, cancel
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ class Bridge:
         self.served: set[str] = set()
         self.wakeups = BridgeWakeups(self.spool, self.dsn, self.settings.host)
         self.board = Board(self.dsn, connect_timeout=CONNECT_TIMEOUT_S)  # this host's row
-        self.snapshots = Snapshots(self.spool, home / "db" / "koubou.db", config)
+        self.ledger_path = home / "db" / "koubou.db"
+        self.snapshots = Snapshots(self.spool, self.ledger_path, config)
         self._lock_fd = -1
 
     # --- the loop --------------------------------------------------------------------------
@@ -142,6 +144,10 @@ class Bridge:
                 self._forward(sorted(names))
             if flags & {"recheck", "outcomes"}:
                 self._deliver()
+            if events.failed:
+                self._cancel_forwarded(events.failed)
+            if "cancel" in flags:
+                self._leases_ended(bridge.renew(self.cluster, self.id, self.leases))
             freed = self._send_back() if events.outcomes and self.leases else 0
             wanted = {flag[len("tasks:"):] for flag in flags if flag.startswith("tasks:")}
             if freed or flags & {"recheck", "served", "freed"} or wanted & set(self._serving()):
@@ -250,8 +256,7 @@ class Bridge:
             return False
         try:
             revoked = bridge.renew(self.cluster, self.id, self.leases)
-            if revoked:
-                log.warning("leases revoked (they ran out): %s", ", ".join(revoked))
+            self._leases_ended(revoked)
             taken = self.cluster.take_back_expired()
             if taken:
                 log.warning("took back %d expired lease(s) in the cluster", len(taken))
@@ -260,6 +265,41 @@ class Bridge:
         except ClusterUnavailable as exc:
             self._down(exc)
             return False
+
+    # --- cancels across hosts ------------------------------------------------------------------
+
+    def _cancel_forwarded(self, names: set[str]) -> None:
+        """On the origin: end in the cluster the tasks of these outcomes that `koubou cancel`
+        failed here while they were forwarded (the cancel took over this bridge's claim)."""
+        for name in sorted(names):
+            task_id = task_format.id_from_name(name) if name.endswith(".json") else None
+            if task_id is None:
+                continue
+            record = self.spool.outcome(task_id)
+            error = record.get("error") if isinstance(record, dict) else None
+            if not (isinstance(error, dict) and error.get("kind") == "cancelled"):
+                continue
+            if self.cluster.cancel(task_id, record):
+                log.info("cancelled %s in the cluster: it was cancelled here", task_id)
+
+    def _leases_ended(self, revoked: list[str]) -> None:
+        """On the serving host: leases the cluster no longer renews. A task whose row is over
+        (cancelled on its origin) is cancelled here too, so its request stops; one whose lease
+        ran out goes on here, and its result is fenced out."""
+        if not revoked:
+            return
+        over = {i for i, state in self.cluster.states(revoked).items()
+                if state in ("completed", "failed")}
+        for task_id in sorted(over):
+            try:
+                cancel(self.spool, self.ledger_path, task_id)
+                log.info("stopped %s: it was cancelled on its origin", task_id)
+            except (NotCancelled, KoubouError) as exc:
+                log.info("%s was cancelled on its origin and is not running here: %s",
+                         task_id, exc)
+        ran_out = sorted(set(revoked) - over)
+        if ran_out:
+            log.warning("leases revoked (they ran out): %s", ", ".join(ran_out))
 
     def _served_changed(self) -> bool:
         """Whether the craftsmen live workers here serve changed: pending tasks are judged

@@ -34,7 +34,20 @@ log = logging.getLogger(__name__)
 
 TASKS_CHANNEL = "koubou_tasks"  # payload: the craftsman a task waits for
 OUTCOMES_CHANNEL = "koubou_outcomes"  # payload: the origin host of a finished task
-CHANNELS = (TASKS_CHANNEL, OUTCOMES_CHANNEL)
+CANCEL_CHANNEL = "koubou_cancel"  # payload: the host holding the lease of a cancelled task
+CHANNELS = (TASKS_CHANNEL, OUTCOMES_CHANNEL, CANCEL_CHANNEL)
+
+# A task cancelled on its origin ends in the cluster with the origin's outcome, delivered there
+# already: no host claims it again, a lease of it is revoked (its renewal matches no row), and
+# the late result of that lease is fenced out. The host that held it last is told at once (a
+# pending task's last holder too, if it had one: it finds nothing of it to stop).
+CANCEL = """
+    WITH gone AS (
+        UPDATE cluster_tasks SET state = 'failed', outcome = %(outcome)s, finished_at = now(),
+            delivered_at = now(), lease_until = NULL
+        WHERE origin = %(origin)s AND id = %(id)s AND state IN ('pending', 'in_progress')
+        RETURNING host)
+    SELECT CASE WHEN host IS NOT NULL THEN pg_notify(%(channel)s, host) END FROM gone"""
 MIGRATION_LOCK = 0x6B6F75626F75  # "koubou": the advisory lock first connects migrate under
 CONNECT_TIMEOUT_S = 5
 # A cut-off host sees no FIN: keepalives end an idle connection in about 11 s, not 2 hours, and
@@ -452,6 +465,12 @@ class Cluster:
             return set()
         return {row[0] for row in self._rows(batch.REQUEUE, {
             "ids": [c.task_id for c in claims], "attempts": [c.attempt for c in claims]})}
+
+    def cancel(self, task_id: str, outcome: dict[str, Any]) -> bool:
+        """End a task this host submitted with its cancelled outcome, if the cluster has it
+        and it has not finished; whether it did (a task that never left matches nothing)."""
+        return self._count(CANCEL, {"origin": self.host, "id": task_id, "outcome": Jsonb(outcome),
+                                    "channel": CANCEL_CHANNEL}) == 1
 
     # --- outcomes back to their origin --------------------------------------------------------
 
