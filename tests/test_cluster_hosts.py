@@ -325,3 +325,19 @@ def test_a_forwarded_task_cancelled_before_any_host_takes_it_never_runs(
     assert task_id not in {entry.split(".json")[0] for entry in os.listdir(b.spool.pending)
                            + os.listdir(b.spool.completed) + os.listdir(b.spool.failed)}
     assert read_json(a.spool.failed / f"{task_id}.json")["error"]["kind"] == "cancelled"
+
+
+def test_a_cluster_task_retried_on_its_origin_runs_again(hosts, pg_dsn: str) -> None:
+    a, b = hosts("host-a"), hosts("host-b")
+    a.serve("local")
+    [task_id] = drop(a, 1, "again")
+    wait_row(pg_dsn, task_id, "pending")
+    cancel_on(a, task_id)  # failed on its origin, over in the cluster, delivered
+    wait_row(pg_dsn, task_id, "failed")
+    result = CliRunner().invoke(cli, ["retry", task_id, "--home", str(a.home)])
+    assert result.exit_code == 0, result.output
+    wait_row(pg_dsn, task_id, "pending")  # forwarded again: the same row, a new run
+    b.serve("echo")
+    assert_once_each(a, [b], [task_id], pg_dsn)
+    assert not (a.spool.failed / f"{task_id}.json").exists()
+    assert rows(pg_dsn)[task_id][:2] == ("completed", 1)

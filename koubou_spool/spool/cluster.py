@@ -374,11 +374,16 @@ class Cluster:
     # --- the task's path ---------------------------------------------------------------------
 
     def submit(self, submissions: Iterable[Submission]) -> list[tuple[str, str, bool]]:
-        """Queue tasks in one transaction; (id, state, new) each. An id already there, in any
-        state, queues nothing and reports its state: submitting again is safe."""
-        items = list(submissions)
-        if not items:
+        """Queue tasks in one transaction; (id, state, new) each. An id already there queues
+        nothing and reports its state, so submitting again is safe; only a task this host was
+        delivered the outcome of (retried here) waits again, as a new run (batch.SUBMIT)."""
+        given = list(submissions)
+        if not given:
             return []
+        first: dict[str, Submission] = {}  # one row per id: ON CONFLICT DO UPDATE requires it
+        for item in given:
+            first.setdefault(item.task.id, item)
+        items = list(first.values())
         now = time.time()
         bodies = [task_format.encode({**item.task.raw, "submitted_at": item.task.raw.get(
             "submitted_at") or task_format.iso(now)}) for item in items]
@@ -392,7 +397,7 @@ class Cluster:
         new = {row[0] for row in self._rows(batch.SUBMIT, params)}
         states = self.states([i for i in params["ids"] if i not in new])
         results = []
-        for task_id in params["ids"]:  # an id twice in one batch is new only the first time
+        for task_id in (item.task.id for item in given):  # an id twice: new the first time
             results.append((task_id, states.get(task_id, "pending"), task_id in new))
             new.discard(task_id)
         return results

@@ -25,13 +25,23 @@ def _notifying(change: str, channel: str, key: str) -> str:
     SELECT done.id FROM done JOIN woken USING ({key})"""
 
 
-# The ids that were new come back; an id already there, in any state, inserts nothing.
+# The ids that were new come back; an id already there inserts nothing, but for one case: its
+# origin sends again a task whose outcome it was delivered, which only `koubou retry` there does
+# (an id with an outcome in its home is never queued again otherwise). The row then waits again
+# as a new run: its attempt number keeps counting, so a lease of the old run stays fenced out,
+# and it is given max_attempts more.
 SUBMIT = _notifying("""
     INSERT INTO cluster_tasks (id, origin, craftsman, priority, max_attempts, not_before, body)
     SELECT * FROM unnest(%(ids)s::text[], %(origins)s::text[], %(craftsmen)s::text[],
                          %(priorities)s::int[], %(max_attempts)s::int[],
                          %(not_before)s::timestamptz[], %(bodies)s::bytea[])
-    ON CONFLICT (id) DO NOTHING
+    ON CONFLICT (id) DO UPDATE SET state = 'pending', craftsman = excluded.craftsman,
+        priority = excluded.priority, not_before = excluded.not_before, body = excluded.body,
+        max_attempts = cluster_tasks.attempt + excluded.max_attempts, outcome = NULL,
+        worker_id = NULL, host = NULL, lease_until = NULL, finished_at = NULL,
+        delivered_at = NULL
+    WHERE cluster_tasks.origin = excluded.origin AND cluster_tasks.delivered_at IS NOT NULL
+        AND cluster_tasks.state IN ('completed', 'failed')
     RETURNING id, craftsman""", "koubou_tasks", "craftsman")
 
 # Up to `limit` of the best pending rows of these craftsmen, locked as they are picked; rows
