@@ -47,16 +47,21 @@ def test_metrics_of_a_home_with_a_worker_parse(home: Path, spool: Spool, workers
     spent = sum(o["result"]["cost_usd"] for o in outcomes.values())
     prompt = sum(o["result"]["usage"]["prompt_tokens"] for o in outcomes.values())
     submit(spool, id="queued-later", content="x", not_before="2999-01-01T00:00:00Z")
-    result = CliRunner().invoke(cli, ["metrics"])
-    assert result.exit_code == 0, result.output
-    parsed = samples(result.output)
+    done = {"craftsman": "echo", "model": "echo", "outcome": "completed"}
+    deadline = time.monotonic() + 10
+    while True:  # the ledger's records are written behind the outcomes, by the worker's thread
+        result = CliRunner().invoke(cli, ["metrics"])
+        assert result.exit_code == 0, result.output
+        parsed = samples(result.output)
+        if parsed.get(("koubou_tasks_total", frozenset(done.items()))) == 4:
+            break
+        assert time.monotonic() < deadline, result.output
+        time.sleep(0.1)
     names = {name for name, _ in parsed}
     assert {"koubou_queue_depth", "koubou_tasks_total", "koubou_tokens_total",
             "koubou_cost_usd_total", "koubou_budget_remaining_usd",
             "koubou_worker_heartbeat_age_seconds", "koubou_worker_alive"} <= names
     assert parsed[("koubou_queue_depth", frozenset({("state", "completed")}))] == 4  # + the probe
-    done = {"craftsman": "echo", "model": "echo", "outcome": "completed"}
-    assert parsed[("koubou_tasks_total", frozenset(done.items()))] == 4
     tokens_in = parsed[("koubou_tokens_total", frozenset({**done, "direction": "in"}.items()))]
     assert tokens_in >= prompt
     cost = parsed[("koubou_cost_usd_total", frozenset(done.items()))]
