@@ -227,6 +227,16 @@ def wait_ready(spool: Spool) -> None:
     wait_outcomes(spool, [probe])
 
 
+def wait_worker_row(home: Path, timeout: float = 10) -> None:
+    """Until the ledger has a worker's row: it is written behind the outcomes, by the worker's
+    ledger thread (read-only here, so the test never creates the file the worker is about to)."""
+    from koubou_spool.spool import ledger
+    deadline = time.monotonic() + timeout
+    while not ledger.read(home / "db" / "koubou.db", ledger.workers, default=[]):
+        assert time.monotonic() < deadline, f"no worker row in the ledger within {timeout} s"
+        time.sleep(0.1)
+
+
 def wait_file(directory: Path, name: str, timeout: float = 10) -> None:
     assert wait_for_files([directory], {name}, timeout) == {name}, f"{name} not in {directory}"
 

@@ -202,7 +202,10 @@ def test_equal_endpoints_share_equally_and_their_slots_hold_across_workers(
         for server in servers:
             server.stop()
     print(f"\nshares {[round(s, 3) for s in shares]}")
-    assert all(abs(share - 1 / 3) <= 0.15 / 3 for share in shares), shares
+    # Within 10 points of a third each: none starved, none preferred. Closer than that measures
+    # the machine: a server thread of this process slowed by the others' is a slower endpoint,
+    # and takes less by design (CI once saw 0.273 / 0.363 / 0.363 against 5 points).
+    assert all(abs(share - 1 / 3) <= 0.10 for share in shares), shares
     assert max(most) <= 2  # max_concurrent per endpoint, the two workers together
 
 

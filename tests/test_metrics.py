@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Workers, submit, wait_outcomes, wait_ready, write_config
+from conftest import Workers, submit, wait_outcomes, wait_ready, wait_worker_row, write_config
 from koubou_spool.observe import metrics
 from koubou_spool.cli.koubou import cli
 from koubou_spool.spool.files import Spool
@@ -156,6 +156,7 @@ def test_workers_shows_a_worker_the_ledger_has_no_row_for_from_its_lock_file(
 def test_workers_lists_a_live_worker(home: Path, spool: Spool, workers: Workers) -> None:
     workers.start(home, "--craftsman", "echo")
     wait_ready(spool)
+    wait_worker_row(home)
     result = CliRunner().invoke(cli, ["workers"])
     assert result.exit_code == 0, result.output
     assert "alive" in result.output and "echo" in result.output

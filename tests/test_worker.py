@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (Workers, assert_no_claims, finished_attempt, log_of, read_json, submit,
-                      wait_file, wait_outcomes, wait_ready, write_config)
+                      wait_file, wait_outcomes, wait_ready, wait_worker_row, write_config)
 from fake_openai import FakeOpenAI
 from koubou_spool.spool import ledger, task as task_format
 from koubou_spool.spool.files import Spool
@@ -511,12 +511,8 @@ def test_heartbeats_reach_the_ledger(home: Path, spool: Spool, workers: Workers)
     proc = workers.start(home)
     task_id = submit(spool, craftsman="echo")
     wait_outcomes(spool, [task_id])
-    # The ledger is written behind the outcome, by the worker's ledger thread: wait for its row
-    # (read-only, so this test never creates the file the worker is about to).
+    wait_worker_row(home)
     deadline = time.monotonic() + 10
-    while not ledger.read(home / "db" / "koubou.db", ledger.workers, default=[]):
-        assert time.monotonic() < deadline, "no worker row in the ledger within 10 s"
-        threading.Event().wait(0.1)
     conn = sqlite3.connect(home / "db" / "koubou.db")
     first = conn.execute("SELECT heartbeat_at FROM workers").fetchone()[0]
     while conn.execute("SELECT heartbeat_at FROM workers").fetchone()[0] == first:

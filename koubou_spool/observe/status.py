@@ -39,8 +39,11 @@ def _from_lock_file(spool: Spool, worker_id: str) -> dict[str, Any]:
     written = spool.worker_info(worker_id)
     written = written if isinstance(written, dict) else {}
     craftsmen = written.get("craftsmen")
+    # Figures the ledger has not recorded are unknown (null), not absent: one shape for readers.
     return {"id": worker_id, "host": written.get("host"), "pid": written.get("pid"),
-            "craftsmen": ",".join(craftsmen) if isinstance(craftsmen, list) else None}
+            "craftsmen": ",".join(craftsmen) if isinstance(craftsmen, list) else None,
+            "started_at": None, "heartbeat_at": None, "state": None,
+            "in_flight": None, "done": None, "failed": None}
 
 
 def served_craftsmen(spool: Spool) -> set[str]:
