@@ -7,7 +7,8 @@ OpenAI-style error). What the answers say: `answer` (for every answer) and `answ
 (for the next one, in order) override the echo with `content`, `finish_reason` (None too),
 `message` (more message fields: reasoning, reasoning_content, tool_calls, refusal) and `body`
 (more top-level fields). Every request is logged in `requests`, its body as it arrived, so
-tests can assert what reached the server. Binds 127.0.0.1 only.
+tests can assert what reached the server. Binds 127.0.0.1, or an address a test made itself
+(tests/netns.py).
 Run it alone with `python tests/fake_openai.py [--latency-ms N] [--port P]`: it prints its port.
 """
 
@@ -26,7 +27,10 @@ from typing import Any
 class FakeOpenAI:
     """The server and its knobs; `base_url` is what a craftsman points at."""
 
-    def __init__(self, model: str = "fake-model", latency_s: float = 0.0, port: int = 0) -> None:
+    def __init__(self, model: str = "fake-model", latency_s: float = 0.0, port: int = 0,
+                 host: str = "127.0.0.1") -> None:
+        """`host`: loopback, or an address a test made itself (tests/netns.py)."""
+        self.host = host
         self.model = model
         self.latency_s = latency_s
         self.fail_next = 0
@@ -46,7 +50,7 @@ class FakeOpenAI:
         self.aborted: list[dict[str, Any]] = []  # requests whose client hung up mid-way
         self.request_aborted = threading.Event()
         ThreadingHTTPServer.request_queue_size = 256  # the default 5 drops bursts of connects
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
+        self.server = ThreadingHTTPServer((host, port), _handler(self))
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
@@ -56,7 +60,7 @@ class FakeOpenAI:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://{self.host}:{self.port}/v1"
 
     def start(self) -> FakeOpenAI:
         self.thread.start()

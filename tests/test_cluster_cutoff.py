@@ -10,6 +10,9 @@ comes back c rejoins, and its late results are fenced out.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,3 +114,43 @@ def test_a_host_cut_off_goes_on_locally_and_its_leases_are_taken_over(
     finally:
         for host in (a, b, c):
             host.kill()
+
+
+HOLDER = """\
+import sys, threading, time
+from koubou_spool.craft.shared_slots import SharedSlots
+granted = threading.Event()
+slots = SharedSlots(sys.argv[1], {sys.argv[2]: 1})
+slots.on_grant = granted.set
+if slots.take(sys.argv[2]) is None:
+    granted.wait(15)
+print("held" if slots.take(sys.argv[2]) == 0 else "not held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_cut_off_hosts_cluster_slots_are_freed_by_the_server(cut_off: CutOff) -> None:
+    # The slots are session advisory locks: the server, not the host, must end the session of
+    # a host it no longer hears from. With the system's keepalives that takes two hours.
+    from koubou_spool.craft.shared_slots import RETRY_S, SharedSlots
+    key = "gpu@cut"
+    holder = subprocess.Popen(cut_off.ns.command([sys.executable, "-c", HOLDER,
+                                                  cut_off.dsn_inside, key]),
+                              stdout=subprocess.PIPE, text=True)
+    granted = threading.Event()
+    waiting = SharedSlots(cut_off.dsn, {key: 1})
+    waiting.on_grant = granted.set
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert waiting.take(key) is None
+        assert not granted.wait(1.0)  # the host on the other side of the link holds it
+        cut_off.ns.cut()
+        cut_at = time.monotonic()
+        assert granted.wait(NOTICED_WITHIN_S + RETRY_S), "the cut-off host's slot stayed held"
+        freed = time.monotonic() - cut_at
+        assert waiting.take(key) == 0
+        print(f"\nthe cut-off host's slot was free again {freed:.1f} s after the cut")
+    finally:
+        waiting.close()
+        holder.kill()
+        holder.wait()

@@ -3,7 +3,9 @@
 - Slots: `max_concurrent` per endpoint as lock files run/slots/<craftsman>@<key>/<n>, flocked
   like craft.limits.Slots (the kernel drops a dead process's locks). A craftsman with endpoints
   has no slots of its own: its capacity is their sum, and the slot dispatch takes before a
-  claim is a Lease on one endpoint, which the request may move to another.
+  claim is a Lease on one endpoint, which the request may move to another. In a cluster an
+  endpoint every host reaches also needs one of its cluster slots (craft.shared_slots): it is
+  a candidate only while this worker holds one ready, and the Lease carries it.
 - Choice: the usable endpoint with the most free slots (times its weight), ties to the lowest
   recent latency. Free slots are counted home-wide, so busy workers elsewhere count too (a
   least-busy choice made from one process's view is what sent LiteLLM's traffic to one host).
@@ -31,6 +33,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from ..config import Craftsman, Endpoint
 from ..spool import durable, permissions
@@ -53,7 +56,13 @@ def cooldown_s(failures: int, retry_after: float | None = None) -> float:
 
 def endpoint_key(craftsman: str, endpoint: Endpoint) -> str:
     """The endpoint's name in run/: its craftsman and a hash of its base_url."""
-    digest = hashlib.sha256(endpoint.base_url.encode()).hexdigest()[:12]
+    return url_key(craftsman, endpoint.base_url)
+
+
+def url_key(craftsman: str, base_url: str) -> str:
+    """A craftsman's server by name: the craftsman and a hash of the base_url (the same on
+    every host, so a cluster's hosts name a shared server's slots alike)."""
+    digest = hashlib.sha256(base_url.encode()).hexdigest()[:12]
     return f"{craftsman}@{digest}"
 
 
@@ -111,10 +120,23 @@ class Rest(MarkFile):
 
 @dataclass
 class Lease:
-    """One endpoint slot held for one request: which endpoint (`index`) and which slot."""
+    """One endpoint slot held for one request: which endpoint (`index`) and which slot, and
+    for an endpoint the cluster shares, which of its cluster slots (craft.shared_slots)."""
 
     index: int
     slot: int
+    shared: int | None = None
+
+
+class ClusterSlots(Protocol):
+    """What slots take of craft.shared_slots.SharedSlots (imported only in a cluster)."""
+
+    caps: dict[str, int]
+
+    def take(self, key: str) -> int | None: ...
+    def has_spare(self, key: str) -> bool: ...
+    def give(self, key: str, slot: int) -> None: ...
+    def drop_spares(self, key: str) -> None: ...
 
 
 @dataclass
@@ -133,11 +155,12 @@ class EndpointPool:
     `probe(index)` is set by the backend (it has the clients); `wake` is the worker's, called
     when an endpoint may take traffic again."""
 
-    def __init__(self, craftsman: Craftsman, run: Path,
-                 wake: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, craftsman: Craftsman, run: Path, wake: Callable[[], None] = lambda: None,
+                 cluster: ClusterSlots | None = None) -> None:
         self.craftsman = craftsman
         self.endpoints = list(craftsman.endpoints)
         self.keys = [endpoint_key(craftsman.name, e) for e in self.endpoints]
+        self.cluster = cluster  # the cluster's slots of the endpoints it shares (cluster.caps)
         self.slots = Slots(run / "slots", {k: e.max_concurrent
                                            for k, e in zip(self.keys, self.endpoints, strict=True)})
         rests = run / "endpoints"
@@ -157,7 +180,7 @@ class EndpointPool:
         """A slot at the best usable endpoint not in `exclude`; None when none has one (then a
         timer wakes the worker when the first rest ends, or a freed slot's outcome does)."""
         candidates = [i for i in range(len(self.endpoints))
-                      if i not in exclude and self.usable(i)]
+                      if i not in exclude and self.usable(i) and self._cluster_has_room(i)]
         free = [0] * len(self.endpoints)
         taken: dict[int, int] = {}
         for index in candidates:
@@ -169,7 +192,26 @@ class EndpointPool:
         for index, slot in taken.items():
             if index != best and slot >= 0:
                 self.slots.release(self.keys[index], slot)
-        return None if best is None else Lease(best, taken[best])
+        if best is None:
+            return None
+        return Lease(best, taken[best], self._take_cluster_slot(best))
+
+    def _shared(self, index: int) -> bool:
+        return self.cluster is not None and self.keys[index] in self.cluster.caps
+
+    def _cluster_has_room(self, index: int) -> bool:
+        """For an endpoint the cluster shares: whether this worker holds one of its cluster
+        slots ready (if not, one is asked for, and its grant wakes the worker)."""
+        return not self._shared(index) or self.cluster.has_spare(self.keys[index])
+
+    def _take_cluster_slot(self, index: int) -> int | None:
+        return self.cluster.take(self.keys[index]) if self._shared(index) else None
+
+    def drop_spares(self) -> None:
+        """No task of the craftsman waits: cluster slots held unused go back."""
+        for index in range(len(self.endpoints)):
+            if self._shared(index):
+                self.cluster.drop_spares(self.keys[index])
 
     def _count_free(self, index: int) -> tuple[int, int]:
         """Free slots of the endpoint, home-wide, and one of them taken (-1 if none)."""
@@ -191,12 +233,14 @@ class EndpointPool:
         if better is None:
             return False
         self.release(lease)
-        lease.index, lease.slot = better.index, better.slot
+        lease.index, lease.slot, lease.shared = better.index, better.slot, better.shared
         return True
 
     def release(self, lease: Lease) -> None:
-        """Give the lease's slot back."""
+        """Give the lease's slot back (and its cluster slot)."""
         self.slots.release(self.keys[lease.index], lease.slot)
+        if lease.shared is not None:
+            self.cluster.give(self.keys[lease.index], lease.shared)
 
     def usable(self, index: int) -> bool:
         """Whether the endpoint takes traffic: well, or probed since its rest. A rest that has
@@ -340,28 +384,67 @@ class EndpointPool:
         self.slots.close()
 
 
+@dataclass(frozen=True)
+class SharedSlot:
+    """The slot of a craftsman whose one server the cluster shares: one of the home's and one
+    of the cluster's."""
+
+    home: int
+    cluster: int
+
+
 class CraftSlots:
     """The slots dispatch takes for the craftsmen one worker serves: craft.limits.Slots for a
     craftsman with one base_url, an EndpointPool's Lease for one with several endpoints."""
 
     def __init__(self, run: Path, craftsmen: list[Craftsman],
-                 wake: Callable[[], None] = lambda: None) -> None:
-        self.pools = {c.name: EndpointPool(c, run, wake) for c in craftsmen if c.endpoints}
+                 wake: Callable[[], None] = lambda: None,
+                 cluster: ClusterSlots | None = None) -> None:
+        self.pools = {c.name: EndpointPool(c, run, wake, cluster)
+                      for c in craftsmen if c.endpoints}
         self.plain = Slots(run / "slots", {c.name: c.max_concurrent for c in craftsmen
                                            if not c.endpoints})
+        self.cluster = cluster
+        # Craftsmen with one base_url the cluster shares: their cluster slots' keys.
+        self.cluster_keys = {} if cluster is None else {
+            c.name: key for c in craftsmen if not c.endpoints
+            and (key := url_key(c.name, c.base_url)) in cluster.caps}
 
-    def acquire(self, craftsman: str) -> int | Lease | None:
-        """A free slot of the craftsman (home-wide), or None when none can be had now."""
+    def acquire(self, craftsman: str) -> int | Lease | SharedSlot | None:
+        """A free slot of the craftsman (home-wide, and cluster-wide where the cluster shares
+        its server), or None when none can be had now."""
         pool = self.pools.get(craftsman)
-        return pool.acquire() if pool is not None else self.plain.acquire(craftsman)
+        if pool is not None:
+            return pool.acquire()
+        slot = self.plain.acquire(craftsman)
+        key = self.cluster_keys.get(craftsman)
+        if slot is None or key is None:
+            return slot
+        shared = self.cluster.take(key)
+        if shared is None:  # asked for: its grant wakes the worker
+            self.plain.release(craftsman, slot)
+            return None
+        return SharedSlot(slot, shared)
 
-    def release(self, craftsman: str, slot: int | Lease) -> None:
+    def release(self, craftsman: str, slot: int | Lease | SharedSlot) -> None:
         """Give a slot back."""
         pool = self.pools.get(craftsman)
         if pool is not None:
             pool.release(slot)
+        elif isinstance(slot, SharedSlot):
+            self.plain.release(craftsman, slot.home)
+            self.cluster.give(self.cluster_keys[craftsman], slot.cluster)
         else:
             self.plain.release(craftsman, slot)
+
+    def idle(self, craftsman: str) -> None:
+        """No task of the craftsman waits: the cluster slots this worker holds unused for it
+        go back (a grant that came after its task went to another worker)."""
+        pool = self.pools.get(craftsman)
+        if pool is not None:
+            pool.drop_spares()
+        elif craftsman in self.cluster_keys:
+            self.cluster.drop_spares(self.cluster_keys[craftsman])
 
     def endpoints(self) -> dict[str, list[dict]]:
         """Each pool's endpoints as `EndpointPool.state` shows them."""

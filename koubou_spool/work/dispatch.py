@@ -72,6 +72,15 @@ class Dispatch:
             if not self._claim_next(key, craftsman, slot):
                 full.add(key)  # no worktree free: only the repository lane waits
         self.starved = any(self.ready.head(key) is not None for key in full)
+        if self.slots.cluster is not None:
+            self._let_idle_cluster_slots_go()
+
+    def _let_idle_cluster_slots_go(self) -> None:
+        """Cluster slots granted for tasks that are gone (another worker took them) go back."""
+        for craftsman in self.serves:
+            if (self.ready.head(lane(craftsman, False)) is None
+                    and self.ready.head(lane(craftsman, True)) is None):
+                self.slots.idle(craftsman)
 
     def _next_lane(self, full: set[str]) -> str | None:
         """The lane whose next task comes first, among those not known to be full."""

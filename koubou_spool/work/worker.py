@@ -23,7 +23,7 @@ from typing import Any
 
 from inotify_simple import flags
 
-from ..config import ClusterSettings, Config
+from ..config import ClusterSettings, Config, Craftsman
 from ..craft import router
 from ..craft.backends import Backend, make_backend
 from ..craft.budget import BudgetSettings
@@ -65,7 +65,9 @@ class Worker:
         self.stopping = False
         self.backends: dict[str, Backend] = {}
         self.backend_errors: dict[str, str] = {}
-        self.slots = CraftSlots(home / "run", [config.craftsmen[n] for n in self.serves], self.wake)
+        served = [config.craftsmen[n] for n in self.serves]
+        self.cluster_slots = _cluster_slots(config, served)
+        self.slots = CraftSlots(home / "run", served, self.wake, self.cluster_slots)
         self.intake = Intake(self.spool, config, self.serves, self.budget, self.ledger, self.wake)
         self.worktrees = _worktree_slots(home, config)
         self.dispatch = Dispatch(self.spool, self.id, self.intake.ready, self.slots, self.serves,
@@ -93,6 +95,8 @@ class Worker:
         self._open_backends()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        if self.cluster_slots is not None:  # a cluster slot was granted: claim its task
+            self.cluster_slots.on_grant = lambda: loop.call_soon_threadsafe(self.wake)
         if self.budget.shared is not None:  # the cluster's budget is back: recheck now
             self.budget.shared.on_reachable = lambda: loop.call_soon_threadsafe(
                 self._recheck_budget, loop)
@@ -213,6 +217,8 @@ class Worker:
         if self.budget.shared is not None:
             self.budget.shared.close()
         self.slots.close()
+        if self.cluster_slots is not None:
+            self.cluster_slots.close()
         if self.worktrees is not None:
             self.worktrees.close()
         self.spool.unregister_worker(self.id, self._lock_fd)
@@ -310,6 +316,15 @@ def _shared_budget(config: Config) -> Any:
         return None
     from ..craft.shared_budget import SharedBudget
     return SharedBudget.from_config(config)
+
+
+def _cluster_slots(config: Config, served: list[Craftsman]) -> Any:
+    """The cluster's slots of shared servers when the home is in a cluster; psycopg is
+    imported only then."""
+    if not ClusterSettings.parse(config.cluster).enabled:
+        return None
+    from ..craft.shared_slots import SharedSlots
+    return SharedSlots.for_worker(config, served)
 
 
 def run_worker(home: Path, config: Config, **options: object) -> int:

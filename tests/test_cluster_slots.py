@@ -1,0 +1,182 @@
+"""`max_concurrent` across the hosts of a cluster (PRODUCT.md §12; craft/shared_slots.py).
+
+A server every host reaches at one address has its slots in PostgreSQL as session advisory
+locks: given back by NOTIFY, freed by a killed worker's session, taken again by number after a
+restart, and, end to end, three hosts of one craftsman never send its server more than its
+max_concurrent at once.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import clusterhosts
+import netns
+import pgserver
+from conftest import submit, wait_outcomes
+from fake_openai import FakeOpenAI
+from koubou_spool.config import Craftsman, Endpoint
+
+shared_slots = pytest.importorskip("koubou_spool.craft.shared_slots",
+                                   reason="psycopg 3: pip install -e '.[cluster]'")
+hosts = clusterhosts.hosts
+KEY = "gpu@0123456789ab"
+
+
+class Granted:
+    """A SharedSlots whose grants set an event, so a test can wait for one."""
+
+    def __init__(self, dsn: str | None, cap: int = 1) -> None:
+        self.event = threading.Event()
+        self.slots = shared_slots.SharedSlots(dsn, {KEY: cap})
+        self.slots.on_grant = self.event.set
+
+    def take(self, within: float) -> int | None:
+        """A slot, waiting up to `within` seconds for its grant."""
+        self.event.clear()
+        slot = self.slots.take(KEY)
+        if slot is None and self.event.wait(within):
+            slot = self.slots.take(KEY)
+        return slot
+
+
+@pytest.fixture
+def granted(pg_dsn: str) -> Iterator[list[Granted]]:
+    made: list[Granted] = []
+    yield made
+    for each in made:
+        each.slots.close()
+
+
+def advisory_locks(dsn: str) -> int:
+    import psycopg
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                            " AND granted").fetchone()[0]
+
+
+def test_which_servers_the_cluster_shares() -> None:
+    assert not shared_slots.shared_url("http://127.0.0.1:1234/v1")
+    assert not shared_slots.shared_url("http://127.8.0.3:1234/v1")
+    assert not shared_slots.shared_url("http://localhost:11434/v1")
+    assert not shared_slots.shared_url("http://[::1]:8000/v1")
+    assert shared_slots.shared_url("http://gpu1:1234/v1")
+    assert shared_slots.shared_url("http://10.0.0.7:1234/v1")
+    assert shared_slots.shared_url("")  # the provider's cloud API
+    craftsmen = [
+        Craftsman(name="own", backend="openai", base_url="http://127.0.0.1:1/v1"),
+        Craftsman(name="lan", backend="openai", base_url="http://gpu1:1/v1", max_concurrent=3),
+        Craftsman(name="secret", backend="openai", base_url="http://gpu1:1/v1", local=True),
+        Craftsman(name="echo", backend="echo"),
+        Craftsman(name="many", backend="openai", endpoints=(
+            Endpoint(base_url="http://127.0.0.1:2/v1", max_concurrent=4),
+            Endpoint(base_url="http://gpu2:2/v1", max_concurrent=2)))]
+    caps = shared_slots.cluster_caps(craftsmen)
+    assert sorted(caps.values()) == [2, 3] and len(caps) == 2
+    assert all(k.startswith(("lan@", "many@")) for k in caps)
+
+
+def test_a_slot_given_back_is_granted_to_the_waiting_worker_by_notify(
+        pg_dsn: str, granted: list[Granted]) -> None:
+    a, b = Granted(pg_dsn), Granted(pg_dsn)
+    granted.extend((a, b))
+    assert a.take(within=10) == 0
+    assert b.take(within=1.0) is None  # the one slot is a's: no grant comes
+    given = time.monotonic()
+    a.slots.give(KEY, 0)
+    assert b.event.wait(10)
+    waited = time.monotonic() - given
+    assert b.slots.take(KEY) == 0
+    # Well inside the retry that covers dead sessions: the NOTIFY of the unlock woke b.
+    assert waited < shared_slots.RETRY_S, waited
+    print(f"\ngranted {waited * 1000:.1f} ms after the give")
+
+
+def test_a_killed_holders_slot_is_free_again_without_a_notify(
+        pg_dsn: str, granted: list[Granted]) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time, psycopg\n"
+         "conn = psycopg.connect(sys.argv[1], autocommit=True)\n"
+         "conn.execute('SELECT pg_advisory_lock(hashtext(%s), 0)', (sys.argv[2],))\n"
+         "print('held', flush=True)\n"
+         "time.sleep(600)\n", pg_dsn, KEY], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        b = Granted(pg_dsn)
+        granted.append(b)
+        assert b.take(within=1.0) is None
+        holder.kill()  # SIGKILL: its session ends when the server sees the socket close
+        assert b.take(within=shared_slots.RETRY_S + 8) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_after_a_postgresql_restart_slots_in_use_are_taken_again_first(
+        pg_dsn: str, pg_server: pgserver.PgServer, granted: list[Granted]) -> None:
+    a = Granted(pg_dsn)
+    granted.append(a)
+    assert a.take(within=10) == 0  # in use by a request when the server goes
+    pg_server.restart()
+    deadline = time.monotonic() + 20
+    while advisory_locks(pg_dsn) < 1:  # a reconnects and takes its slot 0 again
+        assert time.monotonic() < deadline, "slot 0 was not taken again after the restart"
+        time.sleep(0.1)
+    b = Granted(pg_dsn)
+    granted.append(b)
+    assert b.take(within=shared_slots.RETRY_S + 1) is None  # past a retry: still a's
+    a.slots.give(KEY, 0)
+    assert b.take(within=10) == 0
+
+
+def test_while_postgresql_is_away_no_slot_is_granted(
+        pg_dsn: str, pg_server: pgserver.PgServer, granted: list[Granted]) -> None:
+    pg_server.stop()
+    a = Granted(pg_dsn)
+    granted.append(a)
+    assert a.take(within=1.0) is None
+    pg_server.start()
+    assert a.take(within=15) == 0  # the reconnect grants what waited
+
+
+@pytest.fixture
+def shared_server() -> Iterator[FakeOpenAI]:
+    """A fake OpenAI server at an address that is not loopback: one a test namespace's veth
+    gives this host, standing in for a GPU server every host of the cluster reaches."""
+    reason = netns.why_not()
+    if reason is not None:
+        pytest.skip(f"a server at a non-loopback address needs a network namespace: {reason};"
+                    " bin/koubou-test run as root enables it where the machine allows them")
+    with netns.Namespace() as ns:
+        server = FakeOpenAI(latency_s=0.15, host=ns.outside).start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.mark.parametrize("form", ["base_url", "endpoints"])
+def test_three_hosts_never_send_a_shared_server_more_than_its_max_concurrent(
+        hosts, shared_server: FakeOpenAI, form: str) -> None:
+    where = ({"base_url": shared_server.base_url, "max_concurrent": 2} if form == "base_url" else
+             {"endpoints": [{"base_url": shared_server.base_url, "max_concurrent": 2}]})
+    craftsmen = {"gpu": {"backend": "openai", "model": "m", "timeout_s": 20, "retries": 0,
+                         **where}}
+    made = [hosts(name, craftsmen=craftsmen) for name in ("a", "b", "c")]
+    for host in made:
+        host.start("worker", "--craftsman", "gpu")
+    ids = {host.name: [submit(host.spool, craftsman="gpu", content=f"{host.name} {n}")
+                       for n in range(12)] for host in made}
+    for host in made:
+        outcomes = wait_outcomes(host.spool, ids[host.name], timeout=60)
+        assert all(o["status"] == "completed" for o in outcomes.values()), host.logs()
+    assert len(shared_server.completions()) == 36
+    # Each host alone may send 2; three would send 6 without the cluster's slots.
+    assert shared_server.max_in_flight == 2, shared_server.max_in_flight
