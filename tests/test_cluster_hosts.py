@@ -341,3 +341,21 @@ def test_a_cluster_task_retried_on_its_origin_runs_again(hosts, pg_dsn: str) -> 
     assert_once_each(a, [b], [task_id], pg_dsn)
     assert not (a.spool.failed / f"{task_id}.json").exists()
     assert rows(pg_dsn)[task_id][:2] == ("completed", 1)
+
+
+def test_a_forwarded_task_with_not_before_runs_at_its_time_with_nothing_else_happening(
+        hosts, pg_dsn: str) -> None:
+    # Nothing wakes the serving host's bridge at the task's time but the time itself: no other
+    # task, no outcome, no NOTIFY (the task's went out when it was forwarded, too early).
+    a, b = hosts("host-a"), hosts("host-b")
+    a.serve("local")
+    b.serve("echo")
+    later = time.time() + 3
+    task_id = submit(a.spool, craftsman="echo", content="later",
+                     not_before=task_format.iso(later))
+    outcome = wait_outcomes(a.spool, [task_id], timeout=15)[task_id]
+    back = time.time()
+    assert outcome["status"] == "completed"
+    assert later <= back < later + 5, back - later  # at its time: not before, not much after
+    assert rows(pg_dsn)[task_id][:2] == ("completed", 1)
+    print(f"\nthe outcome was back {back - later:.2f} s after its not_before")

@@ -43,6 +43,7 @@ from .control import NotCancelled, cancel
 log = logging.getLogger(__name__)
 
 DOWN_LOG_S = 60.0  # while the cluster is unreachable, say so this often
+DUE_SLACK_S = 0.05  # past a task's not_before, so that its take-in finds it due
 DELIVER_BATCH = 500
 # Tasks in one forwarding statement: a round's usual few in one, and a backlog found after an
 # outage (tasks of up to spool.max_task_bytes each) not in one statement of any size.
@@ -76,6 +77,7 @@ class Bridge:
         self.down_logged = -DOWN_LOG_S
         self.stopping = False
         self.served: set[str] = set()
+        self.due_at: float | None = None  # monotonic: a not_before task of the cluster is due
         self.wakeups = BridgeWakeups(self.spool, self.dsn, self.settings.host)
         self.board = Board(self.dsn, connect_timeout=CONNECT_TIMEOUT_S)  # this host's row
         self.ledger_path = home / "db" / "koubou.db"
@@ -99,7 +101,11 @@ class Bridge:
                 self._round(Events(rescan=True, outcomes=True, flags={"recheck"}))
             next_beat = time.monotonic() + heartbeat_s
             while not self.stopping:
-                events = self.wakeups.wait(next_beat - time.monotonic())
+                wake_at = next_beat if self.due_at is None else min(next_beat, self.due_at)
+                events = self.wakeups.wait(wake_at - time.monotonic())
+                if self.due_at is not None and time.monotonic() >= self.due_at:
+                    self.due_at = None
+                    events.flags.add("due")  # a task's not_before has come: nothing else says so
                 beat = time.monotonic() >= next_beat
                 if beat:
                     next_beat = time.monotonic() + heartbeat_s
@@ -150,7 +156,8 @@ class Bridge:
                 self._leases_ended(bridge.renew(self.cluster, self.id, self.leases))
             freed = self._send_back() if events.outcomes and self.leases else 0
             wanted = {flag[len("tasks:"):] for flag in flags if flag.startswith("tasks:")}
-            if freed or flags & {"recheck", "served", "freed"} or wanted & set(self._serving()):
+            if (freed or flags & {"recheck", "served", "freed", "due"}
+                    or wanted & set(self._serving())):
                 self._take_in()
         except ClusterUnavailable as exc:
             self._down(exc)
@@ -225,19 +232,35 @@ class Bridge:
     def _take_in(self) -> None:
         """Lease tasks up to each craftsman's free slots: its max_concurrent, less the leases
         of it held. Bounded, so that the first host to look does not lease everything."""
-        while self._take_in_once() and self._send_back():
+        room: set[str] = set()
+        while self._take_in_once(room) and self._send_back():
             pass  # a task that ran here under an earlier lease was done already: room again
+        if room:
+            self._mind_not_before(sorted(room))
 
-    def _take_in_once(self) -> int:
+    def _mind_not_before(self, craftsmen: list[str]) -> None:
+        """A timer for the first task of these craftsmen (which have room) held back by its
+        not_before: no wake-up will come for it, its NOTIFY went out when it was submitted.
+        A craftsman without room needs none: the end of a lease takes in again."""
+        due_s = self.cluster.next_due_s(craftsmen)
+        self.due_at = None if due_s is None else time.monotonic() + due_s + DUE_SLACK_S
+
+    def _take_in_once(self, room: set[str]) -> int:
+        """One take-in for each craftsman served; `room` gets those left with free slots."""
         taken = 0
         for craftsman in self._serving():
             held = sum(lease.craftsman == craftsman for lease in self.leases.values())
             free = self.config.craftsmen[craftsman].max_concurrent - held
             if free <= 0 or self.stopping:
+                room.discard(craftsman)
                 continue
             leases = bridge.take_in(self.spool, self.cluster, self.id, craftsman, free)
             self.leases.update((lease.task_id, lease) for lease in leases)
             taken += len(leases)
+            if len(leases) < free:
+                room.add(craftsman)
+            else:
+                room.discard(craftsman)
             if leases:
                 log.info("took in %d task(s) of %s: %s", len(leases), craftsman, ", ".join(
                     f"{lease.task_id} from {lease.origin} (attempt {lease.attempt})"

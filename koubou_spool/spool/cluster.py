@@ -420,6 +420,12 @@ class Cluster:
                              max_attempts)
                 for task_id, attempt, craftsman, origin, body, max_attempts, _, _ in rows]
 
+    def next_due_s(self, craftsmen: Sequence[str]) -> float | None:
+        """Seconds until the first pending task of these craftsmen held back by its not_before
+        may be claimed (its NOTIFY went out when it was submitted); None when none waits."""
+        found = self._rows(batch.NEXT_DUE, {"craftsmen": list(craftsmen)})
+        return None if not found or found[0][0] is None else max(0.0, float(found[0][0]))
+
     def renew(self, claim: ClusterClaim) -> bool:
         """Extend one lease by lease_s from now; False when it was revoked: stop working on it."""
         return self._count(RENEW, {"id": claim.task_id, "attempt": claim.attempt,

@@ -44,6 +44,12 @@ SUBMIT = _notifying("""
         AND cluster_tasks.state IN ('completed', 'failed')
     RETURNING id, craftsman""", "koubou_tasks", "craftsman")
 
+# Seconds (on the database's clock) until the first pending row of these craftsmen that waits
+# for its not_before may be claimed; NULL when none waits.
+NEXT_DUE = """
+    SELECT EXTRACT(EPOCH FROM min(not_before) - now())::float8 FROM cluster_tasks
+    WHERE state = 'pending' AND craftsman = ANY(%(craftsmen)s::text[]) AND not_before > now()"""
+
 # Up to `limit` of the best pending rows of these craftsmen, locked as they are picked; rows
 # another claimer holds are skipped, so claimers never wait on each other.
 CLAIM = """
