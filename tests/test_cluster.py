@@ -553,7 +553,8 @@ def serve_remotely(pg_dsn: str, craftsman: str = "gpu") -> list[str]:
 def test_a_task_forwarded_from_a_home_comes_back_into_its_completed(
         origin: Spool, store: cluster.Cluster, pg_dsn: str) -> None:
     task_id = submit(origin, id="across", content="for the gpu host")
-    assert bridge.forward(origin, store, [("across.json", "gpu")], "bridge-a") == ["across"]
+    assert [t.id for t in bridge.forward(origin, store, [("across.json", "gpu")],
+                                         "bridge-a")] == ["across"]
     assert [name for name, _ in origin.claims()][0].startswith("across.json@bridge-a")
     assert store.states(["across"]) == {"across": "pending"}
     assert serve_remotely(pg_dsn) == [task_id]
@@ -623,7 +624,7 @@ def test_a_file_that_is_no_task_stays_behind_and_the_rest_of_the_round_leaves(
     (origin.pending / "broken.json").write_text("{not json")
     submit(origin, id="last", content="c")
     leaving = [(name, "gpu") for name in ("first.json", "broken.json", "gone.json", "last.json")]
-    assert bridge.forward(origin, store, leaving, "bridge-a") == ["first", "last"]
+    assert [t.id for t in bridge.forward(origin, store, leaving, "bridge-a")] == ["first", "last"]
     assert os.listdir(origin.pending) == ["broken.json"]  # for a worker to reject, uncounted
     assert store.states(["first", "last"]) == {"first": "pending", "last": "pending"}
 
@@ -647,7 +648,8 @@ def test_a_task_dropped_on_one_home_runs_on_the_other_and_comes_back(
     ids = [submit(home_a, id=f"e2e-{n}", content=f"echo me {n}", craftsman="echo")
            for n in range(5)]
     # host a serves no echo, say: out they go, in one insert
-    assert bridge.forward(home_a, host_a, [(f"{i}.json", "echo") for i in ids], "bridge-a") == ids
+    assert [t.id for t in bridge.forward(home_a, host_a, [(f"{i}.json", "echo") for i in ids],
+                                         "bridge-a")] == ids
     workers.start(home_b.home)
     leases = {lease.task_id: lease for lease in bridge.take_in(home_b, host_b, "bridge-b",
                                                                "echo", 16)}

@@ -359,3 +359,22 @@ def test_a_forwarded_task_with_not_before_runs_at_its_time_with_nothing_else_hap
     assert later <= back < later + 5, back - later  # at its time: not before, not much after
     assert rows(pg_dsn)[task_id][:2] == ("completed", 1)
     print(f"\nthe outcome was back {back - later:.2f} s after its not_before")
+
+
+def test_a_forwarded_task_no_host_starts_before_its_expires_at_fails_as_expired(
+        hosts, pg_dsn: str) -> None:
+    a = hosts("host-a")
+    a.serve("local")  # no host serves echo: the task waits in the cluster
+    deadline = time.time() + 2
+    task_id = submit(a.spool, craftsman="echo", content="soon or never",
+                     expires_at=task_format.iso(deadline))
+    outcome = wait_outcomes(a.spool, [task_id], timeout=10)[task_id]
+    back = time.time()
+    assert outcome["status"] == "failed" and outcome["error"]["kind"] == "expired", outcome
+    assert deadline <= back < deadline + 4, back - deadline
+    assert rows(pg_dsn)[task_id][0] == "failed" and rows(pg_dsn)[task_id][4]  # delivered
+    b = hosts("host-b")
+    b.serve("echo")  # a host that comes for it later finds nothing to run
+    late = drop(a, 1, "late")
+    assert_once_each(a, [b], late, pg_dsn)
+    assert not (b.spool.completed / f"{task_id}.json").exists()

@@ -19,6 +19,7 @@ and when the listener is back; local work never waits for it.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ from ..observe.cluster_view import Snapshots
 from ..observe.status import served_craftsmen
 from ..spool import bridge
 from ..spool import task as task_format
+from ..spool.task import Task
 from ..spool.cluster import CONNECT_TIMEOUT_S, Cluster, ClusterClaim, ClusterUnavailable
 from ..spool.cluster_hosts import Board
 from ..spool.entries import BRIDGE_PREFIX, Refused, Unavailable
@@ -78,6 +80,10 @@ class Bridge:
         self.stopping = False
         self.served: set[str] = set()
         self.due_at: float | None = None  # monotonic: a not_before task of the cluster is due
+        # Forwarded tasks with an expires_at, for their origin to fail if none has started:
+        # (expires_at, id) earliest first, and the task by id while it is undelivered.
+        self.deadlines: list[tuple[float, str]] = []
+        self.expiring: dict[str, Task] = {}
         self.wakeups = BridgeWakeups(self.spool, self.dsn, self.settings.host)
         self.board = Board(self.dsn, connect_timeout=CONNECT_TIMEOUT_S)  # this host's row
         self.ledger_path = home / "db" / "koubou.db"
@@ -101,11 +107,12 @@ class Bridge:
                 self._round(Events(rescan=True, outcomes=True, flags={"recheck"}))
             next_beat = time.monotonic() + heartbeat_s
             while not self.stopping:
-                wake_at = next_beat if self.due_at is None else min(next_beat, self.due_at)
-                events = self.wakeups.wait(wake_at - time.monotonic())
+                events = self.wakeups.wait(self._until_next(next_beat))
                 if self.due_at is not None and time.monotonic() >= self.due_at:
                     self.due_at = None
                     events.flags.add("due")  # a task's not_before has come: nothing else says so
+                if self.deadlines and self.deadlines[0][0] <= time.time():
+                    events.flags.add("expire")
                 beat = time.monotonic() >= next_beat
                 if beat:
                     next_beat = time.monotonic() + heartbeat_s
@@ -133,6 +140,15 @@ class Bridge:
         log.info("bridge %s stopped", self.id)
         return 0
 
+    def _until_next(self, next_beat: float) -> float:
+        """Seconds to wait: until the heartbeat, a not_before due, or a deadline."""
+        wait = next_beat - time.monotonic()
+        if self.due_at is not None:
+            wait = min(wait, self.due_at - time.monotonic())
+        if self.deadlines and self.up:  # while the cluster is away, the heartbeat retries
+            wait = min(wait, self.deadlines[0][0] - time.time() + DUE_SLACK_S)
+        return max(0.0, wait)
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stopping = True
         self.wakeups.stop()
@@ -152,6 +168,8 @@ class Bridge:
                 self._deliver()
             if events.failed:
                 self._cancel_forwarded(events.failed)
+            if "expire" in flags and self._expire_due():
+                self._deliver()  # their failed outcomes, as the cluster's
             if "cancel" in flags:
                 self._leases_ended(bridge.renew(self.cluster, self.id, self.leases))
             freed = self._send_back() if events.outcomes and self.leases else 0
@@ -175,9 +193,32 @@ class Bridge:
         for start in range(0, len(leaving), FORWARD_BATCH):
             sent = bridge.forward(self.spool, self.cluster, leaving[start:start + FORWARD_BATCH],
                                   self.id, self.config.spool.max_attempts)
+            for task in sent:
+                if task.expires_at is not None:
+                    heapq.heappush(self.deadlines, (task.expires_at, task.id))
+                    self.expiring[task.id] = task
             if sent:
                 log.info("forwarded %d task(s) to the cluster: %s", len(sent),
-                         ", ".join(sent[:5]))
+                         ", ".join(task.id for task in sent[:5]))
+
+    def _expire_due(self) -> int:
+        """Fail in the cluster the forwarded tasks past their expires_at that no host has
+        started (one running decides for itself); how many."""
+        expired, now = 0, time.time()
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, task_id = self.deadlines[0]
+            task = self.expiring.get(task_id)
+            if task is not None:
+                record = task_format.failed_record(
+                    task.raw, "expired", "not started before expires_at "
+                    f"{task.raw.get('expires_at')}", task.attempts, now)
+                if self.cluster.expire(task_id, record):  # ClusterUnavailable: it stays due
+                    expired += 1
+                    log.warning("failed %s (expired): no host started it before %s", task_id,
+                                task.raw.get("expires_at"))
+                del self.expiring[task_id]
+            heapq.heappop(self.deadlines)
+        return expired
 
     def _leaving(self, name: str, local: set[str]) -> str | None:
         """The craftsman a pending task goes to when no live worker here serves it; None when
@@ -207,6 +248,8 @@ class Bridge:
     def _deliver(self) -> None:
         while True:
             placed = bridge.deliver(self.spool, self.cluster, self.id, DELIVER_BATCH)
+            for task_id in placed:
+                self.expiring.pop(task_id, None)
             if placed:
                 log.info("delivered %d outcome(s) from the cluster: %s", len(placed),
                          ", ".join(placed[:5]))

@@ -45,9 +45,9 @@ def taken_in(task: task_format.Task) -> bool:
 
 
 def forward(spool: Spool, cluster: Cluster, leaving: list[tuple[str, str]], bridge_id: str,
-            max_attempts: int = 3) -> list[str]:
+            max_attempts: int = 3) -> list[Task]:
     """Send the pending tasks of `leaving` (file name, craftsman) to the cluster in one
-    transaction; the ids sent. A file a worker of this home took first is left to it; one that
+    transaction; the tasks sent. A file a worker of this home took first is left to it; one that
     is no task goes back to pending/, to be rejected there. ClusterUnavailable (and every file
     back in pending/) when the database cannot be reached: they wait there, as any task does."""
     claims, submissions = [], []
@@ -64,7 +64,7 @@ def forward(spool: Spool, cluster: Cluster, leaving: list[tuple[str, str]], brid
         for claim in claims:
             spool.requeue(claim.file_name, None)
         raise
-    return [submission.task.id for submission in submissions]
+    return [submission.task for submission in submissions]
 
 
 def _claim_task(spool: Spool, name: str, bridge_id: str) -> tuple[Claim, Task] | None:

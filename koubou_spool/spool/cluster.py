@@ -48,6 +48,12 @@ CANCEL = """
         WHERE origin = %(origin)s AND id = %(id)s AND state IN ('pending', 'in_progress')
         RETURNING host)
     SELECT CASE WHEN host IS NOT NULL THEN pg_notify(%(channel)s, host) END FROM gone"""
+# A forwarded task past its expires_at that no host has started fails there as expired, its
+# outcome delivered to its origin as any other (PRODUCT.md §3: not started by expires_at).
+EXPIRE = """
+    UPDATE cluster_tasks SET state = 'failed', outcome = %(outcome)s, finished_at = now(),
+        lease_until = NULL
+    WHERE origin = %(origin)s AND id = %(id)s AND state = 'pending'"""
 MIGRATION_LOCK = 0x6B6F75626F75  # "koubou": the advisory lock first connects migrate under
 CONNECT_TIMEOUT_S = 5
 # A cut-off host sees no FIN: keepalives end an idle connection in about 11 s, not 2 hours, and
@@ -482,6 +488,12 @@ class Cluster:
         and it has not finished; whether it did (a task that never left matches nothing)."""
         return self._count(CANCEL, {"origin": self.host, "id": task_id, "outcome": Jsonb(outcome),
                                     "channel": CANCEL_CHANNEL}) == 1
+
+    def expire(self, task_id: str, outcome: dict[str, Any]) -> bool:
+        """Fail a task this host submitted with its expired outcome, if no host has it now
+        (one that started it decides for itself); whether it did."""
+        return self._count(EXPIRE, {"origin": self.host, "id": task_id,
+                                    "outcome": Jsonb(outcome)}) == 1
 
     # --- outcomes back to their origin --------------------------------------------------------
 
