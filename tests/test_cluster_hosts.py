@@ -378,3 +378,22 @@ def test_a_forwarded_task_no_host_starts_before_its_expires_at_fails_as_expired(
     late = drop(a, 1, "late")
     assert_once_each(a, [b], late, pg_dsn)
     assert not (b.spool.completed / f"{task_id}.json").exists()
+
+
+def test_a_cancel_made_while_the_origins_bridge_was_down_reaches_the_cluster(
+        hosts, pg_dsn: str) -> None:
+    # No inotify event of the bridge saw the cancel's outcome land (it was not running; an
+    # overflow loses one the same way): its first look at the home must find it.
+    a, b = hosts("host-a"), hosts("host-b")
+    _, bridge_a = a.serve("local")
+    [task_id] = drop(a, 1, "unseen")
+    wait_row(pg_dsn, task_id, "pending")
+    bridge_a.kill()
+    bridge_a.wait()
+    cancel_on(a, task_id)
+    a.start("cluster")
+    assert wait_row(pg_dsn, task_id, "failed")[1] == 0  # ended there, never claimed
+    b.serve("echo")
+    later = drop(a, 2, "later")
+    assert_once_each(a, [b], later, pg_dsn)
+    assert not (b.spool.completed / f"{task_id}.json").exists()

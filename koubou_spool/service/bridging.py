@@ -166,6 +166,8 @@ class Bridge:
                 self._forward(sorted(names))
             if flags & {"recheck", "outcomes"}:
                 self._deliver()
+            if events.rescan:  # the first look, or inotify overflowed: events may be lost
+                events.failed |= self._failed_while_unseen()
             if events.failed:
                 self._cancel_forwarded(events.failed)
             if "expire" in flags and self._expire_due():
@@ -333,6 +335,13 @@ class Bridge:
             return False
 
     # --- cancels across hosts ------------------------------------------------------------------
+
+    def _failed_while_unseen(self) -> set[str]:
+        """The outcomes in failed/ of tasks forwarded and still open in the cluster: a cancel
+        made while this bridge was not running, or whose event an overflow lost."""
+        names = [f"{task_id}.json" for task_id in self.cluster.open_forwarded()]
+        return {name for name, state in self.spool.outcome_states(names).items()
+                if state == "failed"}
 
     def _cancel_forwarded(self, names: set[str]) -> None:
         """On the origin: end in the cluster the tasks of these outcomes that `koubou cancel`

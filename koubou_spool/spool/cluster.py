@@ -489,6 +489,10 @@ class Cluster:
         return self._count(CANCEL, {"origin": self.host, "id": task_id, "outcome": Jsonb(outcome),
                                     "channel": CANCEL_CHANNEL}) == 1
 
+    def open_forwarded(self) -> list[str]:
+        """The ids of the tasks this host submitted that the cluster has not finished."""
+        return [row[0] for row in self._rows(batch.OPEN_FORWARDED, {"origin": self.host})]
+
     def expire(self, task_id: str, outcome: dict[str, Any]) -> bool:
         """Fail a task this host submitted with its expired outcome, if no host has it now
         (one that started it decides for itself); whether it did."""

@@ -90,6 +90,11 @@ REQUEUE = _notifying("""
     WHERE t.id = c.id AND t.attempt = c.attempt AND t.state = 'in_progress'
     RETURNING t.id, t.craftsman""", "koubou_tasks", "craftsman")
 
+# The tasks this origin forwarded that the cluster has not finished.
+OPEN_FORWARDED = """
+    SELECT id FROM cluster_tasks
+    WHERE origin = %(origin)s AND state IN ('pending', 'in_progress')"""
+
 UNDELIVERED = """
     SELECT id, state, outcome, attempt FROM cluster_tasks
     WHERE origin = %(origin)s AND state IN ('completed', 'failed') AND delivered_at IS NULL
