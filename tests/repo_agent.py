@@ -84,7 +84,11 @@ def _log(prompt: str, started: bool = False, child: subprocess.Popen | None = No
     record = {"pid": os.getpid(), "cwd": os.getcwd(), "prompt": prompt, "started": started,
               "at": time.time(), "child": child.pid if child else None,
               "env": {k: v for k, v in os.environ.items() if k.startswith("KOUBOU_")}}
-    Path(folder, f"{task}-{runs + 1}.json").write_text(json.dumps(record))
+    # Whole or not at all: the tests read these while the agent runs (a reader once met an
+    # empty file between the create and the write).
+    staging = Path(folder, f".{task}-{runs + 1}.tmp")
+    staging.write_text(json.dumps(record))
+    os.replace(staging, Path(folder, f"{task}-{runs + 1}.json"))
 
 
 if __name__ == "__main__":
