@@ -6,13 +6,18 @@ requests are what the budget must hold: each one is a call that was paid for."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import yaml
+from click.testing import CliRunner
 
+from koubou_spool.cli.koubou import cli
 from koubou_spool.spool import home as home_module
 from koubou_spool.spool.cluster import Cluster
 from koubou_spool.spool.files import Spool
@@ -202,3 +207,77 @@ def test_a_killed_workers_reservation_is_settled_in_full_and_left_open_by_none(
                             "WHERE attempt = 1").fetchone()
     assert lost[0] == lost[1]  # the lost call may have run: it counts in full
     assert spent == pytest.approx(float(lost[0]) + billed(fake_openai), abs=1e-9)
+
+
+def test_a_budget_alert_is_raised_once_for_the_cluster_when_its_spend_passes_the_threshold(
+        tmp_path: Path, cluster_env: str, fake_openai, workers: Workers) -> None:
+    # Each host alone spends under half the limit; together they pass it: the alert is the
+    # cluster's, raised once, by the host whose call passed it.
+    limit = 0.008
+    fake_openai.answer = {"content": "ok"}
+    spools = [make_home(tmp_path, name, fake_openai.base_url, daily_usd=limit,
+                        when_exhausted="fail", slots=1) for name in ("host-a", "host-b")]
+    for spool in spools:
+        config = yaml.safe_load((spool.home / "config" / "koubou.yaml").read_text())
+        config["budget"]["alert_percent"] = [50, 95]
+        (spool.home / "config" / "koubou.yaml").write_text(yaml.safe_dump(config))
+    procs, spent = [], []
+    for spool in spools:  # one host after the other: b's calls pass the threshold
+        procs.append(workers.start(spool.home))
+        ids = [submit(spool, craftsman="cloud", content=f"task {n}") for n in range(7)]
+        assert all(o["status"] == "completed"
+                   for o in wait_outcomes(spool, ids, timeout=30).values())
+        spent.append(billed(fake_openai) - sum(spent))
+    assert max(spent) < limit / 2 <= sum(spent) < limit * 0.95, spent  # the test's premise
+    with psycopg.connect(cluster_env) as conn:
+        alerts = conn.execute("SELECT percent, host FROM cluster_alerts").fetchall()
+    assert alerts == [(50, "host-b")]
+    deadline = time.monotonic() + 10
+    while "budget alert" not in log_of(procs[1]):  # logged after its call's outcome
+        assert time.monotonic() < deadline, log_of(procs[1])
+        time.sleep(0.05)
+    assert log_of(procs[1]).count("budget alert") == 1
+    assert "budget alert" not in log_of(procs[0])
+
+
+def test_status_and_route_show_the_clusters_spend_against_this_homes_limits(
+        tmp_path: Path, cluster_env: str, fake_openai, workers: Workers) -> None:
+    # Host a spends; host b spent nothing itself, but its workers check its limit against the
+    # cluster's spend, so its status and route show that spend, and exhausted.
+    fake_openai.answer = {"content": "ok"}
+    a = make_home(tmp_path, "host-a", fake_openai.base_url, daily_usd=1.0,
+                  when_exhausted="fail")
+    b = make_home(tmp_path, "host-b", fake_openai.base_url, daily_usd=0.001,
+                  when_exhausted="fail")
+    workers.start(a.home)
+    ids = [submit(a, craftsman="cloud", content=f"task {n}") for n in range(4)]
+    assert all(o["status"] == "completed" for o in wait_outcomes(a, ids, timeout=30).values())
+    deadline = time.monotonic() + 10
+    while cluster_budget(cluster_env)[2]:  # settled: the row holds real costs only
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    spent = billed(fake_openai)
+    assert spent > 0.001  # the test's premise: past b's limit, far under a's
+
+    def koubou(home: Path, *args: str, env: dict[str, str] | None = None) -> str:
+        result = CliRunner().invoke(cli, ["--home", str(home), *args], env=env)
+        assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+        return result.output
+
+    shown = json.loads(koubou(b.home, "status", "--json"))["budget"]
+    assert shown["scope"] == "cluster" and shown["exhausted"], shown
+    assert shown["day_spent_usd"] == pytest.approx(spent, abs=1e-6)
+    assert shown["home_day_spent_usd"] == 0.0
+    line = koubou(b.home, "route", "--craftsman", "cloud", "hello").splitlines()[-1]
+    assert line == (f"budget       cluster day {spent:.4f} of 0.001 USD, month {spent:.4f} of "
+                    f"None USD (this host day 0.0000, month 0.0000); exhausted, so fail"), line
+    mine = json.loads(koubou(a.home, "route", "--json", "--craftsman", "cloud", "hello"))
+    assert mine["craftsman"] == "cloud" and not mine["budget"]["exhausted"], mine
+    with socket.socket() as probe:  # a port nothing listens on: the cluster cannot be read
+        probe.bind(("127.0.0.1", 0))
+        closed = f"postgresql://127.0.0.1:{probe.getsockname()[1]}/koubou"
+    line = koubou(a.home, "status", env={DSN_ENV: closed}).splitlines()
+    budget = [text for text in line if text.startswith("budget")]
+    assert len(budget) == 1 and budget[0].startswith("budget       the cluster could not be "
+                                                     "read"), line
+    assert budget[0].endswith("; no cloud call until it can be, so fail"), budget

@@ -362,11 +362,20 @@ def _print_route(facts: dict) -> None:
 def _budget_line(budget: dict) -> str:
     if not budget.get("enabled"):
         return "budget       none configured"
-    if "error" in budget:
+    if "cluster_error" in budget:
+        return (f"budget       {budget['cluster_error']}; no cloud call until it can be, so "
+                f"{budget['when_exhausted']}")
+    if "error" in budget and "scope" not in budget:
         return f"budget       {budget['error']}"
-    return (f"budget       day {budget['day_spent_usd']:.4f} of {budget['daily_usd']} USD, "
-            f"month {budget['month_spent_usd']:.4f} of {budget['monthly_usd']} USD"
-            + (f"; exhausted, so {budget['when_exhausted']}" if budget["exhausted"] else ""))
+    exhausted = f"; exhausted, so {budget['when_exhausted']}" if budget["exhausted"] else ""
+    figures = (f"day {budget['day_spent_usd']:.4f} of {budget['daily_usd']} USD, "
+               f"month {budget['month_spent_usd']:.4f} of {budget['monthly_usd']} USD")
+    if budget.get("scope") == "cluster":
+        home = budget.get("home_day_spent_usd"), budget.get("home_month_spent_usd")
+        mine = ("this host's ledger unreadable" if home[0] is None
+                else f"this host day {home[0]:.4f}, month {home[1]:.4f}")
+        return f"budget       cluster {figures} ({mine}){exhausted}"
+    return f"budget       {figures}{exhausted}"
 
 
 def main() -> None:

@@ -239,10 +239,18 @@ class Budget:
         ledger.settle(conn, reservation_id, cost)
         now = time.time()
         day, month = self.settings.periods(now)
+        limits = (self.settings.daily_usd, self.settings.monthly_usd)
+        if self.shared is not None and self.settings.alert_percent:
+            # The cluster's spend is what the limits hold; its first host to see a threshold
+            # passed alerts, once for the cluster. Recorded here too, for this home's reports.
+            due = self.shared.alerts_due(day, month, limits, self.settings.alert_percent) or []
+            for period, percent, spent, limit in due:
+                ledger.record_alert(conn, period, percent, spent, limit, now)
+            return due
         day_spent, month_spent = ledger.spent(conn, day, month, held=False)  # alerts: real spend
         due = []
-        for period, spent, limit in ((day, day_spent, self.settings.daily_usd),
-                                     (month, month_spent, self.settings.monthly_usd)):
+        for period, spent, limit in zip((day, month), (day_spent, month_spent), limits,
+                                        strict=True):
             for percent in reached(self.settings.alert_percent, spent, limit):
                 if ledger.record_alert(conn, period, percent, spent, limit, now):
                     due.append((period, percent, spent, limit))

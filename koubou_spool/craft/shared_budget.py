@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from ..config import ClusterSettings, Config
+from .budget import reached
 from ..spool.cluster import BACKOFF_S, Cluster, ClusterSchemaError, ClusterUnavailable
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,24 @@ class SharedBudget:
             self._call(lambda cluster: cluster.settle_lost(task_id))
         except ClusterUnavailable as exc:  # they count in full already; only the mark waits
             log.info("open cluster reservations of %s stay open for now: %s", task_id, exc)
+
+    def alerts_due(self, day: str, month: str, limits: tuple[float | None, float | None],
+                   thresholds: tuple[int, ...]) -> list[tuple[str, int, float, float]] | None:
+        """The alerts (period, percent, spent, limit) this host is the first in the cluster to
+        raise, from the cluster's real spend against the (daily, monthly) limits; None while
+        the cluster cannot be reached (a later settle catches up: a threshold passed stays
+        passed)."""
+        try:
+            spent = self._call(lambda cluster: cluster.settled(day, month))
+            due = []
+            for period, so_far, limit in zip((day, month), spent, limits, strict=True):
+                for percent in reached(thresholds, so_far, limit):
+                    if self._call(lambda cluster, p=period, n=percent, s=so_far, cap=limit:
+                                  cluster.record_alert(p, n, s, cap)):
+                        due.append((period, percent, so_far, limit))
+            return due
+        except ClusterUnavailable:
+            return None
 
     def spent(self, day: str, month: str) -> tuple[float, float] | None:
         """The cluster's day and month figures, or None while it cannot be reached (then a

@@ -158,9 +158,20 @@ class Workshop:
         return router.route(task, config, attachments=texts, budget_exhausted=exhausted)
 
     def budget(self) -> dict[str, Any]:
-        """The budget's state now: spent and left today and this month, exhausted or not."""
-        keeper = Budget(self.ledger_path, BudgetSettings.parse(self.config().budget))
-        return keeper.state() if keeper.settings.enabled else {"enabled": False}
+        """The budget's state now: spent and left today and this month, exhausted or not; in
+        a cluster, the cluster's spend against this home's limits."""
+        settings = BudgetSettings.parse(self.config().budget)
+        if not settings.enabled:
+            return {"enabled": False}
+        state = Budget(self.ledger_path, settings).state()
+        day, month = settings.periods(time.time())
+        seen = self._cluster(lambda board, me: {"spent": board.spent(day, month)})
+        if seen is None:
+            return state
+        return cluster_view.budget_state(
+            state | {"daily_usd": settings.daily_usd, "monthly_usd": settings.monthly_usd,
+                     "when_exhausted": settings.when_exhausted},
+            seen, (settings.daily_usd, settings.monthly_usd))
 
     def overview(self) -> dict[str, Any]:
         """Queue depth per state, the registered workers and the budget (`koubou status`);

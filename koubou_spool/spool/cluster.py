@@ -133,6 +133,14 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX cluster_tasks_recent ON cluster_tasks
             ((coalesce(finished_at, submitted_at)) DESC);
     """),
+    ("0004_alerts", """
+        -- Each budget threshold alerts once per period for the whole cluster: the host whose
+        -- insert lands runs its alert_command, the others see the row there already.
+        CREATE TABLE cluster_alerts (
+            period text NOT NULL, percent integer NOT NULL, host text NOT NULL,
+            spent_usd numeric NOT NULL, limit_usd numeric NOT NULL,
+            at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (period, percent));
+    """),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -302,6 +310,28 @@ SETTLE = """
 SETTLE_LOST = """
     UPDATE cluster_reservations SET settled = true, cost_usd = reserved_usd
     WHERE task_id = %(task)s AND host = %(host)s AND NOT settled"""
+
+# Reserved and spent in this day and month (or nothing yet, when the row is still in older ones).
+SPENT = """
+    SELECT CASE WHEN %(day)s > day THEN 0 ELSE day_usd END,
+           CASE WHEN %(month)s > month THEN 0 ELSE month_usd END
+    FROM cluster_budget WHERE scope = %(scope)s"""
+
+# What was really spent in the row's periods: its figures less the reservations still open
+# (in flight, few, and indexed), since a settle replaces a reservation by its cost there.
+SETTLED = """
+    SELECT CASE WHEN %(day)s > b.day THEN 0 ELSE b.day_usd - coalesce((
+               SELECT sum(reserved_usd) FROM cluster_reservations
+               WHERE NOT settled AND day = b.day), 0) END,
+           CASE WHEN %(month)s > b.month THEN 0 ELSE b.month_usd - coalesce((
+               SELECT sum(reserved_usd) FROM cluster_reservations
+               WHERE NOT settled AND month = b.month), 0) END
+    FROM cluster_budget b WHERE b.scope = %(scope)s"""
+
+RECORD_ALERT = """
+    INSERT INTO cluster_alerts (period, percent, host, spent_usd, limit_usd)
+    VALUES (%(period)s, %(percent)s, %(host)s, %(spent)s, %(limit)s)
+    ON CONFLICT DO NOTHING"""
 
 EXPIRE_RESERVATIONS = """
     UPDATE cluster_reservations SET settled = true, cost_usd = reserved_usd
@@ -564,11 +594,23 @@ class Cluster:
     def spent(self, day: str, month: str) -> tuple[float, float]:
         """Reserved and spent so far in this day and month (or the newer ones the cluster is in
         already), across the cluster."""
-        day_usd, month_usd = self._rows(
-            "SELECT CASE WHEN %(day)s > day THEN 0 ELSE day_usd END, CASE WHEN %(month)s > month"
-            " THEN 0 ELSE month_usd END FROM cluster_budget WHERE scope = %(scope)s",
-            {"day": day, "month": month, "scope": BUDGET_ROW})[0]
+        day_usd, month_usd = self._rows(SPENT, {"day": day, "month": month,
+                                                "scope": BUDGET_ROW})[0]
         return float(day_usd), float(month_usd)
+
+    def settled(self, day: str, month: str) -> tuple[float, float]:
+        """What was really spent in this day and month across the cluster (reservations of
+        calls in flight left out): what budget alerts are about."""
+        day_usd, month_usd = self._rows(SETTLED, {"day": day, "month": month,
+                                                  "scope": BUDGET_ROW})[0]
+        return max(0.0, float(day_usd)), max(0.0, float(month_usd))
+
+    def record_alert(self, period: str, percent: int, spent: float, limit: float) -> bool:
+        """Note that a threshold alerted in a period, for the whole cluster; False when some
+        host's alert of it is there already."""
+        return self._count(RECORD_ALERT, {"period": period, "percent": percent,
+                                          "host": self.host, "spent": spent,
+                                          "limit": limit}) == 1
 
     def settle_lost(self, task_id: str) -> int:
         """A dead worker's reservations for a task on this host count in full (the call may

@@ -20,7 +20,7 @@ from psycopg.types.json import Jsonb
 
 from ..errors import ClusterSchemaError
 from . import task as task_format
-from .cluster import KEEPALIVES, close_quietly, unavailable
+from .cluster import BUDGET_ROW, KEEPALIVES, SPENT, close_quietly, unavailable
 
 READ_TIMEOUT_S = 2  # connect, for a command a person waits on
 STATEMENT_TIMEOUT_MS = 5000
@@ -82,6 +82,12 @@ class Board:
                 "body", "submitted_at", "finished_at")
         found = dict(zip(keys, rows[0], strict=True))
         return found | {"body": task_format.decode(bytes(found["body"]))}
+
+    def spent(self, day: str, month: str) -> tuple[float, float]:
+        """The cluster's budget figures for this day and month: spent, and reserved by the
+        calls in flight, on every host (what each worker checks its limits against)."""
+        rows = self._rows(SPENT, {"day": day, "month": month, "scope": BUDGET_ROW})
+        return (float(rows[0][0]), float(rows[0][1])) if rows else (0.0, 0.0)
 
     def close(self) -> None:
         """Close the connection, whatever state it is in."""
