@@ -281,3 +281,26 @@ def test_status_and_route_show_the_clusters_spend_against_this_homes_limits(
     assert len(budget) == 1 and budget[0].startswith("budget       the cluster could not be "
                                                      "read"), line
     assert budget[0].endswith("; no cloud call until it can be, so fail"), budget
+
+
+def test_a_local_craftsmans_settle_asks_the_cluster_nothing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A local craftsman's reservation (its rate window, in the home's ledger) settles there
+    # only: no alert check reaches for a cluster that is away, so none warns of it.
+    from koubou_spool.config import Craftsman
+    from koubou_spool.craft.budget import BudgetSettings
+    from koubou_spool.craft.limits import Budget
+    from koubou_spool.craft.shared_budget import SharedBudget
+    from koubou_spool.spool import ledger
+    path = tmp_path / "koubou.db"
+    ledger.open_ledger(path).close()
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"host=127.0.0.1 port={probe.getsockname()[1]} connect_timeout=1"
+    budget = Budget(path, BudgetSettings(daily_usd=1.0, alert_percent=(1,)),
+                    shared=SharedBudget(closed, "host-a", DSN_ENV))
+    local = Craftsman(name="local", backend="openai", model="m", local=True, max_rpm=100)
+    verdict, reservation = budget.reserve("t1", 1, local, 0.0, 10)
+    assert verdict == "ok"
+    assert budget.settle(reservation, 0.0) == []
+    assert "cannot be reached" not in caplog.text

@@ -194,7 +194,11 @@ class EndpointPool:
                 self.slots.release(self.keys[index], slot)
         if best is None:
             return None
-        return Lease(best, taken[best], self._take_cluster_slot(best))
+        shared = self._take_cluster_slot(best)
+        if shared is None and self._shared(best):  # the spare went with a lost connection
+            self.slots.release(self.keys[best], taken[best])
+            return None
+        return Lease(best, taken[best], shared)
 
     def _shared(self, index: int) -> bool:
         return self.cluster is not None and self.keys[index] in self.cluster.caps

@@ -233,19 +233,26 @@ class Budget:
 
     def settle(self, reservation_id: int, cost: float | None) -> list[tuple[str, int, float, float]]:
         """Record the real cost; returns the alerts (period, percent, spent, limit) now due."""
-        if self.shared is not None:  # first: it never raises, and a retried settle skips it
-            self.shared.settle(int(reservation_id), cost)
+        # First: it never raises, and a retried settle skips it.
+        in_cluster = self.shared is not None and self.shared.settle(int(reservation_id), cost)
         conn = self._conn()
         ledger.settle(conn, reservation_id, cost)
         now = time.time()
         day, month = self.settings.periods(now)
         limits = (self.settings.daily_usd, self.settings.monthly_usd)
-        if self.shared is not None and self.settings.alert_percent:
+        if self.shared is not None:
             # The cluster's spend is what the limits hold; its first host to see a threshold
-            # passed alerts, once for the cluster. Recorded here too, for this home's reports.
+            # passed alerts, once for the cluster, after a settle there (a local craftsman's
+            # makes no round trip). Recorded here too, for this home's reports, if it can be.
+            if not (in_cluster and self.settings.alert_percent):
+                return []
             due = self.shared.alerts_due(day, month, limits, self.settings.alert_percent) or []
             for period, percent, spent, limit in due:
-                ledger.record_alert(conn, period, percent, spent, limit, now)
+                try:
+                    ledger.record_alert(conn, period, percent, spent, limit, now)
+                except sqlite3.Error as exc:  # the cluster holds it: the alert still goes out
+                    log.warning("budget alert %s %d%% not recorded in the ledger: %s",
+                                period, percent, exc)
             return due
         day_spent, month_spent = ledger.spent(conn, day, month, held=False)  # alerts: real spend
         due = []

@@ -75,19 +75,22 @@ class SharedBudget:
         return self._call(lambda cluster: cluster.count_request(craftsman, max_rpm, max_tpm,
                                                                 tokens))
 
-    def settle(self, ledger_id: int, cost: float | None) -> None:
-        """Settle the cluster's side of a ledger reservation (none: nothing to do). Never
-        raises: while the database is away the settle waits for the reconnect, and the
-        whole reservation counts meanwhile, on the budget's side."""
+    def settle(self, ledger_id: int, cost: float | None) -> bool:
+        """Settle the cluster's side of a ledger reservation; True when it was settled in
+        the cluster now (False: it has none, or it waits). Never raises: while the database
+        is away the settle waits for the reconnect, and the whole reservation counts
+        meanwhile, on the budget's side."""
         with self._lock:
             cluster_id = self._ids.pop(ledger_id, None)
         if cluster_id is None:
-            return
+            return False
         try:
             self._call(lambda cluster: cluster.settle(cluster_id, cost))
+            return True
         except ClusterUnavailable:
             with self._lock:
                 self._unsettled.append((cluster_id, cost))
+            return False
 
     def settle_lost(self, task_id: str) -> None:
         """A dead worker's reservations of a task on this host count in full."""

@@ -268,9 +268,12 @@ class SharedSlots:
 
     def _try(self, key: str) -> int | None:
         """Take the first slot of the key that nobody holds; None when all are held."""
+        with self._lock:  # a request's slot whose retake failed after a reconnect is its still
+            in_use = set(self._in_use[key])
         for slot in range(self.caps[key]):
-            # A session's advisory locks stack: never try one this session holds already.
-            if slot in self._held[key]:
+            # A session's advisory locks stack: never try one this session holds already, nor
+            # hand out a number a request of this worker still runs under.
+            if slot in self._held[key] or slot in in_use:
                 continue
             if self._conn.execute(TRY, (key, slot)).fetchone()[0]:
                 self._held[key].add(slot)
