@@ -75,9 +75,12 @@ def test_every_host_shows_the_whole_cluster_and_a_killed_host_goes_stale(
     assert sorted(ran) == sorted(ids)
 
     # status: each host's queues, its row's age, fresh; this host marked
+    # (each row is a snapshot of its host at its bridge's last heartbeat: wait for one that
+    # shows the work done and both processes alive; under load a worker's beat can lag)
     rows = wait_rows(a.home, lambda found: set(found) == {"host-a", "host-b", "host-c"} and [
         sum(found[h.name]["queues"]["completed"] for h in (b, c)),
-        found["host-a"]["queues"]["completed"]] == [len(ids), len(ids)])
+        found["host-a"]["queues"]["completed"], found["host-b"]["workers"],
+        found["host-c"]["workers"]] == [len(ids), len(ids), 2, 2])
     assert rows["host-a"]["this_host"] and not rows["host-b"]["this_host"]
     assert not any(row["stale"] for row in rows.values())
     assert rows["host-a"]["queues"]["completed"] == len(ids)  # delivered back to the origin
