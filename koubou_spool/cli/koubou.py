@@ -330,10 +330,10 @@ def route(text: str, craftsman: str, difficulty: str, sensitivity: str, type_: s
     """
     where = session()
     where.config(required=True)
+    budget = where.budget()  # read once: in a cluster it is a round trip to its database
     decision = where.route({"content": text, "craftsman": craftsman, "type": type_,
                             "difficulty": difficulty, "sensitivity": sensitivity,
-                            "files": list(attach)})
-    budget = where.budget()
+                            "files": list(attach)}, budget)
     facts = {"craftsman": decision.craftsman, "reason": decision.reason,
              "outcome": decision.kind or "run", "confidential": decision.confidential,
              "sensitive_pattern": decision.pattern, "difficulty": decision.difficulty,

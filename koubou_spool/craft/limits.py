@@ -239,21 +239,9 @@ class Budget:
         ledger.settle(conn, reservation_id, cost)
         now = time.time()
         day, month = self.settings.periods(now)
+        if self.shared is not None:  # after a settle there (a local craftsman's asks nothing)
+            return self._cluster_alerts(conn, day, month, now) if in_cluster else []
         limits = (self.settings.daily_usd, self.settings.monthly_usd)
-        if self.shared is not None:
-            # The cluster's spend is what the limits hold; its first host to see a threshold
-            # passed alerts, once for the cluster, after a settle there (a local craftsman's
-            # makes no round trip). Recorded here too, for this home's reports, if it can be.
-            if not (in_cluster and self.settings.alert_percent):
-                return []
-            due = self.shared.alerts_due(day, month, limits, self.settings.alert_percent) or []
-            for period, percent, spent, limit in due:
-                try:
-                    ledger.record_alert(conn, period, percent, spent, limit, now)
-                except sqlite3.Error as exc:  # the cluster holds it: the alert still goes out
-                    log.warning("budget alert %s %d%% not recorded in the ledger: %s",
-                                period, percent, exc)
-            return due
         day_spent, month_spent = ledger.spent(conn, day, month, held=False)  # alerts: real spend
         due = []
         for period, spent, limit in zip((day, month), (day_spent, month_spent), limits,
@@ -261,6 +249,23 @@ class Budget:
             for percent in reached(self.settings.alert_percent, spent, limit):
                 if ledger.record_alert(conn, period, percent, spent, limit, now):
                     due.append((period, percent, spent, limit))
+        return due
+
+    def _cluster_alerts(self, conn: sqlite3.Connection, day: str, month: str,
+                        now: float) -> list[tuple[str, int, float, float]]:
+        """The cluster's spend is what the limits hold: its first host to see a threshold
+        passed alerts, once for the cluster. Recorded in this home's ledger too, for its
+        reports, where it can be."""
+        if not self.settings.alert_percent:
+            return []
+        limits = (self.settings.daily_usd, self.settings.monthly_usd)
+        due = self.shared.alerts_due(day, month, limits, self.settings.alert_percent) or []
+        for period, percent, spent, limit in due:
+            try:
+                ledger.record_alert(conn, period, percent, spent, limit, now)
+            except sqlite3.Error as exc:  # the cluster holds it: the alert still goes out
+                log.warning("budget alert %s %d%% not recorded in the ledger: %s",
+                            period, percent, exc)
         return due
 
     def settle_lost(self, task_id: str) -> None:

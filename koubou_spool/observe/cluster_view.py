@@ -103,15 +103,15 @@ def unread(host: str, exc: KoubouError) -> str:
     return f"the cluster could not be read, so this shows host {host}'s own home only: {exc}"
 
 
-def budget_state(state: dict[str, Any], seen: dict[str, Any], limits: tuple[float | None,
-                 float | None]) -> dict[str, Any]:
+def budget_state(state: dict[str, Any], seen: dict[str, Any]) -> dict[str, Any]:
     """`koubou status`/`route`'s budget in a cluster: the cluster's figures against this
-    home's (daily, monthly) limits, as its workers check them, with this home's own spend
-    beside them. While the cluster cannot be read the budget is exhausted, as a worker then
-    makes no cloud call."""
+    home's limits (`daily_usd`, `monthly_usd` of `state`), as its workers check them, with
+    this home's own spend beside them. While the cluster cannot be read the budget is
+    exhausted, as a worker then makes no cloud call."""
     if "error" in seen:
         return state | {"scope": "cluster", "exhausted": True, "cluster_error": seen["error"]}
-    (day_spent, month_spent), (daily, monthly) = seen["spent"], limits
+    (day_spent, month_spent), daily, monthly = (seen["spent"], state["daily_usd"],
+                                                state["monthly_usd"])
     return state | {
         "scope": "cluster", "day_spent_usd": round(day_spent, 6),
         "month_spent_usd": round(month_spent, 6),

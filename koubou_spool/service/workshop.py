@@ -148,13 +148,15 @@ class Workshop:
         return [{"id": task.id, "state": state, "new": new}
                 for task, state, new in self.spool().submit(tasks)]
 
-    def route(self, fields: dict[str, Any]) -> router.Route:
-        """Where a task would go now, and why (the dry run of `koubou route`)."""
+    def route(self, fields: dict[str, Any],
+              budget: dict[str, Any] | None = None) -> router.Route:
+        """Where a task would go now, and why (the dry run of `koubou route`); `budget` is
+        the budget's state when the caller has read it already."""
         config = self.config()
         task = task_format.validate(fields)
         texts = [a.text for a in read_attachments(task.files, config.attach)] if task.files \
             else []
-        exhausted = bool(self.budget().get("exhausted"))
+        exhausted = bool((self.budget() if budget is None else budget).get("exhausted"))
         return router.route(task, config, attachments=texts, budget_exhausted=exhausted)
 
     def budget(self) -> dict[str, Any]:
@@ -168,10 +170,9 @@ class Workshop:
         seen = self._cluster(lambda board, me: {"spent": board.spent(day, month)})
         if seen is None:
             return state
-        return cluster_view.budget_state(
+        return cluster_view.budget_state(  # the limits too, should the ledger be unreadable
             state | {"daily_usd": settings.daily_usd, "monthly_usd": settings.monthly_usd,
-                     "when_exhausted": settings.when_exhausted},
-            seen, (settings.daily_usd, settings.monthly_usd))
+                     "when_exhausted": settings.when_exhausted}, seen)
 
     def overview(self) -> dict[str, Any]:
         """Queue depth per state, the registered workers and the budget (`koubou status`);
