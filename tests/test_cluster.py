@@ -694,6 +694,44 @@ def test_a_lease_lost_while_the_task_ran_is_fenced_then_sent_back_without_a_seco
     host_b.close()
 
 
+def finish_by_hand(spool: Spool, task_id: str, content: str) -> None:
+    """The serving home's worker finishing a taken-in task (here: its outcome written by hand)."""
+    claim = spool.claim(f"{task_id}.json", "worker-b")
+    record = task_format.decode(spool.read_claim(claim)[0]) | {
+        "status": "completed", "result": {"content": content, "worker_id": "worker-b"}}
+    assert spool.publish(claim, task_id, record)
+
+
+def test_a_retried_task_runs_again_where_an_older_run_finished_but_once_per_run(
+        tmp_path: Path, pg_dsn: str) -> None:
+    from koubou_spool.service import control
+    home_a, home_b = two_homes(tmp_path)
+    host_a = cluster.Cluster.open(pg_dsn, host="host-a", lease_s=30)
+    host_b = cluster.Cluster.open(pg_dsn, host="host-b", lease_s=30)
+    submit(home_a, id="again", content="c", craftsman="echo")
+    bridge.forward(home_a, host_a, [("again.json", "echo")], "bridge-a")
+    [first] = bridge.take_in(home_b, host_b, "bridge-b", "echo", 1)
+    finish_by_hand(home_b, "again", "first run")
+    assert bridge.send_back(home_b, host_b, {"again": first}) == {"again"}
+    assert bridge.deliver(home_a, host_a, "bridge-a") == ["again"]
+    os.rename(home_a.completed / "again.json", home_a.failed / "again.json")  # say it failed
+    control.retry(home_a, "again")
+    bridge.forward(home_a, host_a, [("again.json", "echo")], "bridge-a")
+    [second] = bridge.take_in(home_b, host_b, "bridge-b", "echo", 1)
+    assert (second.run, second.attempt) == (1, 2)
+    assert os.listdir(home_b.pending) == ["again.json"]  # queued again, the old outcome gone
+    assert not (home_b.completed / "again.json").exists() and list(home_b.claims()) == []
+    finish_by_hand(home_b, "again", "second run")
+    assert host_b.requeue(second)  # the lease lost after this run finished here
+    [third] = bridge.take_in(home_b, host_b, "bridge-b", "echo", 1)
+    assert (third.run, third.attempt) == (1, 3) and os.listdir(home_b.pending) == []
+    assert bridge.send_back(home_b, host_b, {"again": third}) == {"again"}  # no third run
+    assert bridge.deliver(home_a, host_a, "bridge-a") == ["again"]
+    assert read_json(home_a.completed / "again.json")["result"]["content"] == "second run"
+    host_a.close()
+    host_b.close()
+
+
 def test_recovery_gives_a_dead_bridges_claims_back_uncounted(origin: Spool, tmp_path: Path) -> None:
     from koubou_spool.config import SpoolSettings
     from koubou_spool.spool.ledger import LedgerWriter

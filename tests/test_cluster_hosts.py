@@ -285,16 +285,22 @@ def wait_row(pg_dsn: str, task_id: str, state: str, timeout: float = 10) -> tupl
     return row
 
 
+def running_on(a: Host, b: Host, prefix: str) -> str:
+    """A task dropped on host a, once host b's worker is running it (a slow echo there)."""
+    a.serve("local")
+    b.serve("echo")
+    [task_id] = drop(a, 1, prefix)
+    deadline = time.monotonic() + 15
+    while not any(entry.startswith(f"{task_id}.json@vm-") for entry, _ in b.spool.claims()):
+        assert time.monotonic() < deadline, b.logs()
+        time.sleep(0.05)
+    return task_id
+
+
 def test_a_task_cancelled_on_its_origin_stops_on_the_host_running_it(
         hosts, pg_dsn: str) -> None:
     a, b = hosts("host-a"), hosts("host-b", latency_ms=20_000, slots=2)
-    a.serve("local")
-    b.serve("echo")
-    [task_id] = drop(a, 1, "cancel")
-    deadline = time.monotonic() + 15
-    while not any(entry.startswith(f"{task_id}.json@vm-") for entry, _ in b.spool.claims()):
-        assert time.monotonic() < deadline, b.logs()  # host b's worker is running it
-        time.sleep(0.05)
+    task_id = running_on(a, b, "cancel")
     started = time.monotonic()
     cancel_on(a, task_id)
     assert read_json(a.spool.failed / f"{task_id}.json")["error"]["kind"] == "cancelled"
@@ -341,6 +347,28 @@ def test_a_cluster_task_retried_on_its_origin_runs_again(hosts, pg_dsn: str) -> 
     assert_once_each(a, [b], [task_id], pg_dsn)
     assert not (a.spool.failed / f"{task_id}.json").exists()
     assert rows(pg_dsn)[task_id][:2] == ("completed", 1)
+
+
+def test_a_retry_of_a_task_that_ended_on_a_serving_host_runs_there_again(
+        hosts, pg_dsn: str) -> None:
+    # Host b holds the old run's outcome (cancelled while it ran there). The retried task it
+    # leases again is a new run: it must run, not have that outcome sent back as its own.
+    a, b = hosts("host-a"), hosts("host-b", latency_ms=20_000, slots=2)
+    task_id = running_on(a, b, "rerun")
+    cancel_on(a, task_id)
+    [stopped] = wait_outcomes(b.spool, [task_id], timeout=10).values()
+    assert stopped["error"]["kind"] == "cancelled"
+    wait_delivered(pg_dsn, [task_id])
+    b.kill()  # and back without the latency, so that the new run is quick
+    path = b.home / "config" / "koubou.yaml"
+    path.write_text(path.read_text().replace("latency_ms: 20000", "latency_ms: 0"))
+    result = CliRunner().invoke(cli, ["retry", task_id, "--home", str(a.home)])
+    assert result.exit_code == 0, result.output
+    b.serve("echo")
+    assert_once_each(a, [b], [task_id], pg_dsn)
+    assert read_json(b.spool.completed / f"{task_id}.json")["result"]["content"] == "rerun 0"
+    assert not (b.spool.failed / f"{task_id}.json").exists()
+    assert rows(pg_dsn)[task_id][:2] == ("completed", 2)
 
 
 def test_a_forwarded_task_with_not_before_runs_at_its_time_with_nothing_else_happening(

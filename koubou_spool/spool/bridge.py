@@ -13,7 +13,7 @@ queues them in its own pending/, pinned to that craftsman, where its workers run
 task; `send_back` publishes the local outcomes of the leases held, fenced by (id, attempt);
 `renew` keeps the leases alive meanwhile and drops the revoked ones. A task whose lease was
 lost and that comes back to this host finds its local outcome and is sent back without a
-second run.
+second run; one retried on its origin since (a new run of its row) runs again.
 
 Each step is one statement for all the tasks a bridge's round has (spool/cluster_batch.py),
 and the spool's side of a step one fsync per directory, however many tasks cross.
@@ -37,6 +37,7 @@ from .task import Task
 log = logging.getLogger(__name__)
 
 FROM_KEY = "koubou_cluster_from"  # in a taken-in task's metadata: the host it came from
+RUN_KEY = "koubou_cluster_run"  # and the run of its cluster row it was leased in
 
 
 def taken_in(task: task_format.Task) -> bool:
@@ -169,12 +170,17 @@ def take_in(spool: Spool, cluster: Cluster, bridge_id: str, craftsman: str,
             limit: int) -> list[ClusterClaim]:
     """Lease up to `limit` cluster tasks of a craftsman in one statement and queue them in
     this home's pending/ together (one group commit), pinned to it; the leases. A task already in
-    this home (an earlier lease of it ran here) is not queued again."""
+    this home (an earlier lease of it ran here) is not queued again, unless what is here is the
+    outcome of an older run."""
     claims = cluster.claim_many(bridge_id, [craftsman], limit)
     if not claims:
         return []
     try:
-        spool.submit([_as_queued(claim) for claim in claims])
+        queued = [_as_queued(claim) for claim in claims]
+        for claim, task in zip(claims, queued, strict=True):
+            if claim.run:  # retried on its origin: an outcome here may be of an older run
+                _replace_older_run(spool, task, claim.run, bridge_id)
+        spool.submit(queued)
     except BaseException:
         cluster.requeue_many(claims)  # the leases back at once rather than after lease_s
         raise
@@ -183,11 +189,24 @@ def take_in(spool: Spool, cluster: Cluster, bridge_id: str, craftsman: str,
 
 def _as_queued(claim: ClusterClaim) -> Task:
     """A leased task as this home queues it: pinned to its craftsman, marked as come from the
-    cluster, so that this home's bridge never forwards it back out."""
+    cluster (so that this home's bridge never forwards it back out) in this run of its row."""
     obj = task_format.decode(claim.body)
     obj["craftsman"] = claim.craftsman
-    obj["metadata"] = {**(obj.get("metadata") or {}), FROM_KEY: claim.origin}
+    obj["metadata"] = {**(obj.get("metadata") or {}), FROM_KEY: claim.origin,
+                       RUN_KEY: claim.run}
     return task_format.validate(obj)
+
+
+def _replace_older_run(spool: Spool, task: Task, run: int, bridge_id: str) -> None:
+    """Queue a retried task in place of the outcome an older run of it left here. That outcome
+    went to its origin already; sent back again, it would answer the retry with the old result.
+    A lease lost after its run finished here comes back in the same run, and is sent back."""
+    record = spool.outcome(task.id)
+    metadata = record.get("metadata") if isinstance(record, dict) else None
+    if not isinstance(metadata, dict) or FROM_KEY not in metadata:
+        return  # nothing finished here, or a task of this home's own under the same id
+    if metadata.get(RUN_KEY, 0) < run:
+        spool.rerun(spool.find(task.id), bridge_id, task)
 
 
 def send_back(spool: Spool, cluster: Cluster, leases: dict[str, ClusterClaim]) -> set[str]:

@@ -141,6 +141,12 @@ MIGRATIONS: list[tuple[str, str]] = [
             spent_usd numeric NOT NULL, limit_usd numeric NOT NULL,
             at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (period, percent));
     """),
+    ("0005_runs", """
+        -- A task retried on its origin starts a new run of its row. A host that holds the
+        -- outcome of an older run runs it again rather than send that outcome back
+        -- (spool/bridge.py, take_in).
+        ALTER TABLE cluster_tasks ADD COLUMN run integer NOT NULL DEFAULT 0;
+    """),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -155,7 +161,8 @@ class Submission(NamedTuple):
 
 @dataclass(frozen=True)
 class ClusterClaim:
-    """A lease on one task: `attempt` is the fencing token."""
+    """A lease on one task: `attempt` is the fencing token; `run` counts the task's retries on
+    its origin."""
 
     task_id: str
     attempt: int
@@ -164,6 +171,7 @@ class ClusterClaim:
     origin: str
     body: bytes
     max_attempts: int
+    run: int = 0
 
 
 @dataclass(frozen=True)
@@ -453,8 +461,8 @@ class Cluster:
                                         "limit": limit})
         rows.sort(key=lambda row: (-row[6], row[7]))  # RETURNING keeps no order
         return [ClusterClaim(task_id, attempt, worker_id, craftsman, origin, bytes(body),
-                             max_attempts)
-                for task_id, attempt, craftsman, origin, body, max_attempts, _, _ in rows]
+                             max_attempts, run)
+                for task_id, attempt, craftsman, origin, body, max_attempts, _, _, run in rows]
 
     def next_due_s(self, craftsmen: Sequence[str]) -> float | None:
         """Seconds until the first pending task of these craftsmen held back by its not_before

@@ -38,6 +38,7 @@ SUBMIT = _notifying("""
     ON CONFLICT (id) DO UPDATE SET state = 'pending', craftsman = excluded.craftsman,
         priority = excluded.priority, not_before = excluded.not_before, body = excluded.body,
         max_attempts = cluster_tasks.attempt + excluded.max_attempts, outcome = NULL,
+        run = cluster_tasks.run + 1,
         worker_id = NULL, host = NULL, lease_until = NULL, finished_at = NULL,
         delivered_at = NULL
     WHERE cluster_tasks.origin = excluded.origin AND cluster_tasks.delivered_at IS NOT NULL
@@ -63,7 +64,8 @@ CLAIM = """
         worker_id = %(worker)s, host = %(host)s, claimed_at = now(),
         lease_until = now() + make_interval(secs => %(lease)s)
     FROM picked WHERE t.id = picked.id
-    RETURNING t.id, t.attempt, t.craftsman, t.origin, t.body, t.max_attempts, t.priority, t.seq"""
+    RETURNING t.id, t.attempt, t.craftsman, t.origin, t.body, t.max_attempts, t.priority, t.seq,
+        t.run"""
 
 # Each outcome under its claim's (id, attempt), only while that claim holds the task.
 PUBLISH = _notifying("""

@@ -106,6 +106,16 @@ class Retention:
         self.write_atomic(self.in_progress, claim.file_name, task_format.encode(record))
         return claim
 
+    def rerun(self, found: Found, owner: str, task: task_format.Task) -> None:
+        """Queue `task` in place of the outcome `found` of an earlier run of it (a cluster task
+        retried on its origin, which holds that outcome). Through a claim of `owner`, as
+        reopen: a crash half way leaves a claim that recovery requeues."""
+        claim = Claim(found.path.name, owner, time.time())
+        os.rename(found.path, self.in_progress / claim.file_name)
+        Path(str(found.path) + SIDECAR).unlink(missing_ok=True)
+        self.write_atomic(self.in_progress, claim.file_name, task_format.encode(task.raw))
+        self.requeue(claim.file_name, None)
+
     def unreject(self, found: Found) -> str:
         """Put rejected input back in pending/ as it was (for a fixed config or file), its
         reason dropped; the name it has there."""
