@@ -165,6 +165,20 @@ def test_a_heartbeat_renews_leases_and_names_the_revoked(store: cluster.Cluster)
     assert not store.renew(second)
 
 
+def test_a_heartbeat_leaves_a_lease_its_holder_does_not_track_to_run_out(
+        store: cluster.Cluster, pg_dsn: str) -> None:
+    store.submit(tasks(2))
+    tracked = store.claim("w1", ["echo"])
+    store.claim("w1", ["echo"])  # its reply lost, say: w1 never knew it had t-0001
+    wait_until(lambda: store.heartbeat("w1", [tracked]) == []
+               and store.take_back_expired() == [("t-0001", "pending")], LEASE_S * 5,
+               "the untracked lease's end")
+    other = cluster.Cluster(pg_dsn, host="host-b", lease_s=LEASE_S)
+    assert (other.claim("w2", ["echo"]).task_id, tracked.attempt) == ("t-0001", 1)
+    assert store.heartbeat("w1", [tracked]) == [] and store.renew(tracked)  # still w1's
+    other.close()
+
+
 def test_an_expired_lease_is_taken_over_and_its_late_result_changes_nothing(
         store: cluster.Cluster, pg_dsn: str) -> None:
     store.submit(tasks(1))

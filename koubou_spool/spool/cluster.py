@@ -251,15 +251,6 @@ RENEW = """
     UPDATE cluster_tasks SET lease_until = now() + make_interval(secs => %(lease)s)
     WHERE id = %(id)s AND attempt = %(attempt)s AND state = 'in_progress'"""
 
-RENEW_ALL = """
-    WITH renewed AS (
-        UPDATE cluster_tasks SET lease_until = now() + make_interval(secs => %(lease)s)
-        WHERE worker_id = %(worker)s AND state = 'in_progress'
-        RETURNING id, attempt),
-    beat AS (
-        UPDATE cluster_workers SET heartbeat_at = now() WHERE id = %(worker)s)
-    SELECT id, attempt FROM renewed"""
-
 # A lease past its end goes back to pending with its attempt counted (the next claim raises it),
 # or fails as lost once max_attempts claims were spent, like the file spool's recovery.
 TAKE_BACK = """
@@ -476,11 +467,15 @@ class Cluster:
                                    "lease": self.lease_s}) == 1
 
     def heartbeat(self, worker_id: str, claims: Iterable[ClusterClaim]) -> list[ClusterClaim]:
-        """Renew every lease of a worker and its registration in one statement; the claims of
-        `claims` that were revoked meanwhile."""
-        held = {(task_id, attempt) for task_id, attempt in self._rows(
-            RENEW_ALL, {"worker": worker_id, "lease": self.lease_s})}
-        return [c for c in claims if (c.task_id, c.attempt) not in held]
+        """Renew these leases of a worker and its registration in one statement; the claims of
+        `claims` that were revoked meanwhile. Only these: a row of the worker's it does not
+        track (a claim whose reply was lost, a give-back that failed) runs out its lease and
+        is taken back, rather than held for as long as the worker lives."""
+        given = list(claims)
+        held = {(task_id, attempt) for task_id, attempt in self._rows(batch.RENEW, {
+            "worker": worker_id, "lease": self.lease_s,
+            "ids": [c.task_id for c in given], "attempts": [c.attempt for c in given]})}
+        return [c for c in given if (c.task_id, c.attempt) not in held]
 
     def take_back_expired(self) -> list[tuple[str, str]]:
         """Take back every lease past its end: (id, 'pending' or 'failed') each; waiters are

@@ -85,6 +85,20 @@ PUBLISHED_BY = """
         AS c(id, attempt, worker_id) USING (id, attempt, worker_id)
     WHERE t.state IN ('completed', 'failed')"""
 
+# The holder's heartbeat: each of these leases (its worker's, while in progress) for lease_s
+# more, and the worker's registration; the leases renewed. Fenced as publish is: a lease the
+# holder does not name is not renewed, even under its worker's id.
+RENEW = """
+    WITH renewed AS (
+        UPDATE cluster_tasks t SET lease_until = now() + make_interval(secs => %(lease)s)
+        FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS c(id, attempt)
+        WHERE t.id = c.id AND t.attempt = c.attempt AND t.worker_id = %(worker)s
+            AND t.state = 'in_progress'
+        RETURNING t.id, t.attempt),
+    beat AS (
+        UPDATE cluster_workers SET heartbeat_at = now() WHERE id = %(worker)s)
+    SELECT id, attempt FROM renewed"""
+
 # Back to pending with their attempts counted, fenced as publish is.
 REQUEUE = _notifying("""
     UPDATE cluster_tasks t SET state = 'pending', worker_id = NULL, lease_until = NULL
