@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from koubou_spool import config as config_module
 from koubou_spool.spool import home as home_module, task as task_format
 from koubou_spool.spool.files import Spool
 
@@ -23,12 +24,15 @@ from conftest import Workers, read_json, submit, wait_outcomes, write_config
 import pgserver
 
 try:
+    from koubou_spool.service import bridging
+    from koubou_spool.service.bridge_wakeups import Events
     from koubou_spool.spool import bridge, cluster
 except ImportError:  # psycopg missing: the pg_server fixture names the command that adds it
-    bridge = cluster = None
+    bridge = bridging = cluster = Events = None
 
 CLAIMER = Path(__file__).parent / "cluster_claimer.py"
 LEASE_S = 1.0
+DSN_ENV = "KOUBOU_TEST_CLUSTER_DSN"
 
 
 def tasks(count: int, craftsman: str = "echo", prefix: str = "t", **fields: object) -> list:
@@ -744,6 +748,73 @@ def test_a_retried_task_runs_again_where_an_older_run_finished_but_once_per_run(
     assert read_json(home_a.completed / "again.json")["result"]["content"] == "second run"
     host_a.close()
     host_b.close()
+
+
+# --- the serving host's bridge (service/bridging.py), driven round by round ----------------------
+
+@pytest.fixture
+def serving_bridge(pg_dsn: str, monkeypatch: pytest.MonkeyPatch):
+    """A factory of host b's bridge (`koubou cluster`) in this process, on a home made under a
+    directory given, whose live worker serves echo (as it would say); its rounds are run by the
+    test. The listener thread is not started: the test passes the wake-ups it would bring."""
+    made = []
+    monkeypatch.setenv(DSN_ENV, pg_dsn)
+
+    def make(root: Path) -> bridging.Bridge:
+        home = root / "host-b"
+        home_module.init(home)
+        config = write_config(home, cluster={"dsn_env": DSN_ENV, "host": "host-b",
+                                             "lease_s": 30})
+        made.append(bridging.Bridge(home, config_module.load(config)))
+        made[-1].served = {"echo"}
+        return made[-1]
+    yield make
+    for serving in made:
+        serving.wakeups.close()
+        serving.cluster.close_quietly()
+        serving.board.close()
+
+
+def forwarded(root: Path, pg_dsn: str, *ids: str) -> tuple[Spool, cluster.Cluster]:
+    """Host a, with these echo tasks forwarded by its bridge."""
+    home_module.init(root / "host-a")
+    write_config(root / "host-a")
+    home_a = Spool.open(root / "host-a")
+    host_a = cluster.Cluster.open(pg_dsn, host="host-a", lease_s=30)
+    for task_id in ids:
+        submit(home_a, id=task_id, content="c", craftsman="echo")
+    bridge.forward(home_a, host_a, [(f"{i}.json", "echo") for i in ids], "bridge-a")
+    return home_a, host_a
+
+
+def test_a_cancel_whose_row_could_not_be_read_still_stops_the_local_copy(
+        tmp_path: Path, pg_dsn: str, serving_bridge) -> None:
+    _, host_a = forwarded(tmp_path, pg_dsn, "stop-me")
+    host_b = serving_bridge(tmp_path)
+    assert host_b._connect()
+    host_b._round(Events(flags={"tasks:echo"}))
+    assert list(host_b.leases) == ["stop-me"] and os.listdir(host_b.spool.pending) == [
+        "stop-me.json"]
+    record = task_format.failed_record({"id": "stop-me", "content": "c"}, "cancelled",
+                                       "cancelled on host a", 1, time.time())
+    assert host_a.cancel("stop-me", record)  # and koubou_cancel tells host b
+    states = host_b.cluster.states
+
+    def blip_then_states(ids) -> dict:  # the connection lost between the renewal and the read
+        host_b.cluster.states = states
+        with cluster.connect(pg_dsn) as conn:
+            conn.execute("SELECT pg_terminate_backend(%s, 5000)",
+                         (host_b.cluster._conn.info.backend_pid,))
+        return states(ids)
+    host_b.cluster.states = blip_then_states
+    host_b._round(Events(flags={"cancel"}))
+    assert not host_b.up and host_b.leases == {}  # the cluster away; the lease revoked
+    assert os.listdir(host_b.spool.pending) == ["stop-me.json"]
+    assert host_b._connect()  # back: the bridge's round after a reconnect
+    host_b._round(Events(rescan=True, outcomes=True, flags={"recheck"}))
+    assert os.listdir(host_b.spool.pending) == [], "the cancelled task's local copy runs on"
+    assert read_json(host_b.spool.failed / "stop-me.json")["error"]["kind"] == "cancelled"
+    host_a.close()
 
 
 def test_recovery_gives_a_dead_bridges_claims_back_uncounted(origin: Spool, tmp_path: Path) -> None:

@@ -75,6 +75,9 @@ class Bridge:
         self.id = BRIDGE_PREFIX + new_worker_id()
         self.cluster = Cluster(self.dsn, host=self.settings.host, lease_s=self.settings.lease_s)
         self.leases: dict[str, ClusterClaim] = {}  # taken in: task id -> its lease
+        # Revoked leases whose rows were not read yet (the read failed): a cancelled one's
+        # local copy must still be stopped once the cluster answers again.
+        self.unread: set[str] = set()
         self.up = False  # the last database call succeeded
         self.down_logged = -DOWN_LOG_S
         self.stopping = False
@@ -172,7 +175,7 @@ class Bridge:
                 self._cancel_forwarded(events.failed)
             if "expire" in flags and self._expire_due():
                 self._deliver()  # their failed outcomes, as the cluster's
-            if "cancel" in flags:
+            if "cancel" in flags or self.unread:
                 self._leases_ended(bridge.renew(self.cluster, self.id, self.leases))
             freed = self._send_back() if events.outcomes and self.leases else 0
             wanted = {flag[len("tasks:"):] for flag in flags if flag.startswith("tasks:")}
@@ -360,11 +363,14 @@ class Bridge:
     def _leases_ended(self, revoked: list[str]) -> None:
         """On the serving host: leases the cluster no longer renews. A task whose row is over
         (cancelled on its origin) is cancelled here too, so its request stops; one whose lease
-        ran out goes on here, and its result is fenced out."""
-        if not revoked:
+        ran out goes on here, and its result is fenced out. The renewal that found them
+        revoked forgot their leases already: they are kept until their rows are read."""
+        self.unread.update(revoked)
+        if not self.unread:
             return
-        over = {i for i, state in self.cluster.states(revoked).items()
-                if state in ("completed", "failed")}
+        states = self.cluster.states(self.unread)  # ClusterUnavailable: read at the next look
+        revoked, self.unread = sorted(self.unread), set()
+        over = {i for i, state in states.items() if state in ("completed", "failed")}
         for task_id in sorted(over):
             try:
                 cancel(self.spool, self.ledger_path, task_id)
