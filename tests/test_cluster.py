@@ -6,6 +6,7 @@ bridge (koubou_spool/spool/bridge.py) between a real home and the cluster."""
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from koubou_spool.spool import home as home_module, task as task_format
 from koubou_spool.spool.files import Spool
 
 from conftest import Workers, read_json, submit, wait_outcomes, write_config
+from test_disk import _fill as fill_disk, small_disk  # noqa: F401 (a fixture, used by name)
 import pgserver
 
 try:
@@ -814,6 +816,59 @@ def test_a_cancel_whose_row_could_not_be_read_still_stops_the_local_copy(
     host_b._round(Events(rescan=True, outcomes=True, flags={"recheck"}))
     assert os.listdir(host_b.spool.pending) == [], "the cancelled task's local copy runs on"
     assert read_json(host_b.spool.failed / "stop-me.json")["error"]["kind"] == "cancelled"
+    host_a.close()
+
+
+def test_a_cluster_task_that_is_no_valid_task_here_fails_on_its_origin_as_invalid(
+        tmp_path: Path, pg_dsn: str) -> None:
+    home_a, host_a = forwarded(tmp_path, pg_dsn, "good", "unread", "garbled")
+    with cluster.connect(pg_dsn) as conn:  # sent by an origin whose koubou reads tasks otherwise
+        for task_id, body in (("unread", '{"id": "unread", "content": "c", "priority": "high"}'),
+                              ("garbled", "not a task at all")):
+            conn.execute("UPDATE cluster_tasks SET body = convert_to(%s, 'UTF8') WHERE id = %s",
+                         (body, task_id))
+    home_module.init(tmp_path / "host-b")
+    home_b = Spool.open(tmp_path / "host-b")
+    host_b = cluster.Cluster.open(pg_dsn, host="host-b", lease_s=30)
+    leases = bridge.take_in(home_b, host_b, "bridge-b", "echo", 4)
+    assert [lease.task_id for lease in leases] == ["good"]
+    assert os.listdir(home_b.pending) == ["good.json"]
+    assert host_a.states(["good", "unread", "garbled"]) == {
+        "good": "in_progress", "unread": "failed", "garbled": "failed"}
+    assert sorted(bridge.deliver(home_a, host_a, "bridge-a")) == ["garbled", "unread"]
+    unread = read_json(home_a.failed / "unread.json")
+    assert (unread["content"], unread["error"]["kind"], unread["error"]["attempts"]) == (
+        "c", "invalid", 1)
+    assert unread["error"]["message"].startswith("host host-b refused it, not run: priority")
+    garbled = read_json(home_a.failed / "garbled.json")
+    assert garbled["error"]["kind"] == "invalid" and "not valid JSON" in garbled["error"]["message"]
+    host_a.close()
+    host_b.close()
+
+
+def test_a_take_in_the_disk_refuses_gives_the_leases_back_and_the_bridge_goes_on(
+        tmp_path: Path, pg_dsn: str, serving_bridge,
+        small_disk: Path,  # noqa: F811 (test_disk's fixture, imported above)
+        caplog: pytest.LogCaptureFixture) -> None:
+    _, host_a = forwarded(tmp_path, pg_dsn, "later")
+    host_b = serving_bridge(small_disk)
+    assert host_b._connect()
+    lock = host_b._lock_fd = host_b.spool.register_worker(host_b.id, {"id": host_b.id})
+    filler = fill_disk(small_disk)
+    with caplog.at_level(logging.WARNING, logger=bridging.__name__):
+        host_b._round(Events(flags={"tasks:echo"}))  # before: NoSpace, and the bridge died
+    assert "no space left for" in caplog.text and "taken in again at the next" in caplog.text
+    assert host_b.leases == {} and host_a.states(["later"]) == {"later": "pending"}
+    host_b._round(Events(flags={"tasks:echo"}))  # the give-back's own NOTIFY: not at once again
+    with cluster.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT state, attempt FROM cluster_tasks").fetchall() == [
+            ("pending", 1)]
+    filler.unlink()
+    assert host_b._beat()  # its next heartbeat: the take-in may try again
+    host_b._round(Events(flags={"freed"}))
+    assert list(host_b.leases) == ["later"]
+    assert os.listdir(host_b.spool.pending) == ["later.json"]
+    host_b.spool.unregister_worker(host_b.id, lock)
     host_a.close()
 
 

@@ -37,7 +37,7 @@ from ..spool import task as task_format
 from ..spool.task import Task
 from ..spool.cluster import CONNECT_TIMEOUT_S, Cluster, ClusterClaim, ClusterUnavailable
 from ..spool.cluster_hosts import Board
-from ..spool.entries import BRIDGE_PREFIX, Refused, Unavailable
+from ..spool.entries import BRIDGE_PREFIX, NoSpace, Refused, Unavailable
 from ..spool.files import Spool, new_worker_id
 from .bridge_wakeups import BridgeWakeups, Events
 from .control import NotCancelled, cancel
@@ -81,6 +81,9 @@ class Bridge:
         self.up = False  # the last database call succeeded
         self.down_logged = -DOWN_LOG_S
         self.stopping = False
+        # The disk refused the tasks of a take-in: none until the next heartbeat, not at each
+        # NOTIFY (giving the leases back sends one, which would bring them straight back).
+        self.held_back = False
         self.served: set[str] = set()
         self.due_at: float | None = None  # monotonic: a not_before task of the cluster is due
         # Forwarded tasks with an expires_at, for their origin to fail if none has started:
@@ -281,8 +284,14 @@ class Bridge:
         """Lease tasks up to each craftsman's free slots: its max_concurrent, less the leases
         of it held. Bounded, so that the first host to look does not lease everything."""
         room: set[str] = set()
-        while self._take_in_once(room) and self._send_back():
-            pass  # a task that ran here under an earlier lease was done already: room again
+        try:
+            while self._take_in_once(room) and self._send_back():
+                pass  # a task that ran here under an earlier lease was done already: room again
+        except NoSpace as exc:
+            self.held_back = True
+            log.warning("%s; the cluster's tasks were given back, taken in again at the next "
+                        "heartbeat", exc)
+            return
         if room:
             self._mind_not_before(sorted(room))
 
@@ -299,7 +308,7 @@ class Bridge:
         for craftsman in self._serving():
             held = sum(lease.craftsman == craftsman for lease in self.leases.values())
             free = self.config.craftsmen[craftsman].max_concurrent - held
-            if free <= 0 or self.stopping:
+            if free <= 0 or self.stopping or self.held_back:
                 room.discard(craftsman)
                 continue
             leases = bridge.take_in(self.spool, self.cluster, self.id, craftsman, free)
@@ -319,12 +328,14 @@ class Bridge:
 
     def _beat(self) -> bool:
         """Keep the local claims alive; renew the leases, take back expired ones anywhere;
-        whether leases of this bridge ended (revoked, or sent back), leaving room to take in:
-        no wake-up may come for the tasks still waiting, their NOTIFY was sent long ago."""
+        whether leases of this bridge ended (revoked, or sent back), leaving room to take in,
+        or a take-in the disk refused may try again: no wake-up may come for the tasks still
+        waiting, their NOTIFY was sent long ago."""
         now = time.time()
         os.utime(self._lock_fd, (now, now))
+        retry, self.held_back = self.held_back, False
         if not self.up:
-            return False
+            return retry
         try:
             revoked = bridge.renew(self.cluster, self.id, self.leases)
             self._leases_ended(revoked)
@@ -332,10 +343,10 @@ class Bridge:
             if taken:
                 log.warning("took back %d expired lease(s) in the cluster", len(taken))
             self._publish_host()
-            return bool(revoked) or bool(self.leases and self._send_back())
+            return retry or bool(revoked) or bool(self.leases and self._send_back())
         except ClusterUnavailable as exc:
             self._down(exc)
-            return False
+            return retry
 
     # --- cancels across hosts ------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from ..errors import InvalidTask, TaskNotFound
 from . import task as task_format
@@ -169,22 +170,54 @@ def _found(spool: Spool, task_id: str) -> tuple[str, str]:
 def take_in(spool: Spool, cluster: Cluster, bridge_id: str, craftsman: str,
             limit: int) -> list[ClusterClaim]:
     """Lease up to `limit` cluster tasks of a craftsman in one statement and queue them in
-    this home's pending/ together (one group commit), pinned to it; the leases. A task already in
-    this home (an earlier lease of it ran here) is not queued again, unless what is here is the
-    outcome of an older run."""
+    this home's pending/ together (one group commit), pinned to it; the leases queued. A task
+    already in this home (an earlier lease of it ran here) is not queued again, unless what is
+    here is the outcome of an older run. One that is no valid task here fails under its lease
+    as invalid, for its origin's failed/. NoSpace (every lease given back) when the disk
+    refuses the files."""
     claims = cluster.claim_many(bridge_id, [craftsman], limit)
     if not claims:
         return []
     try:
-        queued = [_as_queued(claim) for claim in claims]
-        for claim, task in zip(claims, queued, strict=True):
+        queued, invalid = _as_queued_all(claims)
+        cluster.publish_many([(claim, _invalid_outcome(claim, exc, cluster.host))
+                              for claim, exc in invalid])
+        claims = [claim for claim, _ in queued]
+        for claim, task in queued:
             if claim.run:  # retried on its origin: an outcome here may be of an older run
                 _replace_older_run(spool, task, claim.run, bridge_id)
-        spool.submit(queued)
+        spool.submit([task for _, task in queued])
     except BaseException:
         cluster.requeue_many(claims)  # the leases back at once rather than after lease_s
         raise
     return claims
+
+
+def _as_queued_all(claims: list[ClusterClaim]) -> tuple[list[tuple[ClusterClaim, Task]],
+                                                        list[tuple[ClusterClaim, InvalidTask]]]:
+    """The leased tasks as this home queues them, and those whose body is no valid task here
+    (an origin of another koubou version, say), with the reason."""
+    queued, invalid = [], []
+    for claim in claims:
+        try:
+            queued.append((claim, _as_queued(claim)))
+        except InvalidTask as exc:
+            invalid.append((claim, exc))
+    return queued, invalid
+
+
+def _invalid_outcome(claim: ClusterClaim, exc: InvalidTask, host: str) -> dict:
+    """The failed outcome of a cluster task that is no valid task on this host: every field
+    of it that can be read, its error kind `invalid`."""
+    try:
+        sent = task_format.decode(claim.body)
+    except InvalidTask:
+        sent = None
+    fields = {**(sent if isinstance(sent, dict) else {}), "id": claim.task_id}
+    log.warning("cluster task %s from %s is no valid task here: %s", claim.task_id,
+                claim.origin, exc)
+    return task_format.failed_record(fields, "invalid", f"host {host} refused it, not run: "
+                                     f"{exc}", claim.attempt, time.time())
 
 
 def _as_queued(claim: ClusterClaim) -> Task:
