@@ -8,6 +8,7 @@ max_concurrent at once.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import threading
@@ -144,6 +145,75 @@ def test_while_postgresql_is_away_no_slot_is_granted(
     assert a.take(within=1.0) is None
     pg_server.start()
     assert a.take(within=15) == 0  # the reconnect grants what waited
+
+
+def slot_logs(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == shared_slots.__name__ and text in r.getMessage()]
+
+
+def wait_logs(caplog: pytest.LogCaptureFixture, text: str, count: int, timeout: float) -> None:
+    """Until the slots thread logged `text` `count` times (its tries, which nothing else
+    announces)."""
+    deadline = time.monotonic() + timeout
+    while len(slot_logs(caplog, text)) < count:
+        assert time.monotonic() < deadline, f"{count} tries logging {text!r} within {timeout} s"
+        time.sleep(0.05)
+
+
+def test_a_worker_that_cannot_reach_postgresql_says_so_once_not_at_each_try(
+        granted: list[Granted], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=shared_slots.__name__)
+    a = Granted(f"host=127.0.0.1 port={pgserver.free_port()} user=koubou dbname=x")
+    granted.append(a)
+    assert a.take(within=0.1) is None
+    wait_logs(caplog, "cannot be reached", 4, timeout=10)  # backing off: 0.1, 0.2, 0.4 s
+    said = [r.getMessage() for r in slot_logs(caplog, "") if r.levelno >= logging.WARNING]
+    assert len(said) == 1, said
+    assert "cannot be reached" in said[0] and "tasks of shared endpoints wait" in said[0]
+
+
+TRAP = """
+    CREATE SCHEMA trap;
+    CREATE TABLE trap.armed ();
+    -- First on the session's search_path: the slots' retake of slot 1 fails while armed.
+    CREATE FUNCTION trap.pg_try_advisory_lock(k integer, n integer) RETURNS boolean
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            IF n > 0 AND EXISTS (SELECT FROM trap.armed) THEN
+                RAISE EXCEPTION 'slot % refused', n;
+            END IF;
+            RETURN pg_catalog.pg_try_advisory_lock(k, n);
+        END $$;"""
+
+
+def test_a_reconnect_that_fails_half_way_closes_its_session(
+        pg_dsn: str, granted: list[Granted], caplog: pytest.LogCaptureFixture) -> None:
+    import psycopg
+    admin = psycopg.connect(pg_dsn, autocommit=True)
+    admin.execute(TRAP)
+    a = Granted(f"{pg_dsn} application_name=trapped options='-csearch_path=trap,pg_catalog'",
+                cap=2)
+    granted.append(a)
+    assert a.take(within=10) == 0 and a.take(within=10) == 1  # in use by two requests
+    admin.execute("INSERT INTO trap.armed DEFAULT VALUES")
+    caplog.set_level(logging.DEBUG, logger=shared_slots.__name__)
+    admin.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
+                  " WHERE application_name = 'trapped'")
+    # Each reconnect takes slot 0 again and fails on slot 1. Its session must end there: one
+    # left open holds slot 0 for as long as anything refers to the error (here, the log).
+    wait_logs(caplog, "slot 1 refused", 3, timeout=10)
+    admin.execute("DELETE FROM trap.armed")
+    deadline = time.monotonic() + 15
+    while admin.execute("SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)"
+                        " WHERE locktype = 'advisory' AND application_name = 'trapped'"
+                        ).fetchone()[0] < 2:
+        assert time.monotonic() < deadline, "slots 0 and 1 were not taken again"
+        time.sleep(0.1)
+    assert not slot_logs(caplog, "was taken while PostgreSQL was away"), \
+        "slot 0 was still held by the session of a failed reconnect"
+    assert admin.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+                         " 'trapped'").fetchone()[0] == 1, "failed reconnects left sessions open"
+    admin.close()
 
 
 @pytest.fixture

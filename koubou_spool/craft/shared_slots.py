@@ -17,9 +17,10 @@
   only while a key is wanted, every RETRY_S: a session that died frees its locks without a
   NOTIFY. Nothing runs in the steady state.
 - **PostgreSQL away.** No slot is granted; tasks wait in pending/ and the thread reconnects
-  (0.1 s doubling to 5 s). After a restart every lock is gone while requests still run: the
-  thread takes the slots in use again by number before granting any new one, and a slot
-  another host took meanwhile is one request over the cap, for the length of that request.
+  (0.1 s doubling to 5 s), saying so once an outage. After a restart every lock is gone while
+  requests still run: the thread takes the slots in use again by number before granting any
+  new one, and a slot another host took meanwhile is one request over the cap, for the length
+  of that request.
   Loopback endpoints are untouched by any of this.
 """
 
@@ -97,6 +98,7 @@ class SharedSlots:
         self._wanted: set[str] = set()
         self._gives: list[tuple[str, int]] = []
         self._closed = False
+        self._said_down = False  # this outage was logged as a warning already
         self._conn: psycopg.Connection | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -204,32 +206,57 @@ class SharedSlots:
             os.read(self._wake_r, 4096)
 
     def _connect(self) -> bool:
-        """Connect, LISTEN, and take back by number the slots requests still use."""
+        """Connect, LISTEN, and take back by number the slots requests still use. A failure on
+        the way closes the connection, its session's locks with it: nothing of it is kept."""
+        conn = None
         try:
             conn = connect(self.dsn)
             for name, value in SERVER_KEEPALIVES.items():
                 conn.execute("SELECT set_config(%s, %s, false)", (name, str(value)))
             conn.execute(f"LISTEN {SLOTS_CHANNEL}")
-            with self._lock:
-                in_use = {key: sorted(slots) for key, slots in self._in_use.items()}
-            for key, slots in in_use.items():
-                for slot in slots:
-                    if conn.execute(TRY, (key, slot)).fetchone()[0]:
-                        self._held[key].add(slot)
-                    else:
-                        log.warning("cluster slot %d of %s was taken while PostgreSQL was away: "
-                                    "one request over its max_concurrent until it ends", slot, key)
+            held, lost = self._retake(conn)
         except (ClusterUnavailable, psycopg.Error) as exc:
-            log.debug("cluster slots: %s", exc)
+            close_quietly(conn)
+            self._unreachable(exc)
             return False
-        self._conn = conn
+        for key, slot in lost:
+            log.warning("cluster slot %d of %s was taken while PostgreSQL was away: one request "
+                        "over its max_concurrent until it ends", slot, key)
+        self._conn, self._held, self._said_down = conn, held, False
         log.info("cluster slots: connected")
         return True
+
+    def _retake(self, conn: psycopg.Connection) -> tuple[dict[str, set[int]],
+                                                         list[tuple[str, int]]]:
+        """Take again on a new session the slots requests still use: those it holds now, by
+        key, and those another session took meanwhile."""
+        with self._lock:
+            in_use = {key: sorted(slots) for key, slots in self._in_use.items()}
+        held: dict[str, set[int]] = {key: set() for key in self.caps}
+        lost = []
+        for key, slots in in_use.items():
+            for slot in slots:
+                if conn.execute(TRY, (key, slot)).fetchone()[0]:
+                    held[key].add(slot)
+                else:
+                    lost.append((key, slot))
+        return held, lost
+
+    def _unreachable(self, exc: Exception) -> None:
+        """A connect that failed: said once an outage, and at each try only for debugging."""
+        if self._said_down:
+            log.debug("cluster slots: %s", exc)
+            return
+        self._said_down = True
+        said = (str(exc) if isinstance(exc, ClusterUnavailable)
+                else f"the cluster's PostgreSQL failed the slots' session ({_reason(exc)})")
+        log.warning("cluster slots: %s (tasks of shared endpoints wait; retrying)", said)
 
     def _lost(self, exc: Exception) -> None:
         """The connection is gone, and every lock of its session with it."""
         log.warning("cluster slots lost PostgreSQL (%s); tasks of shared endpoints wait",
-                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                    _reason(exc))
+        self._said_down = True  # the outage is said: its reconnects' failures need not be
         close_quietly(self._conn)
         self._conn = None
         with self._lock:
@@ -279,3 +306,9 @@ class SharedSlots:
                 self._held[key].add(slot)
                 return slot
         return None
+
+
+def _reason(exc: Exception) -> str:
+    """The first line of an error, or its type when it says nothing."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
