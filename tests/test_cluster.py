@@ -821,27 +821,33 @@ def test_a_cancel_whose_row_could_not_be_read_still_stops_the_local_copy(
 
 def test_a_cluster_task_that_is_no_valid_task_here_fails_on_its_origin_as_invalid(
         tmp_path: Path, pg_dsn: str) -> None:
-    home_a, host_a = forwarded(tmp_path, pg_dsn, "good", "unread", "garbled")
+    home_a, host_a = forwarded(tmp_path, pg_dsn, "good", "unread", "garbled", "listed",
+                               "marked")
     with cluster.connect(pg_dsn) as conn:  # sent by an origin whose koubou reads tasks otherwise
         for task_id, body in (("unread", '{"id": "unread", "content": "c", "priority": "high"}'),
-                              ("garbled", "not a task at all")):
+                              ("garbled", "not a task at all"), ("listed", '["c"]'),
+                              ("marked", '{"id": "marked", "content": "c", "metadata": [1]}')):
             conn.execute("UPDATE cluster_tasks SET body = convert_to(%s, 'UTF8') WHERE id = %s",
                          (body, task_id))
     home_module.init(tmp_path / "host-b")
     home_b = Spool.open(tmp_path / "host-b")
     host_b = cluster.Cluster.open(pg_dsn, host="host-b", lease_s=30)
-    leases = bridge.take_in(home_b, host_b, "bridge-b", "echo", 4)
+    leases = bridge.take_in(home_b, host_b, "bridge-b", "echo", 8)
     assert [lease.task_id for lease in leases] == ["good"]
     assert os.listdir(home_b.pending) == ["good.json"]
-    assert host_a.states(["good", "unread", "garbled"]) == {
-        "good": "in_progress", "unread": "failed", "garbled": "failed"}
-    assert sorted(bridge.deliver(home_a, host_a, "bridge-a")) == ["garbled", "unread"]
+    assert host_a.states(["good", "unread", "garbled", "listed", "marked"]) == {
+        "good": "in_progress", "unread": "failed", "garbled": "failed", "listed": "failed",
+        "marked": "failed"}
+    assert sorted(bridge.deliver(home_a, host_a, "bridge-a")) == [
+        "garbled", "listed", "marked", "unread"]
     unread = read_json(home_a.failed / "unread.json")
     assert (unread["content"], unread["error"]["kind"], unread["error"]["attempts"]) == (
         "c", "invalid", 1)
     assert unread["error"]["message"].startswith("host host-b refused it, not run: priority")
     garbled = read_json(home_a.failed / "garbled.json")
     assert garbled["error"]["kind"] == "invalid" and "not valid JSON" in garbled["error"]["message"]
+    assert "metadata: expected an object" in read_json(home_a.failed / "marked.json")[
+        "error"]["message"]
     host_a.close()
     host_b.close()
 

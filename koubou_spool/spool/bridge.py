@@ -224,6 +224,8 @@ def _as_queued(claim: ClusterClaim) -> Task:
     """A leased task as this home queues it: pinned to its craftsman, marked as come from the
     cluster (so that this home's bridge never forwards it back out) in this run of its row."""
     obj = task_format.decode(claim.body)
+    if not isinstance(obj, dict) or not isinstance(obj.get("metadata") or {}, dict):
+        task_format.validate(obj)  # no shape to add this host's marks to: it names the fault
     obj["craftsman"] = claim.craftsman
     obj["metadata"] = {**(obj.get("metadata") or {}), FROM_KEY: claim.origin,
                        RUN_KEY: claim.run}
