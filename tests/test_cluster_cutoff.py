@@ -69,6 +69,7 @@ def wait_log(host: Host, text: str, count: int, timeout: float, since: float) ->
     return time.monotonic() - since
 
 
+@pytest.mark.slow
 def test_a_host_cut_off_goes_on_locally_and_its_leases_are_taken_over(
         tmp_path: Path, cut_off: CutOff) -> None:
     a, b = Host(tmp_path, "host-a"), Host(tmp_path, "host-b")
@@ -129,6 +130,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 def test_a_cut_off_hosts_cluster_slots_are_freed_by_the_server(cut_off: CutOff) -> None:
     # The slots are session advisory locks: the server, not the host, must end the session of
     # a host it no longer hears from. With the system's keepalives that takes two hours.

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
+
 from koubou_spool.spool import task as task_format
 
 import clusterhosts
@@ -48,6 +50,7 @@ def drop_all(three: list[Host]) -> dict[str, tuple[str, str]]:
     return dropped
 
 
+@pytest.mark.slow
 def test_3000_tasks_dropped_on_three_hosts_complete_once_each_on_their_origin(
         hosts, pg_dsn: str) -> None:
     craftsmen = {craftsman_of(name): {"backend": "echo", "max_concurrent": SLOTS}

@@ -233,6 +233,7 @@ def shared_server() -> Iterator[FakeOpenAI]:
 
 
 @pytest.mark.parametrize("form", ["base_url", "endpoints"])
+@pytest.mark.slow
 def test_three_hosts_never_send_a_shared_server_more_than_its_max_concurrent(
         hosts, shared_server: FakeOpenAI, form: str) -> None:
     where = ({"base_url": shared_server.base_url, "max_concurrent": 2} if form == "base_url" else

@@ -232,6 +232,7 @@ def silent_listener() -> socket.socket:
 
 
 @pytest.mark.parametrize("server", ["refused", "silent"])
+@pytest.mark.slow
 def test_with_the_cluster_unreachable_each_view_shows_its_home_and_says_so_in_one_line(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: str) -> None:
     import pgserver

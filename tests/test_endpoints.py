@@ -209,6 +209,7 @@ def test_equal_endpoints_share_equally_and_their_slots_hold_across_workers(
     assert max(most) <= 2  # max_concurrent per endpoint, the two workers together
 
 
+@pytest.mark.slow
 def test_with_every_endpoint_down_tasks_wait_without_spending_attempts(
         isolated_env: Path, workers, fakes: list[FakeProcess]) -> None:
     fakes.extend(FakeProcess() for _ in range(3))
@@ -231,6 +232,7 @@ def test_with_every_endpoint_down_tasks_wait_without_spending_attempts(
     assert {o["result"]["attempts"] for o in outcomes.values()} == {1}
 
 
+@pytest.mark.slow
 def test_a_429_with_retry_after_keeps_every_request_away_for_its_seconds(
         isolated_env: Path, workers) -> None:
     # 150 tasks at 50 ms over the other endpoint's 2 slots take 3.75 s at least, so traffic
@@ -260,6 +262,7 @@ def test_a_429_with_retry_after_keeps_every_request_away_for_its_seconds(
     print(f"\nfirst request after the 429: {later[0] - refused_at:.2f} s later")
 
 
+@pytest.mark.slow
 def test_two_real_engines_as_two_endpoints_of_one_craftsman(
         isolated_env: Path, workers, tmp_path: Path) -> None:
     if not realengine.is_built():

@@ -96,6 +96,7 @@ def test_a_stopped_worker_past_its_lease_cannot_complete_its_task(
     assert sleeper.poll() is None
 
 
+@pytest.mark.slow
 def test_kill_9_every_1_5_s_while_three_workers_run_300_tasks(
         home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers) -> None:
     write_config(home, fake_openai.base_url, spool={"heartbeat_s": 0.5, "lease_s": 5,

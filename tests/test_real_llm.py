@@ -64,6 +64,7 @@ def worker(real_home: tuple[Path, dict[str, str]]) -> Iterator[subprocess.Popen]
     proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_fifty_tasks_by_submit_and_by_file_drop(real_home, worker, real_engine: str,
                                                 tmp_path: Path) -> None:
     home, env = real_home

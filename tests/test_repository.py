@@ -511,6 +511,7 @@ def test_max_worktrees_makes_repository_tasks_wait_without_spending_attempts(
     assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:], strict=False))
 
 
+@pytest.mark.slow
 def test_a_repository_task_waiting_for_a_worktree_holds_up_no_other_task(
         repo_home: Path, tmp_path: Path, workers, fake_openai) -> None:
     source, spool = one_worktree(repo_home, tmp_path, fake_openai.base_url)

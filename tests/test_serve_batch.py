@@ -82,6 +82,7 @@ def test_the_openai_batch_workflow_joins_on_custom_id_with_an_error_file(
     assert "maximum context length" in errors[0]["response"]["body"]["error"]["message"]
 
 
+@pytest.mark.slow
 def test_1000_lines_resume_after_kill_9_of_serve_and_of_a_worker(
         home: Path, spool: Spool, fake_openai: FakeOpenAI, workers: Workers,
         tmp_path: Path) -> None:
