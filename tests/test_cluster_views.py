@@ -189,6 +189,40 @@ def test_every_host_shows_the_whole_cluster_and_a_killed_host_goes_stale(
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium")
+def forget(home: Path, host: str) -> Any:
+    return CliRunner().invoke(cli, ["cluster", "--forget", host, "--home", str(home)])
+
+
+def test_a_host_that_left_is_forgotten_only_once_its_row_and_leases_ran_out(
+        hosts, pg_dsn: str) -> None:  # noqa: F811 (the fixture of test_cluster_hosts)
+    a, b = hosts("host-a"), hosts("host-b", latency_ms=20_000)
+    a.serve("local")
+    b.serve("echo")
+    [task_id] = drop(a, 1, "held")
+    until(lambda: [claim for claim, _ in b.spool.claims() if claim.startswith(task_id)], bool)
+    wait_rows(a.home, lambda found: set(found) == {"host-a", "host-b"})
+    alive = forget(a.home, "host-b")
+    assert alive.exit_code == 2 and "looks alive" in alive.output, alive.output
+    b.kill()
+    held = forget(a.home, "host-b")  # its row is fresh and its lease runs a few seconds more
+    assert held.exit_code == 2, held.output
+    assert "still holds 1 running lease" in held.output or "looks alive" in held.output
+    done = until(lambda: forget(a.home, "host-b"), lambda result: result.exit_code == 0)
+    assert done.output.startswith("forgot host host-b (its row was ")
+    assert set(wait_rows(a.home, lambda found: "host-b" not in found)) == {"host-a"}
+    missing = forget(a.home, "host-z")
+    assert missing.exit_code == 2 and "no host host-z in the cluster" in missing.output
+    assert forget(a.home, "host-a").exit_code == 2  # this host: from another one
+    assert task_format_state(pg_dsn, task_id) in ("pending", "in_progress")  # the task stays
+
+
+def task_format_state(pg_dsn: str, task_id: str) -> str:
+    import psycopg
+    with psycopg.connect(pg_dsn) as conn:
+        return conn.execute("SELECT state FROM cluster_tasks WHERE id = %s",
+                            (task_id,)).fetchone()[0]
+
+
 def test_the_dashboard_shows_the_hosts_their_workers_and_other_origins_tasks(
         hosts, pg_dsn: str, tmp_path: Path) -> None:  # noqa: F811 (the fixture above)
     a, b = hosts("host-a"), hosts("host-b")

@@ -111,11 +111,19 @@ def worker(craftsmen: tuple[str, ...], concurrency: int, drain: bool) -> None:
 
 @cli.command("cluster")
 @home_options
-def cluster_command() -> None:
+@click.option("--forget", "forget", metavar="HOST",
+              help="Instead: remove HOST, a host that left for good, from the cluster's host "
+                   "list. Refused while its row is younger than its lease or a lease of it "
+                   "runs. Its tasks stay in the cluster: those it submitted are delivered if "
+                   "it comes back.")
+def cluster_command(forget: str | None) -> None:
     """Run this home's bridge to the cluster (docs/CLUSTER.md): forward the tasks no worker
     here serves, deliver their outcomes, take in cluster tasks for the craftsmen this host
     serves. Needs `cluster.dsn_env` in the config; SIGTERM exits 0.
     """
+    if forget is not None:
+        _forget_host(forget)
+        return
     try:
         from ..service.bridging import run_bridge  # psycopg only where the cluster is used
     except ImportError as exc:
@@ -125,6 +133,13 @@ def cluster_command() -> None:
     where = session()
     config = where.config(required=True)
     raise SystemExit(run_bridge(where.home, config))
+
+
+def _forget_host(host: str) -> None:
+    found = session().forget_host(host)
+    left = (f"; {found['open']} task(s) it submitted stay in the cluster, delivered if it comes "
+            "back") if found["open"] else ""
+    click.echo(f"forgot host {host} (its row was {found['age_s']:.0f} s old){left}")
 
 
 @cli.command()

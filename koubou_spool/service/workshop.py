@@ -200,6 +200,26 @@ class Workshop:
         except KoubouError as exc:
             return {"host": settings.host, "error": cluster_view.unread(settings.host, exc)}
 
+    def forget_host(self, host: str) -> dict[str, Any]:
+        """Remove a host that left the cluster for good from its host list (`koubou cluster
+        --forget`); refused while its row is fresh or a lease of it runs. Its tasks stay."""
+        settings = ClusterSettings.parse(self.config(required=True).cluster)
+        if not settings.enabled:
+            raise UsageError("this home is in no cluster: its config has no cluster.dsn_env")
+        if host == settings.host:
+            raise UsageError(f"{host} is this host; forget it from another host of the cluster")
+        found = cluster_view.board_for(settings).forget(host)
+        if found["age_s"] is None:
+            raise UsageError(f"no host {host} in the cluster; `koubou status` lists its hosts")
+        if found["age_s"] <= found["stale_after_s"] or not (found["forgotten"] or found["leases"]):
+            raise UsageError(f"host {host} wrote its row {found['age_s']:.0f} s ago, within its "
+                             f"lease of {found['stale_after_s']:.0f} s: it looks alive. Stop its "
+                             "`koubou cluster` first, or wait")
+        if not found["forgotten"]:
+            raise UsageError(f"host {host} still holds {found['leases']} running lease(s); they "
+                             "are taken over once they run out: forget it after that")
+        return {"host": host} | found
+
     def retry(self, task_id: str) -> dict[str, Any]:
         """Queue a failed task again with its attempts reset."""
         name = control.retry(self.spool(), task_id)

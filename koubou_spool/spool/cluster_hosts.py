@@ -47,6 +47,28 @@ TASK = """
         extract(epoch FROM submitted_at)::float8, extract(epoch FROM finished_at)::float8
     FROM cluster_tasks WHERE id = %(id)s"""
 
+# A host that left for good: its row goes, once it is older than the host's own lease (as the
+# views judge a row stale) and no lease of the host is still running. Its tasks stay: those it
+# submitted are delivered if it comes back. One statement, so a host that beats meanwhile keeps
+# its row: the DELETE sees its new heartbeat.
+FORGET = """
+    WITH gone AS (
+        DELETE FROM cluster_hosts WHERE host = %(host)s
+            AND now() - heartbeat_at > make_interval(
+                secs => coalesce((snapshot->>'stale_after_s')::float8, 60))
+            AND NOT EXISTS (SELECT 1 FROM cluster_tasks WHERE host = %(host)s
+                            AND state = 'in_progress' AND lease_until > now())
+        RETURNING host)
+    SELECT (SELECT count(*) FROM gone),
+        (SELECT extract(epoch FROM now() - heartbeat_at)::float8 FROM cluster_hosts
+         WHERE host = %(host)s),
+        (SELECT coalesce((snapshot->>'stale_after_s')::float8, 60) FROM cluster_hosts
+         WHERE host = %(host)s),
+        (SELECT count(*) FROM cluster_tasks WHERE host = %(host)s AND state = 'in_progress'
+            AND lease_until > now()),
+        (SELECT count(*) FROM cluster_tasks WHERE origin = %(host)s
+            AND (state IN ('pending', 'in_progress') OR delivered_at IS NULL))"""
+
 
 class Board:
     """One connection to the cluster for showing it: opened on first use, again after a loss."""
@@ -64,6 +86,14 @@ class Board:
         """Every host's row: its name, the age of the row in seconds, its snapshot."""
         return [{"host": host, "age_s": max(age, 0.0), "snapshot": snapshot}
                 for host, age, snapshot in self._rows(HOSTS, {})]
+
+    def forget(self, host: str) -> dict[str, Any]:
+        """Remove the row of a host that left for good; what was found: `forgotten`, the row's
+        `age_s` and `stale_after_s` (None: no such row), the host's live `leases`, and the
+        `open` tasks it submitted (not finished, or not delivered to it)."""
+        [(gone, age, stale_after, leases, still_open)] = self._rows(FORGET, {"host": host})
+        return {"forgotten": bool(gone), "age_s": age, "stale_after_s": stale_after,
+                "leases": leases, "open": still_open}
 
     def tasks(self, *, origin: str, states: Sequence[str], limit: int) -> list[dict[str, Any]]:
         """The cluster's tasks submitted on other hosts than `origin`, newest first."""
