@@ -283,6 +283,25 @@ def test_status_and_route_show_the_clusters_spend_against_this_homes_limits(
     assert budget[0].endswith("; no cloud call until it can be, so fail"), budget
 
 
+def test_a_host_whose_clock_lags_alerts_under_the_clusters_newer_day(cluster_env: str) -> None:
+    # Host a spent 0.6 of a 1.0 daily limit on 2026-12-03. Host b, whose clock still says
+    # 2026-12-02, sees the threshold passed: the alert is of the day that spend is of.
+    from koubou_spool.craft.shared_budget import SharedBudget
+    ahead = Cluster.open(cluster_env, host="host-a")
+    ahead.ensure_schema()
+    verdict, reservation = ahead.reserve(task_id="t1", attempt=1, craftsman="cloud", amount=0.6,
+                                         day="2026-12-03", month="2026-12", daily_limit=1.0,
+                                         monthly_limit=None)
+    assert verdict == "ok"
+    ahead.settle(reservation, 0.6)
+    lagging = SharedBudget(cluster_env, "host-b", DSN_ENV)
+    assert lagging.alerts_due("2026-12-02", "2026-12", (1.0, None), (50,)) == [
+        ("2026-12-03", 50, 0.6, 1.0)]
+    assert lagging.alerts_due("2026-12-02", "2026-12", (1.0, None), (50,)) == []  # once
+    lagging.close()
+    ahead.close()
+
+
 def test_a_local_craftsmans_settle_asks_the_cluster_nothing(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # A local craftsman's reservation (its rate window, in the home's ledger) settles there

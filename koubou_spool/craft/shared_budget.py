@@ -102,13 +102,14 @@ class SharedBudget:
     def alerts_due(self, day: str, month: str, limits: tuple[float | None, float | None],
                    thresholds: tuple[int, ...]) -> list[tuple[str, int, float, float]] | None:
         """The alerts (period, percent, spent, limit) this host is the first in the cluster to
-        raise, from the cluster's real spend against the (daily, monthly) limits; None while
+        raise, from the cluster's real spend against the (daily, monthly) limits, each under
+        the period that spend is of (a newer one than `day` when this host's clock lags); None while
         the cluster cannot be reached (a later settle catches up: a threshold passed stays
         passed)."""
         try:
             spent = self._call(lambda cluster: cluster.settled(day, month))
             due = []
-            for period, so_far, limit in zip((day, month), spent, limits, strict=True):
+            for (period, so_far), limit in zip(spent, limits, strict=True):
                 for percent in reached(thresholds, so_far, limit):
                     if self._call(lambda cluster, p=period, n=percent, s=so_far, cap=limit:
                                   cluster.record_alert(p, n, s, cap)):

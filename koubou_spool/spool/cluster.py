@@ -317,13 +317,14 @@ SPENT = """
     FROM cluster_budget WHERE scope = %(scope)s"""
 
 # What was really spent in the row's periods: its figures less the reservations still open
-# (in flight, few, and indexed), since a settle replaces a reservation by its cost there.
+# (in flight, few, and indexed), since a settle replaces a reservation by its cost there. Each
+# with the period it is of: the asker's, or the row's newer one (the asker's clock lags).
 SETTLED = """
-    SELECT CASE WHEN %(day)s > b.day THEN 0 ELSE b.day_usd - coalesce((
+    SELECT greatest(%(day)s, b.day), CASE WHEN %(day)s > b.day THEN 0 ELSE b.day_usd - coalesce((
                SELECT sum(reserved_usd) FROM cluster_reservations
                WHERE NOT settled AND day = b.day), 0) END,
-           CASE WHEN %(month)s > b.month THEN 0 ELSE b.month_usd - coalesce((
-               SELECT sum(reserved_usd) FROM cluster_reservations
+           greatest(%(month)s, b.month), CASE WHEN %(month)s > b.month THEN 0 ELSE
+               b.month_usd - coalesce((SELECT sum(reserved_usd) FROM cluster_reservations
                WHERE NOT settled AND month = b.month), 0) END
     FROM cluster_budget b WHERE b.scope = %(scope)s"""
 
@@ -601,12 +602,13 @@ class Cluster:
                                                 "scope": BUDGET_ROW})[0]
         return float(day_usd), float(month_usd)
 
-    def settled(self, day: str, month: str) -> tuple[float, float]:
+    def settled(self, day: str, month: str) -> tuple[tuple[str, float], tuple[str, float]]:
         """What was really spent in this day and month across the cluster (reservations of
-        calls in flight left out): what budget alerts are about."""
-        day_usd, month_usd = self._rows(SETTLED, {"day": day, "month": month,
-                                                  "scope": BUDGET_ROW})[0]
-        return max(0.0, float(day_usd)), max(0.0, float(month_usd))
+        calls in flight left out), what budget alerts are about: (day, spent), (month, spent),
+        each period this host's or the newer one the cluster is in already."""
+        day, day_usd, month, month_usd = self._rows(SETTLED, {"day": day, "month": month,
+                                                              "scope": BUDGET_ROW})[0]
+        return (day, max(0.0, float(day_usd))), (month, max(0.0, float(month_usd)))
 
     def record_alert(self, period: str, percent: int, spent: float, limit: float) -> bool:
         """Note that a threshold alerted in a period, for the whole cluster; False when some
