@@ -223,6 +223,23 @@ def task_format_state(pg_dsn: str, task_id: str) -> str:
                             (task_id,)).fetchone()[0]
 
 
+def test_only_a_missing_psycopg_is_blamed_on_psycopg(monkeypatch: pytest.MonkeyPatch) -> None:
+    from koubou_spool.config import ClusterSettings
+    from koubou_spool.errors import ClusterUnavailable
+    from koubou_spool.observe import cluster_view
+    monkeypatch.setenv(DSN_ENV, "host=127.0.0.1")
+    settings = ClusterSettings.parse({"dsn_env": DSN_ENV, "host": "host-a"})
+    monkeypatch.delitem(sys.modules, "koubou_spool.spool.cluster_hosts", raising=False)
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if it were not installed
+    with pytest.raises(ClusterUnavailable, match="reading the cluster needs psycopg 3"):
+        cluster_view.board_for(settings)
+    monkeypatch.setitem(sys.modules, "koubou_spool.spool.cluster_hosts", None)  # our own fault
+    with pytest.raises(ImportError) as raised:
+        cluster_view.board_for(settings)
+    assert not isinstance(raised.value, ClusterUnavailable)
+    assert raised.value.name == "koubou_spool.spool.cluster_hosts"
+
+
 def test_the_dashboard_shows_the_hosts_their_workers_and_other_origins_tasks(
         hosts, pg_dsn: str, tmp_path: Path) -> None:  # noqa: F811 (the fixture above)
     a, b = hosts("host-a"), hosts("host-b")

@@ -94,6 +94,8 @@ def board_for(settings: ClusterSettings) -> Any:
     try:
         from ..spool.cluster_hosts import Board
     except ImportError as exc:
+        if (exc.name or "").startswith(__package__.split(".")[0]):
+            raise  # a fault of ours, not a missing psycopg: its own traceback says where
         raise ClusterUnavailable(f"reading the cluster needs psycopg 3 ({exc})") from None
     return Board(dsn)
 
