@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import select
+import signal
 import socket
 import threading
 import time
@@ -206,8 +207,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0, help="0: any free port")
     args = parser.parse_args()
     fake = FakeOpenAI(latency_s=args.latency_ms / 1000, port=args.port)
+    # SIGTERM: one line of what it served, then exit (SIGKILL, as a crash, says nothing).
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=fake.server.shutdown).start())
     print(fake.port, flush=True)
     fake.server.serve_forever()
+    print(json.dumps({"completions": len(fake.completions()),
+                      "max_in_flight": fake.max_in_flight}), flush=True)
 
 
 if __name__ == "__main__":
