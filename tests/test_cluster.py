@@ -185,6 +185,25 @@ def test_a_heartbeat_leaves_a_lease_its_holder_does_not_track_to_run_out(
     other.close()
 
 
+def test_a_lease_that_runs_out_after_the_tasks_expires_at_fails_it_as_expired(
+        store: cluster.Cluster) -> None:
+    # Its origin's timer fired while the task was leased (a host had started it, so the origin
+    # left it be); the host then died. Back to pending, it would wait for a host that serves
+    # its craftsman, maybe none: it fails as expired at the take-back instead.
+    soon = task_format.iso(time.time() + 0.3)
+    store.submit(tasks(1, prefix="soon", expires_at=soon) + tasks(1, prefix="later"))
+    claims = [store.claim("w-dead", ["echo"]) for _ in range(2)]
+    assert sorted(c.task_id for c in claims) == ["later-0000", "soon-0000"]
+    wait_until(lambda: sorted(store.take_back_expired()) == [
+        ("later-0000", "pending"), ("soon-0000", "failed")], LEASE_S * 5, "the leases' end")
+    [delivery] = store.undelivered()
+    outcome = delivery.outcome
+    assert (delivery.task_id, delivery.state, outcome["error"]["kind"]) == (
+        "soon-0000", "failed", "expired")
+    assert "lease ran out after its expires_at (worker w-dead" in outcome["error"]["message"]
+    assert outcome["expires_at"] == soon and outcome["error"]["attempts"] == 1
+
+
 def test_an_expired_lease_is_taken_over_and_its_late_result_changes_nothing(
         store: cluster.Cluster, pg_dsn: str) -> None:
     store.submit(tasks(1))

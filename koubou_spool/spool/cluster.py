@@ -147,6 +147,11 @@ MIGRATIONS: list[tuple[str, str]] = [
         -- (spool/bridge.py, take_in).
         ALTER TABLE cluster_tasks ADD COLUMN run integer NOT NULL DEFAULT 0;
     """),
+    ("0006_expires", """
+        -- A task's expires_at, for the take-back of a lease that ran out after it: the task
+        -- then fails as expired there and then, whether or not a host serves it still.
+        ALTER TABLE cluster_tasks ADD COLUMN expires_at timestamptz;
+    """),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -252,24 +257,31 @@ RENEW = """
     WHERE id = %(id)s AND attempt = %(attempt)s AND state = 'in_progress'"""
 
 # A lease past its end goes back to pending with its attempt counted (the next claim raises it),
-# or fails as lost once max_attempts claims were spent, like the file spool's recovery.
-TAKE_BACK = """
+# or fails as lost once max_attempts claims were spent, like the file spool's recovery; or as
+# expired when its expires_at has passed meanwhile: no attempt may start after that, and the
+# origin's timer for it fired while it was leased.
+_GONE = "(t.expires_at <= now() OR t.attempt >= t.max_attempts)"
+_EXPIRED = "t.expires_at <= now()"
+_WHY = ("' (worker ' || coalesce(t.worker_id, '?') || ' on ' || coalesce(t.host, '?') ||"
+        " ' died or was cut off)'")
+TAKE_BACK = f"""
     WITH expired AS (
         SELECT id FROM cluster_tasks
         WHERE state = 'in_progress' AND lease_until < now()
         FOR UPDATE SKIP LOCKED),
     back AS (
         UPDATE cluster_tasks t SET
-            state = CASE WHEN t.attempt >= t.max_attempts THEN 'failed' ELSE 'pending' END,
-            outcome = CASE WHEN t.attempt >= t.max_attempts THEN
+            state = CASE WHEN {_GONE} THEN 'failed' ELSE 'pending' END,
+            outcome = CASE WHEN {_GONE} THEN
                 convert_from(t.body, 'UTF8')::jsonb || jsonb_build_object(
                     'status', 'failed', 'error', jsonb_build_object(
-                        'kind', 'lost', 'attempts', t.attempt, 'at', %(at)s::text,
-                        'message', 'the lease of its last attempt ran out (worker ' ||
-                            coalesce(t.worker_id, '?') || ' on ' || coalesce(t.host, '?') ||
-                            ' died or was cut off)'))
+                        'kind', CASE WHEN {_EXPIRED} THEN 'expired' ELSE 'lost' END,
+                        'attempts', t.attempt, 'at', %(at)s::text,
+                        'message', CASE WHEN {_EXPIRED}
+                            THEN 'expired while pending: its lease ran out after its expires_at'
+                            ELSE 'the lease of its last attempt ran out' END || {_WHY}))
                 END,
-            finished_at = CASE WHEN t.attempt >= t.max_attempts THEN now() END,
+            finished_at = CASE WHEN {_GONE} THEN now() END,
             worker_id = NULL, lease_until = NULL
         FROM expired WHERE t.id = expired.id
         RETURNING t.id, t.state, t.craftsman, t.origin)
@@ -429,6 +441,7 @@ class Cluster:
             "priorities": [item.task.priority for item in items],
             "max_attempts": [item.max_attempts for item in items],
             "not_before": [_timestamp(item.task.not_before) for item in items],
+            "expires_at": [_timestamp(item.task.expires_at) for item in items],
             "bodies": bodies}
         new = {row[0] for row in self._rows(batch.SUBMIT, params)}
         states = self.states([i for i in params["ids"] if i not in new])

@@ -31,12 +31,15 @@ def _notifying(change: str, channel: str, key: str) -> str:
 # as a new run: its attempt number keeps counting, so a lease of the old run stays fenced out,
 # and it is given max_attempts more.
 SUBMIT = _notifying("""
-    INSERT INTO cluster_tasks (id, origin, craftsman, priority, max_attempts, not_before, body)
+    INSERT INTO cluster_tasks (id, origin, craftsman, priority, max_attempts, not_before,
+                               expires_at, body)
     SELECT * FROM unnest(%(ids)s::text[], %(origins)s::text[], %(craftsmen)s::text[],
                          %(priorities)s::int[], %(max_attempts)s::int[],
-                         %(not_before)s::timestamptz[], %(bodies)s::bytea[])
+                         %(not_before)s::timestamptz[], %(expires_at)s::timestamptz[],
+                         %(bodies)s::bytea[])
     ON CONFLICT (id) DO UPDATE SET state = 'pending', craftsman = excluded.craftsman,
-        priority = excluded.priority, not_before = excluded.not_before, body = excluded.body,
+        priority = excluded.priority, not_before = excluded.not_before,
+        expires_at = excluded.expires_at, body = excluded.body,
         max_attempts = cluster_tasks.attempt + excluded.max_attempts, outcome = NULL,
         run = cluster_tasks.run + 1,
         worker_id = NULL, host = NULL, lease_until = NULL, finished_at = NULL,
