@@ -204,6 +204,23 @@ def test_a_lease_that_runs_out_after_the_tasks_expires_at_fails_it_as_expired(
     assert outcome["expires_at"] == soon and outcome["error"]["attempts"] == 1
 
 
+def test_a_lease_given_back_uncounted_spends_none_of_its_attempts(
+        store: cluster.Cluster) -> None:
+    store.submit([cluster.Submission(task_format.validate({"id": "gb", "content": "c"}),
+                                     "echo", 2)])
+    first = store.claim("w1", ["echo"])
+    assert store.requeue_many([first], counted=False) == {"gb"}  # a take-in the disk refused
+    second = store.claim("w1", ["echo"])
+    assert second.attempt == 2  # the fence still rises
+    wait_until(lambda: store.take_back_expired() == [("gb", "pending")], LEASE_S * 5,
+               "the first counted attempt's end")  # one of its two attempts spent, not two
+    third = store.claim("w1", ["echo"])
+    assert third.attempt == 3
+    wait_until(lambda: store.take_back_expired() == [("gb", "failed")], LEASE_S * 5,
+               "the second counted attempt's end")
+    assert store.undelivered()[0].outcome["error"]["kind"] == "lost"
+
+
 def test_an_expired_lease_is_taken_over_and_its_late_result_changes_nothing(
         store: cluster.Cluster, pg_dsn: str) -> None:
     store.submit(tasks(1))

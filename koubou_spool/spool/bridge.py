@@ -188,7 +188,8 @@ def take_in(spool: Spool, cluster: Cluster, bridge_id: str, craftsman: str,
                 _replace_older_run(spool, task, claim.run, bridge_id)
         spool.submit([task for _, task in queued])
     except BaseException:
-        cluster.requeue_many(claims)  # the leases back at once rather than after lease_s
+        # The leases back at once rather than after lease_s, and uncounted: nothing ran.
+        cluster.requeue_many(claims, counted=False)
         raise
     return claims
 

@@ -522,13 +522,16 @@ class Cluster:
         """Give a leased task back to pending (its attempt stays counted); False if revoked."""
         return bool(self.requeue_many([claim]))
 
-    def requeue_many(self, claims: Sequence[ClusterClaim]) -> set[str]:
+    def requeue_many(self, claims: Sequence[ClusterClaim], *,
+                     counted: bool = True) -> set[str]:
         """Give leased tasks back to pending in one statement; the ids given back (a revoked
-        claim gives nothing back)."""
+        claim gives nothing back). `counted=False` for leases whose task never started (a
+        take-in the disk refused): they spend none of its max_attempts."""
         if not claims:
             return set()
         return {row[0] for row in self._rows(batch.REQUEUE, {
-            "ids": [c.task_id for c in claims], "attempts": [c.attempt for c in claims]})}
+            "ids": [c.task_id for c in claims], "attempts": [c.attempt for c in claims],
+            "counted": counted})}
 
     def cancel(self, task_id: str, outcome: dict[str, Any]) -> bool:
         """End a task this host submitted with its cancelled outcome, if the cluster has it

@@ -102,9 +102,12 @@ RENEW = """
         UPDATE cluster_workers SET heartbeat_at = now() WHERE id = %(worker)s)
     SELECT id, attempt FROM renewed"""
 
-# Back to pending with their attempts counted, fenced as publish is.
+# Back to pending, fenced as publish is, their attempts counted; or not counted (the task never
+# started): then the allowance rises by one, since the attempt number, the fence, never goes
+# down.
 REQUEUE = _notifying("""
-    UPDATE cluster_tasks t SET state = 'pending', worker_id = NULL, lease_until = NULL
+    UPDATE cluster_tasks t SET state = 'pending', worker_id = NULL, lease_until = NULL,
+        max_attempts = t.max_attempts + CASE WHEN %(counted)s THEN 0 ELSE 1 END
     FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS c(id, attempt)
     WHERE t.id = c.id AND t.attempt = c.attempt AND t.state = 'in_progress'
     RETURNING t.id, t.craftsman""", "koubou_tasks", "craftsman")
