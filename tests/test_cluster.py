@@ -905,11 +905,41 @@ def test_a_take_in_the_disk_refuses_gives_the_leases_back_and_the_bridge_goes_on
     with cluster.connect(pg_dsn) as conn:
         assert conn.execute("SELECT state, attempt FROM cluster_tasks").fetchall() == [
             ("pending", 1)]
+    with caplog.at_level(logging.WARNING, logger=bridging.__name__):
+        assert host_b._beat()  # a heartbeat with the disk still full: refused again, unsaid
+        host_b._round(Events(flags={"freed"}))
+    assert caplog.text.count("taken in again at the next") == 1
     filler.unlink()
     assert host_b._beat()  # its next heartbeat: the take-in may try again
     host_b._round(Events(flags={"freed"}))
     assert list(host_b.leases) == ["later"]
     assert os.listdir(host_b.spool.pending) == ["later.json"]
+    host_b.spool.unregister_worker(host_b.id, lock)
+    host_a.close()
+
+
+def test_a_take_in_into_an_unusable_pending_dir_gives_the_leases_back_and_goes_on(
+        tmp_path: Path, pg_dsn: str, serving_bridge,
+        caplog: pytest.LogCaptureFixture) -> None:
+    _, host_a = forwarded(tmp_path, pg_dsn, "later")
+    host_b = serving_bridge(tmp_path / "b")
+    assert host_b._connect()
+    lock = host_b._lock_fd = host_b.spool.register_worker(host_b.id, {"id": host_b.id})
+    pending = host_b.spool.pending
+    os.rename(pending, tmp_path / "aside")
+    pending.write_text("not a directory")  # an error no disk check names
+    with caplog.at_level(logging.WARNING, logger=bridging.__name__):
+        host_b._round(Events(flags={"tasks:echo"}))  # before: the error killed the bridge
+    assert "taken in again at the next" in caplog.text
+    assert host_b.leases == {} and host_a.states(["later"]) == {"later": "pending"}
+    pending.unlink()
+    os.rename(tmp_path / "aside", pending)
+    assert host_b._beat()
+    host_b._round(Events(flags={"freed"}))
+    assert list(host_b.leases) == ["later"] and os.listdir(pending) == ["later.json"]
+    with cluster.connect(pg_dsn) as conn:  # the refused lease spent no attempt
+        assert conn.execute("SELECT attempt, max_attempts FROM cluster_tasks").fetchall() == [
+            (2, 4)]
     host_b.spool.unregister_worker(host_b.id, lock)
     host_a.close()
 

@@ -37,7 +37,7 @@ from ..spool import task as task_format
 from ..spool.task import Task
 from ..spool.cluster import CONNECT_TIMEOUT_S, Cluster, ClusterClaim, ClusterUnavailable
 from ..spool.cluster_hosts import Board
-from ..spool.entries import BRIDGE_PREFIX, NoSpace, Refused, Unavailable
+from ..spool.entries import BRIDGE_PREFIX, Refused, Unavailable
 from ..spool.files import Spool, new_worker_id
 from .bridge_wakeups import BridgeWakeups, Events
 from .control import NotCancelled, cancel
@@ -81,9 +81,11 @@ class Bridge:
         self.up = False  # the last database call succeeded
         self.down_logged = -DOWN_LOG_S
         self.stopping = False
-        # The disk refused the tasks of a take-in: none until the next heartbeat, not at each
+        # The home refused the tasks of a take-in (a full disk, an unusable pending/): none
+        # until the next heartbeat, not at each
         # NOTIFY (giving the leases back sends one, which would bring them straight back).
         self.held_back = False
+        self.refused_logged = -DOWN_LOG_S  # monotonic: when a refused take-in was last said
         self.served: set[str] = set()
         self.due_at: float | None = None  # monotonic: a not_before task of the cluster is due
         # Forwarded tasks with an expires_at, for their origin to fail if none has started:
@@ -287,11 +289,17 @@ class Bridge:
         try:
             while self._take_in_once(room) and self._send_back():
                 pass  # a task that ran here under an earlier lease was done already: room again
-        except NoSpace as exc:
+        except ClusterUnavailable:
+            raise
+        except OSError as exc:  # the disk full, pending/ unusable: this home cannot queue now
             self.held_back = True
-            log.warning("%s; the cluster's tasks were given back, taken in again at the next "
-                        "heartbeat", exc)
+            if time.monotonic() - self.refused_logged >= DOWN_LOG_S:
+                self.refused_logged = time.monotonic()
+                log.warning("%s; the cluster's tasks were given back, taken in again at the "
+                            "next heartbeat (said once a minute while it lasts)", exc)
             return
+        if not self.held_back:  # queued again: the next refusal is news
+            self.refused_logged = -DOWN_LOG_S
         if room:
             self._mind_not_before(sorted(room))
 
