@@ -758,8 +758,9 @@ def finish_by_hand(spool: Spool, task_id: str, content: str) -> None:
     assert spool.publish(claim, task_id, record)
 
 
-def test_a_retried_task_runs_again_where_an_older_run_finished_but_once_per_run(
-        tmp_path: Path, pg_dsn: str) -> None:
+def retried_after_a_run_on_b(tmp_path: Path, pg_dsn: str) -> tuple:
+    """Task `again` of host a, run on host b ("first run"), delivered, then retried on a and
+    forwarded again: (home_a, home_b, host_a, host_b)."""
     from koubou_spool.service import control
     home_a, home_b = two_homes(tmp_path)
     host_a = cluster.Cluster.open(pg_dsn, host="host-a", lease_s=30)
@@ -773,6 +774,12 @@ def test_a_retried_task_runs_again_where_an_older_run_finished_but_once_per_run(
     os.rename(home_a.completed / "again.json", home_a.failed / "again.json")  # say it failed
     control.retry(home_a, "again")
     bridge.forward(home_a, host_a, [("again.json", "echo")], "bridge-a")
+    return home_a, home_b, host_a, host_b
+
+
+def test_a_retried_task_runs_again_where_an_older_run_finished_but_once_per_run(
+        tmp_path: Path, pg_dsn: str) -> None:
+    home_a, home_b, host_a, host_b = retried_after_a_run_on_b(tmp_path, pg_dsn)
     [second] = bridge.take_in(home_b, host_b, "bridge-b", "echo", 1)
     assert (second.run, second.attempt) == (1, 2)
     assert os.listdir(home_b.pending) == ["again.json"]  # queued again, the old outcome gone
@@ -786,6 +793,57 @@ def test_a_retried_task_runs_again_where_an_older_run_finished_but_once_per_run(
     assert read_json(home_a.completed / "again.json")["result"]["content"] == "second run"
     host_a.close()
     host_b.close()
+
+
+def test_a_rerun_this_home_cannot_queue_leaves_the_old_outcome_and_the_lease_goes_back(
+        tmp_path: Path, pg_dsn: str) -> None:
+    _, home_b, host_a, host_b = retried_after_a_run_on_b(tmp_path, pg_dsn)
+    os.rename(home_b.pending, tmp_path / "aside")
+    home_b.pending.write_text("not a directory")  # the queueing fails after the move aside
+    with pytest.raises(bridge.TakeInRefused) as refused:
+        bridge.take_in(home_b, host_b, "bridge-b", "echo", 1)
+    assert refused.value.taken == [] and isinstance(refused.value.cause, OSError)
+    # before: the old outcome stayed behind as a claim of the bridge, and the task hung
+    assert read_json(home_b.completed / "again.json")["result"]["content"] == "first run"
+    assert list(home_b.claims()) == [] and os.listdir(home_b.tmp) == []
+    assert host_b.states(["again"]) == {"again": "pending"}
+    home_b.pending.unlink()
+    os.rename(tmp_path / "aside", home_b.pending)
+    [second] = bridge.take_in(home_b, host_b, "bridge-b", "echo", 1)
+    assert os.listdir(home_b.pending) == ["again.json"] and os.listdir(home_b.tmp) == []
+    assert not (home_b.completed / "again.json").exists()
+    host_a.close()
+    host_b.close()
+
+
+def test_a_bridge_never_takes_in_a_task_its_own_host_forwarded(
+        tmp_path: Path, pg_dsn: str) -> None:
+    # Its worker for the craftsman came back after the task left: taken in by its own bridge,
+    # the task would be queued nowhere (its face holds the name) and its lease held for ever.
+    home_a, host_a = forwarded(tmp_path, pg_dsn, "own")
+    assert bridge.take_in(home_a, host_a, "bridge-a", "echo", 4) == []
+    host_b = cluster.Cluster.open(pg_dsn, host="host-b", lease_s=30)
+    assert host_b.claim_many("bridge-b", ["echo"], 4, others_only=True)[0].task_id == "own"
+    host_a.close()
+    host_b.close()
+
+
+def test_an_expires_at_past_what_python_can_hold_forwards_as_never(
+        tmp_path: Path, pg_dsn: str) -> None:
+    home_module.init(tmp_path / "host-a")
+    write_config(tmp_path / "host-a")
+    home_a = Spool.open(tmp_path / "host-a")
+    host_a = cluster.Cluster.open(pg_dsn, host="host-a", lease_s=30)
+    submit(home_a, id="far", content="c", craftsman="echo",
+           expires_at="9999-12-31T23:00:00-05:00", not_before="9999-12-31T23:00:00-05:00")
+    # before: ValueError (year 10000 is out of range) out of forward, and the bridge died
+    assert [t.id for t in bridge.forward(home_a, host_a, [("far.json", "echo")], "bridge-a")] \
+        == ["far"]
+    with cluster.connect(pg_dsn) as conn:
+        [(expires, not_before)] = conn.execute(
+            "SELECT expires_at, not_before FROM cluster_tasks").fetchall()
+    assert expires.year == not_before.year == 9999
+    host_a.close()
 
 
 # --- the serving host's bridge (service/bridging.py), driven round by round ----------------------

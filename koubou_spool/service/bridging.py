@@ -319,7 +319,11 @@ class Bridge:
             if free <= 0 or self.stopping or self.held_back:
                 room.discard(craftsman)
                 continue
-            leases = bridge.take_in(self.spool, self.cluster, self.id, craftsman, free)
+            try:
+                leases = bridge.take_in(self.spool, self.cluster, self.id, craftsman, free)
+            except bridge.TakeInRefused as refused:
+                self.leases.update((lease.task_id, lease) for lease in refused.taken)
+                raise refused.cause from None
             self.leases.update((lease.task_id, lease) for lease in leases)
             taken += len(leases)
             if len(leases) < free:

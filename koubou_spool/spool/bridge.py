@@ -30,7 +30,7 @@ import time
 
 from ..errors import InvalidTask, TaskNotFound
 from . import task as task_format
-from .cluster import Cluster, ClusterClaim, Delivery, Submission
+from .cluster import Cluster, ClusterClaim, ClusterUnavailable, Delivery, Submission
 from .entries import Claim, Outcome, Refused, Unavailable
 from .files import Spool
 from .task import Task
@@ -167,31 +167,58 @@ def _found(spool: Spool, task_id: str) -> tuple[str, str]:
 
 # --- the serving host's half ---------------------------------------------------------------------
 
+class TakeInRefused(Exception):
+    """This home could not queue some leased tasks (`cause`: the disk full, pending/ unusable);
+    their leases went back uncounted. `taken`: the leases whose tasks it did queue, still
+    held."""
+
+    def __init__(self, cause: OSError, taken: list[ClusterClaim]) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.taken = taken
+
+
 def take_in(spool: Spool, cluster: Cluster, bridge_id: str, craftsman: str,
             limit: int) -> list[ClusterClaim]:
     """Lease up to `limit` cluster tasks of a craftsman in one statement and queue them in
     this home's pending/ together (one group commit), pinned to it; the leases queued. A task
     already in this home (an earlier lease of it ran here) is not queued again, unless what is
     here is the outcome of an older run. One that is no valid task here fails under its lease
-    as invalid, for its origin's failed/. NoSpace (every lease given back) when the disk
-    refuses the files."""
-    claims = cluster.claim_many(bridge_id, [craftsman], limit)
+    as invalid, for its origin's failed/. TakeInRefused when the home refuses some of them:
+    their leases go back uncounted, the others are held and named in it."""
+    claims = cluster.claim_many(bridge_id, [craftsman], limit, others_only=True)
     if not claims:
         return []
+    queued, invalid = _as_queued_all(claims)
     try:
-        queued, invalid = _as_queued_all(claims)
         cluster.publish_many([(claim, _invalid_outcome(claim, exc, cluster.host))
                               for claim, exc in invalid])
-        claims = [claim for claim, _ in queued]
-        for claim, task in queued:
-            if claim.run:  # retried on its origin: an outcome here may be of an older run
-                _replace_older_run(spool, task, claim.run, bridge_id)
-        spool.submit([task for _, task in queued])
     except BaseException:
-        # The leases back at once rather than after lease_s, and uncounted: nothing ran.
-        cluster.requeue_many(claims, counted=False)
+        cluster.requeue_many([claim for claim, _ in queued], counted=False)
         raise
-    return claims
+    rerun, fresh, refused = [], [], None
+    for claim, task in queued:
+        try:
+            if claim.run and _replace_older_run(spool, task, claim.run):
+                rerun.append(claim)  # queued already, in place of the old outcome
+                continue
+        except OSError as exc:  # nothing changed here (Spool.rerun puts things back)
+            cluster.requeue_many([claim], counted=False)
+            refused = refused or exc
+            continue
+        fresh.append((claim, task))
+    try:
+        spool.submit([task for _, task in fresh])
+    except BaseException as exc:
+        # The leases back at once rather than after lease_s, and uncounted: nothing ran.
+        cluster.requeue_many([claim for claim, _ in fresh], counted=False)
+        if not isinstance(exc, OSError) or isinstance(exc, ClusterUnavailable):
+            raise
+        refused, fresh = refused or exc, []
+    taken = rerun + [claim for claim, _ in fresh]
+    if refused is not None:
+        raise TakeInRefused(refused, taken)
+    return taken
 
 
 def _as_queued_all(claims: list[ClusterClaim]) -> tuple[list[tuple[ClusterClaim, Task]],
@@ -233,16 +260,28 @@ def _as_queued(claim: ClusterClaim) -> Task:
     return task_format.validate(obj)
 
 
-def _replace_older_run(spool: Spool, task: Task, run: int, bridge_id: str) -> None:
-    """Queue a retried task in place of the outcome an older run of it left here. That outcome
-    went to its origin already; sent back again, it would answer the retry with the old result.
-    A lease lost after its run finished here comes back in the same run, and is sent back."""
-    record = spool.outcome(task.id)
+def _replace_older_run(spool: Spool, task: Task, run: int) -> bool:
+    """Queue a retried task in place of the outcome an older run of it left here; whether it
+    did. That outcome went to its origin already; sent back again, it would answer the retry
+    with the old result. A lease lost after its run finished here comes back in the same run,
+    and is sent back. An outcome this host cannot read is left to the usual path (sent back as
+    it is, or failing there), never a reason to stop the bridge."""
+    try:
+        record = spool.outcome(task.id)
+    except (ValueError, TaskNotFound) as exc:  # torn by hand, say: it stays as it is
+        log.warning("the outcome of %s here cannot be read (%s); not run again", task.id, exc)
+        return False
     metadata = record.get("metadata") if isinstance(record, dict) else None
     if not isinstance(metadata, dict) or FROM_KEY not in metadata:
-        return  # nothing finished here, or a task of this home's own under the same id
-    if metadata.get(RUN_KEY, 0) < run:
-        spool.rerun(spool.find(task.id), bridge_id, task)
+        return False  # nothing finished here, or a task of this home's own under the same id
+    older = metadata.get(RUN_KEY, 0)
+    if not isinstance(older, int) or older >= run:
+        return False
+    try:
+        found = spool.find(task.id)
+    except TaskNotFound:
+        return False  # purged meanwhile: queued as a new task
+    return spool.rerun(found, task)
 
 
 def send_back(spool: Spool, cluster: Cluster, leases: dict[str, ClusterClaim]) -> set[str]:

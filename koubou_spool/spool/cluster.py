@@ -456,14 +456,14 @@ class Cluster:
         claims = self.claim_many(worker_id, craftsmen, 1)
         return claims[0] if claims else None
 
-    def claim_many(self, worker_id: str, craftsmen: Sequence[str],
-                   limit: int) -> list[ClusterClaim]:
+    def claim_many(self, worker_id: str, craftsmen: Sequence[str], limit: int, *,
+                   others_only: bool = False) -> list[ClusterClaim]:
         """Lease up to `limit` pending tasks of these craftsmen in one statement, best first
         (priority, then submit order). Locked rows are skipped: claimers never wait on each
-        other."""
+        other. `others_only`: none this host submitted (a bridge's take-in)."""
         rows = self._rows(batch.CLAIM, {"worker": worker_id, "host": self.host,
                                         "lease": self.lease_s, "craftsmen": list(craftsmen),
-                                        "limit": limit})
+                                        "limit": limit, "others": others_only})
         rows.sort(key=lambda row: (-row[6], row[7]))  # RETURNING keeps no order
         return [ClusterClaim(task_id, attempt, worker_id, craftsman, origin, bytes(body),
                              max_attempts, run)
@@ -670,7 +670,14 @@ class Cluster:
         return RATE_RETRY_S
 
 def _timestamp(ts: float | None) -> datetime | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+    """A task's time for a timestamptz column; one past what Python can hold (a valid ISO time
+    in year 9999 west of UTC) is as good as never."""
+    if ts is None:
+        return None
+    try:
+        return datetime.fromtimestamp(ts, UTC)
+    except (OverflowError, ValueError, OSError):
+        return datetime.max.replace(tzinfo=UTC)
 
 
 # --- wake-ups ------------------------------------------------------------------------------------

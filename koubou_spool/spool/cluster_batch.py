@@ -55,12 +55,15 @@ NEXT_DUE = """
     WHERE state = 'pending' AND craftsman = ANY(%(craftsmen)s::text[]) AND not_before > now()"""
 
 # Up to `limit` of the best pending rows of these craftsmen, locked as they are picked; rows
-# another claimer holds are skipped, so claimers never wait on each other.
+# another claimer holds are skipped, so claimers never wait on each other. With `others`, no row
+# of the claimer's own host: a bridge's own task is still there, held as the task's face, and
+# taking it in would queue nothing and hold the lease for ever.
 CLAIM = """
     WITH picked AS (
         SELECT id FROM cluster_tasks
         WHERE state = 'pending' AND craftsman = ANY(%(craftsmen)s::text[])
             AND (not_before IS NULL OR not_before <= now())
+            AND NOT (%(others)s AND origin = %(host)s)
         ORDER BY priority DESC, seq LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED)
     UPDATE cluster_tasks t SET state = 'in_progress', attempt = attempt + 1,

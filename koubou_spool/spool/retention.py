@@ -106,15 +106,21 @@ class Retention:
         self.write_atomic(self.in_progress, claim.file_name, task_format.encode(record))
         return claim
 
-    def rerun(self, found: Found, owner: str, task: task_format.Task) -> None:
+    def rerun(self, found: Found, task: task_format.Task) -> bool:
         """Queue `task` in place of the outcome `found` of an earlier run of it (a cluster task
-        retried on its origin, which holds that outcome). Through a claim of `owner`, as
-        reopen: a crash half way leaves a claim that recovery requeues."""
-        claim = Claim(found.path.name, owner, time.time())
-        os.rename(found.path, self.in_progress / claim.file_name)
-        Path(str(found.path) + SIDECAR).unlink(missing_ok=True)
-        self.write_atomic(self.in_progress, claim.file_name, task_format.encode(task.raw))
-        self.requeue(claim.file_name, None)
+        retried on its origin, which holds that outcome); whether it was queued. The outcome is
+        moved aside into tmp/ first, and back if the task cannot be queued (OSError, the
+        outcome as it was): a crash in between leaves the id nowhere here, and its lease,
+        running out, brings it back to be queued as new."""
+        aside = f"{self.tmp}/.rerun.{task_format.new_id()}"
+        os.rename(found.path, aside)
+        try:
+            queued = self.submit([task])[0][2]  # type: ignore[attr-defined]
+        except BaseException:
+            os.rename(aside, found.path)
+            raise
+        os.unlink(aside)  # delivered to its origin already: nothing of it is needed here
+        return queued
 
     def unreject(self, found: Found) -> str:
         """Put rejected input back in pending/ as it was (for a fixed config or file), its
