@@ -278,7 +278,7 @@ TAKE_BACK = f"""
                         'kind', CASE WHEN {_EXPIRED} THEN 'expired' ELSE 'lost' END,
                         'attempts', t.attempt, 'at', %(at)s::text,
                         'message', CASE WHEN {_EXPIRED}
-                            THEN 'expired while pending: its lease ran out after its expires_at'
+                            THEN 'expired while leased: its lease ran out after its expires_at'
                             ELSE 'the lease of its last attempt ran out' END || {_WHY}))
                 END,
             finished_at = CASE WHEN {_GONE} THEN now() END,
