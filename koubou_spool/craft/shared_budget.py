@@ -103,9 +103,9 @@ class SharedBudget:
                    thresholds: tuple[int, ...]) -> list[tuple[str, int, float, float]] | None:
         """The alerts (period, percent, spent, limit) this host is the first in the cluster to
         raise, from the cluster's real spend against the (daily, monthly) limits, each under
-        the period that spend is of (a newer one than `day` when this host's clock lags); None while
-        the cluster cannot be reached (a later settle catches up: a threshold passed stays
-        passed)."""
+        the period that spend is of (a newer one than `day` when this host's clock lags);
+        None while the cluster cannot be reached (a later settle catches up: a threshold
+        passed stays passed)."""
         try:
             spent = self._call(lambda cluster: cluster.settled(day, month))
             due = []

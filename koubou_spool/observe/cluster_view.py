@@ -112,8 +112,8 @@ def budget_state(state: dict[str, Any], seen: dict[str, Any]) -> dict[str, Any]:
     exhausted, as a worker then makes no cloud call."""
     if "error" in seen:
         return state | {"scope": "cluster", "exhausted": True, "cluster_error": seen["error"]}
-    (day_spent, month_spent), daily, monthly = (seen["spent"], state["daily_usd"],
-                                                state["monthly_usd"])
+    day_spent, month_spent = seen["spent"]
+    daily, monthly = state["daily_usd"], state["monthly_usd"]
     return state | {
         "scope": "cluster", "day_spent_usd": round(day_spent, 6),
         "month_spent_usd": round(month_spent, 6),

@@ -82,8 +82,8 @@ class Bridge:
         self.down_logged = -DOWN_LOG_S
         self.stopping = False
         # The home refused the tasks of a take-in (a full disk, an unusable pending/): none
-        # until the next heartbeat, not at each
-        # NOTIFY (giving the leases back sends one, which would bring them straight back).
+        # until the next heartbeat, not at each NOTIFY (giving the leases back sends one,
+        # which would bring them straight back).
         self.held_back = False
         self.refused_logged = -DOWN_LOG_S  # monotonic: when a refused take-in was last said
         self.served: set[str] = set()

@@ -211,14 +211,14 @@ class Workshop:
         found = cluster_view.board_for(settings).forget(host)
         if found["age_s"] is None:
             raise UsageError(f"no host {host} in the cluster; `koubou status` lists its hosts")
-        if found["age_s"] <= found["stale_after_s"] or not (found["forgotten"] or found["leases"]):
-            raise UsageError(f"host {host} wrote its row {found['age_s']:.0f} s ago, within its "
-                             f"lease of {found['stale_after_s']:.0f} s: it looks alive. Stop its "
-                             "`koubou cluster` first, or wait")
-        if not found["forgotten"]:
+        if found["forgotten"]:
+            return {"host": host} | found
+        if found["leases"] and found["age_s"] > found["stale_after_s"]:
             raise UsageError(f"host {host} still holds {found['leases']} running lease(s); they "
                              "are taken over once they run out: forget it after that")
-        return {"host": host} | found
+        raise UsageError(f"host {host} wrote its row {found['age_s']:.0f} s ago, within its "
+                         f"lease of {found['stale_after_s']:.0f} s: it looks alive. Stop its "
+                         "`koubou cluster` first, or wait")
 
     def retry(self, task_id: str) -> dict[str, Any]:
         """Queue a failed task again with its attempts reset."""

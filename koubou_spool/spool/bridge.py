@@ -30,7 +30,7 @@ import time
 
 from ..errors import InvalidTask, TaskNotFound
 from . import task as task_format
-from .cluster import Cluster, ClusterClaim, ClusterUnavailable, Delivery, Submission
+from .cluster import Cluster, ClusterClaim, Delivery, Submission
 from .entries import Claim, Outcome, Refused, Unavailable
 from .files import Spool
 from .task import Task
@@ -196,29 +196,38 @@ def take_in(spool: Spool, cluster: Cluster, bridge_id: str, craftsman: str,
     except BaseException:
         cluster.requeue_many([claim for claim, _ in queued], counted=False)
         raise
-    rerun, fresh, refused = [], [], None
-    for claim, task in queued:
-        try:
-            if claim.run and _replace_older_run(spool, task, claim.run):
-                rerun.append(claim)  # queued already, in place of the old outcome
-                continue
-        except OSError as exc:  # nothing changed here (Spool.rerun puts things back)
-            cluster.requeue_many([claim], counted=False)
-            refused = refused or exc
-            continue
-        fresh.append((claim, task))
+    rerun, fresh, refused = _queue_reruns(spool, cluster, queued)
     try:
         spool.submit([task for _, task in fresh])
     except BaseException as exc:
         # The leases back at once rather than after lease_s, and uncounted: nothing ran.
         cluster.requeue_many([claim for claim, _ in fresh], counted=False)
-        if not isinstance(exc, OSError) or isinstance(exc, ClusterUnavailable):
+        if not isinstance(exc, OSError):
             raise
         refused, fresh = refused or exc, []
     taken = rerun + [claim for claim, _ in fresh]
     if refused is not None:
         raise TakeInRefused(refused, taken)
     return taken
+
+
+def _queue_reruns(spool: Spool, cluster: Cluster, queued: list[tuple[ClusterClaim, Task]]
+                  ) -> tuple[list[ClusterClaim], list[tuple[ClusterClaim, Task]], OSError | None]:
+    """Queue the retried tasks that replace an older run's outcome here, each on its own; the
+    leases so queued, the tasks left for the common submit, and the first refusal (its lease
+    given back uncounted, nothing changed here: Spool.rerun puts things back)."""
+    rerun, fresh, refused = [], [], None
+    for claim, task in queued:
+        try:
+            if claim.run and _replace_older_run(spool, task, claim.run):
+                rerun.append(claim)
+                continue
+        except OSError as exc:
+            cluster.requeue_many([claim], counted=False)
+            refused = refused or exc
+            continue
+        fresh.append((claim, task))
+    return rerun, fresh, refused
 
 
 def _as_queued_all(claims: list[ClusterClaim]) -> tuple[list[tuple[ClusterClaim, Task]],
