@@ -333,6 +333,20 @@ def test_a_forwarded_task_cancelled_before_any_host_takes_it_never_runs(
     assert read_json(a.spool.failed / f"{task_id}.json")["error"]["kind"] == "cancelled"
 
 
+def test_a_forwarded_task_comes_home_when_a_worker_of_its_craftsman_starts_there(
+        hosts, pg_dsn: str) -> None:
+    a = hosts("host-a")
+    a.serve("local")  # no host serves echo: the task leaves and waits in the cluster
+    [task_id] = drop(a, 1, "home")
+    wait_row(pg_dsn, task_id, "pending")
+    a.start("worker", "--craftsman", "echo")  # before: it waited for another host for ever
+    [outcome] = wait_outcomes(a.spool, [task_id], timeout=15).values()
+    assert outcome["status"] == "completed" and outcome["result"]["attempts"] == 1
+    assert task_id not in rows(pg_dsn)
+    assert "brought 1 task(s) home from the cluster" in a.logs("cluster")
+    assert "Traceback" not in a.logs()
+
+
 def test_a_cluster_task_retried_on_its_origin_runs_again(hosts, pg_dsn: str) -> None:
     a, b = hosts("host-a"), hosts("host-b")
     a.serve("local")

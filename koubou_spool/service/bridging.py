@@ -168,6 +168,8 @@ class Bridge:
         send back what finished here, take in what fits."""
         names, flags = events.names, events.flags
         try:
+            if flags & {"recheck", "served"}:
+                self._bring_home()
             if events.rescan:
                 names = set(os.listdir(self.spool.pending))
             if names:
@@ -210,6 +212,19 @@ class Bridge:
             if sent:
                 log.info("forwarded %d task(s) to the cluster: %s", len(sent),
                          ", ".join(task.id for task in sent[:5]))
+
+    def _bring_home(self) -> None:
+        """Forwarded tasks no host has taken whose craftsman a live worker here serves now (it
+        came back, or this bridge started after it did) come home and run here: without this,
+        only another host serving their craftsman would ever run them."""
+        home = bridge.bring_home(self.spool, self.cluster, self.id,
+                                 sorted(served_craftsmen(self.spool)),
+                                 self.config.spool.max_attempts)
+        for task_id in home:
+            self.expiring.pop(task_id, None)
+        if home:
+            log.info("brought %d task(s) home from the cluster, a worker here serves them "
+                     "again: %s", len(home), ", ".join(home[:5]))
 
     def _expire_due(self) -> int:
         """Fail in the cluster the forwarded tasks past their expires_at that no host has

@@ -153,6 +153,39 @@ def _claim_for(spool: Spool, task_id: str, bridge_id: str,
     return None
 
 
+def bring_home(spool: Spool, cluster: Cluster, bridge_id: str, craftsmen: list[str],
+               granted: int) -> list[str]:
+    """Run here again the tasks this host forwarded for these craftsmen that no host has
+    taken: a worker of theirs is back. Each leaves the cluster first, so that no host leases it
+    after, then its face goes back to pending/ with the attempts it spent there counted
+    (`granted`: the max_attempts it was forwarded with); the ids brought home. A crash between
+    the two leaves the face to recovery, which puts a dead bridge's claims back in pending/."""
+    withdrawn = cluster.withdraw(craftsmen, granted)
+    claims = _claim_entries(spool)
+    home = []
+    for task_id, spent in sorted(withdrawn.items()):
+        if spool.outcome_state(task_id) is not None:
+            continue  # cancelled here meanwhile: that outcome stands
+        claim = _claim_for(spool, task_id, bridge_id, claims)
+        if claim is None:
+            log.warning("%s left the cluster to come home but has no face in %s", task_id,
+                        spool.home)
+            continue
+        attempts = _attempts(spool, claim) + spent if spent else None
+        if spool.requeue(claim.file_name, attempts):
+            home.append(task_id)
+    return home
+
+
+def _attempts(spool: Spool, claim: Claim) -> int:
+    """The attempts a claimed task file says it has had; 0 if it does not say."""
+    try:
+        attempts = task_format.decode(spool.read_claim(claim)[0]).get("attempts")
+    except (OSError, Refused, Unavailable, ValueError, AttributeError):
+        return 0
+    return attempts if isinstance(attempts, int) and attempts >= 0 else 0
+
+
 def _found(spool: Spool, task_id: str) -> tuple[str, str]:
     """(state, entry) of a task dropped under another name than its id: the spool's full
     lookup, which reads the queued files; ("", "") when it is nowhere."""

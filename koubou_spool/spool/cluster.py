@@ -539,6 +539,14 @@ class Cluster:
         return self._count(CANCEL, {"origin": self.host, "id": task_id, "outcome": Jsonb(outcome),
                                     "channel": CANCEL_CHANNEL}) == 1
 
+    def withdraw(self, craftsmen: Sequence[str], granted: int) -> dict[str, int]:
+        """Take this host's pending tasks of these craftsmen out of the cluster; the attempts
+        each spent there, by id (`granted`: the max_attempts they were forwarded with)."""
+        if not craftsmen:
+            return {}
+        return dict(self._rows(batch.WITHDRAW, {"origin": self.host, "craftsmen": list(craftsmen),
+                                                "granted": granted}))
+
     def open_forwarded(self) -> list[str]:
         """The ids of the tasks this host submitted that the cluster has not finished."""
         return [row[0] for row in self._rows(batch.OPEN_FORWARDED, {"origin": self.host})]

@@ -115,6 +115,16 @@ REQUEUE = _notifying("""
     WHERE t.id = c.id AND t.attempt = c.attempt AND t.state = 'in_progress'
     RETURNING t.id, t.craftsman""", "koubou_tasks", "craftsman")
 
+# This origin's tasks of these craftsmen that no host holds a lease of, taken out of the
+# cluster: a worker of their craftsman is back on their home, which runs them itself
+# (spool/bridge.py, bring_home). A row another host is claiming makes the DELETE wait for that
+# claim's commit and look again: a row leased meanwhile stays. With each id, the attempts its
+# run spent in the cluster (leases that were lost), for the home to go on counting from.
+WITHDRAW = """
+    DELETE FROM cluster_tasks
+    WHERE origin = %(origin)s AND craftsman = ANY(%(craftsmen)s::text[]) AND state = 'pending'
+    RETURNING id, greatest(0, attempt - (max_attempts - %(granted)s))"""
+
 # The tasks this origin forwarded that the cluster has not finished.
 OPEN_FORWARDED = """
     SELECT id FROM cluster_tasks
