@@ -903,6 +903,33 @@ def test_forwarded_tasks_no_host_holds_come_home_with_the_attempts_they_spent(
     host_b.close()
 
 
+def test_maintain_purges_the_hosts_delivered_cluster_rows_past_the_retention(
+        tmp_path: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from koubou_spool.ops import maintain
+    home_a, host_a = forwarded(tmp_path, pg_dsn, "old", "open")
+    host_b = cluster.Cluster.open(pg_dsn, host="host-b", lease_s=30)
+    old, _ = host_b.claim_many("bridge-b", ["echo"], 2, others_only=True)
+    record = {"id": "old", "status": "completed", "result": {"content": "done"}}
+    assert host_b.publish(old, record)
+    assert bridge.deliver(home_a, host_a, "bridge-a") == ["old"]
+    config = config_module.load(write_config(home_a.home, cluster={
+        "dsn_env": DSN_ENV, "host": "host-a"}))
+    ledger_path = home_a.home / "db" / "koubou.db"
+    monkeypatch.setenv(DSN_ENV, pg_dsn)
+    kept = maintain.run(home_a, config, ledger_path, purge_after=3600)
+    assert kept.cluster_purged == 0 and "0 cluster task rows" in kept.line()
+    time.sleep(0.05)
+    summary = maintain.run(home_a, config, ledger_path, purge_after=0.01)
+    assert summary.cluster_purged == 1 and summary.errors == []
+    assert host_a.states(["old", "open"]) == {"open": "in_progress"}  # still running on b
+    monkeypatch.delenv(DSN_ENV)
+    unset = maintain.run(home_a, config, ledger_path, purge_after=0.01)
+    assert unset.cluster_purged is None and "cluster task rows" not in unset.line()
+    assert unset.errors == [f"cluster: cluster.dsn_env names {DSN_ENV}, which is not set"]
+    host_a.close()
+    host_b.close()
+
+
 def test_a_cancel_whose_row_could_not_be_read_still_stops_the_local_copy(
         tmp_path: Path, pg_dsn: str, serving_bridge) -> None:
     _, host_a = forwarded(tmp_path, pg_dsn, "stop-me")

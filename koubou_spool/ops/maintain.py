@@ -26,7 +26,7 @@ from filelock import FileLock, Timeout
 from ..spool import ledger
 from ..spool import task as task_format
 from ..craft.budget import BudgetSettings
-from ..config import Config
+from ..config import ClusterSettings, Config
 from ..errors import InvalidTask, KoubouError, UsageError
 from ..spool.ledger import LedgerWriter
 from ..craft.limits import Budget
@@ -60,6 +60,7 @@ class Summary:
     tmp_removed: int = 0
     workers_removed: int = 0
     worktrees_removed: int = 0
+    cluster_purged: int | None = None  # the cluster's rows of this host purged (None: no cluster)
     vacuumed: bool = False
     errors: list[str] = field(default_factory=list)
 
@@ -76,6 +77,8 @@ class Summary:
                 f"directories, {self.purged_ledger_rows} ledger rows), "
                 f"removed {self.tmp_removed} stale tmp files and {self.workers_removed} "
                 f"dead workers' lock files, {self.worktrees_removed} worktrees"
+                + (f", {self.cluster_purged} cluster task rows"
+                   if self.cluster_purged is not None else "")
                 + (", vacuumed the ledger" if self.vacuumed else ""))
 
 
@@ -117,12 +120,34 @@ def _chores(spool: Spool, config: Config, ledger_path: Path, purge_after: float 
         if purge_ledger and ledger_path.exists():
             summary.purged_ledger_rows = _with_ledger(ledger_path, ledger.purge, task_ids,
                                                       reject_files, summary=summary) or 0
+        if ClusterSettings.parse(config.cluster).enabled:
+            summary.cluster_purged = _purge_cluster(config, purge_after, summary)
     summary.worktrees_removed = _prune_worktrees(spool, purge_after, now, summary)
     summary.tmp_removed = spool.clean_tmp(now - STALE_TMP_S)
     summary.workers_removed = spool.remove_dead_workers(now - STALE_TMP_S)
     if vacuum and ledger_path.exists():
         summary.vacuumed = _vacuum(spool, ledger_path, summary)
     return summary
+
+
+def _purge_cluster(config: Config, purge_after: float, summary: Summary) -> int | None:
+    """This host's task rows in the cluster whose outcome it was delivered more than
+    purge_after ago; nothing else prunes them. Unreachable: noted, as a locked ledger is."""
+    settings = ClusterSettings.parse(config.cluster)
+    dsn = os.environ.get(settings.dsn_env or "")
+    try:
+        if not dsn:
+            raise KoubouError(f"cluster.dsn_env names {settings.dsn_env}, which is not set")
+        from ..spool import cluster
+        handle = cluster.Cluster(dsn, host=settings.host)
+        try:
+            return handle.purge(purge_after)
+        finally:
+            handle.close_quietly()
+    except (ImportError, KoubouError) as exc:
+        log.warning("cluster: %s; its task rows of this host were not purged", exc)
+        summary.errors.append(f"cluster: {exc}")
+        return None
 
 
 def _prune_worktrees(spool: Spool, purge_after: float | None, now: float,

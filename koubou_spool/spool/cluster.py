@@ -547,6 +547,10 @@ class Cluster:
         return dict(self._rows(batch.WITHDRAW, {"origin": self.host, "craftsmen": list(craftsmen),
                                                 "granted": granted}))
 
+    def purge(self, age_s: float) -> int:
+        """Delete this host's delivered tasks that finished more than `age_s` ago; how many."""
+        return self._count(batch.PURGE, {"origin": self.host, "age_s": age_s})
+
     def open_forwarded(self) -> list[str]:
         """The ids of the tasks this host submitted that the cluster has not finished."""
         return [row[0] for row in self._rows(batch.OPEN_FORWARDED, {"origin": self.host})]

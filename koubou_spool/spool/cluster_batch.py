@@ -125,6 +125,15 @@ WITHDRAW = """
     WHERE origin = %(origin)s AND craftsman = ANY(%(craftsmen)s::text[]) AND state = 'pending'
     RETURNING id, greatest(0, attempt - (max_attempts - %(granted)s))"""
 
+# This origin's rows whose outcome it was delivered before the retention's age, on the
+# database's clock (`koubou maintain --purge-after`): the outcome lives on in the origin's
+# spool for as long as its own retention keeps it. An id purged here and retried there later
+# is simply inserted again.
+PURGE = """
+    DELETE FROM cluster_tasks
+    WHERE origin = %(origin)s AND delivered_at IS NOT NULL
+        AND finished_at < now() - make_interval(secs => %(age_s)s)"""
+
 # The tasks this origin forwarded that the cluster has not finished.
 OPEN_FORWARDED = """
     SELECT id FROM cluster_tasks
