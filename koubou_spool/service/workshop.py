@@ -214,8 +214,10 @@ class Workshop:
         if found["forgotten"]:
             return {"host": host} | found
         if found["leases"] and found["age_s"] > found["stale_after_s"]:
-            raise UsageError(f"host {host} still holds {found['leases']} running lease(s); they "
-                             "are taken over once they run out: forget it after that")
+            raise UsageError(f"host {host} still holds {found['leases']} running lease(s): "
+                             "either its bridge still runs without writing its row (stop it) "
+                             "or they run out within its cluster.lease_s and are taken over; "
+                             "forget it after that")
         raise UsageError(f"host {host} wrote its row {found['age_s']:.0f} s ago, within its "
                          f"lease of {found['stale_after_s']:.0f} s: it looks alive. Stop its "
                          "`koubou cluster` first, or wait")

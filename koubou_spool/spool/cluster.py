@@ -152,6 +152,12 @@ MIGRATIONS: list[tuple[str, str]] = [
         -- then fails as expired there and then, whether or not a host serves it still.
         ALTER TABLE cluster_tasks ADD COLUMN expires_at timestamptz;
     """),
+    ("0007_open_by_origin", """
+        -- An origin's open tasks: what its bridge's rescan, `--forget` and the bringing home
+        -- of tasks look up, without reading every row the cluster has kept.
+        CREATE INDEX cluster_tasks_open ON cluster_tasks (origin)
+            WHERE state IN ('pending', 'in_progress');
+    """),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -67,7 +67,9 @@ FORGET = """
         (SELECT count(*) FROM cluster_tasks WHERE host = %(host)s AND state = 'in_progress'
             AND lease_until > now()),
         (SELECT count(*) FROM cluster_tasks WHERE origin = %(host)s
-            AND (state IN ('pending', 'in_progress') OR delivered_at IS NULL))"""
+            AND state IN ('pending', 'in_progress'))
+        + (SELECT count(*) FROM cluster_tasks WHERE origin = %(host)s
+            AND state IN ('completed', 'failed') AND delivered_at IS NULL)"""
 
 
 class Board:
