@@ -232,6 +232,48 @@ def shared_server() -> Iterator[FakeOpenAI]:
             server.stop()
 
 
+@pytest.fixture
+def two_shared_servers() -> Iterator[tuple[FakeOpenAI, FakeOpenAI]]:
+    """Two fake OpenAI servers at a non-loopback address, as two GPU hosts of one craftsman."""
+    reason = netns.why_not()
+    if reason is not None:
+        pytest.skip(f"a server at a non-loopback address needs a network namespace: {reason};"
+                    " bin/koubou-test run as root enables it where the machine allows them")
+    with netns.Namespace() as ns:
+        servers = [FakeOpenAI(latency_s=3, host=ns.outside).start() for _ in range(2)]
+        try:
+            yield servers[0], servers[1]
+        finally:
+            for server in servers:
+                server.stop()
+
+
+def test_a_worker_that_can_start_nothing_more_holds_no_spare_cluster_slot(
+        hosts, pg_dsn: str, two_shared_servers: tuple[FakeOpenAI, FakeOpenAI]) -> None:
+    import psycopg
+    from koubou_spool import config as config_module
+    from koubou_spool.craft.endpoints import endpoint_key
+    craftsmen = {"gpu": {"backend": "openai", "model": "m", "timeout_s": 20, "retries": 0,
+                         "endpoints": [{"base_url": server.base_url, "max_concurrent": 1}
+                                       for server in two_shared_servers]}}
+    a = hosts("a", craftsmen=craftsmen)
+    gpu = config_module.load(a.home / "config" / "koubou.yaml").craftsmen["gpu"]
+    keys = [endpoint_key("gpu", endpoint) for endpoint in gpu.endpoints]
+    a.start("worker", "--craftsman", "gpu", "--concurrency", "1")
+    for n in range(3):
+        submit(a.spool, craftsman="gpu", content=f"a {n}")
+    deadline = time.monotonic() + 15
+    while sum(len(s.completions()) + s.in_flight for s in two_shared_servers) < 1:
+        assert time.monotonic() < deadline, a.logs()
+        time.sleep(0.05)
+    time.sleep(1.0)  # the worker asked for a slot of both servers: both grants are in by now
+    # One request runs, and the worker can start no other: the other server's one cluster
+    # slot is free for another host (before: held as a spare for the whole request).
+    with psycopg.connect(pg_dsn, autocommit=True) as other_host:
+        taken = [other_host.execute(shared_slots.TRY, (key, 0)).fetchone()[0] for key in keys]
+    assert sorted(taken) == [False, True], (taken, a.logs())
+
+
 @pytest.mark.parametrize("form", ["base_url", "endpoints"])
 @pytest.mark.slow
 def test_three_hosts_never_send_a_shared_server_more_than_its_max_concurrent(

@@ -30,7 +30,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -179,8 +179,10 @@ class EndpointPool:
     def acquire(self, exclude: set[int] = frozenset()) -> Lease | None:
         """A slot at the best usable endpoint not in `exclude`; None when none has one (then a
         timer wakes the worker when the first rest ends, or a freed slot's outcome does)."""
-        candidates = [i for i in range(len(self.endpoints))
-                      if i not in exclude and self.usable(i) and self._cluster_has_room(i)]
+        considered = [i for i in range(len(self.endpoints)) if i not in exclude]
+        usable = [i for i in considered if self.usable(i)]
+        self._drop_spares_of(i for i in considered if i not in usable)  # resting
+        candidates = [i for i in usable if self._cluster_has_room(i)]
         free = [0] * len(self.endpoints)
         taken: dict[int, int] = {}
         for index in candidates:
@@ -213,7 +215,12 @@ class EndpointPool:
 
     def drop_spares(self) -> None:
         """No task of the craftsman waits: cluster slots held unused go back."""
-        for index in range(len(self.endpoints)):
+        self._drop_spares_of(range(len(self.endpoints)))
+
+    def _drop_spares_of(self, indexes: Iterable[int]) -> None:
+        """Cluster slots held unused for these endpoints go back (a resting one's too: other
+        hosts may reach it)."""
+        for index in indexes:
             if self._shared(index):
                 self.cluster.drop_spares(self.keys[index])
 

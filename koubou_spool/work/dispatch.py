@@ -57,8 +57,7 @@ class Dispatch:
     def pump(self) -> None:
         """Claim and start tasks until this process, or every lane with tasks ready, is full."""
         full: set[str] = set()
-        while (len(self.in_flight) < self.concurrency
-               and self.committing() < COMMIT_BACKLOG * self.concurrency):
+        while self._has_room():
             key = self._next_lane(full)
             if key is None:
                 break
@@ -75,11 +74,18 @@ class Dispatch:
         if self.slots.cluster is not None:
             self._let_idle_cluster_slots_go()
 
+    def _has_room(self) -> bool:
+        return (len(self.in_flight) < self.concurrency
+                and self.committing() < COMMIT_BACKLOG * self.concurrency)
+
     def _let_idle_cluster_slots_go(self) -> None:
-        """Cluster slots granted for tasks that are gone (another worker took them) go back."""
+        """Cluster slots this process holds unused go back: those granted for tasks that are
+        gone (another worker took them), and, while the process can start nothing more, every
+        one (other hosts wait for them; the next pump asks again)."""
+        room = self._has_room()
         for craftsman in self.serves:
-            if (self.ready.head(lane(craftsman, False)) is None
-                    and self.ready.head(lane(craftsman, True)) is None):
+            if (not room or (self.ready.head(lane(craftsman, False)) is None
+                             and self.ready.head(lane(craftsman, True)) is None)):
                 self.slots.idle(craftsman)
 
     def _next_lane(self, full: set[str]) -> str | None:
