@@ -1004,18 +1004,23 @@ def test_a_take_in_the_disk_refuses_gives_the_leases_back_and_the_bridge_goes_on
     filler = fill_disk(small_disk)
     with caplog.at_level(logging.WARNING, logger=bridging.__name__):
         host_b._round(Events(flags={"tasks:echo"}))  # before: NoSpace, and the bridge died
-    assert "no space left for" in caplog.text and "taken in again at the next" in caplog.text
+    assert "no space left for" in caplog.text and "taken in again once this home can" in caplog.text
     assert host_b.leases == {} and host_a.states(["later"]) == {"later": "pending"}
     host_b._round(Events(flags={"tasks:echo"}))  # the give-back's own NOTIFY: not at once again
     with cluster.connect(pg_dsn) as conn:
         assert conn.execute("SELECT state, attempt FROM cluster_tasks").fetchall() == [
             ("pending", 1)]
     with caplog.at_level(logging.WARNING, logger=bridging.__name__):
-        assert host_b._beat()  # a heartbeat with the disk still full: refused again, unsaid
-        host_b._round(Events(flags={"freed"}))
-    assert caplog.text.count("taken in again at the next") == 1
+        for _ in range(3):  # heartbeats with the disk still full: no take-in, unsaid
+            assert not host_b._beat()
+            host_b._round(Events(flags={"freed"}))
+    assert caplog.text.count("taken in again once this home can") == 1
+    with cluster.connect(pg_dsn) as conn:  # before: a lease and an attempt at each heartbeat
+        assert conn.execute("SELECT state, attempt FROM cluster_tasks").fetchall() == [
+            ("pending", 1)]
+    assert os.listdir(host_b.spool.tmp) == []  # the probe of room leaves nothing
     filler.unlink()
-    assert host_b._beat()  # its next heartbeat: the take-in may try again
+    assert host_b._beat()  # its next heartbeat: room again, the take-in tries again
     host_b._round(Events(flags={"freed"}))
     assert list(host_b.leases) == ["later"]
     assert os.listdir(host_b.spool.pending) == ["later.json"]
@@ -1035,7 +1040,7 @@ def test_a_take_in_into_an_unusable_pending_dir_gives_the_leases_back_and_goes_o
     pending.write_text("not a directory")  # an error no disk check names
     with caplog.at_level(logging.WARNING, logger=bridging.__name__):
         host_b._round(Events(flags={"tasks:echo"}))  # before: the error killed the bridge
-    assert "taken in again at the next" in caplog.text
+    assert "taken in again once this home can" in caplog.text
     assert host_b.leases == {} and host_a.states(["later"]) == {"later": "pending"}
     pending.unlink()
     os.rename(tmp_path / "aside", pending)

@@ -32,7 +32,7 @@ from ..craft import router
 from ..errors import InvalidTask, KoubouError, UsageError
 from ..observe.cluster_view import Snapshots
 from ..observe.status import served_craftsmen
-from ..spool import bridge
+from ..spool import bridge, disk
 from ..spool import task as task_format
 from ..spool.task import Task
 from ..spool.cluster import CONNECT_TIMEOUT_S, Cluster, ClusterClaim, ClusterUnavailable
@@ -50,6 +50,7 @@ DELIVER_BATCH = 500
 # Tasks in one forwarding statement: a round's usual few in one, and a backlog found after an
 # outage (tasks of up to spool.max_task_bytes each) not in one statement of any size.
 FORWARD_BATCH = 500
+ROOM_PROBE_BYTES = 4096  # after a refused take-in: a block written and removed, to see room
 
 
 def cluster_dsn(settings: ClusterSettings) -> str:
@@ -308,15 +309,30 @@ class Bridge:
             raise
         except OSError as exc:  # the disk full, pending/ unusable: this home cannot queue now
             self.held_back = True
-            if time.monotonic() - self.refused_logged >= DOWN_LOG_S:
-                self.refused_logged = time.monotonic()
-                log.warning("%s; the cluster's tasks were given back, taken in again at the "
-                            "next heartbeat (said once a minute while it lasts)", exc)
+            self._say_refused(exc)
             return
         if not self.held_back:  # queued again: the next refusal is news
             self.refused_logged = -DOWN_LOG_S
         if room:
             self._mind_not_before(sorted(room))
+
+    def _say_refused(self, exc: OSError) -> None:
+        if time.monotonic() - self.refused_logged >= DOWN_LOG_S:
+            self.refused_logged = time.monotonic()
+            log.warning("%s; the cluster's tasks were given back, taken in again once this "
+                        "home can queue them (said once a minute while it lasts)", exc)
+
+    def _room_to_queue(self) -> bool:
+        """After a take-in this home refused: whether it could queue a task now (a block
+        written and removed in tmp/). A disk still full then costs no lease at each heartbeat:
+        each would spend an attempt number and give it back, thousands a day."""
+        try:
+            os.unlink(disk.stage(self.spool.tmp, "room", bytes(ROOM_PROBE_BYTES), fsync=False,
+                                 home=self.spool.home))
+        except OSError as exc:
+            self._say_refused(exc)
+            return False
+        return True
 
     def _mind_not_before(self, craftsmen: list[str]) -> None:
         """A timer for the first task of these craftsmen (which have room) held back by its
@@ -360,7 +376,10 @@ class Bridge:
         waiting, their NOTIFY was sent long ago."""
         now = time.time()
         os.utime(self._lock_fd, (now, now))
-        retry, self.held_back = self.held_back, False
+        retry = False
+        if self.held_back:  # a take-in this home refused: again once it has room
+            retry = self._room_to_queue()
+            self.held_back = not retry
         if not self.up:
             return retry
         try:
