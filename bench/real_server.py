@@ -2,19 +2,22 @@
 """The spool's overhead on a real engine: tasks through `koubou worker` against the tests' llama.cpp
 server (tests/realengine.py), next to the same load sent straight from the openai client.
 
-    python bench/real_server.py [--tasks 200]
+    python bench/real_server.py [--tasks 200] [--rounds 3]
 
 Needs the engine built (`python3 tests/realengine.py --build`). For each max_concurrent (1, 4, 8)
-it prints
-throughput and p50 latency both ways, and the spool/direct throughput ratio. Latency is per
-request for the client, and claim-to-finish per task for the spool (queue wait excluded, since
-the spool's backlog is pre-loaded).
+it prints throughput and p50 latency both ways, and the spool/direct throughput ratio: each the
+median of `--rounds` rounds, a round being the client's run then the spool's, one after the
+other, so that the machine's drift (on a shared 2-core VM the client alone varies 75-105 tasks/s
+from one minute to the next) falls on both sides of each ratio. Latency is per request for the
+client, and claim-to-finish per task for the spool (queue wait excluded, since the spool's
+backlog is pre-loaded).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import sys
 import tempfile
 import time
@@ -71,9 +74,15 @@ def through_spool(base: Path, base_url: str, count: int, concurrency: int,
             "p50_ms": spool_bench.percentile(durations, 50)}
 
 
+def _median(rounds: list[tuple[dict, dict]], side: int, key: str) -> float:
+    """The median of one figure over the rounds; side 0 the client's, 1 the spool's."""
+    return statistics.median(r[side][key] for r in rounds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per max_concurrent")
     args = parser.parse_args()
     if not realengine.is_built():
         sys.exit(f"build the engine first: {realengine.BUILD_ENABLES}")
@@ -88,12 +97,17 @@ def main() -> None:
         with realengine.serving(base / "server") as base_url:
             asyncio.run(direct(base_url, 20, 1))  # warm the model and the server
             for concurrency in (1, 4, 8):
-                plain = asyncio.run(direct(base_url, args.tasks, concurrency))
-                spooled = through_spool(base, base_url, args.tasks, concurrency)
-                print(f"{concurrency:>14}  {plain['tasks_per_s']:>14.1f}  "
-                      f"{spooled['tasks_per_s']:>13.1f}  "
-                      f"{spooled['tasks_per_s'] / plain['tasks_per_s']:>6.2f}  "
-                      f"{plain['p50_ms']:>8.1f}ms  {spooled['p50_ms']:>7.1f}ms")
+                rounds = []
+                for n in range(args.rounds):
+                    plain = asyncio.run(direct(base_url, args.tasks, concurrency))
+                    spooled = through_spool(base / f"round-{n}", base_url, args.tasks,
+                                            concurrency)
+                    rounds.append((plain, spooled))
+                ratio = statistics.median(s["tasks_per_s"] / p["tasks_per_s"] for p, s in rounds)
+                print(f"{concurrency:>14}  {_median(rounds, 0, 'tasks_per_s'):>14.1f}  "
+                      f"{_median(rounds, 1, 'tasks_per_s'):>13.1f}  {ratio:>6.2f}  "
+                      f"{_median(rounds, 0, 'p50_ms'):>8.1f}ms  "
+                      f"{_median(rounds, 1, 'p50_ms'):>7.1f}ms")
 
 
 if __name__ == "__main__":

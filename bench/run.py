@@ -68,9 +68,11 @@ def make_home(base: Path, name: str, *, fsync: bool, base_url: str = "http://127
 def start_worker(spool: Spool, *args: str, source: Path | None = None) -> subprocess.Popen:
     """A `koubou worker` from this checkout (or from the source tree `source`)."""
     env = {**os.environ, "PYTHONPATH": str(source or ROOT)}
+    # Not from the caller's directory: `-m` puts it first on sys.path, and from a checkout
+    # that directory's koubou_spool would be imported instead of `source`'s.
     return subprocess.Popen([sys.executable, "-m", "koubou_spool.cli.koubou", "worker",
                              "--home", str(spool.home), "--log-level", "warning", *args],
-                            stdin=subprocess.DEVNULL, env=env)
+                            stdin=subprocess.DEVNULL, env=env, cwd=spool.home)
 
 
 def stop_worker(proc: subprocess.Popen) -> None:
