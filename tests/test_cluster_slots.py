@@ -8,6 +8,7 @@ max_concurrent at once.
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -272,6 +273,18 @@ def test_a_worker_that_can_start_nothing_more_holds_no_spare_cluster_slot(
     with psycopg.connect(pg_dsn, autocommit=True) as other_host:
         taken = [other_host.execute(shared_slots.TRY, (key, 0)).fetchone()[0] for key in keys]
     assert sorted(taken) == [False, True], (taken, a.logs())
+    # `koubou workers` shows what the worker holds (its heartbeat came since the request began)
+    from click.testing import CliRunner
+    from koubou_spool.cli.koubou import cli
+    shown = CliRunner().invoke(cli, ["workers", "--home", str(a.home), "--json"])
+    assert shown.exit_code == 0, shown.output
+    [worker] = [w for w in json.loads(shown.stdout) if w.get("craftsmen") == ["gpu"]]
+    held = {(s["server"], s["in_use"], s["spare"], s["cap"]) for s in worker["cluster_slots"]}
+    busy = taken.index(False)  # the server whose one slot the worker holds
+    assert held == {(gpu.endpoints[busy].base_url, 1, 0, 1),
+                    (gpu.endpoints[1 - busy].base_url, 0, 0, 1)}, shown.output
+    table = CliRunner().invoke(cli, ["workers", "--home", str(a.home)]).output
+    assert "shared server" in table and gpu.endpoints[busy].base_url in table
 
 
 @pytest.mark.parametrize("form", ["base_url", "endpoints"])

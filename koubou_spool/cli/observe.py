@@ -48,7 +48,8 @@ def report(day: str | None, month: str | None, since: str | None, as_json: bool,
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def workers(as_json: bool) -> None:
     """Workers with their liveness, heartbeat age, tasks in flight, done and failed counts,
-    and each endpoint of their craftsmen (requests, failures, in flight, resting)."""
+    each endpoint of their craftsmen (requests, failures, in flight, resting), and in a
+    cluster the slots they hold of each server the hosts share."""
     facts = session().workers()
     found = facts["workers"]
     cluster_notice(facts.get("cluster"))
@@ -74,6 +75,13 @@ def workers(as_json: bool) -> None:
         click.echo("")
         for line in report_render.table(["worker", "craftsman", "endpoint", "requests", "failures",
                                          "in flight", "state"], shown):
+            click.echo(line)
+    held = [[w["id"], s["craftsman"], s["server"], s["in_use"], s["spare"], s["cap"]]
+            for w in found for s in w.get("cluster_slots") or ()]
+    if held:  # the servers every host reaches: their max_concurrent holds across the cluster
+        click.echo("")
+        for line in report_render.table(["worker", "craftsman", "shared server", "in use",
+                                         "spare", "of"], held):
             click.echo(line)
 
 

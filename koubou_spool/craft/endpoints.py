@@ -137,6 +137,7 @@ class ClusterSlots(Protocol):
     def has_spare(self, key: str) -> bool: ...
     def give(self, key: str, slot: int) -> None: ...
     def drop_spares(self, key: str) -> None: ...
+    def held(self, key: str) -> tuple[int, int]: ...
 
 
 @dataclass
@@ -416,6 +417,7 @@ class CraftSlots:
         self.plain = Slots(run / "slots", {c.name: c.max_concurrent for c in craftsmen
                                            if not c.endpoints})
         self.cluster = cluster
+        self.base_urls = {c.name: c.base_url for c in craftsmen}
         # Craftsmen with one base_url the cluster shares: their cluster slots' keys.
         self.cluster_keys = {} if cluster is None else {
             c.name: key for c in craftsmen if not c.endpoints
@@ -460,6 +462,22 @@ class CraftSlots:
     def endpoints(self) -> dict[str, list[dict]]:
         """Each pool's endpoints as `EndpointPool.state` shows them."""
         return {name: pool.state() for name, pool in self.pools.items()}
+
+    def cluster_state(self) -> list[dict]:
+        """Each server the cluster shares: the cluster slots this worker holds of it, in use
+        and spare, against its cap across every host."""
+        if self.cluster is None:
+            return []
+        shared = [(name, self.base_urls[name], key) for name, key in self.cluster_keys.items()]
+        shared += [(name, endpoint.base_url, key) for name, pool in self.pools.items()
+                   for endpoint, key in zip(pool.endpoints, pool.keys, strict=True)
+                   if key in self.cluster.caps]
+        shown = []
+        for craftsman, base_url, key in sorted(shared):
+            in_use, spare = self.cluster.held(key)
+            shown.append({"craftsman": craftsman, "server": base_url or "(the provider's API)",
+                          "cap": self.cluster.caps[key], "in_use": in_use, "spare": spare})
+        return shown
 
     def close(self) -> None:
         """Release every lock."""

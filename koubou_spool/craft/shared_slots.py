@@ -144,6 +144,11 @@ class SharedSlots:
         if spares:
             self._nudge()
 
+    def held(self, key: str) -> tuple[int, int]:
+        """The key's slots this worker holds: (in use by requests, spare)."""
+        with self._lock:
+            return len(self._in_use[key]), len(self._spare[key])
+
     @classmethod
     def for_worker(cls, config: Config, craftsmen: Iterable[Craftsman]) -> SharedSlots | None:
         """The cluster slots of the craftsmen a worker serves; None outside a cluster or when

@@ -65,17 +65,19 @@ def workers(spool: Spool, ledger_path: Path, config: Config, now: float) -> list
         beat = worker.get("heartbeat_at")
         worker["heartbeat_age_s"] = None if beat is None else max(now - beat, 0.0)
         worker["craftsmen"] = [c for c in (worker.get("craftsmen") or "").split(",") if c]
-        worker["endpoints"] = _endpoints_of(worker.get("endpoints"))
+        worker["endpoints"] = _json_of(worker.get("endpoints"), dict)
+        worker["cluster_slots"] = _json_of(worker.get("cluster_slots"), list)
     return found
 
 
-def _endpoints_of(shown: str | None) -> dict[str, list[dict[str, Any]]]:
-    """A worker's endpoints as its last heartbeat wrote them: {craftsman: [endpoint, ...]}."""
+def _json_of(shown: str | None, kind: type) -> Any:
+    """What a worker's last heartbeat wrote as JSON (its endpoints, {craftsman: [endpoint,
+    ...]}; its cluster slots, [server, ...]); empty when it wrote none or nothing readable."""
     try:
-        value = json.loads(shown) if shown else {}
+        value = json.loads(shown) if shown else kind()
     except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
+        return kind()
+    return value if isinstance(value, kind) else kind()
 
 
 def endpoint_figures(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:

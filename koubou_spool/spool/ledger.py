@@ -85,6 +85,9 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE tasks ADD COLUMN endpoint TEXT;
         ALTER TABLE workers ADD COLUMN endpoints TEXT;
     """),
+    ("0006_cluster_slots", """
+        ALTER TABLE workers ADD COLUMN cluster_slots TEXT;
+    """),
 ]
 
 
@@ -335,12 +338,16 @@ class LedgerWriter:
         return self._submit(lambda c: _upsert(c, "workers", row))
 
     def heartbeat(self, worker_id: str, state: str, in_flight: int, done: int, failed: int,
-                  at: float, endpoints: dict[str, list[dict]] | None = None) -> Future:
-        """A worker is alive: its state and counters, and its craftsmen's endpoints (JSON)."""
+                  at: float, endpoints: dict[str, list[dict]] | None = None,
+                  cluster_slots: list[dict] | None = None) -> Future:
+        """A worker is alive: its state and counters, its craftsmen's endpoints and the
+        cluster slots it holds (JSON)."""
         shown = json.dumps(endpoints) if endpoints else None
+        held = json.dumps(cluster_slots) if cluster_slots else None
         return self._submit(lambda c: c.execute(
             "UPDATE workers SET heartbeat_at = ?, state = ?, in_flight = ?, done = ?, failed = ?,"
-            " endpoints = ? WHERE id = ?", (at, state, in_flight, done, failed, shown, worker_id)),
+            " endpoints = ?, cluster_slots = ? WHERE id = ?",
+            (at, state, in_flight, done, failed, shown, held, worker_id)),
             key=("heartbeat", worker_id))
 
     def attempt_started(self, task_id: str, attempt: int, worker_id: str, craftsman: str,

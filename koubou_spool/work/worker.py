@@ -251,7 +251,8 @@ class Worker:
         os.utime(self._lock_fd, (now, now))
         state = "stopping" if self.stopping else "running"
         self.ledger.heartbeat(self.id, state, len(self.dispatch.in_flight), self.publisher.done,
-                              self.publisher.failed, now, self.slots.endpoints())
+                              self.publisher.failed, now, self.slots.endpoints(),
+                              self.slots.cluster_state())
         self._recover()
         self._recheck_budget(loop)
 
