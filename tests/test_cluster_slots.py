@@ -285,6 +285,11 @@ def test_a_worker_that_can_start_nothing_more_holds_no_spare_cluster_slot(
                     (gpu.endpoints[1 - busy].base_url, 0, 0, 1)}, shown.output
     table = CliRunner().invoke(cli, ["workers", "--home", str(a.home)]).output
     assert "shared server" in table and gpu.endpoints[busy].base_url in table
+    metrics = CliRunner().invoke(cli, ["metrics", "--home", str(a.home)]).stdout
+    assert (f'koubou_cluster_slots_held{{worker="{worker["id"]}",craftsman="gpu",server="'
+            f'{gpu.endpoints[busy].base_url}",use="in_use"}} 1') in metrics, metrics
+    from prometheus_client.parser import text_string_to_metric_families
+    assert "koubou_cluster_slots_held" in {f.name for f in text_string_to_metric_families(metrics)}
 
 
 @pytest.mark.parametrize("form", ["base_url", "endpoints"])

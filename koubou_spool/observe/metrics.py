@@ -118,8 +118,15 @@ def _workers(workers: list[dict[str, Any]]) -> list[Family]:
                  "Seconds since each worker's last heartbeat in the ledger.")
     up = Family(f"{PREFIX}_worker_alive", "gauge",
                 "1 when the worker holds its lock and beats within its lease, else 0.")
+    held = Family(f"{PREFIX}_cluster_slots_held", "gauge",
+                  "Slots of a server the cluster's hosts share that each worker held at its last "
+                  "heartbeat, in use by a request or spare.")
     for worker in workers:
         if worker.get("heartbeat_age_s") is not None:
             age.add(worker["heartbeat_age_s"], worker=worker["id"])
         up.add(1 if worker.get("liveness") == "alive" else 0, worker=worker["id"])
-    return [age, up]
+        for shared in worker.get("cluster_slots") or ():
+            for use in ("in_use", "spare"):
+                held.add(shared[use], worker=worker["id"], craftsman=shared["craftsman"],
+                         server=shared["server"], use=use)
+    return [age, up, held] if held.samples else [age, up]
