@@ -885,19 +885,29 @@ def forwarded(root: Path, pg_dsn: str, *ids: str) -> tuple[Spool, cluster.Cluste
 
 def test_forwarded_tasks_no_host_holds_come_home_with_the_attempts_they_spent(
         tmp_path: Path, pg_dsn: str) -> None:
-    home_a, host_a = forwarded(tmp_path, pg_dsn, "tried", "fresh", "running")
+    home_a, host_a = forwarded(tmp_path, pg_dsn, "tried", "fresh", "running", "waiting",
+                               "local")
     host_b = cluster.Cluster.open(pg_dsn, host="host-b", lease_s=30)
     tried, fresh, running = host_b.claim_many("bridge-b", ["echo"], 3, others_only=True)
     assert host_b.requeue(tried)  # a lease lost: its attempt counts
     assert host_b.requeue_many([fresh], counted=False) == {"fresh"}  # never started: none
+    # the bridge died: recovery put two faces back in pending/, and a worker here took one
+    faces = {match["name"]: entry for entry, match in home_a.claims()}
+    for name in ("waiting.json", "local.json"):
+        assert home_a.requeue(faces[name], None)
+    live = home_a.claim("local.json", "worker-live")
     # a worker of echo is back on host a, and a bridge there (a new one) brings them home
-    assert bridge.bring_home(home_a, host_a, "bridge-a2", ["echo"], 3) == ["fresh", "tried"]
-    assert sorted(os.listdir(home_a.pending)) == ["fresh.json", "tried.json"]
+    assert bridge.bring_home(home_a, host_a, "bridge-a2", ["echo"], 3) == [
+        "fresh", "tried", "waiting"]
+    assert sorted(os.listdir(home_a.pending)) == ["fresh.json", "tried.json", "waiting.json"]
     assert read_json(home_a.pending / "tried.json")["attempts"] == 1
     assert read_json(home_a.pending / "fresh.json").get("attempts", 0) == 0
-    # the one another host holds stays there, its face with it
-    assert host_a.states(["tried", "fresh", "running"]) == {"running": "in_progress"}
-    assert [match["name"] for _, match in home_a.claims()] == ["running.json"]
+    # the one another host holds stays there, its face with it; the one a worker here runs
+    # keeps its claim (before: taken from it, and run twice)
+    assert host_a.states(["tried", "fresh", "running", "waiting", "local"]) == {
+        "running": "in_progress", "local": "pending"}
+    assert sorted(entry for entry, _ in home_a.claims()) == sorted(
+        [faces["running.json"], live.file_name])
     assert bridge.bring_home(home_a, host_a, "bridge-a2", ["echo"], 3) == []
     host_a.close()
     host_b.close()

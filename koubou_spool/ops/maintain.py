@@ -138,10 +138,13 @@ def _purge_cluster(config: Config, purge_after: float, summary: Summary) -> int 
     try:
         if not dsn:
             raise KoubouError(f"cluster.dsn_env names {settings.dsn_env}, which is not set")
+        import psycopg
         from ..spool import cluster
         handle = cluster.Cluster(dsn, host=settings.host)
         try:
             return handle.purge(purge_after)
+        except psycopg.Error as exc:  # no schema yet (no bridge ran), no permission
+            raise KoubouError(str(exc).strip().splitlines()[0]) from None
         finally:
             handle.close_quietly()
     except (ImportError, KoubouError) as exc:

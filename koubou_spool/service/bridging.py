@@ -169,8 +169,11 @@ class Bridge:
         send back what finished here, take in what fits."""
         names, flags = events.names, events.flags
         try:
-            if flags & {"recheck", "served"}:
-                self._bring_home()
+            wanted = {flag[len("tasks:"):] for flag in flags if flag.startswith("tasks:")}
+            # A worker here came back, or a task of a craftsman served here went back to
+            # pending in the cluster (a host gave it back, or died): if it is ours, home.
+            if flags & {"recheck", "served"} or wanted & self.served:
+                self._bring_home(pending_too=bool(flags & {"recheck", "served"}))
             if events.rescan:
                 names = set(os.listdir(self.spool.pending))
             if names:
@@ -186,7 +189,6 @@ class Bridge:
             if "cancel" in flags or self.unread:
                 self._leases_ended(bridge.renew(self.cluster, self.id, self.leases))
             freed = self._send_back() if events.outcomes and self.leases else 0
-            wanted = {flag[len("tasks:"):] for flag in flags if flag.startswith("tasks:")}
             if (freed or flags & {"recheck", "served", "freed", "due"}
                     or wanted & set(self._serving())):
                 self._take_in()
@@ -214,13 +216,13 @@ class Bridge:
                 log.info("forwarded %d task(s) to the cluster: %s", len(sent),
                          ", ".join(task.id for task in sent[:5]))
 
-    def _bring_home(self) -> None:
-        """Forwarded tasks no host has taken whose craftsman a live worker here serves now (it
-        came back, or this bridge started after it did) come home and run here: without this,
-        only another host serving their craftsman would ever run them."""
+    def _bring_home(self, pending_too: bool) -> None:
+        """Forwarded tasks no host holds whose craftsman a live worker here serves now (it came
+        back, this bridge started after it did, or a host gave such a task back) come home and
+        run here: without this, only another host serving their craftsman would run them."""
         home = bridge.bring_home(self.spool, self.cluster, self.id,
                                  sorted(served_craftsmen(self.spool)),
-                                 self.config.spool.max_attempts)
+                                 self.config.spool.max_attempts, pending_too=pending_too)
         for task_id in home:
             self.expiring.pop(task_id, None)
         if home:

@@ -31,7 +31,7 @@ import time
 from ..errors import InvalidTask, TaskNotFound
 from . import task as task_format
 from .cluster import Cluster, ClusterClaim, Delivery, Submission
-from .entries import Claim, Outcome, Refused, Unavailable
+from .entries import BRIDGE_PREFIX, Claim, Outcome, Refused, Unavailable
 from .files import Spool
 from .task import Task
 
@@ -154,26 +154,37 @@ def _claim_for(spool: Spool, task_id: str, bridge_id: str,
 
 
 def bring_home(spool: Spool, cluster: Cluster, bridge_id: str, craftsmen: list[str],
-               granted: int) -> list[str]:
+               granted: int, *, pending_too: bool = True) -> list[str]:
     """Run here again the tasks this host forwarded for these craftsmen that no host has
-    taken: a worker of theirs is back. Each leaves the cluster first, so that no host leases it
-    after, then its face goes back to pending/ with the attempts it spent there counted
-    (`granted`: the max_attempts it was forwarded with); the ids brought home. A crash between
-    the two leaves the face to recovery, which puts a dead bridge's claims back in pending/."""
-    withdrawn = cluster.withdraw(craftsmen, granted)
-    claims = _claim_entries(spool)
+    taken: a worker of theirs is back. Only tasks whose face is here (a bridge's claim, or the
+    file in pending/ where recovery put a dead bridge's claim) are asked for, never one a
+    worker here has claimed (it runs already). Each leaves the cluster first, so that no host
+    leases it after, then a face still claimed goes back to pending/ with the attempts it spent
+    there counted (`granted`: the max_attempts it was forwarded with); the ids brought home. A
+    crash between the two leaves the face to recovery, which requeues a dead bridge's claims;
+    a face this home cannot requeue now is said and stays claimed. Without `pending_too` only
+    the bridges' claims are looked at (not a listing of pending/)."""
+    faces = {task_format.id_from_name(match["name"]): entry for entry, match in spool.claims()
+             if match["worker"].startswith(BRIDGE_PREFIX) and not match["fin"]}
+    waiting = {task_format.id_from_name(name)
+               for name in (os.listdir(spool.pending) if pending_too else ())}
+    ids = sorted(i for i in (faces.keys() | waiting) if i is not None)
+    withdrawn = cluster.withdraw(craftsmen, granted, ids)
     home = []
     for task_id, spent in sorted(withdrawn.items()):
-        if spool.outcome_state(task_id) is not None:
-            continue  # cancelled here meanwhile: that outcome stands
-        claim = _claim_for(spool, task_id, bridge_id, claims)
-        if claim is None:
-            log.warning("%s left the cluster to come home but has no face in %s", task_id,
-                        spool.home)
+        if task_id not in faces:
+            home.append(task_id)  # in pending/ already: a worker here takes it
             continue
+        claim = spool.take_over(faces[task_id], bridge_id)
+        if claim is None:
+            continue  # moved meanwhile (a cancel): that outcome stands
         attempts = _attempts(spool, claim) + spent if spent else None
-        if spool.requeue(claim.file_name, attempts):
-            home.append(task_id)
+        try:
+            if spool.requeue(claim.file_name, attempts):
+                home.append(task_id)
+        except OSError as exc:
+            log.warning("%s left the cluster to come home but could not be queued here: %s",
+                        task_id, exc)
     return home
 
 

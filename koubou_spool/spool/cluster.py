@@ -545,16 +545,18 @@ class Cluster:
         return self._count(CANCEL, {"origin": self.host, "id": task_id, "outcome": Jsonb(outcome),
                                     "channel": CANCEL_CHANNEL}) == 1
 
-    def withdraw(self, craftsmen: Sequence[str], granted: int) -> dict[str, int]:
-        """Take this host's pending tasks of these craftsmen out of the cluster; the attempts
-        each spent there, by id (`granted`: the max_attempts they were forwarded with)."""
-        if not craftsmen:
+    def withdraw(self, craftsmen: Sequence[str], granted: int,
+                 ids: Sequence[str]) -> dict[str, int]:
+        """Take this host's pending tasks of these craftsmen, among these ids, out of the
+        cluster; the attempts each spent there, by id (`granted`: the max_attempts they were
+        forwarded with)."""
+        if not craftsmen or not ids:
             return {}
         return dict(self._rows(batch.WITHDRAW, {"origin": self.host, "craftsmen": list(craftsmen),
-                                                "granted": granted}))
+                                                "granted": granted, "ids": list(ids)}))
 
     def purge(self, age_s: float) -> int:
-        """Delete this host's delivered tasks that finished more than `age_s` ago; how many."""
+        """Delete this host's tasks delivered more than `age_s` ago; how many."""
         return self._count(batch.PURGE, {"origin": self.host, "age_s": age_s})
 
     def open_forwarded(self) -> list[str]:

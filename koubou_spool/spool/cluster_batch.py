@@ -123,6 +123,7 @@ REQUEUE = _notifying("""
 WITHDRAW = """
     DELETE FROM cluster_tasks
     WHERE origin = %(origin)s AND craftsman = ANY(%(craftsmen)s::text[]) AND state = 'pending'
+        AND id = ANY(%(ids)s::text[])
     RETURNING id, greatest(0, attempt - (max_attempts - %(granted)s))"""
 
 # This origin's rows whose outcome it was delivered before the retention's age, on the
@@ -131,8 +132,7 @@ WITHDRAW = """
 # is simply inserted again.
 PURGE = """
     DELETE FROM cluster_tasks
-    WHERE origin = %(origin)s AND delivered_at IS NOT NULL
-        AND finished_at < now() - make_interval(secs => %(age_s)s)"""
+    WHERE origin = %(origin)s AND delivered_at < now() - make_interval(secs => %(age_s)s)"""
 
 # The tasks this origin forwarded that the cluster has not finished.
 OPEN_FORWARDED = """
