@@ -913,6 +913,19 @@ def test_forwarded_tasks_no_host_holds_come_home_with_the_attempts_they_spent(
     host_b.close()
 
 
+def test_a_face_whose_row_is_gone_comes_home_at_the_next_look(
+        tmp_path: Path, pg_dsn: str) -> None:
+    home_a, host_a = forwarded(tmp_path, pg_dsn, "orphan", "kept")
+    with cluster.connect(pg_dsn) as conn:  # a withdraw that committed, its reply lost
+        conn.execute("DELETE FROM cluster_tasks WHERE id = 'orphan'")
+    assert bridge.bring_home(home_a, host_a, "bridge-a", ["other"], 3,
+                             pending_too=False) == []  # a NOTIFY's look: bridge faces only
+    assert bridge.bring_home(home_a, host_a, "bridge-a", ["other"], 3) == ["orphan"]
+    assert os.listdir(home_a.pending) == ["orphan.json"]  # before: claimed for ever, no row
+    assert host_a.states(["kept"]) == {"kept": "pending"}  # echo is not served: it stays out
+    host_a.close()
+
+
 def test_maintain_purges_the_hosts_delivered_cluster_rows_past_the_retention(
         tmp_path: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from koubou_spool.ops import maintain

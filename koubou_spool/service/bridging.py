@@ -226,8 +226,8 @@ class Bridge:
         for task_id in home:
             self.expiring.pop(task_id, None)
         if home:
-            log.info("brought %d task(s) home from the cluster, a worker here serves them "
-                     "again: %s", len(home), ", ".join(home[:5]))
+            log.info("brought %d task(s) home from the cluster: %s", len(home),
+                     ", ".join(home[:5]))
 
     def _expire_due(self) -> int:
         """Fail in the cluster the forwarded tasks past their expires_at that no host has

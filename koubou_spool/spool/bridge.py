@@ -163,13 +163,17 @@ def bring_home(spool: Spool, cluster: Cluster, bridge_id: str, craftsmen: list[s
     there counted (`granted`: the max_attempts it was forwarded with); the ids brought home. A
     crash between the two leaves the face to recovery, which requeues a dead bridge's claims;
     a face this home cannot requeue now is said and stays claimed. Without `pending_too` only
-    the bridges' claims are looked at (not a listing of pending/)."""
+    the bridges' claims are looked at (not a listing of pending/), and a face whose row is gone
+    (a withdraw committed whose reply was lost) is not looked for."""
     faces = {task_format.id_from_name(match["name"]): entry for entry, match in spool.claims()
              if match["worker"].startswith(BRIDGE_PREFIX) and not match["fin"]}
     waiting = {task_format.id_from_name(name)
                for name in (os.listdir(spool.pending) if pending_too else ())}
     ids = sorted(i for i in (faces.keys() | waiting) if i is not None)
     withdrawn = cluster.withdraw(craftsmen, granted, ids)
+    if pending_too:  # a face whose row is gone (a withdraw whose reply was lost) comes home too
+        rows = cluster.states(faces)
+        withdrawn |= {i: 0 for i in faces if i not in rows and i not in withdrawn}
     home = []
     for task_id, spent in sorted(withdrawn.items()):
         if task_id not in faces:
