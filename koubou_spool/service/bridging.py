@@ -172,8 +172,9 @@ class Bridge:
             wanted = {flag[len("tasks:"):] for flag in flags if flag.startswith("tasks:")}
             # A worker here came back, or a task of a craftsman served here went back to
             # pending in the cluster (a host gave it back, or died): if it is ours, home.
-            if flags & {"recheck", "served"} or wanted & self.served:
-                self._bring_home(pending_too=bool(flags & {"recheck", "served"}))
+            full_look = bool(flags & {"recheck", "served"})
+            if full_look or wanted & self.served:
+                self._bring_home(pending_too=full_look)
             if events.rescan:
                 names = set(os.listdir(self.spool.pending))
             if names:
@@ -220,8 +221,7 @@ class Bridge:
         """Forwarded tasks no host holds whose craftsman a live worker here serves now (it came
         back, this bridge started after it did, or a host gave such a task back) come home and
         run here: without this, only another host serving their craftsman would run them."""
-        home = bridge.bring_home(self.spool, self.cluster, self.id,
-                                 sorted(served_craftsmen(self.spool)),
+        home = bridge.bring_home(self.spool, self.cluster, self.id, sorted(self.served),
                                  self.config.spool.max_attempts, pending_too=pending_too)
         for task_id in home:
             self.expiring.pop(task_id, None)
