@@ -515,11 +515,14 @@ def test_heartbeats_reach_the_ledger(home: Path, spool: Spool, workers: Workers)
     deadline = time.monotonic() + 10
     conn = sqlite3.connect(home / "db" / "koubou.db")
     first = conn.execute("SELECT heartbeat_at FROM workers").fetchone()[0]
-    while conn.execute("SELECT heartbeat_at FROM workers").fetchone()[0] == first:
-        assert time.monotonic() < deadline, "no heartbeat within 10 s (heartbeat_s is 1)"
+    # The outcome is in completed/ once renamed, its count once its group's fsync is done: on
+    # a loaded machine a heartbeat can fall between the two, so the one looked for counts it.
+    while (row := conn.execute("SELECT heartbeat_at, pid, state, done FROM workers").fetchone()
+           )[0] == first or row[3] == 0:
+        assert time.monotonic() < deadline, "no heartbeat counting the task within 10 s " \
+            "(heartbeat_s is 1)"
         threading.Event().wait(0.2)
-    row = conn.execute("SELECT pid, state, done FROM workers").fetchone()
-    assert row == (proc.pid, "running", 1)
+    assert row[1:] == (proc.pid, "running", 1)
 
 
 def test_a_queued_file_rewritten_before_its_claim_runs_with_its_new_content(
