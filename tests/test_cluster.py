@@ -758,9 +758,9 @@ def finish_by_hand(spool: Spool, task_id: str, content: str) -> None:
     assert spool.publish(claim, task_id, record)
 
 
-def retried_after_a_run_on_b(tmp_path: Path, pg_dsn: str) -> tuple:
-    """Task `again` of host a, run on host b ("first run"), delivered, then retried on a and
-    forwarded again: (home_a, home_b, host_a, host_b)."""
+def retried_after_a_run_on_b(tmp_path: Path, pg_dsn: str, *, purged: bool = False) -> tuple:
+    """Task `again` of host a, run on host b ("first run"), delivered (its cluster row
+    `purged` then), then retried on a and forwarded again: (home_a, home_b, host_a, host_b)."""
     from koubou_spool.service import control
     home_a, home_b = two_homes(tmp_path)
     host_a = cluster.Cluster.open(pg_dsn, host="host-a", lease_s=30)
@@ -771,15 +771,21 @@ def retried_after_a_run_on_b(tmp_path: Path, pg_dsn: str) -> tuple:
     finish_by_hand(home_b, "again", "first run")
     assert bridge.send_back(home_b, host_b, {"again": first}) == {"again"}
     assert bridge.deliver(home_a, host_a, "bridge-a") == ["again"]
+    if purged:
+        time.sleep(0.01)
+        assert host_a.purge(0) == 1
     os.rename(home_a.completed / "again.json", home_a.failed / "again.json")  # say it failed
     control.retry(home_a, "again")
     bridge.forward(home_a, host_a, [("again.json", "echo")], "bridge-a")
     return home_a, home_b, host_a, host_b
 
 
+@pytest.mark.parametrize("purged", [False, True], ids=["kept", "purged"])
 def test_a_retried_task_runs_again_where_an_older_run_finished_but_once_per_run(
-        tmp_path: Path, pg_dsn: str) -> None:
-    home_a, home_b, host_a, host_b = retried_after_a_run_on_b(tmp_path, pg_dsn)
+        tmp_path: Path, pg_dsn: str, purged: bool) -> None:
+    # purged: the row gone between the delivery and the retry, its fence kept (before: the
+    # retry started again at run 0, attempt 1, and host b sent back the first run's outcome)
+    home_a, home_b, host_a, host_b = retried_after_a_run_on_b(tmp_path, pg_dsn, purged=purged)
     [second] = bridge.take_in(home_b, host_b, "bridge-b", "echo", 1)
     assert (second.run, second.attempt) == (1, 2)
     assert os.listdir(home_b.pending) == ["again.json"]  # queued again, the old outcome gone
@@ -909,6 +915,28 @@ def test_forwarded_tasks_no_host_holds_come_home_with_the_attempts_they_spent(
     assert sorted(entry for entry, _ in home_a.claims()) == sorted(
         [faces["running.json"], live.file_name])
     assert bridge.bring_home(home_a, host_a, "bridge-a2", ["echo"], 3) == []
+    host_a.close()
+    host_b.close()
+
+
+def test_a_task_brought_home_and_forwarded_again_keeps_its_lost_leases_fenced(
+        tmp_path: Path, pg_dsn: str) -> None:
+    home_a, host_a = forwarded(tmp_path, pg_dsn, "twice")
+    host_b = cluster.Cluster.open(pg_dsn, host="host-b", lease_s=30)
+    [lost] = host_b.claim_many("bridge-b", ["echo"], 1, others_only=True)
+    assert host_b.requeue(lost)  # its lease lost, say, but host b's craftsman still at it
+    # Host a's allowance is 5 now: the attempts spent are told by what the run was granted, 3
+    # (before: by today's 5, and the face came home with 3 attempts for 1)
+    assert bridge.bring_home(home_a, host_a, "bridge-a2", ["echo"], 5) == ["twice"]
+    assert read_json(home_a.pending / "twice.json")["attempts"] == 1
+    # the worker left again: the face goes back out
+    bridge.forward(home_a, host_a, [("twice.json", "echo")], "bridge-a3", max_attempts=5)
+    [again] = host_b.claim_many("bridge-b2", ["echo"], 1, others_only=True)
+    assert (again.attempt, again.run) == (2, 1)  # before: (1, 0), the lost lease's own number
+    assert not host_b.publish(lost, completed(lost))  # fenced out
+    assert host_b.requeue(again)
+    assert bridge.bring_home(home_a, host_a, "bridge-a4", ["echo"], 5) == ["twice"]
+    assert read_json(home_a.pending / "twice.json")["attempts"] == 2
     host_a.close()
     host_b.close()
 

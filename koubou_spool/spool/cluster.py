@@ -158,6 +158,17 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX cluster_tasks_open ON cluster_tasks (origin)
             WHERE state IN ('pending', 'in_progress');
     """),
+    ("0008_fences", """
+        -- The attempt and run of each row taken out of the cluster (purged, or brought home):
+        -- the same id forwarded again goes on counting from them, so that a lease of the row
+        -- that was, and an outcome of its run still on another host, stay fenced out.
+        CREATE TABLE cluster_fences (
+            id text PRIMARY KEY, attempt integer NOT NULL, run integer NOT NULL,
+            at timestamptz NOT NULL DEFAULT now());
+        -- The max_attempts a run was forwarded with, for the attempts it spent when it comes
+        -- home (NULL in rows of before: the bringing home's own allowance stands for it).
+        ALTER TABLE cluster_tasks ADD COLUMN granted integer;
+    """),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

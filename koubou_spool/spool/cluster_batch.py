@@ -29,24 +29,38 @@ def _notifying(change: str, channel: str, key: str) -> str:
 # origin sends again a task whose outcome it was delivered, which only `koubou retry` there does
 # (an id with an outcome in its home is never queued again otherwise). The row then waits again
 # as a new run: its attempt number keeps counting, so a lease of the old run stays fenced out,
-# and it is given max_attempts more.
+# and it is given max_attempts more. An id whose row was taken out (purged, or brought home)
+# starts from the attempt and the next run its fence kept, for the same reason. The rows go in
+# in the order given (the join may reorder them): their seq is the claims' order.
 SUBMIT = _notifying("""
-    INSERT INTO cluster_tasks (id, origin, craftsman, priority, max_attempts, not_before,
-                               expires_at, body)
-    SELECT * FROM unnest(%(ids)s::text[], %(origins)s::text[], %(craftsmen)s::text[],
-                         %(priorities)s::int[], %(max_attempts)s::int[],
-                         %(not_before)s::timestamptz[], %(expires_at)s::timestamptz[],
-                         %(bodies)s::bytea[])
+    INSERT INTO cluster_tasks (id, origin, craftsman, priority, max_attempts, granted,
+                               not_before, expires_at, body, attempt, run)
+    SELECT s.id, s.origin, s.craftsman, s.priority, s.granted + coalesce(f.attempt, 0),
+        s.granted, s.not_before, s.expires_at, s.body, coalesce(f.attempt, 0),
+        coalesce(f.run + 1, 0)
+    FROM unnest(%(ids)s::text[], %(origins)s::text[], %(craftsmen)s::text[],
+                %(priorities)s::int[], %(max_attempts)s::int[],
+                %(not_before)s::timestamptz[], %(expires_at)s::timestamptz[],
+                %(bodies)s::bytea[]) WITH ORDINALITY
+        AS s(id, origin, craftsman, priority, granted, not_before, expires_at, body, n)
+    LEFT JOIN cluster_fences f USING (id)
+    ORDER BY s.n
     ON CONFLICT (id) DO UPDATE SET state = 'pending', craftsman = excluded.craftsman,
         priority = excluded.priority, not_before = excluded.not_before,
         expires_at = excluded.expires_at, body = excluded.body,
-        max_attempts = cluster_tasks.attempt + excluded.max_attempts, outcome = NULL,
-        run = cluster_tasks.run + 1,
+        max_attempts = cluster_tasks.attempt + excluded.granted, granted = excluded.granted,
+        outcome = NULL, run = cluster_tasks.run + 1,
         worker_id = NULL, host = NULL, lease_until = NULL, finished_at = NULL,
         delivered_at = NULL
     WHERE cluster_tasks.origin = excluded.origin AND cluster_tasks.delivered_at IS NOT NULL
         AND cluster_tasks.state IN ('completed', 'failed')
     RETURNING id, craftsman""", "koubou_tasks", "craftsman")
+
+# Rows taken out of the cluster leave their fence: the attempt and run they had reached.
+_FENCE = """
+    INSERT INTO cluster_fences (id, attempt, run) SELECT id, attempt, run FROM gone
+    ON CONFLICT (id) DO UPDATE SET attempt = excluded.attempt, run = excluded.run,
+        at = now()"""
 
 # Seconds (on the database's clock) until the first pending row of these craftsmen that waits
 # for its not_before may be claimed; NULL when none waits.
@@ -119,20 +133,28 @@ REQUEUE = _notifying("""
 # cluster: a worker of their craftsman is back on their home, which runs them itself
 # (spool/bridge.py, bring_home). A row another host is claiming makes the DELETE wait for that
 # claim's commit and look again: a row leased meanwhile stays. With each id, the attempts its
-# run spent in the cluster (leases that were lost), for the home to go on counting from.
-WITHDRAW = """
-    DELETE FROM cluster_tasks
-    WHERE origin = %(origin)s AND craftsman = ANY(%(craftsmen)s::text[]) AND state = 'pending'
-        AND id = ANY(%(ids)s::text[])
-    RETURNING id, greatest(0, attempt - (max_attempts - %(granted)s))"""
+# run spent in the cluster (leases that were lost), for the home to go on counting from; rows
+# older than migration 0008 do not know what their run was granted, `granted` stands for it.
+WITHDRAW = f"""
+    WITH gone AS (
+        DELETE FROM cluster_tasks
+        WHERE origin = %(origin)s AND craftsman = ANY(%(craftsmen)s::text[])
+            AND state = 'pending' AND id = ANY(%(ids)s::text[])
+        RETURNING id, attempt, run, max_attempts, granted),
+    fenced AS ({_FENCE})
+    SELECT id, greatest(0, attempt - (max_attempts - coalesce(granted, %(granted)s)))
+    FROM gone"""
 
 # This origin's rows whose outcome it was delivered before the retention's age, on the
 # database's clock (`koubou maintain --purge-after`): the outcome lives on in the origin's
-# spool for as long as its own retention keeps it. An id purged here and retried there later
-# is simply inserted again.
-PURGE = """
-    DELETE FROM cluster_tasks
-    WHERE origin = %(origin)s AND delivered_at < now() - make_interval(secs => %(age_s)s)"""
+# spool for as long as its own retention keeps it. Each leaves its fence (a few bytes): the id
+# retried there later goes on from its attempt and run.
+PURGE = f"""
+    WITH gone AS (
+        DELETE FROM cluster_tasks
+        WHERE origin = %(origin)s AND delivered_at < now() - make_interval(secs => %(age_s)s)
+        RETURNING id, attempt, run)
+    {_FENCE}"""
 
 # The tasks this origin forwarded that the cluster has not finished.
 OPEN_FORWARDED = """
