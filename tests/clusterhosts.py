@@ -76,9 +76,12 @@ class Host:
         return worker, bridge
 
     def kill(self) -> None:
-        for proc in self.procs:
+        """kill -9 of every process, all signalled before any is waited for: a bridge that
+        outlived its worker by a heartbeat would give that worker's leases back first."""
+        for proc in reversed(self.procs):  # the bridges, started after their workers, first
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
+        for proc in self.procs:
             proc.wait(timeout=10)
 
     def terminate(self) -> list[int]:
