@@ -6,6 +6,7 @@ bridge (koubou_spool/spool/bridge.py) between a real home and the cluster."""
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import signal
@@ -939,6 +940,32 @@ def test_a_task_brought_home_and_forwarded_again_keeps_its_lost_leases_fenced(
     assert read_json(home_a.pending / "twice.json")["attempts"] == 2
     host_a.close()
     host_b.close()
+
+
+def test_a_dead_bridges_faces_wait_for_the_next_bridge_which_adopts_them(
+        tmp_path: Path, pg_dsn: str) -> None:
+    from koubou_spool.ops import maintain
+    home_a, host_a = forwarded(tmp_path, pg_dsn, "held", "delivering", "written")
+    faces = {match["name"]: entry for entry, match in home_a.claims()}  # of bridge-a, dead
+    for name in ("delivering.json", "written.json"):  # it died delivering these two
+        os.rename(home_a.in_progress / faces[name], home_a.in_progress / f"{faces[name]}.fin")
+    (home_a.completed / "written.json").write_text(json.dumps(
+        {"id": "written", "status": "completed", "result": {"content": "done"}}))
+    ledger_path = home_a.home / "db" / "koubou.db"
+    in_cluster = config_module.load(write_config(home_a.home, cluster={
+        "dsn_env": DSN_ENV, "host": "host-a"}))
+    assert maintain.run(home_a, in_cluster, ledger_path).requeued == 0  # left for the bridge
+    assert len(list(home_a.claims())) == 3 and os.listdir(home_a.pending) == []
+    adopted = bridge.adopt_faces(home_a, "bridge-new", 30)
+    assert sorted(task.id for task in adopted) == ["delivering", "held"]
+    assert sorted((match["name"], match["worker"], match["fin"]) for _, match in home_a.claims()
+                  ) == [("delivering.json", "bridge-new", None),
+                        ("held.json", "bridge-new", None)]  # written's marker gone
+    # out of the cluster, the faces of a dead bridge go back to pending/, as before
+    alone = config_module.load(write_config(home_a.home))
+    assert maintain.run(home_a, alone, ledger_path).requeued == 2
+    assert sorted(os.listdir(home_a.pending)) == ["delivering.json", "held.json"]
+    host_a.close()
 
 
 def test_a_face_whose_row_is_gone_comes_home_at_the_next_look(

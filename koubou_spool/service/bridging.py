@@ -112,6 +112,7 @@ class Bridge:
         heartbeat_s = self.config.spool.heartbeat_s
         self.served = served_craftsmen(self.spool)
         try:
+            self._adopt()  # the first round looks at every face, these with the others
             if self._connect():
                 self._round(Events(rescan=True, outcomes=True, flags={"recheck"}))
             next_beat = time.monotonic() + heartbeat_s
@@ -127,6 +128,8 @@ class Bridge:
                     next_beat = time.monotonic() + heartbeat_s
                     if self._beat():
                         events.flags.add("freed")  # leases ended at the beat: room to take in
+                    if self._adopt():
+                        events.flags.add("adopted")
                     if self._served_changed():
                         events.rescan = True
                         events.flags.add("served")
@@ -172,7 +175,7 @@ class Bridge:
             wanted = {flag[len("tasks:"):] for flag in flags if flag.startswith("tasks:")}
             # A worker here came back, or a task of a craftsman served here went back to
             # pending in the cluster (a host gave it back, or died): if it is ours, home.
-            full_look = bool(flags & {"recheck", "served"})
+            full_look = bool(flags & {"recheck", "served", "adopted"})
             if full_look or wanted & self.served:
                 self._bring_home(pending_too=full_look)
             if events.rescan:
@@ -210,12 +213,27 @@ class Bridge:
             sent = bridge.forward(self.spool, self.cluster, leaving[start:start + FORWARD_BATCH],
                                   self.id, self.config.spool.max_attempts)
             for task in sent:
-                if task.expires_at is not None:
-                    heapq.heappush(self.deadlines, (task.expires_at, task.id))
-                    self.expiring[task.id] = task
+                self._mind_deadline(task)
             if sent:
                 log.info("forwarded %d task(s) to the cluster: %s", len(sent),
                          ", ".join(task.id for task in sent[:5]))
+
+    def _mind_deadline(self, task: Task) -> None:
+        """A forwarded task with an expires_at: failed here if no host has started it by then."""
+        if task.expires_at is not None:
+            heapq.heappush(self.deadlines, (task.expires_at, task.id))
+            self.expiring[task.id] = task
+
+    def _adopt(self) -> bool:
+        """Take over the faces a dead bridge of this home left (recovery leaves them to this
+        bridge); whether there were any."""
+        adopted = bridge.adopt_faces(self.spool, self.id, self.config.spool.lease_s)
+        for task in adopted:
+            self._mind_deadline(task)
+        if adopted:
+            log.info("adopted %d face(s) of tasks a dead bridge forwarded: %s", len(adopted),
+                     ", ".join(task.id for task in adopted[:5]))
+        return bool(adopted)
 
     def _bring_home(self, pending_too: bool) -> None:
         """Forwarded tasks no host holds whose craftsman a live worker here serves now (it came

@@ -32,7 +32,8 @@ from ..errors import InvalidTask, TaskNotFound
 from . import task as task_format
 from .cluster import Cluster, ClusterClaim, Delivery, Submission
 from .entries import BRIDGE_PREFIX, Claim, Outcome, Refused, Unavailable
-from .files import Spool
+from .files import CLAIM_RE, Spool
+from .recovery import delivered_face
 from .task import Task
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,27 @@ def _claim_for(spool: Spool, task_id: str, bridge_id: str,
     return None
 
 
+def adopt_faces(spool: Spool, bridge_id: str, lease_s: float) -> list[Task]:
+    """Take over the faces dead bridges of this home left (recovery leaves them to the next
+    bridge of a home in a cluster); the tasks adopted. One whose outcome its bridge was
+    delivering when it died keeps that outcome, and is no face any more. What becomes of the
+    others is what becomes of any face: the next full look at the cluster's rows decides."""
+    adopted = []
+    for entry, _ in spool.orphaned_claims(lease_s):
+        match = CLAIM_RE.fullmatch(entry)
+        if match["worker"] == bridge_id or not match["worker"].startswith(BRIDGE_PREFIX):
+            continue
+        try:
+            claim = spool.take_over(entry, bridge_id)
+            if claim is None or (match["fin"] and delivered_face(spool, claim)):
+                continue
+            adopted.append(task_format.parse(spool.read_claim(claim)[0],
+                                             task_format.id_from_name(claim.name)))
+        except (OSError, Refused, Unavailable, InvalidTask) as exc:
+            log.warning("the face of %s left by a dead bridge: %s", match["name"], exc)
+    return adopted
+
+
 def bring_home(spool: Spool, cluster: Cluster, bridge_id: str, craftsmen: list[str],
                granted: int, *, pending_too: bool = True) -> list[str]:
     """Run here again the tasks this host forwarded for these craftsmen that no host has
@@ -161,8 +183,8 @@ def bring_home(spool: Spool, cluster: Cluster, bridge_id: str, craftsmen: list[s
     worker here has claimed (it runs already). Each leaves the cluster first, so that no host
     leases it after, then a face still claimed goes back to pending/ with the attempts it spent
     there counted (`granted`: the max_attempts it was forwarded with); the ids brought home. A
-    crash between the two leaves the face to recovery, which requeues a dead bridge's claims;
-    a face this home cannot requeue now is said and stays claimed. Without `pending_too` only
+    crash between the two leaves the face to the next bridge (adopt_faces); a face this home
+    cannot requeue now is said and stays claimed. Without `pending_too` only
     the bridges' claims are looked at (not a listing of pending/), and a face whose row is gone
     (a withdraw committed whose reply was lost) is not looked for."""
     faces = {task_format.id_from_name(match["name"]): entry for entry, match in spool.claims()

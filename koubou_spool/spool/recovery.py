@@ -39,8 +39,14 @@ class Recovered:
 
 
 def recover_orphans(spool: Spool, settings: SpoolSettings, owner_id: str, ledger: LedgerWriter,
-                    settle_lost: Callable[[str], None] | None = None) -> list[Recovered]:
+                    settle_lost: Callable[[str], None] | None = None, *,
+                    keep_faces: bool = False) -> list[Recovered]:
     """Take over every claim of a dead or lease-expired worker and settle its fate.
+
+    With `keep_faces` (the home is in a cluster) a dead bridge's claims are left as they are:
+    they are the faces of tasks that left for the cluster, which another host may hold, and
+    the next bridge adopts them (spool/bridge.py, adopt_faces). Put back in pending/, a worker
+    here serving their craftsman would run them beside that host.
 
     One orphan that cannot be settled (ENOSPC, EMFILE, a file that vanished half-way) is
     logged and given back under its old name, for the next round: it never stops the others.
@@ -50,6 +56,8 @@ def recover_orphans(spool: Spool, settings: SpoolSettings, owner_id: str, ledger
         match = CLAIM_RE.fullmatch(entry)
         if match["worker"] == owner_id:
             continue  # our own, seen stale from this thread while our loop was held up
+        if keep_faces and match["worker"].startswith(BRIDGE_PREFIX):
+            continue
         mine = spool.take_over(entry, owner_id)
         if mine is None:
             continue  # another recoverer was first
@@ -155,19 +163,28 @@ def _record_kept(spool: Spool, ledger: LedgerWriter, task_id: str) -> None:
 
 
 def _bridged(spool: Spool, claim: Claim, fin: str | None) -> Recovered:
-    """A dead bridge's claim: no attempt ran here, so it goes back to pending/ uncounted (the
-    next bridge forwards it again, once in the cluster: the insert is idempotent on the id);
-    one whose outcome it was delivering when it died keeps that outcome."""
-    if fin:
-        path = spool.in_progress / (claim.file_name + ".fin")
-        task_id = task_format.id_from_name(claim.name)
-        if task_id is not None and spool.outcome_state(task_id) is not None:
-            spool.sync_outcomes()  # durable before the marker goes, as in _finishing
-            path.unlink()
-            return Recovered(claim.name, task_id, "kept")
-        os.rename(path, spool.in_progress / claim.file_name)
+    """A dead bridge's claim in a home no longer in a cluster: no attempt ran here, so it goes
+    back to pending/ uncounted (were the cluster back, the next bridge would forward it again,
+    once in the cluster: the insert is idempotent on the id); one whose outcome it was
+    delivering when it died keeps that outcome."""
+    if fin and delivered_face(spool, claim):
+        return Recovered(claim.name, task_format.id_from_name(claim.name), "kept")
     spool.requeue(claim.file_name, None)
     return Recovered(claim.name, task_format.id_from_name(claim.name), "requeued")
+
+
+def delivered_face(spool: Spool, claim: Claim) -> bool:
+    """A bridge's face taken over with its finishing marker (it died delivering the task's
+    outcome): whether the outcome had landed. Then the marker goes, once the outcome is
+    durable (as in _finishing); else the face is a plain claim again."""
+    path = spool.in_progress / (claim.file_name + ".fin")
+    task_id = task_format.id_from_name(claim.name)
+    if task_id is not None and spool.outcome_state(task_id) is not None:
+        spool.sync_outcomes()
+        path.unlink()
+        return True
+    os.rename(path, spool.in_progress / claim.file_name)
+    return False
 
 
 def _claim(spool: Spool, settings: SpoolSettings, claim: Claim, ledger: LedgerWriter,

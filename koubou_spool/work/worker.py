@@ -12,6 +12,7 @@ or a signal wakes it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -282,8 +283,10 @@ class Worker:
         if self._recovering is not None and not self._recovering.done():
             return
         self._recovering = asyncio.get_running_loop().run_in_executor(
-            None, recover_orphans, self.spool, self.settings, self.id, self.ledger,
-            self.budget.settle_lost if self.budget.settings.enabled else None)
+            None, functools.partial(
+                recover_orphans, self.spool, self.settings, self.id, self.ledger,
+                self.budget.settle_lost if self.budget.settings.enabled else None,
+                keep_faces=bool(self.config.cluster)))
         self._recovering.add_done_callback(self._recovered)
 
     def _recovered(self, future: asyncio.Future) -> None:
