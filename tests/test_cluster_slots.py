@@ -100,6 +100,28 @@ def test_a_slot_given_back_is_granted_to_the_waiting_worker_by_notify(
     print(f"\ngranted {waited * 1000:.1f} ms after the give")
 
 
+def test_a_request_waiting_for_a_slot_gets_the_grant_and_one_that_gave_up_gives_it_back(
+        pg_dsn: str, granted: list[Granted]) -> None:
+    a, b = Granted(pg_dsn), Granted(pg_dsn)
+    granted.extend((a, b))
+    assert a.take(within=10) == 0
+    waiting = b.slots.wait_for(KEY)  # a failover's wait: the grant goes to it, in use
+    a.slots.give(KEY, 0)
+    assert waiting.result(timeout=10) == 0
+    assert b.slots.held(KEY) == (1, 0)  # in use, no spare the loop could give back
+    b.slots.drop_spares(KEY)  # what the loop does while its worker can start nothing more
+    assert b.slots.held(KEY) == (1, 0)
+    late = a.slots.wait_for(KEY)  # waits for b's slot; granted it, but gives up (its time ran
+    b.slots.give(KEY, 0)          # out as the grant came)
+    assert late.result(timeout=10) == 0
+    a.slots.stop_waiting(KEY, late)
+    assert a.slots.held(KEY) == (0, 0)
+    deadline = time.monotonic() + 10
+    while advisory_locks(pg_dsn):  # the slot went back to the cluster
+        assert time.monotonic() < deadline, "a slot granted to a waiter that gave up is held"
+        time.sleep(0.05)
+
+
 def test_a_killed_holders_slot_is_free_again_without_a_notify(
         pg_dsn: str, granted: list[Granted]) -> None:
     holder = subprocess.Popen(
@@ -290,6 +312,29 @@ def test_a_worker_that_can_start_nothing_more_holds_no_spare_cluster_slot(
             f'{gpu.endpoints[busy].base_url}",use="in_use"}} 1') in metrics, metrics
     from prometheus_client.parser import text_string_to_metric_families
     assert "koubou_cluster_slots_held" in {f.name for f in text_string_to_metric_families(metrics)}
+
+
+def test_a_worker_at_its_concurrency_fails_over_to_a_shared_endpoint_within_the_attempt(
+        hosts, pg_dsn: str, two_shared_servers: tuple[FakeOpenAI, FakeOpenAI]) -> None:
+    first, second = two_shared_servers
+    for server in two_shared_servers:
+        server.latency_s = 0.2
+    first.fail_next = 1  # a 500 from the endpoint the request goes to first (the heavier one)
+    craftsmen = {"gpu": {"backend": "openai", "model": "m", "timeout_s": 20, "retries": 0,
+                         "endpoints": [{"base_url": first.base_url, "max_concurrent": 1,
+                                        "weight": 4},
+                                       {"base_url": second.base_url, "max_concurrent": 1}]}}
+    a = hosts("a", craftsmen=craftsmen)
+    a.start("worker", "--craftsman", "gpu", "--concurrency", "1")
+    task_id = submit(a.spool, craftsman="gpu", content="moves")
+    outcome = wait_outcomes(a.spool, [task_id], timeout=30)[task_id]
+    assert first.fail_next == 0, "the request did not go to the first endpoint first"
+    # The worker gave its spare of the second server back when the request started (it could
+    # start nothing more): the move waited for a grant of it, within the attempt (before: none
+    # was ready, the attempt failed, and only the next one ran it).
+    assert outcome["status"] == "completed", (outcome, a.logs())
+    assert outcome["result"]["attempts"] == 1, (outcome, a.logs())
+    assert outcome["result"]["endpoint"] == second.base_url
 
 
 @pytest.mark.parametrize("form", ["base_url", "endpoints"])

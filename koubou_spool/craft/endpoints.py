@@ -26,6 +26,7 @@ and its cooldown.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -138,6 +139,8 @@ class ClusterSlots(Protocol):
     def give(self, key: str, slot: int) -> None: ...
     def drop_spares(self, key: str) -> None: ...
     def held(self, key: str) -> tuple[int, int]: ...
+    def wait_for(self, key: str) -> concurrent.futures.Future: ...
+    def stop_waiting(self, key: str, waiter: concurrent.futures.Future) -> None: ...
 
 
 @dataclass
@@ -247,6 +250,46 @@ class EndpointPool:
         self.release(lease)
         lease.index, lease.slot, lease.shared = better.index, better.slot, better.shared
         return True
+
+    async def move_waiting(self, lease: Lease, tried: set[int], within_s: float) -> bool:
+        """Move the lease as `move` does; when only endpoints the cluster shares have room here
+        but this worker holds none of their cluster slots (a worker at its --concurrency gives
+        its spares back), wait up to `within_s` for a grant of the best of them. False when
+        none is left, or the wait ran out."""
+        if self.move(lease, tried):
+            return True
+        deadline = time.monotonic() + within_s
+        while (index := self._waitable(tried | {lease.index})) is not None:
+            key = self.keys[index]
+            waiter = self.cluster.wait_for(key)
+            try:
+                shared = await asyncio.wait_for(asyncio.wrap_future(waiter),
+                                                deadline - time.monotonic())
+            except TimeoutError:
+                self.cluster.stop_waiting(key, waiter)
+                return False
+            except asyncio.CancelledError:  # the claim revoked, the worker stopping
+                self.cluster.stop_waiting(key, waiter)
+                raise
+            slot = self.slots.acquire(key) if self.usable(index) else None
+            if slot is None:  # taken here meanwhile, or resting now: look again
+                self.cluster.give(key, shared)
+                continue
+            self.release(lease)
+            lease.index, lease.slot, lease.shared = index, slot, shared
+            return True
+        return False
+
+    def _waitable(self, exclude: set[int]) -> int | None:
+        """The usable endpoint the cluster shares, not in `exclude`, with the most slots free
+        here; None when there is none."""
+        free = {i: self._count_free(i) for i in range(len(self.endpoints))
+                if i not in exclude and self._shared(i) and self.usable(i)}
+        for index, (_, slot) in free.items():
+            if slot >= 0:
+                self.slots.release(self.keys[index], slot)
+        room = [i for i, (count, _) in free.items() if count > 0]
+        return max(room, key=lambda i: (free[i][0], self.endpoints[i].weight), default=None)
 
     def release(self, lease: Lease) -> None:
         """Give the lease's slot back (and its cluster slot)."""

@@ -15,7 +15,8 @@
   returns None: the task waits in pending/, and `on_grant` wakes the worker when the lock is
   held. The thread wakes on its queue, on NOTIFY koubou_slots (sent with each unlock), and,
   only while a key is wanted, every RETRY_S: a session that died frees its locks without a
-  NOTIFY. Nothing runs in the steady state.
+  NOTIFY. Nothing runs in the steady state. A request failing over to another shared endpoint
+  waits for its grant instead (`wait_for`): the grant goes to that request, in use at once.
 - **PostgreSQL away.** No slot is granted; tasks wait in pending/ and the thread reconnects
   (0.1 s doubling to 5 s), saying so once an outage. After a restart every lock is gone while
   requests still run: the thread takes the slots in use again by number before granting any
@@ -26,6 +27,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import ipaddress
 import logging
 import os
@@ -96,6 +98,9 @@ class SharedSlots:
         self._in_use: dict[str, set[int]] = {k: set() for k in caps}  # handed out to requests
         self._held: dict[str, set[int]] = {k: set() for k in caps}  # what the session holds
         self._wanted: set[str] = set()
+        # Requests waiting for a slot of the key (a failover): a grant goes to the first, in use
+        # at once, never a spare the loop could give back before the request takes it.
+        self._waiters: dict[str, list[concurrent.futures.Future]] = {k: [] for k in caps}
         self._gives: list[tuple[str, int]] = []
         self._closed = False
         self._said_down = False  # this outage was logged as a warning already
@@ -128,6 +133,32 @@ class SharedSlots:
         self._nudge()
         return False
 
+    def wait_for(self, key: str) -> concurrent.futures.Future:
+        """A slot of the key for a request that waits for it: a spare at once, else the next
+        grant. A waiter that gives up calls `stop_waiting`, which gives back a slot granted to
+        it meanwhile."""
+        waiter: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._spare[key]:
+                slot = self._spare[key].pop()
+                self._in_use[key].add(slot)
+                waiter.set_result(slot)
+                return waiter
+            self._waiters[key].append(waiter)
+            self._wanted.add(key)
+        self._nudge()
+        return waiter
+
+    def stop_waiting(self, key: str, waiter: concurrent.futures.Future) -> None:
+        """A waiter of `wait_for` gave up (its time ran out, its task was cancelled)."""
+        with self._lock:
+            if waiter in self._waiters[key]:
+                self._waiters[key].remove(waiter)
+            waiter.cancel()
+            granted = waiter.done() and not waiter.cancelled()
+        if granted:
+            self.give(key, waiter.result())
+
     def give(self, key: str, slot: int) -> None:
         """A request ended: its slot goes back to the cluster."""
         with self._lock:
@@ -138,7 +169,8 @@ class SharedSlots:
     def drop_spares(self, key: str) -> None:
         """No task waits for the key any more: what is held unused goes back."""
         with self._lock:
-            self._wanted.discard(key)
+            if not self._waiters[key]:
+                self._wanted.discard(key)
             spares, self._spare[key] = self._spare[key], []
             self._gives.extend((key, slot) for slot in spares)
         if spares:
@@ -288,6 +320,8 @@ class SharedSlots:
             if slot is None:
                 continue
             with self._lock:
+                if self._hand_to_waiter(key, slot):
+                    continue
                 if key in self._wanted:
                     self._wanted.discard(key)
                     self._spare[key].append(slot)
@@ -297,6 +331,19 @@ class SharedSlots:
             self._held[key].discard(slot)
         if granted:
             self.on_grant()
+
+    def _hand_to_waiter(self, key: str, slot: int) -> bool:
+        """Give a slot just granted to the first request waiting for the key (under the
+        lock); whether one took it. The key stays wanted while others wait."""
+        while self._waiters[key]:
+            waiter = self._waiters[key].pop(0)
+            if waiter.set_running_or_notify_cancel():
+                self._in_use[key].add(slot)
+                waiter.set_result(slot)
+                if not self._waiters[key]:
+                    self._wanted.discard(key)
+                return True
+        return False
 
     def _try(self, key: str) -> int | None:
         """Take the first slot of the key that nobody holds; None when all are held."""

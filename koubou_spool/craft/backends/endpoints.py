@@ -7,7 +7,8 @@ request to the best other endpoint with room, each endpoint once per attempt. Wh
 left: if some endpoint took the request and failed at it (a 5xx, a timeout), the attempt fails
 as any retryable failure does, so a request that breaks every server is not tried forever;
 otherwise (refused connections, 429s, no room) it is Unavailable and goes back to pending/
-without spending an attempt.
+without spending an attempt. An endpoint the cluster shares whose slot this worker does not hold
+(a worker at its --concurrency holds no spare) is waited for, while the attempt has time left.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ class EndpointsBackend:
             if failures and left < min(LEAST_S, request.timeout_s / 4):
                 raise self._out_of_endpoints(failures)
             if lease.index in tried or not self.pool.usable(lease.index):
-                if not self.pool.move(lease, tried):
+                # a grant may be waited for as long as the request keeps time enough to run
+                within = left - min(LEAST_S, request.timeout_s / 4)
+                if not await self.pool.move_waiting(lease, tried, within):
                     raise self._out_of_endpoints(failures)
             index = lease.index
             tried.add(index)
