@@ -201,8 +201,14 @@ def test_an_origin_bridge_killed_mid_run_is_replaced_and_nothing_runs_twice(
     time.sleep(1.5)  # three heartbeats of each worker, each with its recovery
     assert os.listdir(a.spool.pending) == [] and set(os.listdir(a.spool.completed)) == delivered
     assert {entry.split("@")[0] for entry, _ in a.spool.claims()} == faces
+    from koubou_spool.ops import doctor
+    config = config_module.load(a.home / "config" / "koubou.yaml")
+    [said] = doctor.check_faces(a.home, config)  # nothing else says where they wait
+    assert said.level == doctor.WARNING and said.message.startswith(
+        f"{len(faces)} task(s) forwarded to the cluster by a bridge that is no longer running")
     a.start("cluster")  # a new bridge adopts them: home what no host leased, the rest delivered
     assert_once_each(a, [a, b], ids, pg_dsn)
+    assert doctor.check_faces(a.home, config) == []
     ran_on_b = {name.removesuffix(".json") for name in os.listdir(b.spool.completed)}
     assert "adopted" in a.logs("cluster")
     time.sleep(0.2)  # the ledger's records follow the outcomes by a commit

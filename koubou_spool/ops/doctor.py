@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..spool import ledger, permissions
+from ..spool import ledger, permissions, task as task_format
+from ..spool.entries import BRIDGE_PREFIX
+from ..spool.files import Spool
+from ..observe.status import bridge_running
 from .. import config as config_module
 from ..config import Config, Craftsman
 from ..craft.backends import sandbox
@@ -88,7 +91,7 @@ def run(home: Path, config_path: Path, timeout: float = 5.0) -> list[Check]:
     checks.append(Check("api keys", check_api_keys(config)))
     checks.append(Check("repositories", check_repositories(home, config)))
     if config_module.ClusterSettings.parse(config.cluster).enabled:
-        checks.append(Check("cluster", check_cluster(config)))
+        checks.append(Check("cluster", check_cluster(config) + check_faces(home, config)))
     checks += check_craftsmen(config, timeout)
     return checks
 
@@ -244,6 +247,23 @@ def check_cluster(config: Config) -> list[Problem]:
                                 "database's: budget days and timestamps drift between hosts; "
                                 "run NTP (chrony, systemd-timesyncd)"))
     return problems
+
+
+def check_faces(home: Path, config: Config) -> list[Problem]:
+    """Tasks a bridge of this home forwarded whose bridge is dead, with no bridge running to
+    adopt them: they wait for the next `koubou cluster` (docs/CLUSTER.md), and nothing else
+    says so."""
+    spool = Spool.open(home, config.spool)
+    if bridge_running(spool):
+        return []  # it adopts them at its next heartbeat
+    left = sorted(match["name"] for _, match in spool.claims()
+                  if match["worker"].startswith(BRIDGE_PREFIX))
+    if not left:
+        return []
+    shown = ", ".join(task_format.id_from_name(name) or name for name in left[:5])
+    return [Problem(WARNING, f"{len(left)} task(s) forwarded to the cluster by a bridge that is "
+                    f"no longer running ({shown}{', ...' if len(left) > 5 else ''}) wait for "
+                    "the next `koubou cluster` of this home, which delivers their outcomes")]
 
 
 def check_repositories(home: Path, config: Config) -> list[Problem]:
