@@ -697,6 +697,37 @@ def two_homes(tmp_path: Path) -> tuple[Spool, Spool]:
     return spools[0], spools[1]
 
 
+def test_an_id_another_host_forwarded_first_fails_here_as_invalid_naming_that_host(
+        tmp_path: Path, pg_dsn: str) -> None:
+    home_a, home_b = two_homes(tmp_path)
+    host_a = cluster.Cluster.open(pg_dsn, host="host-a", lease_s=30)
+    host_b = cluster.Cluster.open(pg_dsn, host="host-b", lease_s=30)
+    for home in (home_a, home_b):
+        submit(home, id="nightly", content=f"from {home.home.name}", craftsman="echo")
+    submit(home_b, id="own", content="b's", craftsman="echo")
+    assert [t.id for t in bridge.forward(home_a, host_a, [("nightly.json", "echo")],
+                                         "bridge-a")] == ["nightly"]
+    # host b's task of the same id would have waited for ever: the outcome goes to host a only
+    sent = bridge.forward(home_b, host_b, [("nightly.json", "echo"), ("own.json", "echo")],
+                          "bridge-b")
+    assert [t.id for t in sent] == ["own"]
+    failed = read_json(home_b.failed / "nightly.json")
+    assert failed["error"]["kind"] == "invalid" and "host host-a" in failed["error"]["message"]
+    assert failed["content"] == "from host-b"
+    assert [match["name"] for _, match in home_b.claims()] == ["own.json"]  # own's face only
+    assert host_a.origins_of(["nightly", "own"]) == {"nightly": "host-a", "own": "host-b"}
+    # host a sending its own again is idempotent, as before: its face stays
+    submit(home_a, id="again", content="c", craftsman="echo")
+    bridge.forward(home_a, host_a, [("again.json", "echo")], "bridge-a")
+    faces = sorted(match["name"] for _, match in home_a.claims())
+    home_a.requeue(next(e for e, m in home_a.claims() if m["name"] == "again.json"), None)
+    assert [t.id for t in bridge.forward(home_a, host_a, [("again.json", "echo")],
+                                         "bridge-a")] == ["again"]
+    assert sorted(match["name"] for _, match in home_a.claims()) == faces
+    host_a.close()
+    host_b.close()
+
+
 def test_a_task_dropped_on_one_home_runs_on_the_other_and_comes_back(
         tmp_path: Path, pg_dsn: str, workers: Workers) -> None:
     home_a, home_b = two_homes(tmp_path)

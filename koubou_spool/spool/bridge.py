@@ -60,14 +60,38 @@ def forward(spool: Spool, cluster: Cluster, leaving: list[tuple[str, str]], brid
             claims.append(claimed[0])
             submissions.append(Submission(claimed[1], craftsman, max_attempts))
     try:
-        cluster.submit(submissions)
+        results = cluster.submit(submissions)
+        elsewhere = cluster.origins_of([task_id for task_id, _, new in results if not new])
     except BaseException:
         # Back uncounted: the bridge's claims are no attempts. A commit whose reply was lost
         # is harmless: the next forward of the same ids inserts nothing.
         for claim in claims:
             spool.requeue(claim.file_name, None)
         raise
-    return [submission.task for submission in submissions]
+    sent = []
+    for claim, submission in zip(claims, submissions, strict=True):
+        origin = elsewhere.get(submission.task.id, cluster.host)
+        if origin == cluster.host:
+            sent.append(submission.task)
+        else:
+            _refuse_taken_id(spool, claim, submission.task, origin)
+    return sent
+
+
+def _refuse_taken_id(spool: Spool, claim: Claim, task: Task, origin: str) -> None:
+    """A task whose id another host's task has in the cluster: one id is one task there (the
+    idempotence of §3), whose outcome goes to its own origin only, so this one would wait for
+    ever. It fails here as invalid, saying whose the id is."""
+    log.warning("%s not forwarded: host %s submitted a task of that id to the cluster",
+                task.id, origin)
+    record = task_format.failed_record(
+        task.raw, "invalid", f"task id {task.id} is taken in the cluster by a task submitted "
+        f"on host {origin} (`koubou status {task.id}` shows it); ids are unique across the "
+        "cluster's hosts: submit this one under another id", task.attempts, time.time())
+    try:
+        spool.publish(claim, task.id, record)
+    except OSError as exc:  # the face stays, and the next bridge looks again
+        log.warning("%s could not be failed here: %s", task.id, exc)
 
 
 def _claim_task(spool: Spool, name: str, bridge_id: str) -> tuple[Claim, Task] | None:

@@ -596,10 +596,17 @@ class Cluster:
 
     def states(self, task_ids: Iterable[str]) -> dict[str, str]:
         """The state of each of these ids that is in the cluster."""
+        return self._by_id("state", task_ids)
+
+    def origins_of(self, task_ids: Iterable[str]) -> dict[str, str]:
+        """The origin host of each of these ids that is in the cluster."""
+        return self._by_id("origin", task_ids)
+
+    def _by_id(self, column: str, task_ids: Iterable[str]) -> dict[str, str]:
         ids = list(task_ids)
         if not ids:
             return {}
-        return dict(self._rows("SELECT id, state FROM cluster_tasks WHERE id = ANY(%(ids)s)",
+        return dict(self._rows(f"SELECT id, {column} FROM cluster_tasks WHERE id = ANY(%(ids)s)",
                                {"ids": ids}))
 
     def counts(self) -> dict[str, int]:
