@@ -909,14 +909,15 @@ def serving_bridge(pg_dsn: str, monkeypatch: pytest.MonkeyPatch):
         serving.board.close()
 
 
-def forwarded(root: Path, pg_dsn: str, *ids: str) -> tuple[Spool, cluster.Cluster]:
+def forwarded(root: Path, pg_dsn: str, *ids: str,
+              content: str = "c") -> tuple[Spool, cluster.Cluster]:
     """Host a, with these echo tasks forwarded by its bridge."""
     home_module.init(root / "host-a")
     write_config(root / "host-a")
     home_a = Spool.open(root / "host-a")
     host_a = cluster.Cluster.open(pg_dsn, host="host-a", lease_s=30)
     for task_id in ids:
-        submit(home_a, id=task_id, content="c", craftsman="echo")
+        submit(home_a, id=task_id, content=content, craftsman="echo")
     bridge.forward(home_a, host_a, [(f"{i}.json", "echo") for i in ids], "bridge-a")
     return home_a, host_a
 
@@ -1137,6 +1138,31 @@ def test_a_take_in_the_disk_refuses_gives_the_leases_back_and_the_bridge_goes_on
     host_a.close()
 
 
+def test_after_a_refused_take_in_the_probe_asks_room_for_the_biggest_task_refused(
+        tmp_path: Path, pg_dsn: str, serving_bridge,
+        small_disk: Path) -> None:  # noqa: F811 (test_disk's fixture, imported above)
+    _, host_a = forwarded(tmp_path, pg_dsn, "big", content="x" * 300_000)
+    host_b = serving_bridge(small_disk)
+    assert host_b._connect()
+    lock = host_b._lock_fd = host_b.spool.register_worker(host_b.id, {"id": host_b.id})
+    filler = fill_disk(small_disk)
+    os.truncate(filler, os.path.getsize(filler) - 64 * 1024)  # room for 64 KiB, not 300 KB
+    host_b._round(Events(flags={"tasks:echo"}))
+    assert host_b.leases == {}
+    for _ in range(3):  # before: a 4 KiB probe passed, and each heartbeat leased it again
+        assert not host_b._beat()
+        host_b._round(Events(flags={"freed"}))
+    with cluster.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT state, attempt FROM cluster_tasks").fetchall() == [
+            ("pending", 1)]
+    filler.unlink()
+    assert host_b._beat()
+    host_b._round(Events(flags={"freed"}))
+    assert list(host_b.leases) == ["big"]
+    host_b.spool.unregister_worker(host_b.id, lock)
+    host_a.close()
+
+
 def test_a_take_in_into_an_unusable_pending_dir_gives_the_leases_back_and_goes_on(
         tmp_path: Path, pg_dsn: str, serving_bridge,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -1151,6 +1177,12 @@ def test_a_take_in_into_an_unusable_pending_dir_gives_the_leases_back_and_goes_o
         host_b._round(Events(flags={"tasks:echo"}))  # before: the error killed the bridge
     assert "taken in again once this home can" in caplog.text
     assert host_b.leases == {} and host_a.states(["later"]) == {"later": "pending"}
+    with caplog.at_level(logging.WARNING, logger=bridging.__name__):
+        # still no directory: no lease taken to be given back again, and this host's row,
+        # which cannot be read, is said stale (before: the heartbeat's snapshot killed it)
+        assert not host_b._beat()
+        host_b._round(Events(flags={"freed"}))
+    assert "this host's row in the cluster is not updated" in caplog.text
     pending.unlink()
     os.rename(tmp_path / "aside", pending)
     assert host_b._beat()

@@ -87,6 +87,8 @@ class Bridge:
         # which would bring them straight back).
         self.held_back = False
         self.refused_logged = -DOWN_LOG_S  # monotonic: when a refused take-in was last said
+        self.room_needed = ROOM_PROBE_BYTES  # what the next probe of room writes
+        self.unread_logged = -DOWN_LOG_S  # monotonic: when this home's snapshot last failed
         self.served: set[str] = set()
         self.due_at: float | None = None  # monotonic: a not_before task of the cluster is due
         # Forwarded tasks with an expires_at, for their origin to fail if none has started:
@@ -343,11 +345,16 @@ class Bridge:
                         "home can queue them (said once a minute while it lasts)", exc)
 
     def _room_to_queue(self) -> bool:
-        """After a take-in this home refused: whether it could queue a task now (a block
-        written and removed in tmp/). A disk still full then costs no lease at each heartbeat:
-        each would spend an attempt number and give it back, thousands a day."""
+        """After a take-in this home refused: whether it could queue the task refused now
+        (pending/ a directory this process may write in, and a block of that task's size
+        written and removed in tmp/). A disk still full then costs no lease at each
+        heartbeat: each would spend an attempt number and give it back, thousands a day."""
+        pending = self.spool.pending
+        if not os.path.isdir(pending) or not os.access(pending, os.W_OK | os.X_OK):
+            self._say_refused(OSError(f"{pending} is not a directory this bridge can write in"))
+            return False
         try:
-            os.unlink(disk.stage(self.spool.tmp, "room", bytes(ROOM_PROBE_BYTES), fsync=False,
+            os.unlink(disk.stage(self.spool.tmp, "room", bytes(self.room_needed), fsync=False,
                                  home=self.spool.home))
         except OSError as exc:
             self._say_refused(exc)
@@ -374,6 +381,7 @@ class Bridge:
                 leases = bridge.take_in(self.spool, self.cluster, self.id, craftsman, free)
             except bridge.TakeInRefused as refused:
                 self.leases.update((lease.task_id, lease) for lease in refused.taken)
+                self.room_needed = max(ROOM_PROBE_BYTES, refused.size)
                 raise refused.cause from None
             self.leases.update((lease.task_id, lease) for lease in leases)
             taken += len(leases)
@@ -500,8 +508,17 @@ class Bridge:
 
     def _publish_host(self) -> None:
         """Replace this host's row in cluster_hosts: what every host's `koubou status`,
-        `workers`, `report` and dashboard show of this one (observe/cluster_view.py)."""
-        self.board.publish(self.settings.host, self.snapshots.take(time.time()))
+        `workers`, `report` and dashboard show of this one (observe/cluster_view.py). A
+        home this bridge cannot read now (pending/ replaced, a permission taken away) keeps its
+        last row, which goes stale; said once a minute while it lasts."""
+        try:
+            snapshot = self.snapshots.take(time.time())
+        except OSError as exc:
+            if time.monotonic() - self.unread_logged >= DOWN_LOG_S:
+                self.unread_logged = time.monotonic()
+                log.warning("this host's row in the cluster is not updated: %s", exc)
+            return
+        self.board.publish(self.settings.host, snapshot)
 
     def _down(self, exc: ClusterUnavailable) -> None:
         self.up = False

@@ -264,12 +264,13 @@ def _found(spool: Spool, task_id: str) -> tuple[str, str]:
 class TakeInRefused(Exception):
     """This home could not queue some leased tasks (`cause`: the disk full, pending/ unusable);
     their leases went back uncounted. `taken`: the leases whose tasks it did queue, still
-    held."""
+    held; `size`: the bytes of the biggest task refused."""
 
-    def __init__(self, cause: OSError, taken: list[ClusterClaim]) -> None:
+    def __init__(self, cause: OSError, taken: list[ClusterClaim], size: int = 0) -> None:
         super().__init__(str(cause))
         self.cause = cause
         self.taken = taken
+        self.size = size
 
 
 def take_in(spool: Spool, cluster: Cluster, bridge_id: str, craftsman: str,
@@ -301,7 +302,9 @@ def take_in(spool: Spool, cluster: Cluster, bridge_id: str, craftsman: str,
         refused, fresh = refused or exc, []
     taken = rerun + [claim for claim, _ in fresh]
     if refused is not None:
-        raise TakeInRefused(refused, taken)
+        kept = {claim.task_id for claim in taken}
+        raise TakeInRefused(refused, taken, max(
+            (len(claim.body) for claim, _ in queued if claim.task_id not in kept), default=0))
     return taken
 
 
