@@ -993,8 +993,9 @@ def test_a_dead_bridges_faces_wait_for_the_next_bridge_which_adopts_them(
     assert sorted((match["name"], match["worker"], match["fin"]) for _, match in home_a.claims()
                   ) == [("delivering.json", "bridge-new", None),
                         ("held.json", "bridge-new", None)]  # written's marker gone
-    # out of the cluster, the faces of a dead bridge go back to pending/, as before
-    alone = config_module.load(write_config(home_a.home))
+    # out of the cluster (a cluster: section without dsn_env is none), the faces of a dead
+    # bridge go back to pending/, as before
+    alone = config_module.load(write_config(home_a.home, cluster={"host": "host-a"}))
     assert maintain.run(home_a, alone, ledger_path).requeued == 2
     assert sorted(os.listdir(home_a.pending)) == ["delivering.json", "held.json"]
     host_a.close()

@@ -209,6 +209,7 @@ def test_an_origin_bridge_killed_mid_run_is_replaced_and_nothing_runs_twice(
     a.start("cluster")  # a new bridge adopts them: home what no host leased, the rest delivered
     assert_once_each(a, [a, b], ids, pg_dsn)
     assert doctor.check_faces(a.home, config) == []
+    assert doctor.check_faces(a.home / "nowhere", config) == []  # the home check says why
     ran_on_b = {name.removesuffix(".json") for name in os.listdir(b.spool.completed)}
     assert "adopted" in a.logs("cluster")
     time.sleep(0.2)  # the ledger's records follow the outcomes by a commit

@@ -316,25 +316,41 @@ def test_a_worker_that_can_start_nothing_more_holds_no_spare_cluster_slot(
 
 def test_a_worker_at_its_concurrency_fails_over_to_a_shared_endpoint_within_the_attempt(
         hosts, pg_dsn: str, two_shared_servers: tuple[FakeOpenAI, FakeOpenAI]) -> None:
+    import psycopg
+    from koubou_spool import config as config_module
+    from koubou_spool.craft.endpoints import endpoint_key
     first, second = two_shared_servers
     for server in two_shared_servers:
         server.latency_s = 0.2
-    first.fail_next = 1  # a 500 from the endpoint the request goes to first (the heavier one)
+    first.fail_next = 1  # a 500 from the endpoint the request goes to first
     craftsmen = {"gpu": {"backend": "openai", "model": "m", "timeout_s": 20, "retries": 0,
-                         "endpoints": [{"base_url": first.base_url, "max_concurrent": 1,
-                                        "weight": 4},
-                                       {"base_url": second.base_url, "max_concurrent": 1}]}}
+                         "endpoints": [{"base_url": server.base_url, "max_concurrent": 1}
+                                       for server in two_shared_servers]}}
     a = hosts("a", craftsmen=craftsmen)
-    a.start("worker", "--craftsman", "gpu", "--concurrency", "1")
-    task_id = submit(a.spool, craftsman="gpu", content="moves")
-    outcome = wait_outcomes(a.spool, [task_id], timeout=30)[task_id]
-    assert first.fail_next == 0, "the request did not go to the first endpoint first"
-    # The worker gave its spare of the second server back when the request started (it could
-    # start nothing more): the move waited for a grant of it, within the attempt (before: none
-    # was ready, the attempt failed, and only the next one ran it).
+    gpu = config_module.load(a.home / "config" / "koubou.yaml").craftsmen["gpu"]
+    keys = [endpoint_key("gpu", endpoint) for endpoint in gpu.endpoints]
+    with psycopg.connect(pg_dsn, autocommit=True) as other_host:
+        # another host holds the second server's one slot: the request starts at the first
+        assert other_host.execute(shared_slots.TRY, (keys[1], 0)).fetchone()[0]
+        a.start("worker", "--craftsman", "gpu", "--concurrency", "1")
+        task_id = submit(a.spool, craftsman="gpu", content="moves")
+        deadline = time.monotonic() + 15
+        while first.fail_next:
+            assert time.monotonic() < deadline, a.logs()
+            time.sleep(0.05)
+        time.sleep(0.5)  # the 500 is back at the worker, which waits for the second's grant
+        # The first server's slot went back before the wait (before: held through it, so two
+        # hosts failing over the other way round would each hold what the other waits for).
+        assert other_host.execute(shared_slots.TRY, (keys[0], 0)).fetchone()[0], a.logs()
+        other_host.execute("SELECT pg_advisory_unlock(hashtext(%s), 0)", (keys[0],))
+        other_host.execute(shared_slots.GIVE, (keys[1], 0, shared_slots.SLOTS_CHANNEL, keys[1]))
+        outcome = wait_outcomes(a.spool, [task_id], timeout=30)[task_id]
+    # The move waited for the grant within the attempt (before: no spare was ready, the attempt
+    # failed, and only the next one ran it).
     assert outcome["status"] == "completed", (outcome, a.logs())
     assert outcome["result"]["attempts"] == 1, (outcome, a.logs())
     assert outcome["result"]["endpoint"] == second.base_url
+    assert len(second.completions()) == 1
 
 
 @pytest.mark.parametrize("form", ["base_url", "endpoints"])

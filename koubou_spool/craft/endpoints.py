@@ -125,7 +125,7 @@ class Lease:
     for an endpoint the cluster shares, which of its cluster slots (craft.shared_slots)."""
 
     index: int
-    slot: int
+    slot: int  # -1: given back (a failover waiting for another endpoint's grant)
     shared: int | None = None
 
 
@@ -254,17 +254,20 @@ class EndpointPool:
     async def move_waiting(self, lease: Lease, tried: set[int], within_s: float) -> bool:
         """Move the lease as `move` does; when only endpoints the cluster shares have room here
         but this worker holds none of their cluster slots (a worker at its --concurrency gives
-        its spares back), wait up to `within_s` for a grant of the best of them. False when
-        none is left, or the wait ran out."""
+        its spares back), wait up to `within_s` for a grant of the best of them. The slots of
+        the endpoint left go back before the wait: another request, here or on another host,
+        may be waiting for them. False when none is left, or the wait ran out."""
         if self.move(lease, tried):
             return True
+        exclude = tried | {lease.index}
         deadline = time.monotonic() + within_s
-        while (index := self._waitable(tried | {lease.index})) is not None:
+        while (index := self._waitable(exclude)) is not None:
+            self.release(lease)  # holds nothing now; released again, it gives back nothing
             key = self.keys[index]
             waiter = self.cluster.wait_for(key)
             try:
-                shared = await asyncio.wait_for(asyncio.wrap_future(waiter),
-                                                deadline - time.monotonic())
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    shared = await asyncio.wrap_future(waiter)
             except TimeoutError:
                 self.cluster.stop_waiting(key, waiter)
                 return False
@@ -275,7 +278,6 @@ class EndpointPool:
             if slot is None:  # taken here meanwhile, or resting now: look again
                 self.cluster.give(key, shared)
                 continue
-            self.release(lease)
             lease.index, lease.slot, lease.shared = index, slot, shared
             return True
         return False
@@ -292,10 +294,12 @@ class EndpointPool:
         return max(room, key=lambda i: (free[i][0], self.endpoints[i].weight), default=None)
 
     def release(self, lease: Lease) -> None:
-        """Give the lease's slot back (and its cluster slot)."""
-        self.slots.release(self.keys[lease.index], lease.slot)
+        """Give the lease's slot back (and its cluster slot); the lease holds none after."""
+        if lease.slot >= 0:
+            self.slots.release(self.keys[lease.index], lease.slot)
         if lease.shared is not None:
             self.cluster.give(self.keys[lease.index], lease.shared)
+        lease.slot, lease.shared = -1, None
 
     def usable(self, index: int) -> bool:
         """Whether the endpoint takes traffic: well, or probed since its rest. A rest that has

@@ -154,6 +154,8 @@ class SharedSlots:
         with self._lock:
             if waiter in self._waiters[key]:
                 self._waiters[key].remove(waiter)
+            if not self._waiters[key]:  # a grant now would go unused (the loop asks again
+                self._wanted.discard(key)  # at its next pump, as the attempt's end brings)
             waiter.cancel()
             granted = waiter.done() and not waiter.cancelled()
         if granted:
@@ -334,14 +336,13 @@ class SharedSlots:
 
     def _hand_to_waiter(self, key: str, slot: int) -> bool:
         """Give a slot just granted to the first request waiting for the key (under the
-        lock); whether one took it. The key stays wanted while others wait."""
+        lock); whether one took it. The key stays wanted: the loop may want it too (a grant
+        nobody takes goes back at its next pump)."""
         while self._waiters[key]:
             waiter = self._waiters[key].pop(0)
             if waiter.set_running_or_notify_cancel():
                 self._in_use[key].add(slot)
                 waiter.set_result(slot)
-                if not self._waiters[key]:
-                    self._wanted.discard(key)
                 return True
         return False
 

@@ -29,7 +29,7 @@ from ..config import Config, Craftsman
 from ..craft.backends import sandbox
 from ..repo import mirror as repo_mirror, worktree
 from ..repo.policy import RepoSettings
-from ..errors import ConfigError
+from ..errors import ConfigError, KoubouError
 
 log = logging.getLogger(__name__)
 
@@ -253,11 +253,14 @@ def check_faces(home: Path, config: Config) -> list[Problem]:
     """Tasks a bridge of this home forwarded whose bridge is dead, with no bridge running to
     adopt them: they wait for the next `koubou cluster` (docs/CLUSTER.md), and nothing else
     says so."""
-    spool = Spool.open(home, config.spool)
-    if bridge_running(spool):
-        return []  # it adopts them at its next heartbeat
-    left = sorted(match["name"] for _, match in spool.claims()
-                  if match["worker"].startswith(BRIDGE_PREFIX))
+    try:
+        spool = Spool.open(home, config.spool)
+        if bridge_running(spool):
+            return []  # it adopts them at its next heartbeat
+        left = sorted(match["name"] for _, match in spool.claims()
+                      if match["worker"].startswith(BRIDGE_PREFIX))
+    except (KoubouError, OSError):
+        return []  # a home that cannot be read: the home check says why
     if not left:
         return []
     shown = ", ".join(task_format.id_from_name(name) or name for name in left[:5])

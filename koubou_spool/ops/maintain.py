@@ -229,7 +229,7 @@ def _recover(spool: Spool, config: Config, ledger_path: Path, owner_id: str,
     budget = Budget(ledger_path, settings) if settings.enabled else None
     settle_lost = budget.settle_lost if budget is not None else None
     for recovered in recover_orphans(spool, config.spool, owner_id, writer, settle_lost,
-                                     keep_faces=bool(config.cluster)):
+                                     keep_faces=ClusterSettings.parse(config.cluster).enabled):
         if recovered.action == "requeued":
             summary.requeued += 1
         elif recovered.action == "lost":

@@ -33,7 +33,7 @@ from . import task as task_format
 from .cluster import Cluster, ClusterClaim, Delivery, Submission
 from .entries import BRIDGE_PREFIX, Claim, Outcome, Refused, Unavailable
 from .files import CLAIM_RE, Spool
-from .recovery import delivered_face
+from .recovery import delivered_face, give_back
 from .task import Task
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,8 @@ def forward(spool: Spool, cluster: Cluster, leaving: list[tuple[str, str]], brid
             submissions.append(Submission(claimed[1], craftsman, max_attempts))
     try:
         results = cluster.submit(submissions)
-        elsewhere = cluster.origins_of([task_id for task_id, _, new in results if not new])
+        there = {task_id for task_id, _, new in results if not new}
+        elsewhere = cluster.origins_of(there)
     except BaseException:
         # Back uncounted: the bridge's claims are no attempts. A commit whose reply was lost
         # is harmless: the next forward of the same ids inserts nothing.
@@ -70,8 +71,11 @@ def forward(spool: Spool, cluster: Cluster, leaving: list[tuple[str, str]], brid
         raise
     sent = []
     for claim, submission in zip(claims, submissions, strict=True):
-        origin = elsewhere.get(submission.task.id, cluster.host)
-        if origin == cluster.host:
+        task_id = submission.task.id
+        origin = elsewhere.get(task_id, cluster.host)
+        if task_id in there and task_id not in elsewhere:
+            spool.requeue(claim.file_name, None)  # gone between the two: the next round sends it
+        elif origin == cluster.host:
             sent.append(submission.task)
         else:
             _refuse_taken_id(spool, claim, submission.task, origin)
@@ -90,8 +94,12 @@ def _refuse_taken_id(spool: Spool, claim: Claim, task: Task, origin: str) -> Non
         "cluster's hosts: submit this one under another id", task.attempts, time.time())
     try:
         spool.publish(claim, task.id, record)
-    except OSError as exc:  # the face stays, and the next bridge looks again
+    except OSError as exc:  # back to pending/: the next round refuses it again
         log.warning("%s could not be failed here: %s", task.id, exc)
+        try:
+            spool.requeue(claim.file_name, None)
+        except OSError:
+            pass  # claimed still, by this bridge: its successor adopts it and looks again
 
 
 def _claim_task(spool: Spool, name: str, bridge_id: str) -> tuple[Claim, Task] | None:
@@ -184,18 +192,31 @@ def adopt_faces(spool: Spool, bridge_id: str, lease_s: float) -> list[Task]:
     delivering when it died keeps that outcome, and is no face any more. What becomes of the
     others is what becomes of any face: the next full look at the cluster's rows decides."""
     adopted = []
-    for entry, _ in spool.orphaned_claims(lease_s):
+    try:
+        orphans = spool.orphaned_claims(lease_s)
+    except OSError as exc:  # in_progress/ unreadable now: the next heartbeat looks again
+        log.warning("the faces dead bridges left cannot be looked for: %s", exc)
+        return []
+    for entry, _ in orphans:
         match = CLAIM_RE.fullmatch(entry)
         if match["worker"] == bridge_id or not match["worker"].startswith(BRIDGE_PREFIX):
             continue
+        claim = None
         try:
             claim = spool.take_over(entry, bridge_id)
             if claim is None or (match["fin"] and delivered_face(spool, claim)):
                 continue
+        except OSError as exc:  # back under its dead bridge's name, for the next heartbeat
+            log.warning("the face of %s left by a dead bridge: %s", match["name"], exc)
+            if claim is not None:
+                give_back(spool, claim, entry)
+            continue
+        try:
             adopted.append(task_format.parse(spool.read_claim(claim)[0],
                                              task_format.id_from_name(claim.name)))
-        except (OSError, Refused, Unavailable, InvalidTask) as exc:
-            log.warning("the face of %s left by a dead bridge: %s", match["name"], exc)
+        except (OSError, Refused, Unavailable, InvalidTask) as exc:  # adopted, unread
+            log.warning("the face of %s left by a dead bridge cannot be read: %s",
+                        match["name"], exc)
     return adopted
 
 

@@ -43,7 +43,7 @@ def recover_orphans(spool: Spool, settings: SpoolSettings, owner_id: str, ledger
                     keep_faces: bool = False) -> list[Recovered]:
     """Take over every claim of a dead or lease-expired worker and settle its fate.
 
-    With `keep_faces` (the home is in a cluster) a dead bridge's claims are left as they are:
+    With `keep_faces` (the home has cluster.dsn_env) a dead bridge's claims are left as they are:
     they are the faces of tasks that left for the cluster, which another host may hold, and
     the next bridge adopts them (spool/bridge.py, adopt_faces). Put back in pending/, a worker
     here serving their craftsman would run them beside that host.
@@ -74,7 +74,7 @@ def recover_orphans(spool: Spool, settings: SpoolSettings, owner_id: str, ledger
                 done.append(_claim(spool, settings, mine, ledger, settle_lost))
         except Exception as exc:
             log.error("could not recover %s: %s; trying again later", match["name"], exc)
-            _give_back(spool, mine, entry)
+            give_back(spool, mine, entry)
     return done
 
 
@@ -106,8 +106,9 @@ def reap(claim_file: str) -> int:
     return stopped
 
 
-def _give_back(spool: Spool, claim: Claim, entry: str) -> None:
-    """Put an orphan we could not settle back under its dead owner's name."""
+def give_back(spool: Spool, claim: Claim, entry: str) -> None:
+    """Put an orphan we could not settle back under its dead owner's name, for the next
+    round."""
     for held in (claim.file_name, claim.file_name + ".fin"):
         try:
             os.rename(spool.in_progress / held, spool.in_progress / entry)

@@ -286,7 +286,7 @@ class Worker:
             None, functools.partial(
                 recover_orphans, self.spool, self.settings, self.id, self.ledger,
                 self.budget.settle_lost if self.budget.settings.enabled else None,
-                keep_faces=bool(self.config.cluster)))
+                keep_faces=ClusterSettings.parse(self.config.cluster).enabled))
         self._recovering.add_done_callback(self._recovered)
 
     def _recovered(self, future: asyncio.Future) -> None:

@@ -66,6 +66,7 @@ class EndpointsBackend:
                 within = left - min(LEAST_S, request.timeout_s / 4)
                 if not await self.pool.move_waiting(lease, tried, within):
                     raise self._out_of_endpoints(failures)
+                left = deadline - time.monotonic()  # the wait, if any, took some
             index = lease.index
             tried.add(index)
             try:
