@@ -257,6 +257,31 @@ def test_a_lease_that_expires_on_its_last_attempt_fails_as_lost(store: cluster.C
     task_format.parse_iso(delivery.outcome["error"]["at"])
 
 
+def test_a_submit_racing_the_purge_of_its_ids_row_starts_from_the_fence(
+        pg_dsn: str, store: cluster.Cluster) -> None:
+    import psycopg
+    from koubou_spool.spool import cluster_batch as batch
+    store.submit(tasks(1))
+    claim = store.claim("w1", ["echo"])
+    assert store.publish(claim, completed(claim)) and store.mark_delivered(["t-0000"]) == 1
+    time.sleep(0.01)
+    params = {"origin": "host-a", "age_s": 0, "ids": ["t-0000"]}
+    with psycopg.connect(pg_dsn) as purger:  # a purge, held open between its delete and commit
+        purger.execute(batch.LOCK_FENCES, params)
+        assert purger.execute(batch.PURGE, params).rowcount == 1
+        submitted = threading.Thread(target=store.submit, args=(tasks(1),))
+        submitted.start()  # the origin sends t-0000 again meanwhile (a retry there)
+        time.sleep(0.5)
+        assert submitted.is_alive()  # it waits for the purge
+        purger.commit()
+    submitted.join(timeout=10)
+    # it started from the fence the purge left (before: its snapshot, taken while the delete
+    # was uncommitted, had no fence, and the row began again at attempt 0 of run 0)
+    again = store.claim("w2", ["echo"])
+    assert (again.attempt, again.run) == (2, 1)
+    assert not store.publish(claim, completed(claim))  # the old lease stays fenced out
+
+
 def test_a_publish_repeated_after_a_lost_reply_is_still_ours(store: cluster.Cluster) -> None:
     store.submit(tasks(1))
     claim = store.claim("w1", ["echo"])

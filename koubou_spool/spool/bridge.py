@@ -188,7 +188,7 @@ def _claim_for(spool: Spool, task_id: str, bridge_id: str,
 
 def adopt_faces(spool: Spool, bridge_id: str, lease_s: float) -> list[Task]:
     """Take over the faces dead bridges of this home left (recovery leaves them to the next
-    bridge of a home in a cluster); the tasks adopted. One whose outcome its bridge was
+    bridge while cluster.dsn_env is set); the tasks adopted. One whose outcome its bridge was
     delivering when it died keeps that outcome, and is no face any more. What becomes of the
     others is what becomes of any face: the next full look at the cluster's rows decides."""
     adopted = []

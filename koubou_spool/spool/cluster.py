@@ -433,6 +433,16 @@ class Cluster:
             return cursor.fetchall() if cursor.description else []
         return self._run(query)
 
+    def _fenced(self, ids: Sequence[str], sql: str, params: dict[str, Any]) -> list[tuple]:
+        """The rows of `sql`, run in one transaction after the fence locks of these ids
+        (batch.LOCK_FENCES)."""
+        def query(conn: psycopg.Connection) -> list[tuple]:
+            with conn.transaction():
+                conn.execute(batch.LOCK_FENCES, {"ids": list(ids)})
+                cursor = conn.execute(sql, params)
+                return cursor.fetchall() if cursor.description else []
+        return self._run(query)
+
     def _count(self, sql: str, params: dict[str, Any]) -> int:
         return self._run(lambda conn: conn.execute(sql, params).rowcount)
 
@@ -460,7 +470,7 @@ class Cluster:
             "not_before": [_timestamp(item.task.not_before) for item in items],
             "expires_at": [_timestamp(item.task.expires_at) for item in items],
             "bodies": bodies}
-        new = {row[0] for row in self._rows(batch.SUBMIT, params)}
+        new = {row[0] for row in self._fenced(params["ids"], batch.SUBMIT, params)}
         states = self.states([i for i in params["ids"] if i not in new])
         results = []
         for task_id in (item.task.id for item in given):  # an id twice: new the first time
@@ -563,12 +573,22 @@ class Cluster:
         forwarded with)."""
         if not craftsmen or not ids:
             return {}
-        return dict(self._rows(batch.WITHDRAW, {"origin": self.host, "craftsmen": list(craftsmen),
-                                                "granted": granted, "ids": list(ids)}))
+        return dict(self._fenced(ids, batch.WITHDRAW, {
+            "origin": self.host, "craftsmen": list(craftsmen), "granted": granted,
+            "ids": list(ids)}))
 
     def purge(self, age_s: float) -> int:
         """Delete this host's tasks delivered more than `age_s` ago; how many."""
-        return self._count(batch.PURGE, {"origin": self.host, "age_s": age_s})
+        params = {"origin": self.host, "age_s": age_s}
+
+        def query(conn: psycopg.Connection) -> int:
+            with conn.transaction():
+                ids = [row[0] for row in conn.execute(batch.PURGEABLE, params)]
+                if not ids:
+                    return 0
+                conn.execute(batch.LOCK_FENCES, {"ids": ids})
+                return conn.execute(batch.PURGE, params | {"ids": ids}).rowcount
+        return self._run(query)
 
     def open_forwarded(self) -> list[str]:
         """The ids of the tasks this host submitted that the cluster has not finished."""

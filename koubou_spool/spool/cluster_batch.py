@@ -56,6 +56,15 @@ SUBMIT = _notifying("""
         AND cluster_tasks.state IN ('completed', 'failed')
     RETURNING id, craftsman""", "koubou_tasks", "craftsman")
 
+# The fence locks of these ids, held to the end of the transaction, taken in one order (no two
+# takers wait for each other). SUBMIT, PURGE and WITHDRAW each run after them, in the same
+# transaction: a submit that raced the delete of its id's row would read the fences from a
+# snapshot taken before that delete committed, and start the id afresh at attempt 0.
+FENCE_SPACE = 0x6B6F7566  # "kouf": the first key of the locks; the second, the id's hash
+LOCK_FENCES = f"""
+    SELECT count(pg_advisory_xact_lock({FENCE_SPACE}, h))
+    FROM (SELECT DISTINCT hashtext(id) AS h FROM unnest(%(ids)s::text[]) AS id ORDER BY h) AS s"""
+
 # Rows taken out of the cluster leave their fence: the attempt and run they had reached.
 _FENCE = """
     INSERT INTO cluster_fences (id, attempt, run) SELECT id, attempt, run FROM gone
@@ -149,10 +158,14 @@ WITHDRAW = f"""
 # database's clock (`koubou maintain --purge-after`): the outcome lives on in the origin's
 # spool for as long as its own retention keeps it. Each leaves its fence (a few bytes): the id
 # retried there later goes on from its attempt and run.
+PURGEABLE = """
+    SELECT id FROM cluster_tasks
+    WHERE origin = %(origin)s AND delivered_at < now() - make_interval(secs => %(age_s)s)"""
 PURGE = f"""
     WITH gone AS (
         DELETE FROM cluster_tasks
         WHERE origin = %(origin)s AND delivered_at < now() - make_interval(secs => %(age_s)s)
+            AND id = ANY(%(ids)s::text[])
         RETURNING id, attempt, run)
     {_FENCE}"""
 
