@@ -106,6 +106,14 @@ def test_every_host_shows_the_whole_cluster_and_a_killed_host_goes_stale(
     assert header[:2] == ["host", "worker"]
     assert {line.split()[0] for line in out.splitlines()[2:] if line.strip()} == {
         "host-a", "host-b", "host-c"}
+    out, _ = koubou(a.home, "metrics")  # every host's row, as the exposition's gauges
+    assert "koubou_cluster_reachable 1" in out
+    assert 'koubou_cluster_host_workers{host="host-b"} 2' in out
+    assert f'koubou_cluster_host_queue_depth{{host="host-a",state="completed"}} {len(ids)}' in out
+    assert 'koubou_cluster_host_stale{host="host-c"} 0' in out
+    from prometheus_client.parser import text_string_to_metric_families
+    assert "koubou_cluster_host_age_seconds" in {
+        f.name for f in text_string_to_metric_families(out)}
     out, _ = koubou(a.home, "top", "--once")
     assert {w["host"] + "/" + w["id"] for w in workers} <= set(out.split())
 
@@ -307,6 +315,9 @@ def test_with_the_cluster_unreachable_each_view_shows_its_home_and_says_so_in_on
                 assert "Traceback" not in out + err
                 if args == ["list"]:
                     assert task_id in out  # the home's own tasks, as without a cluster
+        if server == "refused":  # the home's own figures, and the cluster said unread
+            out, _ = koubou(host.home, "metrics")
+            assert "koubou_queue_depth" in out and "koubou_cluster_reachable 0" in out
         facts = koubou_json_quiet(host.home, "status")
         assert facts["queues"]["pending"] == 1
         assert UNREAD in facts["cluster"]["error"] and facts["cluster"]["host"] == "host-a"

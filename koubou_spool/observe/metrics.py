@@ -130,3 +130,34 @@ def _workers(workers: list[dict[str, Any]]) -> list[Family]:
                 held.add(shared[use], worker=worker["id"], craftsman=shared["craftsman"],
                          server=shared["server"], use=use)
     return [age, up, held] if held.samples else [age, up]
+
+
+def cluster_families(hosts: list[dict[str, Any]] | None) -> list[Family]:
+    """The cluster's hosts as each one's bridge last wrote its row (observe/cluster_view.py:
+    hosts): their queues, live workers, the row's age and whether it is stale; None when the
+    cluster's database could not be read (then `koubou_cluster_reachable` is 0, the rest
+    absent)."""
+    reachable = Family(f"{PREFIX}_cluster_reachable", "gauge",
+                       "1 when this host read the cluster's PostgreSQL for these figures.")
+    reachable.add(0 if hosts is None else 1)
+    if hosts is None:
+        return [reachable]
+    tasks = Family(f"{PREFIX}_cluster_host_queue_depth", "gauge",
+                   "Tasks in each spool state directory of each host, at its bridge's last "
+                   "heartbeat.")
+    workers = Family(f"{PREFIX}_cluster_host_workers", "gauge",
+                     "Live worker and bridge processes of each host, at its last heartbeat.")
+    age = Family(f"{PREFIX}_cluster_host_age_seconds", "gauge",
+                 "Seconds since each host's bridge last wrote its row.")
+    stale = Family(f"{PREFIX}_cluster_host_stale", "gauge",
+                   "1 when a host's row is older than its cluster.lease_s: nothing is known "
+                   "of it since, and its leases are taken over.")
+    for host in hosts:
+        name = str(host["host"])
+        for state, count in sorted((host.get("queues") or {}).items()):
+            tasks.add(count, host=name, state=str(state))
+        workers.add(sum(w.get("liveness") == "alive" for w in host.get("workers") or ()),
+                    host=name)
+        age.add(host["age_s"], host=name)
+        stale.add(1 if host["stale"] else 0, host=name)
+    return [reachable, tasks, workers, age, stale]

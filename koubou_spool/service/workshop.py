@@ -19,7 +19,8 @@ from ..craft.attach import read_attachments
 from ..craft.budget import BudgetSettings
 from ..craft.limits import Budget
 from ..errors import ConfigError, KoubouError, TaskNotFound, UsageError, WaitTimeout
-from ..observe import cluster_view, gather as observe, status as status_module
+from ..observe import (cluster_view, gather as observe, metrics as metrics_module,
+                       status as status_module)
 from ..spool import home as home_module, task as task_format, workflow as workflow_format
 from ..spool.entries import BRIDGE_PREFIX
 from ..spool.files import Spool
@@ -228,8 +229,13 @@ class Workshop:
         return {"id": task_id, "state": "pending", "file": name}
 
     def metrics(self) -> str:
-        """The Prometheus exposition of the home right now."""
-        return observe.metrics_text(self.spool(), self.ledger_path, self.config(), time.time())
+        """The Prometheus exposition of the home right now; in a cluster, every host's row
+        too (its unreachable database is `koubou_cluster_reachable 0`, never an error)."""
+        text = observe.metrics_text(self.spool(), self.ledger_path, self.config(), time.time())
+        seen = self._cluster(lambda board, me: {"hosts": cluster_view.hosts(board.hosts())})
+        if seen is None:
+            return text
+        return text + metrics_module.render(metrics_module.cluster_families(seen.get("hosts")))
 
     def events(self) -> SpoolEvents:
         """A watcher of the spool's changes, to start on a running event loop."""
