@@ -259,6 +259,8 @@ class EndpointPool:
         may be waiting for them. False when none is left, or the wait ran out."""
         if self.move(lease, tried):
             return True
+        if within_s <= 0:
+            return False  # no time to wait: the lease stays as it was, for the caller to end
         exclude = tried | {lease.index}
         deadline = time.monotonic() + within_s
         while (index := self._waitable(exclude)) is not None:
