@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -271,17 +272,23 @@ def two_shared_servers() -> Iterator[tuple[FakeOpenAI, FakeOpenAI]]:
                 server.stop()
 
 
-def test_a_worker_that_can_start_nothing_more_holds_no_spare_cluster_slot(
-        hosts, pg_dsn: str, two_shared_servers: tuple[FakeOpenAI, FakeOpenAI]) -> None:
-    import psycopg
+def gpu_host(hosts, servers: tuple[FakeOpenAI, FakeOpenAI]) -> tuple[Any, Craftsman, list[str]]:
+    """Host a, whose craftsman gpu has the two servers as endpoints of one slot each: the host,
+    the craftsman as configured, and the cluster keys of its endpoints' slots."""
     from koubou_spool import config as config_module
     from koubou_spool.craft.endpoints import endpoint_key
     craftsmen = {"gpu": {"backend": "openai", "model": "m", "timeout_s": 20, "retries": 0,
                          "endpoints": [{"base_url": server.base_url, "max_concurrent": 1}
-                                       for server in two_shared_servers]}}
+                                       for server in servers]}}
     a = hosts("a", craftsmen=craftsmen)
     gpu = config_module.load(a.home / "config" / "koubou.yaml").craftsmen["gpu"]
-    keys = [endpoint_key("gpu", endpoint) for endpoint in gpu.endpoints]
+    return a, gpu, [endpoint_key("gpu", endpoint) for endpoint in gpu.endpoints]
+
+
+def test_a_worker_that_can_start_nothing_more_holds_no_spare_cluster_slot(
+        hosts, pg_dsn: str, two_shared_servers: tuple[FakeOpenAI, FakeOpenAI]) -> None:
+    import psycopg
+    a, gpu, keys = gpu_host(hosts, two_shared_servers)
     a.start("worker", "--craftsman", "gpu", "--concurrency", "1")
     for n in range(3):
         submit(a.spool, craftsman="gpu", content=f"a {n}")
@@ -317,18 +324,11 @@ def test_a_worker_that_can_start_nothing_more_holds_no_spare_cluster_slot(
 def test_a_worker_at_its_concurrency_fails_over_to_a_shared_endpoint_within_the_attempt(
         hosts, pg_dsn: str, two_shared_servers: tuple[FakeOpenAI, FakeOpenAI]) -> None:
     import psycopg
-    from koubou_spool import config as config_module
-    from koubou_spool.craft.endpoints import endpoint_key
     first, second = two_shared_servers
     for server in two_shared_servers:
         server.latency_s = 0.2
     first.fail_next = 1  # a 500 from the endpoint the request goes to first
-    craftsmen = {"gpu": {"backend": "openai", "model": "m", "timeout_s": 20, "retries": 0,
-                         "endpoints": [{"base_url": server.base_url, "max_concurrent": 1}
-                                       for server in two_shared_servers]}}
-    a = hosts("a", craftsmen=craftsmen)
-    gpu = config_module.load(a.home / "config" / "koubou.yaml").craftsmen["gpu"]
-    keys = [endpoint_key("gpu", endpoint) for endpoint in gpu.endpoints]
+    a, _, keys = gpu_host(hosts, two_shared_servers)
     with psycopg.connect(pg_dsn, autocommit=True) as other_host:
         # another host holds the second server's one slot: the request starts at the first
         assert other_host.execute(shared_slots.TRY, (keys[1], 0)).fetchone()[0]

@@ -10,7 +10,6 @@ from ..spool import ledger
 from ..spool import task as task_format
 from ..spool.home import STATE_DIRS
 from ..errors import KoubouError, WaitTimeout
-from ..spool.entries import BRIDGE_PREFIX
 from ..spool.files import CLAIM_RE, SIDECAR, Refused, Spool, Unavailable
 from ..spool.retention import read_json
 
@@ -59,14 +58,6 @@ def served_craftsmen(spool: Spool) -> set[str]:
         if isinstance(info, dict) and isinstance(info.get("craftsmen"), list):
             served.update(str(name) for name in info["craftsmen"])
     return served
-
-
-def bridge_running(spool: Spool) -> bool:
-    """Whether a live `koubou cluster` bridge serves this home: tasks no worker here serves
-    may run on another host of the cluster."""
-    return any(worker_id.startswith(BRIDGE_PREFIX)
-               and spool.worker_state(worker_id, math.inf) != "dead"
-               for worker_id in spool.worker_ids())
 
 
 def unfinished_tasks(spool: Spool, task_ids: list[str]) -> list[task_format.Task]:

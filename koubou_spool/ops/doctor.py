@@ -23,7 +23,6 @@ from typing import Any
 from ..spool import ledger, permissions, task as task_format
 from ..spool.entries import BRIDGE_PREFIX
 from ..spool.files import Spool
-from ..observe.status import bridge_running
 from .. import config as config_module
 from ..config import Config, Craftsman
 from ..craft.backends import sandbox
@@ -255,7 +254,7 @@ def check_faces(home: Path, config: Config) -> list[Problem]:
     says so."""
     try:
         spool = Spool.open(home, config.spool)
-        if bridge_running(spool):
+        if spool.bridge_running():
             return []  # it adopts them at its next heartbeat
         left = sorted(match["name"] for _, match in spool.claims()
                       if match["worker"].startswith(BRIDGE_PREFIX))

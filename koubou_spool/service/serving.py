@@ -8,7 +8,7 @@ from dataclasses import replace
 from ..config import Config
 from ..craft import router
 from ..craft.budget import BudgetSettings
-from ..observe.status import bridge_running, served_craftsmen
+from ..observe.status import served_craftsmen
 from ..spool.files import Spool
 from ..spool.task import Task
 
@@ -31,7 +31,7 @@ def unserved(spool: Spool, config: Config, tasks: list[Task]) -> list[str]:
     """One sentence per craftsman that some of the tasks go to and no live worker serves."""
     if not tasks:
         return []
-    if bridge_running(spool):
+    if spool.bridge_running():
         return []  # the cluster's bridge forwards what no worker here serves
     served = served_craftsmen(spool)
     if not served:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import re
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import permissions
+from .entries import BRIDGE_PREFIX
 
 class Heartbeats:
     """When this process saw each live worker's heartbeat (its lock file's mtime) last change,
@@ -134,6 +136,13 @@ class Workers:
         """The ids of every lock file in run/workers/, live or not, sorted."""
         return [entry[:-5] for entry in sorted(os.listdir(self.workers))
                 if entry.endswith(".lock")]
+
+    def bridge_running(self) -> bool:
+        """Whether a live `koubou cluster` bridge serves this home: tasks no worker here serves
+        may run on another host of the cluster, and a dead bridge's claims are adopted."""
+        return any(worker_id.startswith(BRIDGE_PREFIX)
+                   and self.worker_state(worker_id, math.inf) != "dead"
+                   for worker_id in self.worker_ids())
 
     def worker_info(self, worker_id: str) -> Any:
         """The JSON a worker wrote into its lock file; None when gone or unreadable."""
