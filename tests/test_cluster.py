@@ -662,6 +662,72 @@ def test_an_outcome_written_before_a_crash_is_only_marked_when_delivered_again(
     assert sorted(os.listdir(origin.failed)) == [] and store.undelivered() == []
 
 
+def placed_then_retried(origin: Spool, store: cluster.Cluster, pg_dsn: str) -> None:
+    """Task `replay`, forwarded, run on host b and written into the origin's spool by a bridge
+    that died before marking it delivered; then retried there (its outcome made a failure)."""
+    from koubou_spool.service import control
+    submit(origin, id="replay", content="c")
+    bridge.forward(origin, store, [("replay.json", "gpu")], "bridge-a")
+    serve_remotely(pg_dsn)
+    assert bridge.place(origin, store.undelivered(), "bridge-a") == ["replay"]
+    record = read_json(origin.completed / "replay.json")
+    assert record["cluster"] == {"run": 0, "host": "host-b"}  # the run it was given, and where
+    os.rename(origin.completed / "replay.json", origin.failed / "replay.json")
+    control.retry(origin, "replay")
+
+
+def runs_again_on_b(origin: Spool, store: cluster.Cluster, pg_dsn: str) -> None:
+    """The retried task leaves as a new run, is run on host b and comes back as that run."""
+    assert [t.id for t in bridge.forward(origin, store, [("replay.json", "gpu")],
+                                         "bridge-a2")] == ["replay"]
+    assert serve_remotely(pg_dsn) == ["replay"]
+    assert bridge.deliver(origin, store, "bridge-a2") == ["replay"]
+    assert read_json(origin.completed / "replay.json")["cluster"] == {"run": 1, "host": "host-b"}
+    assert list(origin.claims()) == [] and store.undelivered() == []
+
+
+@pytest.mark.parametrize("first", ["deliver", "forward", "face"])
+def test_a_task_retried_before_its_delivery_was_marked_runs_again(
+        origin: Spool, store: cluster.Cluster, pg_dsn: str, first: str) -> None:
+    # Before: its row, finished and unmarked, was delivered again into the retried task, which
+    # so got the old outcome without running (and a forward found the id there, not new).
+    placed_then_retried(origin, store, pg_dsn)
+    if first == "face":  # claimed by a bridge that died before its submit
+        origin.claim("replay.json", "bridge-dead")
+    if first in ("deliver", "face"):  # the next bridge's first delivery round
+        assert bridge.deliver(origin, store, "bridge-a2") == ["replay"]
+        assert os.listdir(origin.pending) == ["replay.json"] and list(origin.claims()) == []
+        assert store.undelivered() == []  # the retry said it had been delivered
+    if first == "forward":  # the next bridge's first forward round
+        assert [t.id for t in bridge.forward(origin, store, [("replay.json", "gpu")],
+                                             "bridge-a2")] == ["replay"]
+        assert bridge.deliver(origin, store, "bridge-a2") == []
+        assert store.states(["replay"]) == {"replay": "pending"}
+        assert serve_remotely(pg_dsn) == ["replay"]
+        assert bridge.deliver(origin, store, "bridge-a2") == ["replay"]
+        assert read_json(origin.completed / "replay.json")["cluster"]["run"] == 1
+        return
+    assert not (origin.completed / "replay.json").exists()
+    assert not (origin.failed / "replay.json").exists()
+    runs_again_on_b(origin, store, pg_dsn)
+
+
+def test_a_retried_task_a_worker_here_runs_keeps_its_claim_and_its_own_outcome(
+        origin: Spool, store: cluster.Cluster, pg_dsn: str) -> None:
+    # Before: the delivery took the worker's claim over, fencing it out, and wrote the old run's
+    # outcome in its place.
+    placed_then_retried(origin, store, pg_dsn)
+    claim = origin.claim("replay.json", "worker-a")
+    assert bridge.deliver(origin, store, "bridge-a2") == []
+    assert [name for name, _ in origin.claims()] == [claim.file_name]
+    record = task_format.decode(origin.read_claim(claim)[0]) | {
+        "status": "completed", "result": {"content": "run here", "worker_id": "worker-a"}}
+    assert origin.publish(claim, "replay", record)
+    assert bridge.deliver(origin, store, "bridge-a2") == ["replay"]  # marked only
+    assert read_json(origin.completed / "replay.json")["result"]["content"] == "run here"
+    assert store.undelivered() == []
+
+
 def test_a_host_that_was_down_gets_its_outcomes_when_it_returns(
         origin: Spool, store: cluster.Cluster, pg_dsn: str) -> None:
     for n in range(3):

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 FROM_KEY = "koubou_cluster_from"  # in a taken-in task's metadata: the host it came from
 RUN_KEY = "koubou_cluster_run"  # and the run of its cluster row it was leased in
+# In an outcome delivered to its origin: {"host": the host that ran it, "run": its row's run}.
+# `koubou retry` keeps it in the task it queues again, which so names the run it was given.
+CLUSTER_FIELD = "cluster"
 
 
 def taken_in(task: task_format.Task) -> bool:
@@ -58,7 +61,8 @@ def forward(spool: Spool, cluster: Cluster, leaving: list[tuple[str, str]], brid
         claimed = _claim_task(spool, name, bridge_id)
         if claimed is not None:
             claims.append(claimed[0])
-            submissions.append(Submission(claimed[1], craftsman, max_attempts))
+            submissions.append(Submission(claimed[1], craftsman, max_attempts,
+                                          delivered_run(claimed[1].raw)))
     try:
         results = cluster.submit(submissions)
         there = {task_id for task_id, _, new in results if not new}
@@ -80,6 +84,14 @@ def forward(spool: Spool, cluster: Cluster, leaving: list[tuple[str, str]], brid
         else:
             _refuse_taken_id(spool, claim, submission.task, origin)
     return sent
+
+
+def delivered_run(raw: dict) -> int | None:
+    """The cluster run whose outcome this task was given on its origin (a retried task keeps
+    its outcome's CLUSTER_FIELD); None for a task never delivered from the cluster."""
+    mark = raw.get(CLUSTER_FIELD)
+    run = mark.get("run") if isinstance(mark, dict) else None
+    return run if isinstance(run, int) and not isinstance(run, bool) and run >= 0 else None
 
 
 def _refuse_taken_id(spool: Spool, claim: Claim, task: Task, origin: str) -> None:
@@ -133,7 +145,9 @@ def deliver(spool: Spool, cluster: Cluster, bridge_id: str, limit: int = 500) ->
 def place(spool: Spool, deliveries: list[Delivery], bridge_id: str) -> list[str]:
     """Publish outcomes into the spool together, durable with one fsync of each directory
     (spool.write_outcomes: group commit); the ids whose outcome the spool holds now, whoever
-    wrote it (the first outcome of an id stands)."""
+    wrote it (the first outcome of an id stands). A task retried here since its outcome was
+    written (by a bridge that died before marking it delivered) is a new run: it goes back to
+    pending/, to be forwarded as one, and this outcome counts as delivered."""
     placed, fenced = [], []
     claims = _claim_entries(spool)
     for delivery in deliveries:
@@ -142,8 +156,14 @@ def place(spool: Spool, deliveries: list[Delivery], bridge_id: str) -> list[str]
             continue
         claim = _claim_for(spool, delivery.task_id, bridge_id, claims)
         if claim is None:
-            continue  # moved while we looked: the next delivery round takes it
-        outcome = spool.fence(claim, delivery.task_id, delivery.outcome)
+            continue  # moved while we looked, or run here now: the next delivery round looks
+        if _retried_since(spool, claim, delivery.run):
+            spool.requeue(claim.file_name, None)
+            placed.append(delivery.task_id)
+            continue
+        mark = {"run": delivery.run} | ({"host": delivery.host} if delivery.host else {})
+        outcome = spool.fence(claim, delivery.task_id,
+                              {**delivery.outcome, CLUSTER_FIELD: mark})
         if outcome is not None:
             fenced.append(outcome)
     spool.write_outcomes(fenced)
@@ -163,6 +183,23 @@ def _settled(spool: Spool, outcome: Outcome) -> bool:
     return spool.outcome_state(outcome.task_id) is not None
 
 
+def _retried_since(spool: Spool, claim: Claim, run: int) -> bool:
+    """Whether a claimed face is a retry of `run` or of a later run: its outcome was delivered
+    here before. Only a file that names a cluster run is decoded."""
+    try:
+        data = spool.read_claim(claim)[0]
+    except (OSError, Refused, Unavailable):
+        return False  # unreadable: the outcome goes in, as for any face
+    if b'"' + CLUSTER_FIELD.encode() + b'"' not in data:
+        return False
+    try:
+        raw = task_format.decode(data)
+    except InvalidTask:
+        return False
+    given = delivered_run(raw) if isinstance(raw, dict) else None
+    return given is not None and given >= run
+
+
 def _claim_entries(spool: Spool) -> dict[str, str]:
     """The claims in in_progress/ by task file name, read once for a whole delivery round."""
     return {match["name"]: entry for entry, match in spool.claims()}
@@ -171,7 +208,8 @@ def _claim_entries(spool: Spool) -> dict[str, str]:
 def _claim_for(spool: Spool, task_id: str, bridge_id: str,
                claims: dict[str, str]) -> Claim | None:
     """The bridge's claim on the local entry of a task: its own, a dead bridge's taken over,
-    or the pending file claimed (recovery put a dead bridge's claim back there)."""
+    or the pending file claimed (recovery put a dead bridge's claim back there). A worker's
+    claim is never taken: the task runs here (retried here since), its own outcome to come."""
     name = f"{task_id}.json"
     if name in claims:
         state, entry = "in_progress", claims[name]
@@ -181,7 +219,8 @@ def _claim_for(spool: Spool, task_id: str, bridge_id: str,
         state, entry = _found(spool, task_id)
     if state == "pending":
         return spool.claim(entry, bridge_id)
-    if state == "in_progress" and not entry.endswith(".fin"):
+    if state == "in_progress" and not entry.endswith(".fin") and \
+            CLAIM_RE.fullmatch(entry)["worker"].startswith(BRIDGE_PREFIX):
         return spool.take_over(entry, bridge_id)
     return None
 

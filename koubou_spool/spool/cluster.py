@@ -179,6 +179,7 @@ class Submission(NamedTuple):
     task: Task
     craftsman: str
     max_attempts: int = 3
+    delivered_run: int | None = None  # a retried task: the run whose outcome it was given
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,8 @@ class Delivery:
     state: str
     outcome: dict[str, Any]
     attempt: int
+    run: int = 0
+    host: str | None = None  # the host that held its last lease; None if none ever did
 
 
 # --- connections and the schema ------------------------------------------------------------
@@ -433,13 +436,15 @@ class Cluster:
             return cursor.fetchall() if cursor.description else []
         return self._run(query)
 
-    def _fenced(self, ids: Sequence[str], sql: str, params: dict[str, Any]) -> list[tuple]:
-        """The rows of `sql`, run in one transaction after the fence locks of these ids
-        (batch.LOCK_FENCES)."""
+    def _fenced(self, ids: Sequence[str], statements: Sequence[str],
+                params: dict[str, Any]) -> list[tuple]:
+        """The rows of the last of `statements`, run in order in one transaction after the
+        fence locks of these ids (batch.LOCK_FENCES)."""
         def query(conn: psycopg.Connection) -> list[tuple]:
             with conn.transaction():
                 conn.execute(batch.LOCK_FENCES, {"ids": list(ids)})
-                cursor = conn.execute(sql, params)
+                for sql in statements:
+                    cursor = conn.execute(sql, params)
                 return cursor.fetchall() if cursor.description else []
         return self._run(query)
 
@@ -451,7 +456,9 @@ class Cluster:
     def submit(self, submissions: Iterable[Submission]) -> list[tuple[str, str, bool]]:
         """Queue tasks in one transaction; (id, state, new) each. An id already there queues
         nothing and reports its state, so submitting again is safe; only a task this host was
-        delivered the outcome of (retried here) waits again, as a new run (batch.SUBMIT)."""
+        delivered the outcome of (retried here) waits again, as a new run (batch.SUBMIT): one
+        whose file names the run it was delivered (`delivered_run`) counts as delivered, said
+        or not (batch.MARK_RETRIED)."""
         given = list(submissions)
         if not given:
             return []
@@ -470,7 +477,14 @@ class Cluster:
             "not_before": [_timestamp(item.task.not_before) for item in items],
             "expires_at": [_timestamp(item.task.expires_at) for item in items],
             "bodies": bodies}
-        new = {row[0] for row in self._fenced(params["ids"], batch.SUBMIT, params)}
+        retried = [(item.task.id, item.delivered_run) for item in items
+                   if item.delivered_run is not None]
+        statements = [batch.SUBMIT]
+        if retried:
+            statements.insert(0, batch.MARK_RETRIED)
+            params |= {"origin": self.host, "retried": [i for i, _ in retried],
+                       "runs": [r for _, r in retried]}
+        new = {row[0] for row in self._fenced(params["ids"], statements, params)}
         states = self.states([i for i in params["ids"] if i not in new])
         results = []
         for task_id in (item.task.id for item in given):  # an id twice: new the first time
@@ -573,7 +587,7 @@ class Cluster:
         forwarded with)."""
         if not craftsmen or not ids:
             return {}
-        return dict(self._fenced(ids, batch.WITHDRAW, {
+        return dict(self._fenced(ids, [batch.WITHDRAW], {
             "origin": self.host, "craftsmen": list(craftsmen), "granted": granted,
             "ids": list(ids)}))
 
@@ -605,8 +619,7 @@ class Cluster:
     def undelivered(self, limit: int = 500) -> list[Delivery]:
         """This host's finished tasks not yet written into its spool, oldest first."""
         rows = self._rows(batch.UNDELIVERED, {"origin": self.host, "limit": limit})
-        return [Delivery(task_id, state, outcome, attempt)
-                for task_id, state, outcome, attempt in rows]
+        return [Delivery(*row) for row in rows]
 
     def mark_delivered(self, task_ids: Iterable[str]) -> int:
         """Note outcomes as written durably into this host's spool: only after they are."""

@@ -175,9 +175,19 @@ OPEN_FORWARDED = """
     WHERE origin = %(origin)s AND state IN ('pending', 'in_progress')"""
 
 UNDELIVERED = """
-    SELECT id, state, outcome, attempt FROM cluster_tasks
+    SELECT id, state, outcome, attempt, run, host FROM cluster_tasks
     WHERE origin = %(origin)s AND state IN ('completed', 'failed') AND delivered_at IS NULL
     ORDER BY finished_at, id LIMIT %(limit)s"""
+
+# A retried task's file names the run whose outcome its origin was given (the `cluster` field
+# the delivery wrote into that outcome): that run was delivered, even when the bridge that wrote
+# it died before saying so. Run before SUBMIT, in its transaction, so that the retry is a new run
+# rather than an id already there, whose old outcome would answer it.
+MARK_RETRIED = """
+    UPDATE cluster_tasks t SET delivered_at = now()
+    FROM unnest(%(retried)s::text[], %(runs)s::int[]) AS r(id, run)
+    WHERE t.id = r.id AND t.origin = %(origin)s AND t.run <= r.run AND t.delivered_at IS NULL
+        AND t.state IN ('completed', 'failed')"""
 
 MARK_DELIVERED = """
     UPDATE cluster_tasks SET delivered_at = now()
