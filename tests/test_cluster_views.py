@@ -391,3 +391,64 @@ def test_a_host_row_sums_today_at_each_heartbeat_and_the_days_before_once_an_hou
     assert [later["today"][0]["tasks"], later["this_month"][0]["tasks"]] == [2, 3]
     hour_on = shots.usage(now + 3601)
     assert [hour_on["today"][0]["tasks"], hour_on["this_month"][0]["tasks"]] == [2, 4]
+    # the figures of each day and month, to be written into cluster_usage
+    shots = Snapshots(Spool.open(home), path,
+                      config_module.load(home / "config" / "koubou.yaml"))
+    shots.take(now)
+    first_look = shots.unwritten
+    assert sorted(first_look) == sorted(
+        [f"2026-10-{d:02d}" for d in range(1, 32)] + ["2026-10"]
+        + [f"2026-11-{d:02d}" for d in range(1, 16)] + ["2026-11"])
+    assert [row["tasks"] for row in first_look["2026-10-26"]] == [1]  # last month's
+    assert [row["tasks"] for row in first_look["2026-10"]] == [1]
+    assert [row["tasks"] for row in first_look["2026-11-14"]] == [2]  # yesterday, with `late`
+    assert first_look["2026-11-13"] == []  # covered: nothing ran that day
+    shots.written()
+    shots.usage(now + 2)
+    assert sorted(shots.unwritten) == ["2026-11", "2026-11-15"]  # today's, at each heartbeat
+    shots.written()
+    finished("after-midnight", now + 12 * 3600 + 60, 1.0)
+    shots.usage(now + 12 * 3600 + 120)  # the next day: yesterday summed once more, whole
+    assert sorted(shots.unwritten) == sorted(
+        [f"2026-11-{d:02d}" for d in range(1, 17)] + ["2026-11"])
+    assert [row["tasks"] for row in shots.unwritten["2026-11-15"]] == [2]
+    assert [row["tasks"] for row in shots.unwritten["2026-11-16"]] == [1]
+
+
+def test_a_report_of_an_earlier_day_shows_what_each_host_ran_that_day(
+        hosts, pg_dsn: str) -> None:  # noqa: F811 (the fixture of test_cluster_hosts)
+    # Before: only a host's row was read, which holds its today and this month, so a report
+    # of yesterday showed no host's figures.
+    from datetime import timedelta
+
+    from koubou_spool.observe import report as report_module
+    from koubou_spool.spool.ledger import LedgerWriter
+    from koubou_spool.spool.task import iso
+    a, b = hosts("host-a"), hosts("host-b")
+    yesterday = report_module.local_day(time.time(), None) - timedelta(days=1)
+    noon = report_module.day_start(yesterday, None) + 12 * 3600
+    writer = LedgerWriter(b.home / "db" / "koubou.db")
+    for n in range(3):
+        writer.task_finished({"id": f"old-{n}", "content": "x", "status": "completed",
+                              "result": {"content": "ok", "craftsman": "echo", "attempts": 1,
+                                         "usage": {"prompt_tokens": 2, "completion_tokens": 5},
+                                         "queued_at": iso(noon), "started_at": iso(noon),
+                                         "finished_at": iso(noon + n)}})
+    writer.close()
+    b.start("cluster")  # host b's bridge alone: it writes its days as it starts
+    day = yesterday.isoformat()
+    def look() -> dict:  # "cannot be read" until host b's bridge has made the schema
+        out, err = koubou(a.home, "report", "--day", day, "--json")
+        return {} if err else json.loads(out)["cluster"]
+    seen = until(look, lambda seen: seen and seen["total"]["tasks"] == 3)
+    [line] = seen["hosts"]
+    assert (line["host"], line["covered"], line["completed"], line["completion_tokens"]) == (
+        "host-b", True, 3, 15)
+    month = koubou_json(a.home, "report", "--month", day[:7])["cluster"]
+    assert month["total"]["completed"] >= 3 and month["hosts"][0]["covered"]
+    old, _ = koubou(a.home, "report", "--month", "2020-01")
+    assert "no figures for this period from host-b" in old
+    out, _ = koubou(a.home, "report", "--day", day)
+    assert f"cluster hosts, tasks each ran in {day}:" in out
+    assert [line.split()[:2] for line in out.splitlines() if line.startswith("total ")][-1] == [
+        "total", "3"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from datetime import date, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,17 @@ BEFORE_TODAY_KEPT_S = 3600.0  # a late ledger row of an earlier day shows within
 
 class Snapshots:
     """This home as its row in cluster_hosts holds it (queues, live workers, usage), taken by
-    its bridge at each heartbeat. The month's days before today are summed once an hour and
-    kept: they hardly change, and a month of a busy ledger takes a second to sum (measured:
-    0.5 s for 100,000 tasks), while today's range alone is summed at each heartbeat."""
+    its bridge at each heartbeat, and the figures of each of its days and months, which
+    cluster_usage keeps for reports of any period (`unwritten`: those not written yet). Today
+    is summed at each heartbeat. The month's days before today are summed one by one once an
+    hour, or when the day changes, and kept: they hardly change, and a month of a busy ledger
+    takes a second to sum (measured: 0.5 s for 100,000 tasks). Last month's days and total are
+    summed at the first look and when the month changes."""
 
     def __init__(self, spool: Spool, ledger_path: Path, config: Config) -> None:
         self.spool, self.ledger_path, self.config = spool, ledger_path, config
-        self._before_today: tuple[str, float, list[dict[str, Any]]] | None = None
+        self._earlier: tuple[date, float, dict[str, list[dict[str, Any]]]] | None = None
+        self.unwritten: dict[str, list[dict[str, Any]]] = {}
 
     def take(self, now: float) -> dict[str, Any]:
         """The row's snapshot now."""
@@ -47,27 +52,52 @@ class Snapshots:
                             for worker in found],
                 "usage": self.usage(now)}
 
+    def written(self) -> None:
+        """Say that the periods taken so far are in the database."""
+        self.unwritten = {}
+
     def usage(self, now: float) -> dict[str, Any]:
         """Today's and this month's usage per craftsman (budget.timezone), from the ledger."""
         tz = report.timezone_of(self.config.budget)
         today = report.local_day(now, tz)
         day = report.day_period(today, tz)
         month = report.month_period(report.month_first(today), tz)
-        figures = self._sum(day.start, day.end)
+        figures = self._sum(day)
+        this_month = add_usage(*self._days_before(today, tz, now).values(), figures)
+        self.unwritten |= {day.label: figures, month.label: this_month}
         return {"timezone": day.timezone, "day": day.label, "month": month.label,
-                "today": figures, "this_month": add_usage(
-                    self._month_before(day.label, month.start, day.start, now), figures)}
+                "today": figures, "this_month": this_month}
 
-    def _month_before(self, label: str, start: float, end: float,
-                      now: float) -> list[dict[str, Any]]:
-        kept = self._before_today
-        if kept is None or kept[0] != label or now - kept[1] > BEFORE_TODAY_KEPT_S:
-            kept = self._before_today = (label, now, self._sum(start, end) if end > start
-                                         else [])
-        return kept[2]
+    def _days_before(self, today: date, tz: tzinfo | None,
+                     now: float) -> dict[str, list[dict[str, Any]]]:
+        """This month's days before today, each its figures; summed again when kept an hour,
+        and then also to be written (with last month's, at the first look or a new month)."""
+        kept = self._earlier
+        if kept is not None and kept[0] == today and now - kept[1] <= BEFORE_TODAY_KEPT_S:
+            return kept[2]
+        first = report.month_first(today)
+        days = self._days(first, today, tz)
+        if kept is None or report.month_first(kept[0]) != first:
+            last_first = report.month_first(first - timedelta(days=1))
+            last = self._days(last_first, first, tz)
+            self.unwritten |= last | {report.month_period(last_first, tz).label:
+                                      add_usage(*last.values())}
+        self.unwritten |= days
+        self._earlier = (today, now, days)
+        return days
 
-    def _sum(self, start: float, end: float) -> list[dict[str, Any]]:
-        return ledger.read(self.ledger_path, ledger.report_usage, start, end, default=[])
+    def _days(self, first: date, end: date, tz: tzinfo | None) -> dict[str, list[dict[str, Any]]]:
+        """The figures of each day from `first` to before `end`, by its label."""
+        figures = {}
+        while first < end:
+            day = report.day_period(first, tz)
+            figures[day.label] = self._sum(day)
+            first += timedelta(days=1)
+        return figures
+
+    def _sum(self, period: report.Period) -> list[dict[str, Any]]:
+        return ledger.read(self.ledger_path, ledger.report_usage, period.start, period.end,
+                           default=[])
 
 
 def add_usage(*parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -163,17 +193,28 @@ def other_workers(found: list[dict[str, Any]], me: str) -> list[dict[str, Any]]:
     return shown
 
 
-def report_rows(found: list[dict[str, Any]], label: str) -> dict[str, Any]:
+def report_rows(found: list[dict[str, Any]], label: str,
+                written: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """The cluster's figures per host for a report period: the tasks each host ran (its own
-    ledger's), when its row holds that period (today or this month in its budget.timezone)."""
-    rows, total = [], dict.fromkeys(USAGE_KEYS, 0)
+    ledger's), from its row when that holds the period (today or this month in its
+    budget.timezone), else from what its bridge wrote of the period (`written`, cluster_usage:
+    also of a host that has no row any more)."""
+    kept = {row["host"]: row for row in written}
+    lines = []
     for h in found:
         use = h["usage"]
         which = {use.get("day"): "today", use.get("month"): "this_month"}.get(label)
-        line = {"host": h["host"], "age_s": h["age_s"], "stale": h["stale"],
-                "covered": which is not None, "by_craftsman": use.get(which) or []}
+        row = kept.pop(h["host"], None)
+        figures = (use.get(which) or []) if which else (row["figures"] if row else None)
+        lines.append((h["host"], h["age_s"], h["stale"], figures))
+    lines += [(row["host"], row["age_s"], True, row["figures"]) for row in kept.values()]
+    rows, total = [], dict.fromkeys(USAGE_KEYS, 0)
+    for host, age, stale, figures in sorted(lines):
+        line = {"host": host, "age_s": age, "stale": stale, "covered": figures is not None,
+                "by_craftsman": figures or []}
         for key in USAGE_KEYS:
-            line[key] = sum(c.get(key) or 0 for c in line["by_craftsman"]) if which else None
+            line[key] = sum(c.get(key) or 0 for c in line["by_craftsman"]) \
+                if figures is not None else None
             total[key] += line[key] or 0
         rows.append(line)
     return {"period": label, "hosts": rows, "total": total}

@@ -116,8 +116,8 @@ def _cluster(cluster: dict[str, Any]) -> list[str]:
          "cost"], rows)
     missing = [h["host"] for h in cluster["hosts"] if not h["covered"]]
     if missing:
-        out.append(f"no figures for this period from {', '.join(missing)}: a host's row holds "
-                   "only its today and this month")
+        out.append(f"no figures for this period from {', '.join(missing)}: a host writes "
+                   "its days and months while its bridge runs (last month's too, as it starts)")
     return out
 
 

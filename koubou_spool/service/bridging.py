@@ -518,7 +518,8 @@ class Bridge:
                 self.unread_logged = time.monotonic()
                 log.warning("this host's row in the cluster is not updated: %s", exc)
             return
-        self.board.publish(self.settings.host, snapshot)
+        self.board.publish(self.settings.host, snapshot, self.snapshots.unwritten)
+        self.snapshots.written()
 
     def _down(self, exc: ClusterUnavailable) -> None:
         self.up = False

@@ -363,5 +363,5 @@ class Workshop:
                                      month=month, since=since)
         label = figures["period"]["label"]
         seen = self._cluster(lambda board, me: cluster_view.report_rows(
-            cluster_view.hosts(board.hosts()), label))
+            cluster_view.hosts(board.hosts()), label, board.usage(label)))
         return figures if seen is None else figures | {"cluster": seen}

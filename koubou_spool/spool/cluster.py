@@ -169,6 +169,13 @@ MIGRATIONS: list[tuple[str, str]] = [
         -- home (NULL in rows of before: the bringing home's own allowance stands for it).
         ALTER TABLE cluster_tasks ADD COLUMN granted integer;
     """),
+    ("0009_usage", """
+        -- Each host's figures of each of its days and months (labels of its budget.timezone),
+        -- written by its bridge: what a report of an earlier period shows of the hosts.
+        CREATE TABLE cluster_usage (
+            host text NOT NULL, period text NOT NULL, figures jsonb NOT NULL,
+            written_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (host, period));
+    """),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

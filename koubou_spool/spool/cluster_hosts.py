@@ -2,9 +2,10 @@
 
 Each host's bridge replaces its one row of `cluster_hosts` (migration 0003_hosts) at each
 heartbeat with a snapshot of its home: queue depths, live workers, the day's and the month's
-usage per craftsman from its ledger. `koubou status`, `workers`, `list`, `report` and the
-dashboard of any host read these rows, and the cluster's tasks of other origins from
-`cluster_tasks`.
+usage per craftsman from its ledger; and its rows of `cluster_usage` (migration 0009_usage):
+the figures of each of its days and months, which a report of an earlier period reads.
+`koubou status`, `workers`, `list`, `report` and the dashboard of any host read these rows,
+and the cluster's tasks of other origins from `cluster_tasks`.
 
 A `Board` is one connection of its own, with a short connect timeout and a statement timeout:
 a person's command never hangs on a database that is away; it says so and shows its home.
@@ -25,9 +26,20 @@ from .cluster import BUDGET_ROW, KEEPALIVES, SPENT, close_quietly, unavailable
 READ_TIMEOUT_S = 2  # connect, for a command a person waits on
 STATEMENT_TIMEOUT_MS = 5000
 
+# The host's row, and the figures of the periods given (its days and months) in cluster_usage.
 PUBLISH = """
-    INSERT INTO cluster_hosts (host, heartbeat_at, snapshot) VALUES (%(host)s, now(), %(snapshot)s)
-    ON CONFLICT (host) DO UPDATE SET heartbeat_at = now(), snapshot = excluded.snapshot"""
+    WITH beat AS (
+        INSERT INTO cluster_hosts (host, heartbeat_at, snapshot)
+        VALUES (%(host)s, now(), %(snapshot)s)
+        ON CONFLICT (host) DO UPDATE SET heartbeat_at = now(), snapshot = excluded.snapshot)
+    INSERT INTO cluster_usage (host, period, figures)
+    SELECT %(host)s, period, figures
+    FROM unnest(%(periods)s::text[], %(figures)s::jsonb[]) AS u(period, figures)
+    ON CONFLICT (host, period) DO UPDATE SET figures = excluded.figures, written_at = now()"""
+
+USAGE = """
+    SELECT host, figures, extract(epoch FROM now() - written_at)::float8 FROM cluster_usage
+    WHERE period = %(period)s ORDER BY host"""
 
 HOSTS = """
     SELECT host, extract(epoch FROM now() - heartbeat_at)::float8, snapshot
@@ -80,9 +92,25 @@ class Board:
         self.connect_timeout = connect_timeout
         self._conn: psycopg.Connection | None = None
 
-    def publish(self, host: str, snapshot: dict[str, Any]) -> None:
-        """Replace this host's row with a snapshot of its home, dated on the database's clock."""
-        self._rows(PUBLISH, {"host": host, "snapshot": Jsonb(snapshot)})
+    def publish(self, host: str, snapshot: dict[str, Any],
+                periods: dict[str, list[dict[str, Any]]] | None = None) -> None:
+        """Replace this host's row with a snapshot of its home, dated on the database's clock,
+        and its figures of these periods (by label: a day, a month) in one statement."""
+        given = periods or {}
+        self._rows(PUBLISH, {"host": host, "snapshot": Jsonb(snapshot),
+                             "periods": list(given),
+                             "figures": [Jsonb(figures) for figures in given.values()]})
+
+    def usage(self, period: str) -> list[dict[str, Any]]:
+        """What each host wrote of a period (a day or month label of its budget.timezone):
+        its `figures` per craftsman, `age_s` since it wrote them. None written by a cluster
+        of an older schema."""
+        try:
+            rows = self._rows(USAGE, {"period": period})
+        except ClusterSchemaError:
+            return []
+        return [{"host": host, "figures": figures, "age_s": max(age, 0.0)}
+                for host, figures, age in rows]
 
     def hosts(self) -> list[dict[str, Any]]:
         """Every host's row: its name, the age of the row in seconds, its snapshot."""
