@@ -22,6 +22,7 @@ from koubou_spool import config as config_module
 from koubou_spool.cli.koubou import cli
 from koubou_spool.service import serving
 from koubou_spool.spool import task as task_format
+from koubou_spool.spool.entries import BRIDGE_PREFIX
 
 import clusterhosts
 from clusterhosts import DSN_ENV, LEASE_S, Host, drop, rows, wait_delivered
@@ -146,6 +147,19 @@ def test_a_home_without_a_cluster_dsn_is_told_in_one_sentence(tmp_path: Path,
     assert result.stderr.strip().splitlines() == [
         f"koubou: cluster.dsn_env names {DSN_ENV}, which is not set in this environment; "
         "export the cluster's PostgreSQL DSN in it"]
+
+
+def test_a_second_bridge_in_one_home_is_refused_in_one_sentence(hosts) -> None:
+    a = hosts("host-a")
+    _, first = a.serve("echo")
+    second = a.start("cluster")
+    assert second.wait(timeout=30) == 2  # before: it ran beside the first, both forwarding
+    assert log_of(second).strip().splitlines()[-1] == (
+        f"koubou: another bridge serves this home already (pid {first.pid}): "
+        "one `koubou cluster` per home")
+    assert first.poll() is None  # the first serves on, the only bridge registered
+    assert [i for i in a.spool.worker_ids() if i.startswith(BRIDGE_PREFIX)] == [
+        i for i in a.spool.worker_ids() if (a.spool.worker_info(i) or {}).get("pid") == first.pid]
 
 
 def test_doctor_checks_the_cluster(tmp_path: Path, pg_dsn: str,

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import os
 import signal
 import time
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from ..config import ClusterSettings, Config
 from ..craft import router
@@ -104,6 +107,30 @@ class Bridge:
     # --- the loop --------------------------------------------------------------------------
 
     def run(self) -> int:
+        """Serve, holding run/bridge.lock: two bridges in one home would each forward and
+        take in, and each adopt the other's claims as a dead bridge's."""
+        lock = FileLock(str(self.spool.home / "run" / "bridge.lock"), mode=0o600)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise UsageError(f"another bridge serves this home already ({self._other_bridge()}): "
+                             "one `koubou cluster` per home") from None
+        try:
+            return self._serve()
+        finally:
+            lock.release()
+
+    def _other_bridge(self) -> str:
+        """'pid N' of the live bridge registered in this home, or 'starting' before it is."""
+        for worker_id in self.spool.worker_ids():
+            if worker_id.startswith(BRIDGE_PREFIX) and self.spool.worker_state(
+                    worker_id, math.inf) != "dead":
+                info = self.spool.worker_info(worker_id)
+                if isinstance(info, dict) and isinstance(info.get("pid"), int):
+                    return f"pid {info['pid']}"
+        return "still starting"
+
+    def _serve(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         self._lock_fd = self.spool.register_worker(self.id, {
