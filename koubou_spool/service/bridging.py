@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import math
 import os
 import signal
 import time
@@ -121,13 +120,11 @@ class Bridge:
             lock.release()
 
     def _other_bridge(self) -> str:
-        """'pid N' of the live bridge registered in this home, or 'starting' before it is."""
-        for worker_id in self.spool.worker_ids():
-            if worker_id.startswith(BRIDGE_PREFIX) and self.spool.worker_state(
-                    worker_id, math.inf) != "dead":
-                info = self.spool.worker_info(worker_id)
-                if isinstance(info, dict) and isinstance(info.get("pid"), int):
-                    return f"pid {info['pid']}"
+        """'pid N' of the live bridge registered in this home, or 'still starting' before it is."""
+        for worker_id in self.spool.live_bridges():
+            info = self.spool.worker_info(worker_id)
+            if isinstance(info, dict) and isinstance(info.get("pid"), int):
+                return f"pid {info['pid']}"
         return "still starting"
 
     def _serve(self) -> int:

@@ -140,9 +140,13 @@ class Workers:
     def bridge_running(self) -> bool:
         """Whether a live `koubou cluster` bridge serves this home: tasks no worker here serves
         may run on another host of the cluster, and a dead bridge's claims are adopted."""
-        return any(worker_id.startswith(BRIDGE_PREFIX)
-                   and self.worker_state(worker_id, math.inf) != "dead"
-                   for worker_id in self.worker_ids())
+        return bool(self.live_bridges())
+
+    def live_bridges(self) -> list[str]:
+        """The ids of the live bridges registered in this home (one, once its lock is held)."""
+        return [worker_id for worker_id in self.worker_ids()
+                if worker_id.startswith(BRIDGE_PREFIX)
+                and self.worker_state(worker_id, math.inf) != "dead"]
 
     def worker_info(self, worker_id: str) -> Any:
         """The JSON a worker wrote into its lock file; None when gone or unreadable."""
