@@ -648,6 +648,18 @@ def test_a_task_forwarded_from_a_home_comes_back_into_its_completed(
     assert bridge.deliver(origin, store, "bridge-a") == []  # delivered once
 
 
+def test_a_face_renamed_by_hand_out_of_its_claim_is_left_undelivered(
+        origin: Spool, store: cluster.Cluster, pg_dsn: str) -> None:
+    submit(origin, id="stray", content="c")
+    bridge.forward(origin, store, [("stray.json", "gpu")], "bridge-a")
+    serve_remotely(pg_dsn)
+    [(entry, _)] = origin.claims()
+    os.rename(origin.in_progress / entry, origin.in_progress / "stray.json")  # no claim now
+    assert bridge.deliver(origin, store, "bridge-a") == []
+    assert os.listdir(origin.in_progress) == ["stray.json"]
+    assert [d.task_id for d in store.undelivered()] == ["stray"]
+
+
 def test_an_outcome_written_before_a_crash_is_only_marked_when_delivered_again(
         origin: Spool, store: cluster.Cluster, pg_dsn: str) -> None:
     submit(origin, id="twice", content="c")

@@ -219,8 +219,9 @@ def _claim_for(spool: Spool, task_id: str, bridge_id: str,
         state, entry = _found(spool, task_id)
     if state == "pending":
         return spool.claim(entry, bridge_id)
-    if state == "in_progress" and not entry.endswith(".fin") and \
-            CLAIM_RE.fullmatch(entry)["worker"].startswith(BRIDGE_PREFIX):
+    # A file in in_progress/ that is no claim (put there by hand) is nobody's to take over.
+    if state == "in_progress" and (match := CLAIM_RE.fullmatch(entry)) and \
+            not match["fin"] and match["worker"].startswith(BRIDGE_PREFIX):
         return spool.take_over(entry, bridge_id)
     return None
 
