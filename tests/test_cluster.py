@@ -937,6 +937,61 @@ def test_a_retried_task_runs_again_where_an_older_run_finished_but_once_per_run(
     host_b.close()
 
 
+def retried_while_b_still_has_its_first_run(tmp_path: Path, pg_dsn: str) -> tuple:
+    """Task `kept` of host a taken in by host b (its copy still pending there), its lease lost
+    and the task run by host c and delivered, then retried on a: (home_a, home_b, host_a,
+    host_b)."""
+    from koubou_spool.service import control
+    home_a, home_b = two_homes(tmp_path)
+    host_a, host_b, host_c = (cluster.Cluster.open(pg_dsn, host=f"host-{name}", lease_s=30)
+                              for name in "abc")
+    submit(home_a, id="kept", content="c", craftsman="echo")
+    bridge.forward(home_a, host_a, [("kept.json", "echo")], "bridge-a")
+    [first] = bridge.take_in(home_b, host_b, "bridge-b", "echo", 1)
+    assert host_b.requeue(first)  # host b's lease lost before its worker got to the task
+    by_c = host_c.claim("worker-c", ["echo"])
+    assert host_c.publish(by_c, completed(by_c) | {"result": {"content": "run on c"}})
+    host_c.close()
+    assert bridge.deliver(home_a, host_a, "bridge-a") == ["kept"]
+    os.rename(home_a.completed / "kept.json", home_a.failed / "kept.json")  # say it failed
+    control.retry(home_a, "kept")
+    bridge.forward(home_a, host_a, [("kept.json", "echo")], "bridge-a")
+    assert os.listdir(home_b.pending) == ["kept.json"]  # the first run, still here
+    return home_a, home_b, host_a, host_b
+
+
+@pytest.mark.parametrize("finished", [False, True], ids=["still-pending", "finished"])
+def test_an_older_run_adopted_by_a_retry_runs_once_when_its_lease_comes_back(
+        tmp_path: Path, pg_dsn: str, finished: bool) -> None:
+    # before: the adopted copy finished under the older run's mark, and a lease of the new run
+    # lost and taken here again replaced that outcome with a run more
+    home_a, home_b, host_a, host_b = retried_while_b_still_has_its_first_run(tmp_path, pg_dsn)
+    [second] = bridge.take_in(home_b, host_b, "bridge-b", "echo", 1)
+    assert (second.run, second.adopted) == (1, 0)
+    assert os.listdir(home_b.pending) == ["kept.json"]  # adopted, not queued twice
+    if finished:
+        finish_by_hand(home_b, "kept", "the one run on b")
+    assert host_b.requeue(second)  # the new run's lease lost too
+    [third] = bridge.take_in(home_b, host_b, "bridge-b", "echo", 1)
+    assert (third.run, third.adopted) == (1, 0)
+    assert os.listdir(home_b.pending) == ([] if finished else ["kept.json"])  # no run more
+    if not finished:
+        finish_by_hand(home_b, "kept", "the one run on b")
+    assert bridge.send_back(home_b, host_b, {"kept": third}) == {"kept"}
+    assert bridge.deliver(home_a, host_a, "bridge-a") == ["kept"]
+    assert read_json(home_a.completed / "kept.json")["result"]["content"] == "the one run on b"
+    # a run after that is a new one: the adoption is forgotten, the old outcome replaced
+    os.rename(home_a.completed / "kept.json", home_a.failed / "kept.json")
+    from koubou_spool.service import control
+    control.retry(home_a, "kept")
+    bridge.forward(home_a, host_a, [("kept.json", "echo")], "bridge-a")
+    [fourth] = bridge.take_in(home_b, host_b, "bridge-b", "echo", 1)
+    assert (fourth.run, fourth.adopted) == (2, None)
+    assert os.listdir(home_b.pending) == ["kept.json"]
+    host_a.close()
+    host_b.close()
+
+
 def test_a_rerun_this_home_cannot_queue_leaves_the_old_outcome_and_the_lease_goes_back(
         tmp_path: Path, pg_dsn: str) -> None:
     _, home_b, host_a, host_b = retried_after_a_run_on_b(tmp_path, pg_dsn)

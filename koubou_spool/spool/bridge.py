@@ -24,6 +24,7 @@ leave, is service/bridging.py (`koubou cluster`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -339,9 +340,10 @@ def take_in(spool: Spool, cluster: Cluster, bridge_id: str, craftsman: str,
     """Lease up to `limit` cluster tasks of a craftsman in one statement and queue them in
     this home's pending/ together (one group commit), pinned to it; the leases queued. A task
     already in this home (an earlier lease of it ran here) is not queued again, unless what is
-    here is the outcome of an older run. One that is no valid task here fails under its lease
-    as invalid, for its origin's failed/. TakeInRefused when the home refuses some of them:
-    their leases go back uncounted, the others are held and named in it."""
+    here is the outcome of an older run that this run did not adopt (_adopt_unfinished). One
+    that is no valid task here fails under its lease as invalid, for its origin's failed/.
+    TakeInRefused when the home refuses some of them: their leases go back uncounted, the
+    others are held and named in it."""
     claims = cluster.claim_many(bridge_id, [craftsman], limit, others_only=True)
     if not claims:
         return []
@@ -349,6 +351,7 @@ def take_in(spool: Spool, cluster: Cluster, bridge_id: str, craftsman: str,
     try:
         cluster.publish_many([(claim, _invalid_outcome(claim, exc, cluster.host))
                               for claim, exc in invalid])
+        queued = _adopt_unfinished(spool, cluster, queued)
     except BaseException:
         cluster.requeue_many([claim for claim, _ in queued], counted=False)
         raise
@@ -369,6 +372,52 @@ def take_in(spool: Spool, cluster: Cluster, bridge_id: str, craftsman: str,
     return taken
 
 
+def _adopt_unfinished(spool: Spool, cluster: Cluster, queued: list[tuple[ClusterClaim, Task]]
+                      ) -> list[tuple[ClusterClaim, Task]]:
+    """Record in the cluster each retried task this home still has pending or running in an
+    older run: the submit leaves that copy as it is, and its outcome answers this run. Recorded
+    before the submit: a lease of this run lost and taken here again then sends that outcome
+    back, rather than running the task once more. The queued tasks, the adopted marked."""
+    adoptions = [(claim, older) for claim, task in queued if claim.run
+                 for older in [_unfinished_run(spool, task.id)]
+                 if older is not None and older < claim.run]
+    cluster.adopt(adoptions)
+    adopted = {claim.task_id: older for claim, older in adoptions}
+    return [(dataclasses.replace(claim, adopted=adopted[claim.task_id])
+             if claim.task_id in adopted else claim, task) for claim, task in queued]
+
+
+def _unfinished_run(spool: Spool, task_id: str) -> int | None:
+    """The run of the cluster task of this id pending or running in this home, if one is.
+    Looked for in the order a task moves (pending/, then in_progress/), and once more when it
+    moved on meanwhile; None when it is not here, finished (the rerun path sees to that) or
+    cannot be read."""
+    name = f"{task_id}.json"
+
+    def entries():
+        yield spool.pending, name
+        yield from ((spool.in_progress, entry) for entry, match in spool.claims()
+                    if match["name"] == name)
+    for _ in range(2):
+        for directory, entry in entries():
+            try:
+                obj = task_format.decode(spool.read_entry(directory, entry)[0])
+            except Refused as exc:
+                if exc.gone:
+                    continue
+                return None
+            except (Unavailable, ValueError):
+                return None
+            metadata = obj.get("metadata") if isinstance(obj, dict) else None
+            if not isinstance(metadata, dict) or FROM_KEY not in metadata:
+                return None
+            run = metadata.get(RUN_KEY, 0)
+            return run if isinstance(run, int) else None
+        if spool.outcome_state(task_id) is not None:
+            return None
+    return None
+
+
 def _queue_reruns(spool: Spool, cluster: Cluster, queued: list[tuple[ClusterClaim, Task]]
                   ) -> tuple[list[ClusterClaim], list[tuple[ClusterClaim, Task]], OSError | None]:
     """Queue the retried tasks that replace an older run's outcome here, each on its own; the
@@ -377,7 +426,7 @@ def _queue_reruns(spool: Spool, cluster: Cluster, queued: list[tuple[ClusterClai
     rerun, fresh, refused = [], [], None
     for claim, task in queued:
         try:
-            if claim.run and _replace_older_run(spool, task, claim.run):
+            if claim.run and _replace_older_run(spool, task, claim.run, claim.adopted):
                 rerun.append(claim)
                 continue
         except OSError as exc:
@@ -427,12 +476,13 @@ def _as_queued(claim: ClusterClaim) -> Task:
     return task_format.validate(obj)
 
 
-def _replace_older_run(spool: Spool, task: Task, run: int) -> bool:
+def _replace_older_run(spool: Spool, task: Task, run: int, adopted: int | None) -> bool:
     """Queue a retried task in place of the outcome an older run of it left here; whether it
     did. That outcome went to its origin already; sent back again, it would answer the retry
     with the old result. A lease lost after its run finished here comes back in the same run,
-    and is sent back. An outcome this host cannot read is left to the usual path (sent back as
-    it is, or failing there), never a reason to stop the bridge."""
+    and is sent back; so is the outcome of the older run this run `adopted` here. An outcome
+    this host cannot read is left to the usual path (sent back as it is, or failing there),
+    never a reason to stop the bridge."""
     try:
         record = spool.outcome(task.id)
     except (ValueError, TaskNotFound) as exc:  # torn by hand, say: it stays as it is
@@ -442,7 +492,7 @@ def _replace_older_run(spool: Spool, task: Task, run: int) -> bool:
     if not isinstance(metadata, dict) or FROM_KEY not in metadata:
         return False  # nothing finished here, or a task of this home's own under the same id
     older = metadata.get(RUN_KEY, 0)
-    if not isinstance(older, int) or older >= run:
+    if not isinstance(older, int) or older >= run or older == adopted:
         return False
     try:
         found = spool.find(task.id)

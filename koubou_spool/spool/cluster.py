@@ -176,6 +176,12 @@ MIGRATIONS: list[tuple[str, str]] = [
             host text NOT NULL, period text NOT NULL, figures jsonb NOT NULL,
             written_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (host, period));
     """),
+    ("0010_adoptions", """
+        -- The older run a host had still pending or running when it took the task in under
+        -- this run, and that host: the outcome of that older run there is this run's to send
+        -- back, not one to run again (spool/bridge.py, take_in). A new run forgets it.
+        ALTER TABLE cluster_tasks ADD COLUMN adopted_run integer, ADD COLUMN adopted_host text;
+    """),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -202,6 +208,7 @@ class ClusterClaim:
     body: bytes
     max_attempts: int
     run: int = 0
+    adopted: int | None = None  # the older run this host adopted under this run, if any
 
 
 @dataclass(frozen=True)
@@ -514,8 +521,9 @@ class Cluster:
                                         "limit": limit, "others": others_only})
         rows.sort(key=lambda row: (-row[6], row[7]))  # RETURNING keeps no order
         return [ClusterClaim(task_id, attempt, worker_id, craftsman, origin, bytes(body),
-                             max_attempts, run)
-                for task_id, attempt, craftsman, origin, body, max_attempts, _, _, run in rows]
+                             max_attempts, run, adopted)
+                for task_id, attempt, craftsman, origin, body, max_attempts, _, _, run, adopted
+                in rows]
 
     def next_due_s(self, craftsmen: Sequence[str]) -> float | None:
         """Seconds until the first pending task of these craftsmen held back by its not_before
@@ -565,6 +573,17 @@ class Cluster:
         if len(published) < len(outcomes):
             published |= {row[0] for row in self._rows(batch.PUBLISHED_BY, params)}
         return published
+
+    def adopt(self, adoptions: Sequence[tuple[ClusterClaim, int]]) -> set[str]:
+        """Record that this host took these leased tasks in by adopting an older run of each
+        it still had pending or running (claim, that run); the ids recorded, only while their
+        claims hold them (the fence). A later lease of the same run here reads it back."""
+        if not adoptions:
+            return set()
+        return {row[0] for row in self._rows(batch.ADOPT, {
+            "host": self.host, "ids": [claim.task_id for claim, _ in adoptions],
+            "attempts": [claim.attempt for claim, _ in adoptions],
+            "runs": [run for _, run in adoptions]})}
 
     def requeue(self, claim: ClusterClaim) -> bool:
         """Give a leased task back to pending (its attempt stays counted); False if revoked."""

@@ -49,7 +49,7 @@ SUBMIT = _notifying("""
         priority = excluded.priority, not_before = excluded.not_before,
         expires_at = excluded.expires_at, body = excluded.body,
         max_attempts = cluster_tasks.attempt + excluded.granted, granted = excluded.granted,
-        outcome = NULL, run = cluster_tasks.run + 1,
+        outcome = NULL, run = cluster_tasks.run + 1, adopted_run = NULL, adopted_host = NULL,
         worker_id = NULL, host = NULL, lease_until = NULL, finished_at = NULL,
         delivered_at = NULL
     WHERE cluster_tasks.origin = excluded.origin AND cluster_tasks.delivered_at IS NOT NULL
@@ -94,7 +94,15 @@ CLAIM = """
         lease_until = now() + make_interval(secs => %(lease)s)
     FROM picked WHERE t.id = picked.id
     RETURNING t.id, t.attempt, t.craftsman, t.origin, t.body, t.max_attempts, t.priority, t.seq,
-        t.run"""
+        t.run, CASE WHEN t.adopted_host = %(host)s THEN t.adopted_run END"""
+
+# The older run each of these leased tasks has still pending or running on the claimer's host,
+# taken in under the lease's run: fenced as publish is (spool/bridge.py, take_in).
+ADOPT = """
+    UPDATE cluster_tasks t SET adopted_run = a.run, adopted_host = %(host)s
+    FROM unnest(%(ids)s::text[], %(attempts)s::int[], %(runs)s::int[]) AS a(id, attempt, run)
+    WHERE t.id = a.id AND t.attempt = a.attempt AND t.state = 'in_progress'
+    RETURNING t.id"""
 
 # Each outcome under its claim's (id, attempt), only while that claim holds the task.
 PUBLISH = _notifying("""
