@@ -378,9 +378,11 @@ def _adopt_unfinished(spool: Spool, cluster: Cluster, queued: list[tuple[Cluster
     older run: the submit leaves that copy as it is, and its outcome answers this run. Recorded
     before the submit: a lease of this run lost and taken here again then sends that outcome
     back, rather than running the task once more. The queued tasks, the adopted marked."""
-    adoptions = [(claim, older) for claim, task in queued if claim.run
-                 for older in [_unfinished_run(spool, task.id)]
-                 if older is not None and older < claim.run]
+    adoptions = []
+    for claim, task in queued:
+        older = _unfinished_run(spool, task.id) if claim.run else None
+        if older is not None and older < claim.run:
+            adoptions.append((claim, older))
     cluster.adopt(adoptions)
     adopted = {claim.task_id: older for claim, older in adoptions}
     return [(dataclasses.replace(claim, adopted=adopted[claim.task_id])
@@ -391,7 +393,7 @@ def _unfinished_run(spool: Spool, task_id: str) -> int | None:
     """The run of the cluster task of this id pending or running in this home, if one is.
     Looked for in the order a task moves (pending/, then in_progress/), and once more when it
     moved on meanwhile; None when it is not here, finished (the rerun path sees to that) or
-    cannot be read."""
+    cannot be read. Not Lookups.find: a task not here would have every queued file read."""
     name = f"{task_id}.json"
 
     def entries():
@@ -413,8 +415,6 @@ def _unfinished_run(spool: Spool, task_id: str) -> int | None:
                 return None
             run = metadata.get(RUN_KEY, 0)
             return run if isinstance(run, int) else None
-        if spool.outcome_state(task_id) is not None:
-            return None
     return None
 
 
