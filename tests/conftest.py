@@ -184,6 +184,16 @@ def log_of(proc: subprocess.Popen) -> str:
     return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
 
 
+def wait_log(proc: subprocess.Popen, text: str, timeout: float = 10) -> str:
+    """The worker's log once it holds `text`: a line logged after the event the test saw (an
+    aborted request, say) can lag it by a moment on a loaded machine."""
+    deadline = time.monotonic() + timeout
+    while text not in (log := log_of(proc)):
+        assert time.monotonic() < deadline, f"{text!r} not logged within {timeout} s:\n{log}"
+        time.sleep(0.05)
+    return log
+
+
 def submit(spool: Spool, **fields: Any) -> str:
     """Queue one task through the spool API and return its id."""
     fields.setdefault("content", "hello")

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import Workers, log_of, read_json, submit, wait_outcomes, wait_ready, write_config
+from conftest import (Workers, log_of, read_json, submit, wait_log, wait_outcomes, wait_ready,
+                      write_config)
 from fake_openai import FakeOpenAI
 from koubou_spool.spool import task as task_format
 from koubou_spool.cli.koubou import cli
@@ -41,7 +42,7 @@ def test_cancel_of_a_running_task_aborts_its_request(
     outcome = spool.outcome(task_id)
     assert outcome["error"]["kind"] == "cancelled" and outcome["error"]["attempts"] == 1
     assert not (spool.completed / f"{task_id}.json").exists()
-    assert "revoked" in log_of(proc)
+    wait_log(proc, "revoked")
     marker = submit(spool, content="after cancel", craftsman="echo")
     wait_outcomes(spool, [marker])
     assert not [n for n in os.listdir(spool.in_progress) if n.startswith(task_id)]
