@@ -832,6 +832,59 @@ def test_an_id_another_host_forwarded_first_fails_here_as_invalid_naming_that_ho
     host_b.close()
 
 
+@pytest.mark.parametrize("finished", [True, False], ids=["finished", "pending"])
+def test_a_serving_hosts_own_task_of_the_same_id_never_answers_a_forwarded_one(
+        tmp_path: Path, pg_dsn: str, finished: bool) -> None:
+    home_a, home_b = two_homes(tmp_path)
+    host_a = cluster.Cluster.open(pg_dsn, host="host-a", lease_s=30)
+    host_b = cluster.Cluster.open(pg_dsn, host="host-b", lease_s=30)
+    submit(home_b, id="nightly", content="b's private text", craftsman="echo",
+           sensitivity="confidential")  # host b's own, never in the cluster
+    if finished:
+        finish_by_hand(home_b, "nightly", "b's private result")
+    submit(home_a, id="nightly", content="a's question", craftsman="echo")
+    bridge.forward(home_a, host_a, [("nightly.json", "echo")], "bridge-a")
+    # before: leased and kept, and host b's outcome went to host a as the answer to its task
+    assert bridge.take_in(home_b, host_b, "bridge-b", "echo", 4) == []
+    assert bridge.deliver(home_a, host_a, "bridge-a") == ["nightly"]
+    failed = read_json(home_a.failed / "nightly.json")
+    assert failed["error"]["kind"] == "invalid" and "host host-b" in failed["error"]["message"]
+    assert failed["content"] == "a's question" and "result" not in failed
+    assert "b's private" not in json.dumps(failed)
+    here = home_b.outcome("nightly") if finished else read_json(home_b.pending / "nightly.json")
+    assert here["content"] == "b's private text"  # host b's own task as it was
+    host_a.close()
+    host_b.close()
+
+
+def test_a_task_holding_u0000_fails_on_its_origin_and_never_enters_the_cluster(
+        origin: Spool, store: cluster.Cluster) -> None:
+    submit(origin, id="nul", content="a\x00b")
+    submit(origin, id="plain", content="ab")
+    # before: jsonb refused it in every bridge's take-back, which then stopped every bridge
+    sent = bridge.forward(origin, store, [("nul.json", "gpu"), ("plain.json", "gpu")],
+                          "bridge-a")
+    assert [t.id for t in sent] == ["plain"]
+    failed = read_json(origin.failed / "nul.json")
+    assert failed["error"]["kind"] == "invalid" and "U+0000" in failed["error"]["message"]
+    assert failed["content"] == "a\x00b"
+    assert store.states(["nul", "plain"]) == {"plain": "pending"}
+
+
+def test_an_outcome_holding_u0000_crosses_with_a_replacement_character(
+        origin: Spool, store: cluster.Cluster, pg_dsn: str) -> None:
+    submit(origin, id="agent", content="run the tool")
+    bridge.forward(origin, store, [("agent.json", "gpu")], "bridge-a")
+    other = cluster.Cluster(pg_dsn, host="host-b", lease_s=LEASE_S)
+    claim = other.claim("w-b", ["gpu"])
+    record = task_format.decode(claim.body) | {"status": "completed", "result": {
+        "content": "out\x00put", "worker_id": "w-b", "attempts": claim.attempt}}
+    assert other.publish(claim, record)  # before: psycopg.DataError, out of the bridge's round
+    other.close()
+    assert bridge.deliver(origin, store, "bridge-a") == ["agent"]
+    assert read_json(origin.completed / "agent.json")["result"]["content"] == "out\ufffdput"
+
+
 def test_a_task_dropped_on_one_home_runs_on_the_other_and_comes_back(
         tmp_path: Path, pg_dsn: str, workers: Workers) -> None:
     home_a, home_b = two_homes(tmp_path)

@@ -29,9 +29,9 @@ import logging
 import os
 import time
 
-from ..errors import InvalidTask, TaskNotFound
+from ..errors import ClusterUnavailable, InvalidTask, TaskNotFound
 from . import task as task_format
-from .cluster import Cluster, ClusterClaim, Delivery, Submission
+from .cluster import Cluster, ClusterClaim, Delivery, Submission, holds_nul
 from .entries import BRIDGE_PREFIX, Claim, Outcome, Refused, Unavailable
 from .files import CLAIM_RE, Spool
 from .recovery import delivered_face, give_back
@@ -60,7 +60,11 @@ def forward(spool: Spool, cluster: Cluster, leaving: list[tuple[str, str]], brid
     claims, submissions = [], []
     for name, craftsman in leaving:
         claimed = _claim_task(spool, name, bridge_id)
-        if claimed is not None:
+        if claimed is not None and holds_nul(claimed[1].raw):
+            _refuse(spool, *claimed, "it holds the character U+0000, which the cluster's "
+                    "database cannot store, so it cannot cross hosts: remove it, or serve "
+                    f"craftsman {craftsman} on this host")
+        elif claimed is not None:
             claims.append(claimed[0])
             submissions.append(Submission(claimed[1], craftsman, max_attempts,
                                           delivered_run(claimed[1].raw)))
@@ -99,12 +103,15 @@ def _refuse_taken_id(spool: Spool, claim: Claim, task: Task, origin: str) -> Non
     """A task whose id another host's task has in the cluster: one id is one task there (the
     idempotence of §3), whose outcome goes to its own origin only, so this one would wait for
     ever. It fails here as invalid, saying whose the id is."""
-    log.warning("%s not forwarded: host %s submitted a task of that id to the cluster",
-                task.id, origin)
-    record = task_format.failed_record(
-        task.raw, "invalid", f"task id {task.id} is taken in the cluster by a task submitted "
-        f"on host {origin} (`koubou status {task.id}` shows it); ids are unique across the "
-        "cluster's hosts: submit this one under another id", task.attempts, time.time())
+    _refuse(spool, claim, task, f"task id {task.id} is taken in the cluster by a task submitted "
+            f"on host {origin} (`koubou status {task.id}` shows it); ids are unique across "
+            "the cluster's hosts: submit this one under another id")
+
+
+def _refuse(spool: Spool, claim: Claim, task: Task, why: str) -> None:
+    """Fail a task the bridge claimed to forward here, as invalid: `why` it cannot cross."""
+    log.warning("%s not forwarded: %s", task.id, why)
+    record = task_format.failed_record(task.raw, "invalid", why, task.attempts, time.time())
     try:
         spool.publish(claim, task.id, record)
     except OSError as exc:  # back to pending/: the next round refuses it again
@@ -357,19 +364,52 @@ def take_in(spool: Spool, cluster: Cluster, bridge_id: str, craftsman: str,
         raise
     rerun, fresh, refused = _queue_reruns(spool, cluster, queued)
     try:
-        spool.submit([task for _, task in fresh])
+        submitted = spool.submit([task for _, task in fresh])
     except BaseException as exc:
         # The leases back at once rather than after lease_s, and uncounted: nothing ran.
         cluster.requeue_many([claim for claim, _ in fresh], counted=False)
         if not isinstance(exc, OSError):
             raise
-        refused, fresh = refused or exc, []
+        refused, fresh, submitted = refused or exc, [], []
+    fresh = _refuse_ids_of_others(spool, cluster, fresh, submitted)
     taken = rerun + [claim for claim, _ in fresh]
     if refused is not None:
         kept = {claim.task_id for claim in taken}
         raise TakeInRefused(refused, taken, max(
             (len(claim.body) for claim, _ in queued if claim.task_id not in kept), default=0))
     return taken
+
+
+def _refuse_ids_of_others(spool: Spool, cluster: Cluster, fresh: list[tuple[ClusterClaim, Task]],
+                          submitted: list[tuple[Task, str, bool]]
+                          ) -> list[tuple[ClusterClaim, Task]]:
+    """The taken-in tasks, less those whose id is another task's here: one of this home's own
+    (never forwarded) or one taken in from another origin. The submit left that task as it is,
+    and its outcome would answer this one, content and all; each such lease fails as invalid
+    instead, for its origin's failed/."""
+    others = {claim.task_id for (claim, task), (_, _, new) in zip(fresh, submitted, strict=True)
+              if not new and _origin_here(spool, task.id) not in (claim.origin, None)}
+    try:
+        cluster.publish_many([(claim, _invalid_outcome(claim, InvalidTask(
+            f"host {cluster.host} has a task of its own under the id {claim.task_id}; ids are "
+            "unique across the cluster's hosts: submit this one under another id"),
+            cluster.host)) for claim, _ in fresh if claim.task_id in others])
+    except ClusterUnavailable:  # the tasks are queued: those leases run out, come back, fail
+        log.warning("could not fail %d lease(s) whose id is taken here: the cluster is "
+                    "unreachable; they are refused when they come back", len(others))
+    return [(claim, task) for claim, task in fresh if claim.task_id not in others]
+
+
+def _origin_here(spool: Spool, task_id: str) -> str | None:
+    """The host the task of this id here (pending, claimed or finished) was taken in from; ""
+    for a task of this home's own; None when it is not here or cannot be read."""
+    try:
+        found = spool.find(task_id)
+        obj = task_format.decode(spool.read_entry(found.path.parent, found.path.name)[0])
+    except (TaskNotFound, InvalidTask, Refused, Unavailable, OSError, ValueError):
+        return None
+    metadata = obj.get("metadata") if isinstance(obj, dict) else None
+    return str(metadata.get(FROM_KEY, "")) if isinstance(metadata, dict) else ""
 
 
 def _adopt_unfinished(spool: Spool, cluster: Cluster, queued: list[tuple[ClusterClaim, Task]]

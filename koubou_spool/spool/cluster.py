@@ -54,6 +54,41 @@ EXPIRE = """
     UPDATE cluster_tasks SET state = 'failed', outcome = %(outcome)s, finished_at = now(),
         lease_until = NULL
     WHERE origin = %(origin)s AND id = %(id)s AND state = 'pending'"""
+
+
+def holds_nul(value: Any) -> bool:
+    """Whether a JSON value holds U+0000 in a string or a key. PostgreSQL's jsonb cannot
+    store one (no text value can): a task holding one does not cross hosts (spool/bridge.py)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(holds_nul(key) or holds_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(holds_nul(item) for item in value)
+    return False
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(item) for item in value]
+    return value
+
+
+def outcome_json(record: dict[str, Any]) -> Jsonb:
+    """An outcome record as the database keeps it. A U+0000 in it (a CLI agent's output may
+    hold one) crosses as U+FFFD: jsonb refuses the character, and a refused statement would
+    leave the outcome with no way home."""
+    if holds_nul(record):
+        log.warning("the outcome of %s holds U+0000, which PostgreSQL cannot store: it crosses "
+                    "with U+FFFD in its place", record.get("id"))
+        record = _without_nul(record)
+    return Jsonb(record)
+
+
 MIGRATION_LOCK = 0x6B6F75626F75  # "koubou": the advisory lock first connects migrate under
 CONNECT_TIMEOUT_S = 5
 # A cut-off host sees no FIN: keepalives end an idle connection in about 11 s, not 2 hours, and
@@ -568,7 +603,7 @@ class Cluster:
                   "attempts": [claim.attempt for claim, _ in outcomes],
                   "workers": [claim.worker_id for claim, _ in outcomes],
                   "states": [record["status"] for _, record in outcomes],
-                  "outcomes": [Jsonb(record) for _, record in outcomes]}
+                  "outcomes": [outcome_json(record) for _, record in outcomes]}
         published = {row[0] for row in self._rows(batch.PUBLISH, params)}
         if len(published) < len(outcomes):
             published |= {row[0] for row in self._rows(batch.PUBLISHED_BY, params)}
@@ -603,7 +638,8 @@ class Cluster:
     def cancel(self, task_id: str, outcome: dict[str, Any]) -> bool:
         """End a task this host submitted with its cancelled outcome, if the cluster has it
         and it has not finished; whether it did (a task that never left matches nothing)."""
-        return self._count(CANCEL, {"origin": self.host, "id": task_id, "outcome": Jsonb(outcome),
+        return self._count(CANCEL, {"origin": self.host, "id": task_id,
+                                    "outcome": outcome_json(outcome),
                                     "channel": CANCEL_CHANNEL}) == 1
 
     def withdraw(self, craftsmen: Sequence[str], granted: int,
@@ -638,7 +674,7 @@ class Cluster:
         """Fail a task this host submitted with its expired outcome, if no host has it now
         (one that started it decides for itself); whether it did."""
         return self._count(EXPIRE, {"origin": self.host, "id": task_id,
-                                    "outcome": Jsonb(outcome)}) == 1
+                                    "outcome": outcome_json(outcome)}) == 1
 
     # --- outcomes back to their origin --------------------------------------------------------
 
