@@ -12,6 +12,9 @@ Reads the prompt on stdin and acts on its lines, in the worktree it runs in:
   MANY n                  write n small files (so that koubou's commit takes a while)
   READ-SSH                write what it could read of ~/.ssh/id_rsa to ssh.txt ("unreadable")
   RM-HOME                 try to delete everything in $HOME, as a careless agent might
+  POISON-GIT path         as a hostile agent would: a clean filter `cat path` in the mirror's
+                          config for every *.txt, a hook, its worktree's gitdir pointed away;
+                          what it could change goes to poison.txt ({name: written|refused})
 It prints "done". With REPO_AGENT_LOG set, it writes there, per run, its prompt and KOUBOU_*
 environment (<task>-<n>.json), outside the worktree so nothing of it is committed.
 `hang PIDFILE` writes its pid to PIDFILE and sleeps, for kill tests.
@@ -55,6 +58,8 @@ def main() -> None:
             except OSError:
                 found = "unreadable"
             Path("ssh.txt").write_text(found)
+        elif command == "POISON-GIT":
+            _poison_git(rest)
         elif command == "RM-HOME":
             for entry in Path.home().iterdir():
                 subprocess.run(["rm", "-rf", str(entry)], check=False)
@@ -68,6 +73,28 @@ def main() -> None:
             time.sleep(float(rest))
     _log(prompt)
     print("done")
+
+
+def _poison_git(secret: str) -> None:
+    """What koubou's own `git add -A`, run outside the sandbox after the agent, would obey."""
+    admin = Path(Path(".git").read_text().split(": ", 1)[1].strip())
+    common = (admin / (admin / "commondir").read_text().strip()).resolve()
+    attempts = {
+        "config": lambda: (common / "config").open("a").write(
+            f'[filter "steal"]\n\tclean = cat {secret}\n'),
+        "hook": lambda: (common / "hooks" / "post-commit").write_text(f"#!/bin/sh\ncat {secret}\n"),
+        "commondir": lambda: (admin / "commondir").open("a").close(),
+        ".git": lambda: Path(".git").open("a").close(),
+    }
+    changed = {}
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+            changed[name] = "written"
+        except OSError:
+            changed[name] = "refused"
+    Path(".gitattributes").write_text("*.txt filter=steal\n")
+    Path("poison.txt").write_text(json.dumps(changed))
 
 
 def _ran_before() -> bool:

@@ -610,7 +610,8 @@ def test_a_sandboxed_agent_cannot_reach_home_or_ssh_but_works_in_its_worktree(
     spool = Spool.open(repo_home)
     workers.start(repo_home)
     task_id = submit(spool, content="Be careless\nREAD-SSH\nRM-HOME\nWRITE boxed.txt=inside\n"
-                     "COMMIT the agent's own commit\nWRITE after.txt=after", repo=str(source))
+                     "COMMIT the agent's own commit\nWRITE after.txt=after\n"
+                     f"POISON-GIT {home / '.ssh' / 'id_rsa'}", repo=str(source))
     outcome = wait_outcomes(spool, [task_id], timeout=60)[task_id]
     assert outcome["status"] == "completed", outcome
     assert (home / "precious.txt").read_text() == "keep me\n"
@@ -620,6 +621,13 @@ def test_a_sandboxed_agent_cannot_reach_home_or_ssh_but_works_in_its_worktree(
     assert git(source, "show", f"{commit}:boxed.txt") == "inside"
     log = git(source, "log", "--format=%s", f"{base}..{commit}").splitlines()
     assert log[-1] == "the agent's own commit" and len(log) == 2  # its own, then koubou's
+    # Before, the mirror's config was the agent's to write: koubou's `git add -A`, outside the
+    # sandbox, ran its filter and committed the key as after.txt.
+    assert git(source, "show", f"{commit}:after.txt") == "after"
+    assert json.loads(git(source, "show", f"{commit}:poison.txt")) == dict.fromkeys(
+        ("config", "hook", "commondir", ".git"), "refused")
+    mirror, = (repo_home / "repos").glob("*.git")
+    assert "steal" not in (mirror / "config").read_text()
 
 
 def test_kill_9_during_koubous_commit_publishes_no_half_made_commit(

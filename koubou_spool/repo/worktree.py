@@ -148,6 +148,28 @@ def _add_worktree(ws: Workspace) -> None:
                     cwd=ws.path)
 
 
+def guarded_paths(ws: Workspace) -> list[str]:
+    """What a sandboxed agent may read but not change in the mirror it commits to: what git
+    takes commands from (the config's filters, fsmonitor and hooksPath; hooks/) and where the
+    worktree finds its repository (its .git file; its admin directory's commondir and gitdir).
+    koubou's own git commands run outside the sandbox, after the agent: changed, these would
+    run the agent's commands there. Read before the agent runs, while koubou's own."""
+    guarded = [ws.mirror / "config", ws.mirror / "hooks", ws.path / ".git"]
+    admin = _admin_dir(ws.path)
+    if admin is not None:
+        guarded += [admin / "commondir", admin / "gitdir", admin / "config.worktree"]
+    return [str(path) for path in guarded]
+
+
+def _admin_dir(path: Path) -> Path | None:
+    # A worktree's .git file says `gitdir: <mirror>/worktrees/<name>`.
+    try:
+        line = (path / ".git").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return Path(line.removeprefix("gitdir: ")) if line.startswith("gitdir: ") else None
+
+
 # --- after the craftsman -------------------------------------------------------------------
 
 
@@ -184,12 +206,8 @@ def clean_up(home: Path, task_id: str, *, keep_branch: bool = False) -> bool:
 
 
 def _mirror_of(path: Path) -> Path | None:
-    # A worktree's .git file says `gitdir: <mirror>/worktrees/<name>`.
-    try:
-        line = (path / ".git").read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return Path(line.removeprefix("gitdir: ")).parent.parent if line.startswith("gitdir: ") else None
+    admin = _admin_dir(path)
+    return None if admin is None else admin.parent.parent
 
 
 def _remove_worktree(mirror: Path, path: Path) -> None:

@@ -73,6 +73,7 @@ class RepositoryWork:
         request.env.update(KOUBOU_WORKTREE=str(workspace.path),
                            KOUBOU_BASE_SHA=workspace.base_sha, KOUBOU_BRANCH=workspace.branch)
         request.writable = [str(workspace.mirror)]  # a sandboxed agent's commits land there
+        request.read_only = worktree.guarded_paths(workspace)
         return request
 
     async def _diff_request(self, attempt: Attempt) -> Request:

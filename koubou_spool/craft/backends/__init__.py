@@ -26,6 +26,7 @@ class Request:
     params: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # and with these added to their environment
     writable: list[str] = field(default_factory=list)  # more paths a sandboxed agent may write
+    read_only: list[str] = field(default_factory=list)  # and paths under those it may not
     # The endpoint slot dispatch took for this attempt (craft.endpoints.Lease), for a craftsman
     # with several endpoints: the request starts there and may move.
     lease: Any = None

@@ -74,7 +74,7 @@ class CommandBackend:
             permissions.make_dir(workdir, permissions.OWNER_DIR, parents=True)
         if self.craftsman.sandbox == "bwrap":
             argv = sandbox.bwrap_argv(argv, str(workdir or Path.cwd()), request.writable,
-                                      self.craftsman.sandbox_binds)
+                                      self.craftsman.sandbox_binds, read_only=request.read_only)
         try:
             # The agent's files in outputs/ are the group's to read and nobody else's, whatever
             # the worker's umask: the child gets its own (set after fork, not process-wide).

@@ -2,9 +2,11 @@
 
 The system is read-only; the working directory (a repository task's worktree, else
 outputs/<id>/), what the attempt names writable (a worktree's mirror, where its commits go) and
-a private /tmp are writable; $HOME is a private empty directory plus the craftsman's
-`sandbox_binds` (an agent's own login, e.g. ~/.claude). An agent that runs `rm -rf ~` or reads
-~/.ssh reaches neither. It runs in its own PID namespace and dies with its worker.
+a private /tmp are writable, but for what the attempt names read-only under them (the mirror's
+config and hooks, which koubou's own git commands outside the sandbox would obey); $HOME is a
+private empty directory plus the craftsman's `sandbox_binds` (an agent's own login, e.g.
+~/.claude). An agent that runs `rm -rf ~` or reads ~/.ssh reaches neither. It runs in its own
+PID namespace and dies with its worker.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ BWRAP = "bwrap"
 
 
 def bwrap_argv(argv: Sequence[str], workdir: str, writable: Iterable[str] = (),
-               binds: Iterable[str] = (), home: str | None = None) -> list[str]:
+               binds: Iterable[str] = (), home: str | None = None, *,
+               read_only: Iterable[str] = ()) -> list[str]:
     """The argv that runs `argv` under bubblewrap; binds that do not exist are left out."""
     home = home or os.path.expanduser("~")
     wrapped = [BWRAP, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
@@ -29,6 +32,10 @@ def bwrap_argv(argv: Sequence[str], workdir: str, writable: Iterable[str] = (),
             wrapped += ["--bind", path, path]
     for path in (workdir, *writable):
         wrapped += ["--bind", path, path]
+    # Last, so each covers the writable bind it lies under; a mount point cannot be replaced.
+    for path in read_only:
+        if os.path.lexists(path):
+            wrapped += ["--ro-bind", path, path]
     return [*wrapped, "--chdir", workdir, "--setenv", "HOME", home, "--unshare-pid",
             "--die-with-parent", "--", *argv]
 
