@@ -412,6 +412,15 @@ def test_apply_diff_refuses_a_path_through_a_symlink_out(ws: repo.Workspace, tmp
                     "+/etc\n\\ No newline at end of file\n")
     with pytest.raises(repo.DiffRefused, match="symbolic link"):
         repo.apply_diff(ws.path, creates_link)
+    # an existing link retargeted, with git's mode line and without: before, both were applied
+    (ws.path / "inside").symlink_to("lib")
+    for header in ("index 1234567..89abcde 120000\n", ""):
+        retargets = (f"diff --git a/inside b/inside\n{header}--- a/inside\n+++ b/inside\n"
+                     "@@ -1 +1 @@\n-lib\n\\ No newline at end of file\n+/root/.ssh\n"
+                     "\\ No newline at end of file\n")
+        with pytest.raises(repo.DiffRefused, match="symbolic link"):
+            repo.apply_diff(ws.path, retargets)
+    assert os.readlink(ws.path / "inside") == "lib"
     renames_out = "diff --git a/README b/x\nsimilarity index 100%\nrename from README\nrename to ../x\n"
     with pytest.raises(repo.DiffRefused):
         repo.apply_diff(ws.path, renames_out)

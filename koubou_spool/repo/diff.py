@@ -21,7 +21,7 @@ _HEADER_RE = re.compile(r"^(diff --git |--- \S|\+\+\+ \S)", re.M)
 _START_RE = re.compile(r"^(diff --git |--- \S)", re.M)
 _NAME_LINE_RE = re.compile(r"^(?P<key>---|\+\+\+|rename from|rename to|copy from|copy to) (?P<name>.+)$")
 _HUNK_RE = re.compile(r"^@@ -(?P<old>\d+)(?:,\d+)? \+(?P<new>\d+)(?:,\d+)? @@(?P<rest>.*)$")
-_SYMLINK_RE = re.compile(r"^(new file mode|new mode) 120000\b", re.M)
+_SYMLINK_RE = re.compile(r"^(new file mode|new mode|index [0-9a-f]+\.\.[0-9a-f]+) 120000\b", re.M)
 _C_ESCAPES = {"a": "\a", "b": "\b", "t": "\t", "n": "\n", "v": "\v", "f": "\f", "r": "\r",
               '"': '"', "\\": "\\"}
 
@@ -148,6 +148,9 @@ def _judge(root: Path, name: str) -> None:
     real = os.path.realpath(root / name)
     if real != str(root) and not real.startswith(str(root) + os.sep):
         raise DiffRefused(f"the diff names {name!r}, which leads outside the worktree (through a symlink)")
+    if os.path.islink(root / name):  # git apply keeps a link a link: the patch would retarget it
+        raise DiffRefused(f"the diff changes {name!r}, a symbolic link; koubou applies no symlinks "
+                          "from a model")
 
 
 def _in_worktree(name: str, kind: str, level: int) -> str:
