@@ -98,6 +98,10 @@ def test_batch_is_all_or_nothing_and_accepts_openai_batch_lines(home: Path,
     assert result.exit_code == 2
     assert "line 2: content" in result.stderr and "line 3: not valid JSON" in result.stderr
     assert not (home / "tasks" / "pending" / "c.json").exists()
+    # task options are the file's to give: before, --repo was dropped and the line queued
+    result = run(submit_command, "--batch", str(batch), "--repo", str(tmp_path), "--priority", "9")
+    assert result.exit_code == 2 and "drop --priority, --repo" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_status_list_result_and_wait(home: Path, spool: Spool, workers: Workers) -> None:
@@ -113,9 +117,13 @@ def test_status_list_result_and_wait(home: Path, spool: Spool, workers: Workers)
     assert waited.exit_code == 0 and f"{queued}: completed" in waited.stdout
     result = run(cli, "result", queued)
     assert result.exit_code == 0 and result.stdout == "hello\n"
-    # The attempt's ledger row is written behind the outcome, by the worker's ledger thread.
+    # The attempt's ledger row is written behind the outcome, by the worker's ledger thread:
+    # its start first, its end in a later commit.
     deadline = time.monotonic() + 10
-    while not (status := json.loads(run(cli, "status", queued, "--json").stdout))["attempts"]:
+    while True:
+        status = json.loads(run(cli, "status", queued, "--json").stdout)
+        if any(attempt["outcome"] for attempt in status["attempts"]):
+            break
         assert time.monotonic() < deadline, status
         time.sleep(0.05)
     assert status["state"] == "completed" and status["attempts"][0]["outcome"] == "completed"

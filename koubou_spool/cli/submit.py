@@ -125,6 +125,13 @@ def _single_task(text: str | None, file: str | None, fields: dict[str, Any]) -> 
     return task_format.validate(obj)
 
 
+def _given_options(fields: dict[str, Any]) -> list[str]:
+    """The task options given on the command line, by their names there."""
+    names = {"files": "--attach", "params": "--param"}
+    return [names.get(key, f"--{key.replace('_', '-')}") for key, value in fields.items()
+            if value not in (None, (), {})]
+
+
 def _repository_fields(repo: str | None, base: str | None, branch: str | None,
                        verify: str | None, push: bool | None) -> dict[str, Any]:
     """--repo and its companions as task fields; a local path is made absolute here, since
@@ -216,15 +223,19 @@ def submit(text: str | None, file: str | None, batch: str | None, type_: str | N
     if output is not None and not (batch is not None and wait):
         raise UsageError("--output goes with --batch FILE --wait")
     if workflow is not None:
-        given = [f"--{k.replace('_', '-')}" for k, v in fields.items() if v not in (None, (), {})]
+        given = _given_options(fields)
         if text is not None or file is not None or batch is not None or given:
             raise UsageError("--workflow takes its tasks from the file; drop TEXT, --file, "
                              "--batch and task options (put shared fields under defaults:)")
         click.get_current_context().exit(
             _submit_workflow(spool, config, _read_workflow(workflow), wait, timeout, as_json))
     if batch is not None:
-        if text is not None or file is not None or task_id is not None:
-            raise UsageError("--batch takes its tasks from the file; drop TEXT, --file and --id")
+        # Refused, not ignored: a --repo given here would have turned no line into a
+        # repository task, and its prompt would have gone to a text craftsman.
+        given = _given_options(fields)
+        if text is not None or file is not None or given:
+            raise UsageError("--batch takes its tasks, and each task's fields, from the file; "
+                             f"drop {', '.join(given) or 'TEXT and --file'}")
         tasks = _read_batch(batch)
     else:
         tasks = [_single_task(text, file, fields)]
