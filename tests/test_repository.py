@@ -585,6 +585,51 @@ def test_after_a_kill_9_koubou_maintain_leaves_no_stale_worktree(repo_home: Path
     assert git(source, "rev-parse", f"{outcome['result']['repo']['commit']}^") == base
 
 
+def verify_pids(path: Path, count: int, timeout: float = 30) -> list[int]:
+    """The pids the task's verify wrote, once it has started `count` times."""
+    deadline = time.monotonic() + timeout
+    while len(lines := (path.read_text().split() if path.exists() else [])) < count:
+        assert time.monotonic() < deadline, f"the verify did not start {count} times"
+        time.sleep(0.05)
+    return [int(line) for line in lines]
+
+
+def running(pid: int) -> bool:
+    """Whether a process runs (a zombie waiting for its new parent to reap it does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_a_verify_is_stopped_by_a_kill_9_takeover_and_by_a_cancel(
+        repo_home: Path, tmp_path: Path, workers) -> None:
+    source = tmp_path / "src" / "app"
+    make_source(source)
+    spool = Spool.open(repo_home)
+    pids = tmp_path / "verify-pids"
+    verify = [sys.executable, "-c", f"import os, time; open({str(pids)!r}, 'a').write("
+              "f'{os.getpid()}\\n'); time.sleep(60)"]
+    first = workers.start(repo_home)
+    task_id = submit(spool, content="WRITE a.txt=a", repo=str(source), verify=verify)
+    [killed_run] = verify_pids(pids, 1)
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    workers.start(repo_home)  # takes the dead worker's claim over, and stops what it left
+    cancelled_run = verify_pids(pids, 2)[1]  # the second attempt's verify
+    # before: it ran on, with no claim in its environment, in a worktree since made afresh
+    assert not running(killed_run)
+    done = subprocess.run(["koubou", "--home", str(repo_home), "cancel", task_id],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    outcome = wait_outcomes(spool, [task_id], timeout=30)[task_id]
+    assert outcome["error"]["kind"] == "cancelled"
+    deadline = time.monotonic() + 10  # before: until its own end, 60 s on
+    while running(cancelled_run):
+        assert time.monotonic() < deadline, "the cancelled attempt's verify still runs"
+        time.sleep(0.05)
+
+
 def test_a_sandboxed_agent_cannot_reach_home_or_ssh_but_works_in_its_worktree(
         repo_home: Path, tmp_path: Path, workers, fake_openai, monkeypatch) -> None:
     from koubou_spool.craft.backends import sandbox

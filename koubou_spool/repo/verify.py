@@ -1,8 +1,9 @@
 """A task's `verify` command: run in the worktree, in a process group of its own, under a deadline.
 
 At the deadline the whole group gets SIGTERM, then SIGKILL after a short grace: a test runner's
-children (a dev server, a hung subprocess) go with it. The leader is left unreaped (waitid
-WNOWAIT) until its group has been signalled, so the group id cannot have been reused by then.
+children (a dev server, a hung subprocess) go with it; so it does when its attempt is stopped
+(`stop` set: a cancel, a worker out of its grace). The leader is left unreaped (waitid WNOWAIT)
+until its group has been signalled, so the group id cannot have been reused by then.
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def _exited(pid: int, timeout_s: float | None) -> bool:
-    """Wait up to `timeout_s` for `pid` to exit, without reaping it."""
+def _exited(pid: int, timeout_s: float | None, wake: threading.Event | None = None) -> bool:
+    """Wait up to `timeout_s` for `pid` to exit, without reaping it; whether it did. `wake`,
+    set by another thread, ends the wait early."""
     done = threading.Event()
+    wake = wake or done
 
     def wait() -> None:
         try:
@@ -60,9 +63,11 @@ def _exited(pid: int, timeout_s: float | None) -> bool:
         except ChildProcessError:
             pass
         done.set()
+        wake.set()
 
     threading.Thread(target=wait, daemon=True).start()
-    return done.wait(timeout_s)
+    wake.wait(timeout_s)
+    return done.is_set()
 
 
 def _environment(extra: Mapping[str, str] | None) -> dict[str, str]:
@@ -71,11 +76,13 @@ def _environment(extra: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def run_verify(argv: Sequence[str], worktree: StrPath, timeout_s: float, *,
-               env: Mapping[str, str] | None = None, tail_bytes: int = TAIL_BYTES) -> dict[str, Any]:
+               env: Mapping[str, str] | None = None, tail_bytes: int = TAIL_BYTES,
+               stop: threading.Event | None = None) -> dict[str, Any]:
     """Run `argv` in the worktree; {argv, exit_code, duration_s, output_tail, timed_out}.
 
     exit_code is the command's status, or minus the signal that ended it (as subprocess has it);
     127 or 126 when it cannot be started. stdout and stderr are one stream; only its tail is kept.
+    `stop`, once set, ends the command as its deadline would (timed_out stays False).
     """
     started = time.monotonic()
     try:
@@ -87,8 +94,9 @@ def run_verify(argv: Sequence[str], worktree: StrPath, timeout_s: float, *,
                        f"{argv[0] if argv else ''}: {exc.strerror}", False)
     tail = _Tail(os.dup(proc.stdout.fileno()), tail_bytes)
     proc.stdout.close()
-    timed_out = not _exited(proc.pid, timeout_s)
-    if timed_out:
+    ended = _exited(proc.pid, timeout_s, stop)
+    timed_out = not ended and not (stop is not None and stop.is_set())
+    if not ended:
         _signal_group(proc.pid, signal.SIGTERM)
         _exited(proc.pid, KILL_GRACE_S)
     _signal_group(proc.pid, signal.SIGKILL)  # whatever of the group is left, leader or not

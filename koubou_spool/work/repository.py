@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +125,17 @@ class RepositoryWork:
         argv = attempt.task.verify
         if not argv:
             return None
-        outcome = await asyncio.to_thread(run_verify, argv, self.workspace.path,
-                                          self.settings.verify_timeout_s)
+        # Its processes carry the claim, as the agent's do: whoever takes the claim over after
+        # a kill -9 of this worker stops them (spool.recovery.reap). Cancelled (a cancel, the
+        # worker out of its grace), the attempt stops them itself.
+        stop = threading.Event()
+        try:
+            outcome = await asyncio.to_thread(
+                run_verify, argv, self.workspace.path, self.settings.verify_timeout_s,
+                env={"KOUBOU_CLAIM": attempt.claim} if attempt.claim else None, stop=stop)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
         if outcome["exit_code"] == 0 and not outcome.get("timed_out"):
             return outcome
         what = ("timed out" if outcome.get("timed_out")
