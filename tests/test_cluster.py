@@ -299,6 +299,21 @@ def test_a_requeue_by_the_holder_keeps_the_attempt_counted(store: cluster.Cluste
     assert store.claim("w1", ["echo"]).attempt == 2
 
 
+def test_a_task_given_back_counted_on_its_last_attempt_fails_as_lost(
+        store: cluster.Cluster) -> None:
+    store.submit([cluster.Submission(task_format.validate({"id": "twice", "content": "c"}),
+                                     "echo", max_attempts=2)])
+    for attempt in (1, 2):
+        claim = store.claim("w1", ["echo"])
+        assert claim.attempt == attempt and store.requeue_many([claim]) == {"twice"}
+    # before: back to pending every time, claimed again past max_attempts (5 of 2 in a review)
+    assert store.claim("w1", ["echo"]) is None
+    [delivery] = store.undelivered()
+    assert delivery.state == "failed" and delivery.outcome["error"]["kind"] == "lost"
+    assert delivery.outcome["error"]["attempts"] == 2 and delivery.outcome["content"] == "c"
+    assert "given back by host host-a" in delivery.outcome["error"]["message"]
+
+
 def test_many_tasks_cross_in_one_statement_each_with_one_wakeup_per_craftsman(
         pg_dsn: str, store: cluster.Cluster) -> None:
     wakeups = cluster.Wakeups(pg_dsn)
@@ -658,6 +673,24 @@ def test_a_face_renamed_by_hand_out_of_its_claim_is_left_undelivered(
     assert bridge.deliver(origin, store, "bridge-a") == []
     assert os.listdir(origin.in_progress) == ["stray.json"]
     assert [d.task_id for d in store.undelivered()] == ["stray"]
+
+
+def test_outcomes_that_cannot_be_placed_hold_back_none_behind_them(
+        origin: Spool, store: cluster.Cluster, pg_dsn: str) -> None:
+    for task_id in ("lost-1", "lost-2"):
+        submit(origin, id=task_id, content="c")
+    bridge.forward(origin, store, [("lost-1.json", "gpu"), ("lost-2.json", "gpu")], "bridge-a")
+    for entry, _ in list(origin.claims()):  # their faces gone (a home restored from a backup)
+        os.unlink(origin.in_progress / entry)
+    serve_remotely(pg_dsn)
+    time.sleep(0.01)  # finished after them
+    submit(origin, id="fine", content="c")
+    bridge.forward(origin, store, [("fine.json", "gpu")], "bridge-a")
+    serve_remotely(pg_dsn)
+    # before: each round read the two oldest rows, placed neither, and stopped there
+    assert bridge.deliver(origin, store, "bridge-a", limit=2) == ["fine"]
+    assert read_json(origin.completed / "fine.json")["result"]["content"] == "from host b"
+    assert sorted(d.task_id for d in store.undelivered()) == ["lost-1", "lost-2"]
 
 
 def test_an_outcome_written_before_a_crash_is_only_marked_when_delivered_again(
@@ -1134,6 +1167,30 @@ def forwarded(root: Path, pg_dsn: str, *ids: str,
     return home_a, host_a
 
 
+def test_a_lease_that_ran_out_is_not_cancelled_here_when_another_host_finished_the_task(
+        tmp_path: Path, pg_dsn: str, serving_bridge) -> None:
+    import psycopg
+    home_a, host_a = forwarded(tmp_path, pg_dsn, "slow", "stop")
+    serving = serving_bridge(tmp_path)
+    leases = bridge.take_in(serving.spool, serving.cluster, serving.id, "echo", 2)
+    assert sorted(lease.task_id for lease in leases) == ["slow", "stop"]
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # host b too slow to renew "slow"
+        conn.execute("UPDATE cluster_tasks SET lease_until = now() - interval '1 second' "
+                     "WHERE id = 'slow'")
+    host_c = cluster.Cluster.open(pg_dsn, host="host-c", lease_s=30)
+    assert host_c.take_back_expired() == [("slow", "pending")]
+    taken_over = host_c.claim("w-c", ["echo"])
+    assert host_c.publish(taken_over, completed(taken_over))  # host c ran it to the end
+    assert host_a.cancel("stop", task_format.failed_record(
+        {"id": "stop", "content": "c"}, "cancelled", "cancelled on host-a", 0, time.time()))
+    serving._leases_ended(["slow", "stop"])
+    # before: "slow" was cancelled here too, its outcome and log saying so, which was not true
+    assert os.path.exists(serving.spool.pending / "slow.json")
+    assert serving.spool.outcome("stop")["error"]["kind"] == "cancelled"
+    host_c.close()
+    host_a.close()
+
+
 def test_forwarded_tasks_no_host_holds_come_home_with_the_attempts_they_spent(
         tmp_path: Path, pg_dsn: str) -> None:
     home_a, host_a = forwarded(tmp_path, pg_dsn, "tried", "fresh", "running", "waiting",
@@ -1264,15 +1321,15 @@ def test_a_cancel_whose_row_could_not_be_read_still_stops_the_local_copy(
     record = task_format.failed_record({"id": "stop-me", "content": "c"}, "cancelled",
                                        "cancelled on host a", 1, time.time())
     assert host_a.cancel("stop-me", record)  # and koubou_cancel tells host b
-    states = host_b.cluster.states
+    ends_of = host_b.cluster.ends_of
 
-    def blip_then_states(ids) -> dict:  # the connection lost between the renewal and the read
-        host_b.cluster.states = states
+    def blip_then_ends(ids) -> dict:  # the connection lost between the renewal and the read
+        host_b.cluster.ends_of = ends_of
         with cluster.connect(pg_dsn) as conn:
             conn.execute("SELECT pg_terminate_backend(%s, 5000)",
                          (host_b.cluster._conn.info.backend_pid,))
-        return states(ids)
-    host_b.cluster.states = blip_then_states
+        return ends_of(ids)
+    host_b.cluster.ends_of = blip_then_ends
     host_b._round(Events(flags={"cancel"}))
     assert not host_b.up and host_b.leases == {}  # the cluster away; the lease revoked
     assert os.listdir(host_b.spool.pending) == ["stop-me.json"]

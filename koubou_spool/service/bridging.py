@@ -318,15 +318,12 @@ class Bridge:
         return craftsman
 
     def _deliver(self) -> None:
-        while True:
-            placed = bridge.deliver(self.spool, self.cluster, self.id, DELIVER_BATCH)
-            for task_id in placed:
-                self.expiring.pop(task_id, None)
-            if placed:
-                log.info("delivered %d outcome(s) from the cluster: %s", len(placed),
-                         ", ".join(placed[:5]))
-            if len(placed) < DELIVER_BATCH:
-                return
+        placed = bridge.deliver(self.spool, self.cluster, self.id, DELIVER_BATCH)
+        for task_id in placed:
+            self.expiring.pop(task_id, None)
+        if placed:
+            log.info("delivered %d outcome(s) from the cluster: %s", len(placed),
+                     ", ".join(placed[:5]))
 
     def _send_back(self) -> int:
         """Send back the outcomes of taken-in tasks that finished here; how many leases that
@@ -470,16 +467,17 @@ class Bridge:
                 log.info("cancelled %s in the cluster: it was cancelled here", task_id)
 
     def _leases_ended(self, revoked: list[str]) -> None:
-        """On the serving host: leases the cluster no longer renews. A task whose row is over
-        (cancelled on its origin) is cancelled here too, so its request stops; one whose lease
-        ran out goes on here, and its result is fenced out. The renewal that found them
-        revoked forgot their leases already: they are kept until their rows are read."""
+        """On the serving host: leases the cluster no longer renews. A task its origin
+        cancelled is cancelled here too, so its request stops; one whose lease ran out goes on
+        here (another host may have finished it since, or it failed as lost), and its result
+        is fenced out. The renewal that found them revoked forgot their leases already: they
+        are kept until their rows are read."""
         self.unread.update(revoked)
         if not self.unread:
             return
-        states = self.cluster.states(self.unread)  # ClusterUnavailable: read at the next look
+        ends = self.cluster.ends_of(self.unread)  # ClusterUnavailable: read at the next look
         revoked, self.unread = sorted(self.unread), set()
-        over = {i for i, state in states.items() if state in ("completed", "failed")}
+        over = {i for i, end in ends.items() if end == "cancelled"}
         for task_id in sorted(over):
             try:
                 cancel(self.spool, self.ledger_path, task_id)

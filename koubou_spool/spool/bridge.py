@@ -142,12 +142,21 @@ def _claim_task(spool: Spool, name: str, bridge_id: str) -> tuple[Claim, Task] |
 
 
 def deliver(spool: Spool, cluster: Cluster, bridge_id: str, limit: int = 500) -> list[str]:
-    """Write this host's finished cluster tasks into its spool, then mark them delivered; the
-    ids delivered. A host that was down gets everything undelivered when it comes back."""
-    placed = place(spool, cluster.undelivered(limit), bridge_id)
-    if placed:
-        cluster.mark_delivered(placed)
-    return placed
+    """Write this host's finished cluster tasks into its spool, `limit` at a time, then mark
+    them delivered; the ids delivered. A host that was down gets everything undelivered when it
+    comes back. One that cannot be placed now (its face moved, or gone) stays undelivered, for
+    a later round, and is looked past: oldest first, it would hold back every newer outcome."""
+    delivered: list[str] = []
+    left = 0  # the oldest rows still undelivered after this round's pages
+    while True:
+        page = cluster.undelivered(limit, skip=left)
+        placed = place(spool, page, bridge_id)
+        if placed:
+            cluster.mark_delivered(placed)
+        delivered += placed
+        left += len(page) - len(placed)
+        if len(page) < limit:
+            return delivered
 
 
 def place(spool: Spool, deliveries: list[Delivery], bridge_id: str) -> list[str]:

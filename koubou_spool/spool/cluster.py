@@ -627,13 +627,14 @@ class Cluster:
     def requeue_many(self, claims: Sequence[ClusterClaim], *,
                      counted: bool = True) -> set[str]:
         """Give leased tasks back to pending in one statement; the ids given back (a revoked
-        claim gives nothing back). `counted=False` for leases whose task never started (a
-        take-in the disk refused): they spend none of its max_attempts."""
+        claim gives nothing back). One given back counted on its last attempt fails as lost.
+        `counted=False` for leases whose task never started (a take-in the disk refused):
+        they spend none of its max_attempts."""
         if not claims:
             return set()
         return {row[0] for row in self._rows(batch.REQUEUE, {
             "ids": [c.task_id for c in claims], "attempts": [c.attempt for c in claims],
-            "counted": counted})}
+            "counted": counted, "at": task_format.iso(time.time()), "host": self.host})}
 
     def cancel(self, task_id: str, outcome: dict[str, Any]) -> bool:
         """End a task this host submitted with its cancelled outcome, if the cluster has it
@@ -678,9 +679,11 @@ class Cluster:
 
     # --- outcomes back to their origin --------------------------------------------------------
 
-    def undelivered(self, limit: int = 500) -> list[Delivery]:
-        """This host's finished tasks not yet written into its spool, oldest first."""
-        rows = self._rows(batch.UNDELIVERED, {"origin": self.host, "limit": limit})
+    def undelivered(self, limit: int = 500, skip: int = 0) -> list[Delivery]:
+        """This host's finished tasks not yet written into its spool, oldest first, from the
+        `skip`th."""
+        rows = self._rows(batch.UNDELIVERED, {"origin": self.host, "limit": limit,
+                                              "skip": skip})
         return [Delivery(*row) for row in rows]
 
     def mark_delivered(self, task_ids: Iterable[str]) -> int:
@@ -692,6 +695,12 @@ class Cluster:
     def states(self, task_ids: Iterable[str]) -> dict[str, str]:
         """The state of each of these ids that is in the cluster."""
         return self._by_id("state", task_ids)
+
+    def ends_of(self, task_ids: Iterable[str]) -> dict[str, str | None]:
+        """The state of each of these ids in the cluster, `cancelled` for one its origin
+        cancelled (its outcome's error kind)."""
+        return self._by_id("CASE WHEN outcome->'error'->>'kind' = 'cancelled' THEN 'cancelled' "
+                           "ELSE state END", task_ids)
 
     def origins_of(self, task_ids: Iterable[str]) -> dict[str, str]:
         """The origin host of each of these ids that is in the cluster."""

@@ -138,13 +138,33 @@ RENEW = """
 
 # Back to pending, fenced as publish is, their attempts counted; or not counted (the task never
 # started): then the allowance rises by one, since the attempt number, the fence, never goes
-# down.
-REQUEUE = _notifying("""
-    UPDATE cluster_tasks t SET state = 'pending', worker_id = NULL, lease_until = NULL,
-        max_attempts = t.max_attempts + CASE WHEN %(counted)s THEN 0 ELSE 1 END
-    FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS c(id, attempt)
-    WHERE t.id = c.id AND t.attempt = c.attempt AND t.state = 'in_progress'
-    RETURNING t.id, t.craftsman""", "koubou_tasks", "craftsman")
+# down. Counted on its last attempt, a task fails as lost instead, as a lease that ran out on
+# it does (cluster.TAKE_BACK), its outcome for its origin.
+_SPENT = "(%(counted)s AND t.attempt >= t.max_attempts)"
+REQUEUE = f"""
+    WITH back AS (
+        UPDATE cluster_tasks t SET
+            state = CASE WHEN {_SPENT} THEN 'failed' ELSE 'pending' END,
+            outcome = CASE WHEN {_SPENT} THEN
+                convert_from(t.body, 'UTF8')::jsonb || jsonb_build_object(
+                    'status', 'failed', 'error', jsonb_build_object(
+                        'kind', 'lost', 'attempts', t.attempt, 'at', %(at)s::text,
+                        'message', 'its last attempt was given back by host ' || %(host)s ||
+                            ': no live worker there serves craftsman ' || t.craftsman))
+                END,
+            finished_at = CASE WHEN {_SPENT} THEN now() END,
+            worker_id = NULL, lease_until = NULL,
+            max_attempts = t.max_attempts + CASE WHEN %(counted)s THEN 0 ELSE 1 END
+        FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS c(id, attempt)
+        WHERE t.id = c.id AND t.attempt = c.attempt AND t.state = 'in_progress'
+        RETURNING t.id, t.state, t.craftsman, t.origin),
+    woken AS (  -- one wake-up per channel and payload
+        SELECT pg_notify(channel, payload) FROM (
+            SELECT DISTINCT
+                CASE WHEN state = 'pending' THEN 'koubou_tasks' ELSE 'koubou_outcomes' END,
+                CASE WHEN state = 'pending' THEN craftsman ELSE origin END
+            FROM back) AS wake(channel, payload))
+    SELECT id FROM back, (SELECT count(*) FROM woken) AS sent"""
 
 # This origin's tasks of these craftsmen that no host holds a lease of, taken out of the
 # cluster: a worker of their craftsman is back on their home, which runs them itself
@@ -185,7 +205,7 @@ OPEN_FORWARDED = """
 UNDELIVERED = """
     SELECT id, state, outcome, attempt, run, host FROM cluster_tasks
     WHERE origin = %(origin)s AND state IN ('completed', 'failed') AND delivered_at IS NULL
-    ORDER BY finished_at, id LIMIT %(limit)s"""
+    ORDER BY finished_at, id OFFSET %(skip)s LIMIT %(limit)s"""
 
 # A retried task's file names the run whose outcome its origin was given (the `cluster` field
 # the delivery wrote into that outcome): that run was delivered, even when the bridge that wrote
