@@ -413,6 +413,27 @@ def test_koubou_submit_repo_base_verify(repo_home: Path, tmp_path: Path, workers
     assert any(p["message"].startswith("1 mirrors, ") for p in check["problems"])
 
 
+def test_a_push_the_source_will_always_refuse_fails_at_once_and_keeps_no_branch(
+        repo_home: Path, tmp_path: Path, workers) -> None:
+    source = tmp_path / "src" / "app"
+    make_source(source)
+    spool = Spool.open(repo_home)
+    workers.start(repo_home)
+    task_id = submit(spool, content="WRITE a.txt=a", repo=str(source), branch="main")
+    outcome = wait_outcomes(spool, [task_id], timeout=60)[task_id]
+    # before: retried, the agent run three times for a refusal no retry could change
+    assert outcome["status"] == "failed" and outcome["error"]["attempts"] == 1
+    assert "it is the branch checked out there" in outcome["error"]["message"]
+    assert len(agent_runs(tmp_path, task_id)) == 1
+    mirror, = (repo_home / "repos").glob("*.git")
+    assert git(mirror, "branch", "--list", "main") != ""  # kept with the failed worktree
+    done = subprocess.run(["koubou", "maintain", "--home", str(repo_home), "--purge-after", "0s"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    # before: journalled as pushed, so the branch nothing was pushed from stayed for good
+    assert git(mirror, "branch", "--list", "main") == ""
+
+
 def test_the_open_pr_hook_calls_gh_for_a_pushed_branch(tmp_path: Path) -> None:
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()

@@ -17,6 +17,17 @@ SUBJECT_MAX = 100
 class PushRefused(GitError):
     """The source refused the result branch (checked out there, or not a fast-forward)."""
 
+    @property
+    def lasting(self) -> bool:
+        """Whether another attempt would be refused alike: the branch is checked out at the
+        source, or holds commits the result lacks (every attempt starts from the base)."""
+        return any(words in self.stderr for words in _LASTING)
+
+
+_CHECKED_OUT = "refusing to update checked out branch"
+_NOT_FAST_FORWARD = ("non-fast-forward", "fetch first")
+_LASTING = (_CHECKED_OUT, *_NOT_FAST_FORWARD)
+
 
 @dataclass(frozen=True)
 class Changes:
@@ -96,9 +107,9 @@ def push(repository: StrPath, source: str, branch: str, *, commit: str | None = 
 
 
 def _refusal(stderr: str, source: str, branch: str) -> str:
-    if "refusing to update checked out branch" in stderr:
+    if _CHECKED_OUT in stderr:
         return (f"cannot push {branch} to {source}: it is the branch checked out there; check out "
                 "another branch in that repository, or give the task another `branch`")
-    if "non-fast-forward" in stderr or "fetch first" in stderr:
+    if any(words in stderr for words in _NOT_FAST_FORWARD):
         return f"cannot push {branch} to {source}: the branch there has commits the result does not"
     return f"cannot push {branch} to {source}"

@@ -175,9 +175,14 @@ def _admin_dir(path: Path) -> Path | None:
 
 def push_result(home: Path, ws: Workspace, commit: str | None = None, *,
                 timeout_s: float = mirrors.FETCH_TIMEOUT_S) -> None:
-    """Push the result (`commit`, else the branch) to the source's branch, journalled first as published."""
+    """Push the result (`commit`, else the branch) to the source's branch, journalled first as
+    published (and as not, once the source refused it: the branch is then the mirror's alone)."""
     _journal_workspace(home, ws, pushed=True)
-    changes.push(ws.mirror, ws.source, ws.branch, commit=commit, timeout_s=timeout_s)
+    try:
+        changes.push(ws.mirror, ws.source, ws.branch, commit=commit, timeout_s=timeout_s)
+    except changes.PushRefused:
+        _journal_workspace(home, ws)
+        raise
 
 
 # --- clean-up ------------------------------------------------------------------------------

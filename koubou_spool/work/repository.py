@@ -149,7 +149,10 @@ class RepositoryWork:
     async def _push(self, workspace: worktree.Workspace, commit: str) -> None:
         try:
             await asyncio.to_thread(worktree.push_result, self.home, workspace, commit)
-        except GitError as exc:
+        except changes.PushRefused as exc:  # another run of the agent would meet the same
+            raise BackendError(f"push of {workspace.branch} failed: {exc}",
+                               retryable=not exc.lasting) from None
+        except GitError as exc:  # the source unreachable: another attempt may get through
             raise BackendError(f"push of {workspace.branch} failed: {exc}",
                                retryable=True) from None
 
