@@ -434,6 +434,19 @@ def test_a_push_the_source_will_always_refuse_fails_at_once_and_keeps_no_branch(
     assert git(mirror, "branch", "--list", "main") == ""
 
 
+@pytest.mark.parametrize("task_id", ["a.lock", "x..y", "a."])
+def test_an_id_that_makes_no_branch_name_is_refused_at_submit_unless_a_branch_is_given(
+        task_id: str) -> None:
+    from koubou_spool.errors import InvalidTask
+    from koubou_spool.spool import task as task_format
+    fields = {"content": "c", "repo": "/src/app", "id": task_id}
+    # before: queued, then failed by the worker over a branch the user never named
+    with pytest.raises(InvalidTask, match=f"koubou/{task_id}.*give it a `branch`"):
+        task_format.validate(fields)
+    assert task_format.validate({**fields, "branch": "feature"}).branch == "feature"
+    assert task_format.validate({"content": "c", "id": task_id}).id == task_id  # no repo: fine
+
+
 def test_the_open_pr_hook_calls_gh_for_a_pushed_branch(tmp_path: Path) -> None:
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()

@@ -498,11 +498,11 @@ def _validate(obj: Any, default_id: str | None) -> Task:
         expires_at=_time(fields, "expires_at"),
         submitted_at=_time(fields, "submitted_at"),
         fresh_id=given_id is None,
-        **_repository_fields(fields),
+        **_repository_fields(fields, task_id),
     )
 
 
-def _repository_fields(fields: dict) -> dict[str, Any]:
+def _repository_fields(fields: dict, task_id: str) -> dict[str, Any]:
     """repo, base, branch, verify and push of a repository task; {} for any other task."""
     repo = _string(fields, "repo", non_empty=True)
     if repo is None:
@@ -516,8 +516,14 @@ def _repository_fields(fields: dict) -> dict[str, Any]:
     push = fields.get("push")
     if push is not None and not isinstance(push, bool):
         raise _fail("push", "true or false", push)
-    return {"repo": repo, "base": _string(fields, "base", non_empty=True),
-            "branch": _string(fields, "branch", non_empty=True),
+    branch = _string(fields, "branch", non_empty=True)
+    # The branch it is delivered on by default, koubou/<id>: an id may hold what a git ref may
+    # not (git check-ref-format: "..", a last "." or ".lock"), which the worker would refuse.
+    if branch is None and (".." in task_id or task_id.endswith((".", ".lock"))):
+        raise InvalidTask(f"id: {task_id!r} makes no git branch name (koubou/{task_id}, the "
+                          "branch a repository task is delivered on); give it a `branch`, or "
+                          "another id")
+    return {"repo": repo, "base": _string(fields, "base", non_empty=True), "branch": branch,
             "verify": _string_list(fields, "verify") if verify is not None else [], "push": push}
 
 
