@@ -389,7 +389,11 @@ def test_koubou_submit_repo_base_verify(repo_home: Path, tmp_path: Path, workers
     (source / "later.txt").write_text("after v1\n")
     git(source, "add", "-A")
     git(source, "commit", "-q", "-m", "after v1")
-    workers.start(repo_home)
+    umask = os.umask(0o022)  # the worker's, inherited: what git and the outputs get by default
+    try:
+        workers.start(repo_home)
+    finally:
+        os.umask(umask)
     check = "python3 -c 'import pathlib,sys; sys.exit(pathlib.Path(\"later.txt\").exists())'"
     done = subprocess.run(
         ["koubou-submit", "--home", str(repo_home), "--repo", "src/app", "--base", "v1",
@@ -408,9 +412,11 @@ def test_koubou_submit_repo_base_verify(repo_home: Path, tmp_path: Path, workers
     assert refused.returncode == 2 and "go with --repo" in refused.stderr
     doctor = subprocess.run(["koubou", "doctor", "--home", str(repo_home), "--json"],
                             capture_output=True, text=True, timeout=60)
-    check, = [c for c in json.loads(doctor.stdout)["checks"] if c["name"] == "repositories"]
-    assert check["status"] == "ok"
-    assert any(p["message"].startswith("1 mirrors, ") for p in check["problems"])
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
+    assert checks["repositories"]["status"] == "ok"
+    assert any(p["message"].startswith("1 mirrors, ") for p in checks["repositories"]["problems"])
+    # §2 whatever the umask: before, the mirror and outputs/<id>/ were others' to read (0644)
+    assert checks["permissions"]["problems"] == []
 
 
 def test_a_push_the_source_will_always_refuse_fails_at_once_and_keeps_no_branch(

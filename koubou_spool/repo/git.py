@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import KoubouError
+from ..spool.permissions import CHILD_UMASK
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def run(*args: StrPath, cwd: StrPath | None = None, git_dir: StrPath | None = No
     # A session of its own: no controlling terminal for ssh to prompt on, and a timeout can
     # take down git's helpers (ssh, upload-pack) with it.
     proc = subprocess.Popen(argv, cwd=cwd, env=clean_env(env), start_new_session=True,
+                            umask=CHILD_UMASK,  # a mirror, a worktree: never others' to read
                             stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

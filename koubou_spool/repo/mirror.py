@@ -115,7 +115,7 @@ def _fetch(mirror: Path, timeout_s: float) -> None:
     git.run("fetch", "--quiet", "--prune", "--no-auto-maintenance", "origin", git_dir=mirror,
             timeout=timeout_s)
     mark = mirror / FETCHED_MARK
-    mark.touch()
+    mark.touch(mode=0o640)  # never others' (§2), whatever the umask
     os.utime(mark, (started, started))
 
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..spool.permissions import CHILD_UMASK
 from .git import StrPath, strip_git_env
 
 TAIL_BYTES = 4096
@@ -88,7 +89,7 @@ def run_verify(argv: Sequence[str], worktree: StrPath, timeout_s: float, *,
     try:
         proc = subprocess.Popen(list(argv), cwd=Path(worktree), env=_environment(env),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, umask=CHILD_UMASK)
     except OSError as exc:
         return _result(argv, 127 if isinstance(exc, FileNotFoundError) else 126, started,
                        f"{argv[0] if argv else ''}: {exc.strerror}", False)

@@ -29,6 +29,9 @@ from pathlib import Path
 from ..errors import SpoolError, UsageError
 
 OWNER_DIR = 0o2750    # the group enters and lists; only the workers' user writes
+# What the processes koubou starts in the home (git, an agent, a verify) create there: the
+# group's to read, never others', whatever the caller's umask (set in the child alone).
+CHILD_UMASK = 0o027
 DROP_DIR = 0o3770     # the group creates files; sticky: each renames or removes only her own
 PRIVATE_DIR = 0o700   # config/: the owner's alone
 RECORD = 0o640        # every file the product writes, and a member's submitted task

@@ -26,7 +26,7 @@ from ..repo.git import GitError, NotARepository
 from ..repo.mirror import BaseNotFound
 from ..repo.policy import RepoRefused, RepoSettings
 from ..repo.verify import run_verify
-from ..spool import durable
+from ..spool import durable, permissions
 from .kinds import (Attempt, base_request, forget_feedback, remember_feedback, reply_fields,
                     with_feedback, with_references)
 
@@ -168,6 +168,6 @@ class RepositoryWork:
 def _save_patch(attempt: Attempt, patch: bytes) -> str:
     """outputs/<id>/changes.patch, written whole; its path relative to the home."""
     folder = Path(attempt.home) / "outputs" / attempt.task.id
-    folder.mkdir(parents=True, exist_ok=True)
+    permissions.make_dir(folder, permissions.OWNER_DIR, parents=True)
     durable.write_atomic(folder / "changes.patch", patch)
     return f"outputs/{attempt.task.id}/changes.patch"

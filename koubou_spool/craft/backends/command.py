@@ -28,7 +28,7 @@ from . import BackendError, Reply, Request, sandbox, usage
 STDERR_TAIL = 2000
 _libc = ctypes.CDLL(None, use_errno=True)
 _PR_SET_PDEATHSIG = 1
-AGENT_UMASK = 0o027  # what an agent writes in outputs/<id>/: group-readable, never others'
+AGENT_UMASK = permissions.CHILD_UMASK  # what an agent writes: group-readable, never others'
 # What claude -p's JSON says about the run besides the answer, kept in the result: the session
 # to resume (`claude -r`), how many turns it took, how it ended.
 CLAUDE_DETAILS = ("session_id", "num_turns", "duration_ms", "subtype")
