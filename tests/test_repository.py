@@ -304,9 +304,19 @@ def test_a_task_on_a_confidential_repository_runs_locally(repo_home: Path, tmp_p
     spool = Spool.open(repo_home)
     workers.start(repo_home)
     task_id = submit(spool, content="Add a line", repo=str(source), craftsman="cloud")
-    outcome = wait_outcomes(spool, [task_id], timeout=60)[task_id]
-    assert outcome["status"] == "completed", outcome
-    assert outcome["result"]["craftsman"] != "cloud"
+    # a repository no setting names, but a file the task names holds a secret
+    named = tmp_path / "src" / "app"
+    make_source(named)
+    (named / "settings.py").write_text('db_password = "hunter2"\n')
+    git(named, "add", "-A")
+    git(named, "commit", "-q", "-m", "settings")
+    secret = submit(spool, content="Add a line", repo=str(named), craftsman="cloud",
+                    files=["settings.py"])
+    outcomes = wait_outcomes(spool, [task_id, secret], timeout=60)
+    for outcome in outcomes.values():
+        assert outcome["status"] == "completed", outcome
+        # before, the named file was not scanned: the second went to cloud (refused there)
+        assert outcome["result"]["craftsman"] != "cloud"
     assert all(r.get("model") != "cloud-model" for r in fake_openai.completions())
 
 

@@ -9,8 +9,11 @@ from pathlib import Path
 
 from . import git
 from .git import StrPath
+from .policy import is_url
 
 LIST_SHARE = 4  # the file list may take a quarter of the budget; the named files get the rest
+SCAN_BYTES = 1 << 20  # of each named file, scanned for sensitive content when routing
+SCAN_TIMEOUT_S = 30
 TRUNCATED = "\n[... truncated]"
 
 
@@ -71,3 +74,30 @@ def repo_context(worktree: StrPath, files: Sequence[str], max_bytes: int) -> Rep
         budget -= len(frame.encode()) + len(text.encode())
         parts.append(f"=== {name} ===\n{text}\n=== end of {name} ===")
     return RepoContext(file_list=names, files=shown, notes=notes, text="\n\n".join(parts) + "\n")
+
+
+def files_at_base(location: str, base: str | None, files: Sequence[str],
+                  max_bytes: int = SCAN_BYTES) -> list[str]:
+    """The text of the named files as the task's base has them (the source's HEAD when it
+    names none), in a local source repository, each cut at max_bytes: what routing scans for
+    sensitive content, before any worktree exists. A name the base lacks is left out, and so
+    is a URL's every file: nothing is fetched to route."""
+    if not files or is_url(location):
+        return []
+    asked = "".join(f"{base or 'HEAD'}:{name}\n" for name in files if "\n" not in name)
+    try:
+        done = git.run("cat-file", "--batch", cwd=location, input=asked.encode(), check=False,
+                       timeout=SCAN_TIMEOUT_S)
+    except (OSError, git.GitError):  # no such directory, or hung: the worker says why later
+        return []
+    texts, out = [], done.stdout
+    while out:
+        header, _, out = out.partition(b"\n")
+        fields = header.split()
+        if len(fields) != 3 or not fields[2].isdigit():
+            continue  # "<name> missing", or ambiguous: nothing of it follows
+        size = int(fields[2])
+        if fields[1] == b"blob":
+            texts.append(out[:min(size, max_bytes)].decode("utf-8", errors="replace"))
+        out = out[size + 1:]
+    return texts

@@ -9,6 +9,7 @@ from ..craft.attach import Attachment, read_attachments
 from ..craft.limits import Budget
 from ..errors import InvalidTask
 from ..repo import policy as repo_policy
+from ..repo.context import files_at_base
 from ..repo.policy import RepoRefused, RepoSettings
 from ..spool.task import Task
 
@@ -36,15 +37,18 @@ class Routes:
     def route(self, task: Task, attachments: list[Attachment] | None = None) -> router.Route:
         """Route with the attachments' text and the budget's state; InvalidTask for bad files.
 
-        A repository task's `files` are paths in its repository, read in its worktree; its
-        repository is judged against `repos.allowed` here, before any git command runs."""
+        A repository task's `files` are paths in its repository: judged against
+        `repos.allowed` first, before any git command runs, then read as its base has them
+        (a local repository's; nothing is fetched to route) and scanned as attachments are."""
         confidential = False
         if task.repo:
             try:
-                repo_policy.check_allowed(task.repo, self.repos)
+                location = repo_policy.check_allowed(task.repo, self.repos)
             except RepoRefused as exc:
                 return router.Route(None, str(exc), "policy")
-            confidential, attachments = repo_policy.confidential(task.repo, self.repos), []
+            confidential = repo_policy.confidential(task.repo, self.repos)
+            attachments = [] if confidential else [
+                Attachment("", text) for text in files_at_base(location, task.base, task.files)]
         if attachments is None:
             attachments = self.attachments(task)
         return router.route(task, self.config, attachments=[a.text for a in attachments],
