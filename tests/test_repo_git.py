@@ -534,6 +534,45 @@ def test_clean_up_after_a_crash_leaves_no_worktree_registered(home: Path, source
     assert repo.clean_up(home, "crashed") is False
 
 
+def test_maintain_leaves_the_worktree_of_an_attempt_begun_after_it_read_the_claims(
+        home: Path, source: Path, settings: repo.RepoSettings) -> None:
+    repo.prepare(home, "r1", str(source), settings)  # a failed attempt's, kept; r1 pending
+
+    def claims_then_a_claim() -> set[str]:
+        live: set[str] = set()  # read now: nobody holds r1
+        repo.prepare(home, "r1", str(source), settings)  # then a worker claims it: attempt 2
+        (worktree_path(home, "r1") / "work.txt").write_text("attempt 2's\n")
+        return live
+    # before: maintain removed attempt 2's worktree and journal, mid-run
+    assert repo.prune(home, claims_then_a_claim) == []
+    assert (worktree_path(home, "r1") / "work.txt").exists() and journal_path(home, "r1").exists()
+    assert repo.prune(home, set()) == ["r1"]  # stale again once nobody holds it
+    assert not worktree_path(home, "r1").exists() and not journal_path(home, "r1").exists()
+
+
+def test_clean_up_removes_a_directory_the_craftsman_made_read_only(
+        home: Path, ws: repo.Workspace) -> None:
+    (ws.path / "cache" / "deep").mkdir(parents=True)
+    (ws.path / "cache" / "deep" / "built.o").write_text("x")
+    (ws.path / "cache" / "deep").chmod(0o555)
+    (ws.path / "cache").chmod(0o500)
+    # As the workers' user, not root: root's CAP_DAC_OVERRIDE would remove it anyway.
+    if os.geteuid() == 0:
+        argv = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--"]
+    else:
+        argv = []
+    cleaned = subprocess.run(
+        [*argv, sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from koubou_spool.repo import worktree; worktree.clean_up(Path(sys.argv[1]), 't1')",
+         str(home)], env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+        text=True, timeout=60)
+    assert cleaned.returncode == 0, cleaned.stderr
+    # before: rmtree left cache/ behind, and the next attempt's `worktree add` failed on it
+    assert not ws.path.exists()
+    again = repo.prepare(home, "t1", str(ws.source), repo.RepoSettings(allowed=(ws.source,)))
+    assert (again.path / "README").exists()
+
+
 def test_clean_up_when_the_crash_came_mid_add(home: Path, source: Path, ws: repo.Workspace) -> None:
     # The journal was written, then the worker died inside `git worktree add`: a directory
     # with part of a checkout, and perhaps no registration yet.

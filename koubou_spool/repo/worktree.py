@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 NO_HOOKS = ("-c", "core.hooksPath=/dev/null")  # koubou's own git commands run no user hooks
 DIR_MODE = 0o750
+UNLISTED = object()  # clean_up's `listed` when not given: remove whatever is there
 
 
 @dataclass(frozen=True)
@@ -119,18 +121,20 @@ def prepare(home: Path, task_id: str, repo: str, settings: RepoSettings, *, base
     base_sha = mirrors.resolve_base(mirror, base)
     clean_up(home, task_id)
     ws = Workspace(task_id, path, mirror, location, branch, base, base_sha)
-    _journal_workspace(home, ws)
     try:
-        _add_worktree(ws)
+        _add_worktree(home, ws)
     except BaseException:
         clean_up(home, task_id)
         raise
     return ws
 
 
-def _add_worktree(ws: Workspace) -> None:
+def _add_worktree(home: Path, ws: Workspace) -> None:
     ws.path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     with mirrors.mirror_lock(ws.mirror):
+        # Journalled under the lock that `koubou maintain` removes under: it sees this attempt's
+        # journal, newer than the stale worktree it listed, and leaves it (clean_up's `since`).
+        _journal_workspace(home, ws)
         # --no-track: upstream tracking would write branch.<name>.* into the shared config.
         git.run(*NO_HOOKS, "worktree", "add", "--quiet", "--no-checkout", "--no-track", "-B", ws.branch,
                 ws.path, ws.base_sha, git_dir=ws.mirror)
@@ -188,11 +192,13 @@ def push_result(home: Path, ws: Workspace, commit: str | None = None, *,
 # --- clean-up ------------------------------------------------------------------------------
 
 
-def clean_up(home: Path, task_id: str, *, keep_branch: bool = False) -> bool:
+def clean_up(home: Path, task_id: str, *, keep_branch: bool = False,
+             listed: Any = UNLISTED) -> bool:
     """Remove a task's worktree, its registration and journal, and its branch unless pushed or kept.
 
     Safe at any moment after a crash, and when there is nothing to remove. Returns whether
-    there was something.
+    there was something. With `listed`, the journal's `at` when the task was found stale (None:
+    it had none), nothing is removed once that changed: a new attempt of the task began since.
     """
     path, journal = worktree_path(home, task_id), read_journal(home, task_id)
     mirror = Path(journal["mirror"]) if journal else _mirror_of(path)
@@ -200,11 +206,17 @@ def clean_up(home: Path, task_id: str, *, keep_branch: bool = False) -> bool:
         return False
     if mirror is not None and mirror.is_dir():
         with mirrors.mirror_lock(mirror):
+            journal = read_journal(home, task_id)  # as the last holder of the lock left it
+            if listed is not UNLISTED and _journal_at(journal) != listed:
+                return False
             _remove_worktree(mirror, path)
             if journal and not keep_branch and not journal.get("pushed"):
                 _delete_branch(mirror, journal["branch"])
+            journal_path(home, task_id).unlink(missing_ok=True)
+    elif listed is not UNLISTED and _journal_at(read_journal(home, task_id)) != listed:
+        return False
     elif os.path.lexists(path):
-        shutil.rmtree(path, ignore_errors=True)
+        _remove_tree(path)
     journal_path(home, task_id).unlink(missing_ok=True)
     log.debug("worktree of %s cleaned up", task_id)
     return True
@@ -221,8 +233,35 @@ def _remove_worktree(mirror: Path, path: Path) -> None:
             git.run("worktree", "remove", "--force", path, git_dir=mirror)
         except GitError as exc:  # not registered (the add never ran), or half-made
             log.debug("%s", exc)
-        shutil.rmtree(path, ignore_errors=True)
+        _remove_tree(path)
     git.run("worktree", "prune", git_dir=mirror)
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a worktree's directory whatever modes its craftsman left in it. A directory it
+    made read-only keeps its entries from rmtree (as any user but root), and the next
+    attempt's `git worktree add` would then fail on the path, every attempt alike. Each
+    directory is made its owner's to write before it is entered; links are never followed."""
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.lexists(path) or os.path.islink(path):
+        return
+    _owner_writable(str(path))
+    for root, directories, _ in os.walk(path):
+        for name in directories:
+            if not os.path.islink(full := os.path.join(root, name)):
+                _owner_writable(full)
+    try:
+        shutil.rmtree(path)
+    except OSError as exc:
+        log.warning("could not remove %s (%s): the next attempt of its task cannot make its "
+                    "worktree there until it is gone", path, exc)
+
+
+def _owner_writable(directory: str) -> None:
+    try:
+        os.chmod(directory, stat.S_IMODE(os.lstat(directory).st_mode) | stat.S_IRWXU)
+    except OSError:
+        pass  # not ours to change: the rmtree that follows says so
 
 
 def _delete_branch(mirror: Path, branch: str) -> None:
@@ -230,6 +269,11 @@ def _delete_branch(mirror: Path, branch: str) -> None:
     if any(wt.branch == f"refs/heads/{branch}" for wt in git.worktrees(mirror)):
         return
     git.delete_branch(mirror, branch)
+
+
+def _journal_at(journal: dict[str, Any] | None) -> Any:
+    """When the journal was last written: a new attempt's journal (or a push) changes it."""
+    return None if journal is None else journal.get("at")
 
 
 def _task_ids(home: Path) -> dict[str, float]:
@@ -270,12 +314,15 @@ def prune(home: Path, live_ids: Collection[str] | Callable[[], Collection[str]],
     """
     if callable(live_ids):
         listed = stale_worktrees(home, (), min_age_s=min_age_s)
+        journalled = {task_id: _journal_at(read_journal(home, task_id)) for task_id in listed}
         live = set(live_ids())
         stale = [task_id for task_id in listed if task_id not in live]
     else:
         stale = stale_worktrees(home, live_ids, min_age_s=min_age_s)
-    for task_id in stale:
-        clean_up(home, task_id)
+        journalled = {task_id: _journal_at(read_journal(home, task_id)) for task_id in stale}
+    # A task claimed after its claims were read has a new attempt making its worktree, with a
+    # journal of its own: that one is left to it (prepare journals under the mirror's lock).
+    stale = [task_id for task_id in stale if clean_up(home, task_id, listed=journalled[task_id])]
     root = mirrors.repos_dir(home)
     for lock in sorted(root.glob("*.lock")) if root.is_dir() else []:
         mirror = lock.with_suffix(".git")
