@@ -133,7 +133,7 @@ def _add_worktree(home: Path, ws: Workspace) -> None:
     ws.path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     with mirrors.mirror_lock(ws.mirror):
         # Journalled under the lock that `koubou maintain` removes under: it sees this attempt's
-        # journal, newer than the stale worktree it listed, and leaves it (clean_up's `since`).
+        # journal, not the one it listed as stale, and leaves it (clean_up's `listed`).
         _journal_workspace(home, ws)
         # --no-track: upstream tracking would write branch.<name>.* into the shared config.
         git.run(*NO_HOOKS, "worktree", "add", "--quiet", "--no-checkout", "--no-track", "-B", ws.branch,

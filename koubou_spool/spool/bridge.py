@@ -396,13 +396,19 @@ def _refuse_ids_of_others(spool: Spool, cluster: Cluster, fresh: list[tuple[Clus
     (never forwarded) or one taken in from another origin. The submit left that task as it is,
     and its outcome would answer this one, content and all; each such lease fails as invalid
     instead, for its origin's failed/."""
-    others = {claim.task_id for (claim, task), (_, _, new) in zip(fresh, submitted, strict=True)
-              if not new and _origin_here(spool, task.id) not in (claim.origin, None)}
+    others, refusals = set(), []
+    for (claim, task), (_, _, new) in zip(fresh, submitted, strict=True):
+        here = None if new else _origin_here(spool, task.id)  # "": this home's own
+        if here in (claim.origin, None):
+            continue
+        whose = f"from host {here}" if here else "its own"
+        others.add(claim.task_id)
+        refusals.append((claim, _invalid_outcome(claim, InvalidTask(
+            f"host {cluster.host} has another task under the id {claim.task_id} ({whose}); "
+            "ids are unique across the cluster's hosts: submit this one under another id"),
+            cluster.host)))
     try:
-        cluster.publish_many([(claim, _invalid_outcome(claim, InvalidTask(
-            f"host {cluster.host} has a task of its own under the id {claim.task_id}; ids are "
-            "unique across the cluster's hosts: submit this one under another id"),
-            cluster.host)) for claim, _ in fresh if claim.task_id in others])
+        cluster.publish_many(refusals)
     except ClusterUnavailable:  # the tasks are queued: those leases run out, come back, fail
         log.warning("could not fail %d lease(s) whose id is taken here: the cluster is "
                     "unreachable; they are refused when they come back", len(others))
