@@ -255,6 +255,34 @@ def test_a_submodule_is_initialized_in_the_worktree(home: Path, tmp_path: Path,
     assert registered(ws.mirror) == [] and list((home / "work").iterdir()) == []
 
 
+def test_a_submodule_whose_server_never_answers_fails_within_the_fetch_timeout(
+        home: Path, tmp_path: Path, settings: repo.RepoSettings) -> None:
+    import socket
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts (the backlog), never answers
+    sub = tmp_path / "src" / "lib"
+    sub.mkdir(parents=True)
+    g(sub, "init", "-q")
+    commit_file(sub, "vendored.txt", "v\n", "lib")
+    sup = tmp_path / "src" / "super"
+    sup.mkdir()
+    g(sup, "init", "-q")
+    commit_file(sup, "main.txt", "main\n", "main")
+    g(sup, "submodule", "add", "-q", "../lib", "vendor/lib")
+    g(sup, "config", "-f", ".gitmodules", "submodule.vendor/lib.url",
+      f"git://127.0.0.1:{silent.getsockname()[1]}/lib")
+    g(sup, "commit", "-q", "-am", "the submodule from a server")
+    started = time.monotonic()
+    try:
+        # before: `submodule update` had no time limit, and held the mirror's lock for good
+        with pytest.raises(git.GitError, match="timed out after 2"):
+            repo.prepare(home, "t1", str(sup), settings, fetch_timeout_s=2)
+    finally:
+        silent.close()
+    assert time.monotonic() - started < 30
+    mirror = mirror_path(home, str(sup))
+    assert registered(mirror) == [] and not (home / "work" / "t1").exists()
+
+
 def _prepare_many(home: Path, source: Path, settings: repo.RepoSettings, ids: list[str]) -> list:
     errors: list[BaseException] = []
     start = threading.Barrier(len(ids))

@@ -122,14 +122,14 @@ def prepare(home: Path, task_id: str, repo: str, settings: RepoSettings, *, base
     clean_up(home, task_id)
     ws = Workspace(task_id, path, mirror, location, branch, base, base_sha)
     try:
-        _add_worktree(home, ws)
+        _add_worktree(home, ws, fetch_timeout_s)
     except BaseException:
         clean_up(home, task_id)
         raise
     return ws
 
 
-def _add_worktree(home: Path, ws: Workspace) -> None:
+def _add_worktree(home: Path, ws: Workspace, fetch_timeout_s: float) -> None:
     ws.path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     with mirrors.mirror_lock(ws.mirror):
         # Journalled under the lock that `koubou maintain` removes under: it sees this attempt's
@@ -147,9 +147,11 @@ def _add_worktree(home: Path, ws: Workspace) -> None:
         # mirror's shared config. A local source's submodules are named by local paths (relative
         # URLs resolve against the source), which git 2.38.1+ refuses unless file:// is allowed.
         allow = ["-c", "protocol.file.allow=always"] if not is_url(ws.source) else []
+        # As long as a fetch may take: a submodule's server that never answers would otherwise
+        # hold the lock, and with it every task on this repository and maintain's prune.
         with mirrors.mirror_lock(ws.mirror):
             git.run(*NO_HOOKS, *allow, "submodule", "update", "--quiet", "--init", "--recursive",
-                    cwd=ws.path)
+                    cwd=ws.path, timeout=fetch_timeout_s)
 
 
 def guarded_paths(ws: Workspace) -> list[str]:
@@ -157,7 +159,9 @@ def guarded_paths(ws: Workspace) -> list[str]:
     takes commands from (the config's filters, fsmonitor and hooksPath; hooks/) and where the
     worktree finds its repository (its .git file; its admin directory's commondir and gitdir).
     koubou's own git commands run outside the sandbox, after the agent: changed, these would
-    run the agent's commands there. Read before the agent runs, while koubou's own."""
+    run the agent's commands there. Read before the agent runs, while koubou's own; hooks/ is
+    made if missing, since a path that does not exist cannot be bound and the agent could."""
+    os.makedirs(ws.mirror / "hooks", mode=DIR_MODE, exist_ok=True)
     guarded = [ws.mirror / "config", ws.mirror / "hooks", ws.path / ".git"]
     admin = _admin_dir(ws.path)
     if admin is not None:
