@@ -237,8 +237,8 @@ def test_a_branch_another_worktree_has_fails_in_gits_words(home: Path, source: P
     assert not worktree_path(home, "t2").exists() and not journal_path(home, "t2").exists()
 
 
-def test_a_submodule_is_initialized_in_the_worktree(home: Path, tmp_path: Path,
-                                                    settings: repo.RepoSettings) -> None:
+def superproject(tmp_path: Path) -> Path:
+    """src/super, with src/lib as its submodule at vendor/lib."""
     sub = tmp_path / "src" / "lib"
     sub.mkdir(parents=True)
     g(sub, "init", "-q")
@@ -249,6 +249,12 @@ def test_a_submodule_is_initialized_in_the_worktree(home: Path, tmp_path: Path,
     commit_file(sup, "main.txt", "main\n", "main")
     g(sup, "submodule", "add", "-q", "../lib", "vendor/lib")
     g(sup, "commit", "-q", "-m", "add the submodule")
+    return sup
+
+
+def test_a_submodule_is_initialized_in_the_worktree(home: Path, tmp_path: Path,
+                                                    settings: repo.RepoSettings) -> None:
+    sup = superproject(tmp_path)
     ws = repo.prepare(home, "t1", str(sup), settings)
     assert (ws.path / "vendor" / "lib" / "vendored.txt").read_text() == "from the submodule\n"
     repo.clean_up(home, "t1")
@@ -259,15 +265,7 @@ def test_a_submodule_whose_server_never_answers_fails_within_the_fetch_timeout(
         home: Path, tmp_path: Path, settings: repo.RepoSettings) -> None:
     import socket
     silent = socket.create_server(("127.0.0.1", 0))  # accepts (the backlog), never answers
-    sub = tmp_path / "src" / "lib"
-    sub.mkdir(parents=True)
-    g(sub, "init", "-q")
-    commit_file(sub, "vendored.txt", "v\n", "lib")
-    sup = tmp_path / "src" / "super"
-    sup.mkdir()
-    g(sup, "init", "-q")
-    commit_file(sup, "main.txt", "main\n", "main")
-    g(sup, "submodule", "add", "-q", "../lib", "vendor/lib")
+    sup = superproject(tmp_path)
     g(sup, "config", "-f", ".gitmodules", "submodule.vendor/lib.url",
       f"git://127.0.0.1:{silent.getsockname()[1]}/lib")
     g(sup, "commit", "-q", "-am", "the submodule from a server")
