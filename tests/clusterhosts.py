@@ -18,7 +18,7 @@ import pytest
 from koubou_spool.spool import home as home_module
 from koubou_spool.spool.files import Spool
 
-from conftest import log_of, submit, write_config
+from conftest import forking, log_of, submit, write_config, zygote
 
 try:
     import psycopg
@@ -55,13 +55,18 @@ class Host:
         self.prefix: list[str] = []  # a host in a network namespace: ["ip", "netns", "exec", ...]
         self.env: dict[str, str] | None = None  # its processes' environment, if not ours
 
-    def start(self, *args: str) -> subprocess.Popen:
-        log = open(self.home / f"{args[0]}-{len(self.procs)}.log", "wb")
-        proc = subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", "koubou_spool.cli.koubou", *args,
-             "--home", str(self.home), "--log-level", self.log_level], stdin=subprocess.DEVNULL,
-            stdout=log, stderr=subprocess.STDOUT, env=self.env)
-        proc.log_path = log.name  # type: ignore[attr-defined]
+    def start(self, *args: str) -> Any:
+        """`koubou ARGS` on this host: forked by the zygote, unless in a network namespace."""
+        argv = [*args, "--home", str(self.home), "--log-level", self.log_level]
+        log_path = str(self.home / f"{args[0]}-{len(self.procs)}.log")
+        if forking() and not self.prefix:
+            proc = zygote().start(argv, log_path, self.env)
+        else:
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(
+                    [*self.prefix, sys.executable, "-m", "koubou_spool.cli.koubou", *argv],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        proc.log_path = log_path
         self.procs.append(proc)
         return proc
 

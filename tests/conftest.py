@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, NoReturn
@@ -141,20 +143,108 @@ def spool(home: Path) -> Spool:
     return Spool.open(home)
 
 
+class Forked:
+    """A worker the zygote forked (tests/zygote.py), with what the tests use of a Popen."""
+
+    def __init__(self, pid: int, log_path: str) -> None:
+        self.pid, self.log_path = pid, log_path
+        self.returncode: int | None = None
+        self.ended = threading.Event()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self.ended.wait(timeout):
+            raise subprocess.TimeoutExpired(["koubou", "worker"], timeout or 0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:  # never a pid the zygote reaped (it may be reused)
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+class Zygote:
+    """This test process's zygote (tests/zygote.py): one interpreter that has imported koubou
+    and openai, forking the tests' workers. Its children's ends come back on its stdout."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "zygote.py")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.lock = threading.Lock()  # one request, one answer
+        self.spawned: queue.Queue[int] = queue.Queue()
+        self.live: dict[int, Forked] = {}
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def start(self, argv: list[str], log_path: str, env: dict[str, str] | None = None) -> Forked:
+        """`koubou ARGV`, forked, its output to log_path, in `env` (else this one's)."""
+        request = {"argv": argv, "env": dict(os.environ if env is None else env),
+                   "cwd": os.getcwd(), "log": log_path}
+        with self.lock:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            self.proc.stdin.flush()
+            pid = self.spawned.get(timeout=30)
+            return self.live[pid]
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            said = json.loads(line)
+            if "spawned" in said:
+                self.live[said["spawned"]] = Forked(said["spawned"], "")
+                self.spawned.put(said["spawned"])
+            else:
+                child = self.live.pop(said["exited"])
+                child.returncode = said["returncode"]
+                child.ended.set()
+
+
+_zygote: Zygote | None = None
+
+
+def forking() -> bool:
+    """Whether the tests' koubou processes are forked by the zygote (KOUBOU_TEST_ZYGOTE=0: no)."""
+    return os.environ.get("KOUBOU_TEST_ZYGOTE", "1") != "0"
+
+
+def zygote() -> Zygote:
+    global _zygote
+    if _zygote is None or _zygote.proc.poll() is not None:
+        _zygote = Zygote()
+    return _zygote
+
+
 class Workers:
-    """Worker subprocesses started by a test, all reaped at its end."""
+    """Worker processes started by a test, all reaped at its end: forked by the zygote, or, with
+    KOUBOU_TEST_ZYGOTE=0, each its own `python -m koubou_spool.cli.koubou worker`."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[Any] = []
 
-    def start(self, home: Path, *args: str) -> subprocess.Popen:
-        log = open(self.tmp_path / f"worker-{len(self.procs)}.log", "wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "koubou_spool.cli.koubou", "worker", "--home", str(home),
-             "--log-level", "info", *args],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        proc.log_path = log.name  # type: ignore[attr-defined]
+    def start(self, home: Path, *args: str) -> Any:
+        argv = ["worker", "--home", str(home), "--log-level", "info", *args]
+        log_path = str(self.tmp_path / f"worker-{len(self.procs)}.log")
+        if forking():
+            proc = zygote().start(argv, log_path)
+            proc.log_path = log_path
+        else:
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen([sys.executable, "-m", "koubou_spool.cli.koubou", *argv],
+                                        stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=subprocess.STDOUT)
+            proc.log_path = log_path  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc
 
