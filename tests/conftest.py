@@ -182,7 +182,7 @@ class Zygote:
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "zygote.py")],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.lock = threading.Lock()  # one request, one answer
-        self.spawned: queue.Queue[int] = queue.Queue()
+        self.spawned: queue.Queue[Forked] = queue.Queue()
         self.live: dict[int, Forked] = {}
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -194,16 +194,15 @@ class Zygote:
             assert self.proc.stdin is not None
             self.proc.stdin.write(json.dumps(request).encode() + b"\n")
             self.proc.stdin.flush()
-            pid = self.spawned.get(timeout=30)
-            return self.live[pid]
+            return self.spawned.get(timeout=30)  # the handle, even of a child gone already
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             said = json.loads(line)
             if "spawned" in said:
-                self.live[said["spawned"]] = Forked(said["spawned"], "")
-                self.spawned.put(said["spawned"])
+                self.live[said["spawned"]] = child = Forked(said["spawned"], "")
+                self.spawned.put(child)
             else:
                 child = self.live.pop(said["exited"])
                 child.returncode = said["returncode"]
