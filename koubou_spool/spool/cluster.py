@@ -341,15 +341,11 @@ TAKE_BACK = f"""
     back AS (
         UPDATE cluster_tasks t SET
             state = CASE WHEN {_GONE} THEN 'failed' ELSE 'pending' END,
-            outcome = CASE WHEN {_GONE} THEN
-                convert_from(t.body, 'UTF8')::jsonb || jsonb_build_object(
-                    'status', 'failed', 'error', jsonb_build_object(
-                        'kind', CASE WHEN {_EXPIRED} THEN 'expired' ELSE 'lost' END,
-                        'attempts', t.attempt, 'at', %(at)s::text,
-                        'message', CASE WHEN {_EXPIRED}
-                            THEN 'expired while leased: its lease ran out after its expires_at'
-                            ELSE 'the lease of its last attempt ran out' END || {_WHY}))
-                END,
+            outcome = CASE WHEN {_GONE} THEN {batch.failed_outcome(
+                f"CASE WHEN {_EXPIRED} THEN 'expired' ELSE 'lost' END",
+                f"CASE WHEN {_EXPIRED} "
+                "THEN 'expired while leased: its lease ran out after its expires_at' "
+                f"ELSE 'the lease of its last attempt ran out' END || {_WHY}")} END,
             finished_at = CASE WHEN {_GONE} THEN now() END,
             worker_id = NULL, lease_until = NULL
         FROM expired WHERE t.id = expired.id

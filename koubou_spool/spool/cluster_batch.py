@@ -136,6 +136,14 @@ RENEW = """
         UPDATE cluster_workers SET heartbeat_at = now() WHERE id = %(worker)s)
     SELECT id, attempt FROM renewed"""
 
+def failed_outcome(kind: str, message: str) -> str:
+    """SQL for the failed outcome of row `t`, as an outcome file has it: its task's fields and
+    an error of this kind and message (SQL expressions), at %(at)s, its attempts counted."""
+    return f"""convert_from(t.body, 'UTF8')::jsonb || jsonb_build_object(
+        'status', 'failed', 'error', jsonb_build_object(
+            'kind', {kind}, 'attempts', t.attempt, 'at', %(at)s::text, 'message', {message}))"""
+
+
 # Back to pending, fenced as publish is, their attempts counted; or not counted (the task never
 # started): then the allowance rises by one, since the attempt number, the fence, never goes
 # down. Counted on its last attempt, a task fails as lost instead, as a lease that ran out on
@@ -145,13 +153,9 @@ REQUEUE = f"""
     WITH back AS (
         UPDATE cluster_tasks t SET
             state = CASE WHEN {_SPENT} THEN 'failed' ELSE 'pending' END,
-            outcome = CASE WHEN {_SPENT} THEN
-                convert_from(t.body, 'UTF8')::jsonb || jsonb_build_object(
-                    'status', 'failed', 'error', jsonb_build_object(
-                        'kind', 'lost', 'attempts', t.attempt, 'at', %(at)s::text,
-                        'message', 'its last attempt was given back by host ' || %(host)s ||
-                            ': no live worker there serves craftsman ' || t.craftsman))
-                END,
+            outcome = CASE WHEN {_SPENT} THEN {failed_outcome(
+                "'lost'", "'its last attempt was given back by host ' || %(host)s || "
+                "': no live worker there serves craftsman ' || t.craftsman")} END,
             finished_at = CASE WHEN {_SPENT} THEN now() END,
             worker_id = NULL, lease_until = NULL,
             max_attempts = t.max_attempts + CASE WHEN %(counted)s THEN 0 ELSE 1 END
