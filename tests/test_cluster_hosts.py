@@ -261,6 +261,27 @@ def test_two_serving_hosts_share_the_work_each_taking_no_more_than_its_slots(
     assert most <= 2  # never more leases on one host than its echo's max_concurrent
 
 
+def test_a_host_busy_with_its_own_tasks_leaves_the_cluster_tasks_to_a_free_host(
+        hosts, pg_dsn: str) -> None:
+    # Take-ins count the home's own tasks of the craftsman, running and waiting, against its
+    # max_concurrent: before, host b took in two more, to wait there behind its own work.
+    a = hosts("host-a")
+    b, c = hosts("host-b", latency_ms=1500, slots=2), hosts("host-c", latency_ms=100, slots=2)
+    a.serve("local")
+    b.serve("echo")
+    c.serve("echo")
+    own = drop(b, 6, "own")  # two running, four waiting: 4.5 s of work
+    deadline = time.monotonic() + 15
+    while sum(entry.startswith("own-") for entry, _ in b.spool.claims()) < 2:
+        assert time.monotonic() < deadline, b.logs()
+        time.sleep(0.02)
+    ids = drop(a, 6, "shared")
+    assert_once_each(a, [b, c], ids, pg_dsn)
+    assert collections.Counter(row[3] for row in rows(pg_dsn).values()) == {"host-c": 6}
+    assert not [i for i in own if i in rows(pg_dsn)]  # its own never left it
+    wait_outcomes(b.spool, own, timeout=30)
+
+
 def test_leases_of_a_serving_worker_that_died_are_given_back_at_once_by_its_bridge(
         hosts, pg_dsn: str) -> None:
     a, b, c = hosts("host-a"), hosts("host-b", latency_ms=400, slots=4), hosts("host-c")

@@ -7,7 +7,8 @@ It runs the halves of spool/bridge.py:
   forwarded (a local claim by the bridge, an idempotent insert) and its outcome, once some host
   has published it, is delivered into completed/ or failed/ (fsynced, then marked delivered);
 - in: cluster tasks of the craftsmen this host serves for the cluster are taken in, at most
-  as many of each craftsman as its max_concurrent, queued in pending/ for this home's workers;
+  as many of each craftsman as its max_concurrent leaves room for beside this home's own tasks
+  of it, queued in pending/ for this home's workers;
   their leases are renewed with the heartbeat and their outcomes sent back, fenced by attempt.
 
 Nothing polls. The loop sleeps in select(2) (service/bridge_wakeups.py) on inotify (pending/,
@@ -39,7 +40,7 @@ from ..spool import task as task_format
 from ..spool.task import Task
 from ..spool.cluster import CONNECT_TIMEOUT_S, Cluster, ClusterClaim, ClusterUnavailable
 from ..spool.cluster_hosts import Board
-from ..spool.entries import BRIDGE_PREFIX, Refused, Unavailable
+from ..spool.entries import BRIDGE_PREFIX, CLAIM_RE, Refused, Unavailable
 from ..spool.files import Spool, new_worker_id
 from .bridge_wakeups import BridgeWakeups, Events
 from .control import NotCancelled, cancel
@@ -53,6 +54,7 @@ DELIVER_BATCH = 500
 # outage (tasks of up to spool.max_task_bytes each) not in one statement of any size.
 FORWARD_BATCH = 500
 ROOM_PROBE_BYTES = 4096  # after a refused take-in: a block written and removed, to see room
+_UNREAD = object()  # a claim in in_progress/ not read yet
 
 
 def cluster_dsn(settings: ClusterSettings) -> str:
@@ -92,6 +94,10 @@ class Bridge:
         self.room_needed = ROOM_PROBE_BYTES  # what the next probe of room writes
         self.unread_logged = -DOWN_LOG_S  # monotonic: when this home's snapshot last failed
         self.served: set[str] = set()
+        # This home's own tasks of craftsmen served here, counted by take-ins (_local_work):
+        # pending names judged to stay, and the workers' claims (entry -> craftsman or None).
+        self.waiting: dict[str, str] = {}
+        self.running: dict[str, Any] = {}
         self.due_at: float | None = None  # monotonic: a not_before task of the cluster is due
         # Forwarded tasks with an expires_at, for their origin to fail if none has started:
         # (expires_at, id) earliest first, and the task by id while it is undelivered.
@@ -304,17 +310,20 @@ class Bridge:
             return None  # gone, or for a worker to reject with its reason
         if bridge.taken_in(task) or task.id in self.leases:
             return None
-        if task.files or task.repo:
-            return None  # local paths: they mean nothing on another host
         try:
             route = router.route(task, self.config)
         except (InvalidTask, KoubouError):
             return None
-        if route.confidential:
-            return None  # confidential stays on its host (§4.7): it waits for a worker here
         craftsman = route.craftsman
-        if craftsman is None or craftsman in local or craftsman in (self.settings.serve or ()):
-            return None  # served here, or said to be (a worker restarting): it stays
+        if craftsman is None:
+            return None  # for a worker to fail with its reason
+        if craftsman in local:
+            self.waiting[name] = craftsman  # this home's own work: take-ins count it
+        # Local paths mean nothing on another host; confidential stays on its host (§4.7);
+        # a craftsman served here, or said to be (a worker restarting), keeps its tasks.
+        if (task.files or task.repo or route.confidential or craftsman in local
+                or craftsman in (self.settings.serve or ())):
+            return None
         return craftsman
 
     def _deliver(self) -> None:
@@ -392,9 +401,11 @@ class Bridge:
     def _take_in_once(self, room: set[str]) -> int:
         """One take-in for each craftsman served; `room` gets those left with free slots."""
         taken = 0
-        for craftsman in self._serving():
+        serving = self._serving()
+        busy = self._local_work(serving)
+        for craftsman in serving:
             held = sum(lease.craftsman == craftsman for lease in self.leases.values())
-            free = self.config.craftsmen[craftsman].max_concurrent - held
+            free = self.config.craftsmen[craftsman].max_concurrent - held - busy[craftsman]
             if free <= 0 or self.stopping or self.held_back:
                 room.discard(craftsman)
                 continue
@@ -415,6 +426,54 @@ class Bridge:
                     f"{lease.task_id} from {lease.origin} (attempt {lease.attempt})"
                     for lease in leases[:5]))
         return taken
+
+    def _local_work(self, craftsmen: list[str]) -> dict[str, int]:
+        """This home's own tasks of each craftsman (not taken in), running or waiting here, up
+        to its max_concurrent: a host busy with its own work takes in only what it has room
+        for, and leaves the rest to hosts that are free.
+
+        Running: the workers' claims in in_progress/, each read and routed once. Waiting: the
+        pending tasks judged to stay (`waiting`), earliest first; a name no longer in pending/
+        (claimed, cancelled, removed) is dropped when met, and counting stops at the bound."""
+        busy = dict.fromkeys(craftsmen, 0)
+        claims = {entry for entry, match in self.spool.claims()
+                  if not match["fin"] and not match["worker"].startswith(BRIDGE_PREFIX)}
+        self.running = {entry: self.running.get(entry, _UNREAD) for entry in claims}
+        for entry, craftsman in self.running.items():
+            if craftsman is _UNREAD:
+                craftsman = self.running[entry] = self._craftsman_of_claim(entry)
+            if craftsman in busy:
+                busy[craftsman] += 1
+        bound = {c: self.config.craftsmen[c].max_concurrent for c in craftsmen}
+        short = {c for c in craftsmen if busy[c] < bound[c]}
+        gone = []
+        for name, craftsman in self.waiting.items():
+            if not short:
+                break
+            if craftsman not in short:
+                continue
+            if not os.path.lexists(self.spool.pending / name):
+                gone.append(name)
+                continue
+            busy[craftsman] += 1
+            if busy[craftsman] >= bound[craftsman]:
+                short.discard(craftsman)
+        for name in gone:
+            del self.waiting[name]
+        return busy
+
+    def _craftsman_of_claim(self, entry: str) -> str | None:
+        """The craftsman a worker's claim of this home's own task is for; None for a task
+        taken in (its lease counts it), one gone or unreadable."""
+        try:
+            data, _ = self.spool.read_entry(self.spool.in_progress, entry)
+            task = task_format.parse(data, default_id=task_format.id_from_name(
+                CLAIM_RE.fullmatch(entry)["name"]))
+            if bridge.taken_in(task):
+                return None
+            return router.route(task, self.config).craftsman
+        except (OSError, Refused, Unavailable, InvalidTask, KoubouError):
+            return None
 
     # --- heartbeat and the connection ------------------------------------------------------------
 
