@@ -9,6 +9,7 @@ import asyncio
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 
 from koubou_spool.spool import disk, durable
 from koubou_spool.spool import task as task_format
-from koubou_spool.spool.commit import GroupCommit
+from koubou_spool.spool.commit import GroupCommit, IdleAwareLoop
 from koubou_spool.spool.files import Outcome, Spool
 from koubou_spool.spool.ledger import LedgerWriter
 from koubou_spool.work.publish import Publisher
@@ -222,3 +223,42 @@ def test_a_worker_killed_between_the_fsync_and_the_ledger_record_leaves_it_to_re
     finally:
         conn.close()
     assert row == (1, "completed", 3)
+
+
+def test_on_the_workers_loop_a_round_starts_only_once_the_loop_has_run_what_it_had(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The worker's loop (IdleAwareLoop) wakes the commit thread when it has nothing left to
+    # run: the next task's claim and request go first, not behind the round for the GIL. On a
+    # plain loop the thread is woken at the next iteration, during the chain below.
+    steps: list[str] = []
+    real_write = Spool.write_outcomes
+
+    def write_outcomes(self: Spool, outcomes: list[Outcome]) -> None:
+        steps.append("round")
+        real_write(self, outcomes)
+    monkeypatch.setattr(Spool, "write_outcomes", write_outcomes)
+    seen: list[str] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        commits = GroupCommit(spool, loop)
+        (first, first_task), (claim, task) = claimed(spool, 2)
+        commits.add(spool.fence(first, first_task.id, record_of(first_task)), lambda o: None)
+        await settled(lambda: commits.pending)  # the thread started, and waits for work
+        steps.clear()
+
+        def step(n: int) -> None:  # the next attempt's work, a few callbacks long
+            time.sleep(0.02)
+            steps.append(f"step {n}")
+            if n < 3:
+                loop.call_soon(step, n + 1)
+        commits.add(spool.fence(claim, task.id, record_of(task)),
+                    lambda o: seen.append(o.task_id))
+        loop.call_soon(step, 1)
+        await settled(lambda: commits.pending)
+        commits.close()
+
+    with asyncio.Runner(loop_factory=IdleAwareLoop) as runner:
+        runner.run(main())
+    assert steps == ["step 1", "step 2", "step 3", "round"]
+    assert seen == ["t001"]

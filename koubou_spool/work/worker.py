@@ -35,6 +35,7 @@ from ..errors import KoubouError, UsageError
 from ..ops.notify import Notifier
 from ..repo.policy import RepoSettings
 from ..spool import task as task_format
+from ..spool.commit import IdleAwareLoop
 from ..spool.files import Claim, Spool, new_worker_id
 from ..spool.ledger import LedgerWriter
 from ..spool.recovery import recover_orphans
@@ -332,8 +333,10 @@ def _cluster_slots(config: Config, served: list[Craftsman]) -> Any:
 
 
 def run_worker(home: Path, config: Config, **options: object) -> int:
-    """Build and run a worker in a fresh event loop."""
-    return asyncio.run(_run(home, config, options))
+    """Build and run a worker in a fresh event loop (one that wakes the group commit once it
+    is idle: spool/commit.py)."""
+    with asyncio.Runner(loop_factory=IdleAwareLoop) as runner:
+        return runner.run(_run(home, config, options))
 
 
 async def _run(home: Path, config: Config, options: dict) -> int:
