@@ -1482,3 +1482,36 @@ def test_recovery_gives_a_dead_bridges_claims_back_uncounted(origin: Spool, tmp_
                                                             ("worked", "requeued")]
     assert "attempts" not in read_json(origin.pending / "faced.json")  # the face was no attempt
     assert read_json(origin.pending / "worked.json")["attempts"] == 1
+
+
+def test_unfinished_rows_an_older_koubou_stored_with_u0000_fail_when_the_schema_migrates(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Stored before the forward refused them, they broke every bridge's take-back for good.
+    with cluster.connect(pg_dsn) as conn:
+        monkeypatch.setattr(cluster, "MIGRATIONS", cluster.MIGRATIONS[:-1])
+        cluster.migrate(conn)
+        monkeypatch.undo()
+        bodies = {"nul": "a\x00b", "escaped": "a\\u0000b", "both": "a\\\x00b", "plain": "ab"}
+        for task_id, content in bodies.items():  # the U+0000 ones on their last attempt
+            conn.execute(
+                "INSERT INTO cluster_tasks (id, origin, craftsman, priority, max_attempts, body, "
+                "state, attempt, host, lease_until) VALUES (%s, 'host-a', 'gpu', 0, 3, %s, "
+                "'in_progress', %s, 'host-b', now() - interval '1 minute')",
+                (task_id, task_format.encode({"id": task_id, "content": content}),
+                 3 if "\x00" in content else 1))
+        conn.commit()
+    store = cluster.Cluster.open(pg_dsn, host="host-a", lease_s=LEASE_S)  # migrates
+    # before: psycopg.errors.UntranslatableCharacter, at every host's heartbeat
+    assert sorted(store.take_back_expired()) == [("escaped", "pending"), ("plain", "pending")]
+    assert store.states(list(bodies)) == {"nul": "failed", "both": "failed",
+                                          "escaped": "pending", "plain": "pending"}
+    with cluster.connect(pg_dsn) as conn:
+        outcomes = dict(conn.execute("SELECT id, outcome FROM cluster_tasks WHERE outcome "
+                                     "IS NOT NULL").fetchall())
+    assert outcomes["nul"]["content"] == "a\ufffdb" and outcomes["both"]["content"] == "a\\\ufffdb"
+    for outcome in outcomes.values():
+        assert outcome["status"] == "failed" and outcome["error"]["kind"] == "invalid"
+        assert "U+0000" in outcome["error"]["message"] and "craftsman gpu" in outcome["error"][
+            "message"]
+        task_format.parse_iso(outcome["error"]["at"])
+    store.close()

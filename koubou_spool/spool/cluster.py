@@ -217,6 +217,25 @@ MIGRATIONS: list[tuple[str, str]] = [
         -- back, not one to run again (spool/bridge.py, take_in). A new run forgets it.
         ALTER TABLE cluster_tasks ADD COLUMN adopted_run integer, ADD COLUMN adopted_host text;
     """),
+    ("0011_nul_bodies", r"""
+        -- Unfinished rows an older koubou forwarded with U+0000 in their task (its JSON escape
+        -- behind an even number of backslashes): jsonb cannot hold the character, so every
+        -- statement casting such a body (the take-back of expired leases) failed, on every
+        -- host. They fail as the forward now refuses them, the character as U+FFFD in the
+        -- outcome that goes home.
+        UPDATE cluster_tasks t SET
+            state = 'failed', finished_at = now(), worker_id = NULL, lease_until = NULL,
+            outcome = replace(convert_from(t.body, 'UTF8'), '\u0000', '\ufffd')::jsonb
+                || jsonb_build_object('status', 'failed', 'error', jsonb_build_object(
+                    'kind', 'invalid', 'attempts', t.attempt,
+                    'at', to_char(now() AT TIME ZONE 'UTC',
+                                  'YYYY-MM-DD"T"HH24:MI:SS.MS"+00:00"'),
+                    'message', 'it holds the character U+0000, which the cluster''s database '
+                        || 'cannot store, so it cannot cross hosts: remove it, or serve '
+                        || 'craftsman ' || t.craftsman || ' on its host'))
+        WHERE t.state IN ('pending', 'in_progress')
+            AND convert_from(t.body, 'UTF8') ~ '(^|[^\\])(\\\\)*\\u0000';
+    """),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
