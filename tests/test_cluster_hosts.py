@@ -282,6 +282,25 @@ def test_a_host_busy_with_its_own_tasks_leaves_the_cluster_tasks_to_a_free_host(
     wait_outcomes(b.spool, own, timeout=30)
 
 
+def test_a_host_whose_own_work_ends_takes_in_the_cluster_tasks_that_waited(
+        hosts, pg_dsn: str) -> None:
+    # Nothing else announces the end of the home's own work: no lease ended, and the tasks'
+    # NOTIFY went out long before. A task of its own waiting for its not_before holds no slot.
+    a, b = hosts("host-a"), hosts("host-b", latency_ms=700, slots=1)
+    a.serve("local")
+    b.serve("echo")
+    tomorrow = task_format.iso(time.time() + 86400)
+    submit(b.spool, id="own-later", content="later", craftsman="echo", not_before=tomorrow)
+    [own] = drop(b, 1, "own")
+    deadline = time.monotonic() + 15
+    while not any(entry.startswith(f"{own}.json@") for entry, _ in b.spool.claims()):
+        assert time.monotonic() < deadline, b.logs()
+        time.sleep(0.02)
+    ids = drop(a, 2, "waited")
+    assert_once_each(a, [b], ids, pg_dsn)  # before: pending for good once b's own task ended
+    assert os.listdir(b.spool.pending) == ["own-later.json"]
+
+
 def test_leases_of_a_serving_worker_that_died_are_given_back_at_once_by_its_bridge(
         hosts, pg_dsn: str) -> None:
     a, b, c = hosts("host-a"), hosts("host-b", latency_ms=400, slots=4), hosts("host-c")

@@ -98,6 +98,7 @@ class Bridge:
         # pending names judged to stay, and the workers' claims (entry -> craftsman or None).
         self.waiting: dict[str, str] = {}
         self.running: dict[str, Any] = {}
+        self.local_counted = False  # the last take-in left room to this home's own tasks
         self.due_at: float | None = None  # monotonic: a not_before task of the cluster is due
         # Forwarded tasks with an expires_at, for their origin to fail if none has started:
         # (expires_at, id) earliest first, and the task by id while it is undelivered.
@@ -158,8 +159,10 @@ class Bridge:
                 beat = time.monotonic() >= next_beat
                 if beat:
                     next_beat = time.monotonic() + heartbeat_s
-                    if self._beat():
-                        events.flags.add("freed")  # leases ended at the beat: room to take in
+                    if self._beat() or self.local_counted:
+                        # Leases ended at the beat, or this home's own work may have (a task
+                        # removed from pending/ by hand says nothing): room to take in.
+                        events.flags.add("freed")
                     if self._adopt():
                         events.flags.add("adopted")
                     if self._served_changed():
@@ -225,7 +228,9 @@ class Bridge:
             if "cancel" in flags or self.unread:
                 self._leases_ended(bridge.renew(self.cluster, self.id, self.leases))
             freed = self._send_back() if events.outcomes and self.leases else 0
+            # An outcome here may also end the home's own work the last take-in counted.
             if (freed or flags & {"recheck", "served", "freed", "due"}
+                    or (events.outcomes and self.local_counted)
                     or wanted & set(self._serving())):
                 self._take_in()
         except ClusterUnavailable as exc:
@@ -317,8 +322,10 @@ class Bridge:
         craftsman = route.craftsman
         if craftsman is None:
             return None  # for a worker to fail with its reason
-        if craftsman in local:
-            self.waiting[name] = craftsman  # this home's own work: take-ins count it
+        if craftsman in local and (task.not_before or 0) <= time.time() and not task.after:
+            # This home's own work, ready to run: take-ins count it (not a task that waits
+            # for its time or for other tasks: it may hold no slot for a long while).
+            self.waiting[name] = craftsman
         # Local paths mean nothing on another host; confidential stays on its host (§4.7);
         # a craftsman served here, or said to be (a worker restarting), keeps its tasks.
         if (task.files or task.repo or route.confidential or craftsman in local
@@ -403,6 +410,7 @@ class Bridge:
         taken = 0
         serving = self._serving()
         busy = self._local_work(serving)
+        self.local_counted = any(busy.values())
         for craftsman in serving:
             held = sum(lease.craftsman == craftsman for lease in self.leases.values())
             free = self.config.craftsmen[craftsman].max_concurrent - held - busy[craftsman]
