@@ -98,7 +98,7 @@ class Bridge:
         # pending names judged to stay, and the workers' claims (entry -> craftsman or None).
         self.waiting: dict[str, str] = {}
         self.running: dict[str, Any] = {}
-        self.local_counted = False  # the last take-in left room to this home's own tasks
+        self.local_counted = False  # the last take-in counted tasks of this home's own
         self.due_at: float | None = None  # monotonic: a not_before task of the cluster is due
         # Forwarded tasks with an expires_at, for their origin to fail if none has started:
         # (expires_at, id) earliest first, and the task by id while it is undelivered.
