@@ -94,10 +94,7 @@ class Bridge:
         self.room_needed = ROOM_PROBE_BYTES  # what the next probe of room writes
         self.unread_logged = -DOWN_LOG_S  # monotonic: when this home's snapshot last failed
         self.served: set[str] = set()
-        # This home's own tasks of craftsmen served here, counted by take-ins (_local_work):
-        # pending names judged to stay, and the workers' claims (entry -> craftsman or None).
-        self.waiting: dict[str, str] = {}
-        self.running: dict[str, Any] = {}
+        self.local = LocalWork(self.spool, config)  # this home's own tasks, for take-ins
         self.local_counted = False  # the last take-in counted tasks of this home's own
         self.due_at: float | None = None  # monotonic: a not_before task of the cluster is due
         # Forwarded tasks with an expires_at, for their origin to fail if none has started:
@@ -325,7 +322,7 @@ class Bridge:
         if craftsman in local and (task.not_before or 0) <= time.time() and not task.after:
             # This home's own work, ready to run: take-ins count it (not a task that waits
             # for its time or for other tasks: it may hold no slot for a long while).
-            self.waiting[name] = craftsman
+            self.local.waiting[name] = craftsman
         # Local paths mean nothing on another host; confidential stays on its host (§4.7);
         # a craftsman served here, or said to be (a worker restarting), keeps its tasks.
         if (task.files or task.repo or route.confidential or craftsman in local
@@ -409,7 +406,7 @@ class Bridge:
         """One take-in for each craftsman served; `room` gets those left with free slots."""
         taken = 0
         serving = self._serving()
-        busy = self._local_work(serving)
+        busy = self.local.count(serving)
         self.local_counted = any(busy.values())
         for craftsman in serving:
             held = sum(lease.craftsman == craftsman for lease in self.leases.values())
@@ -434,54 +431,6 @@ class Bridge:
                     f"{lease.task_id} from {lease.origin} (attempt {lease.attempt})"
                     for lease in leases[:5]))
         return taken
-
-    def _local_work(self, craftsmen: list[str]) -> dict[str, int]:
-        """This home's own tasks of each craftsman (not taken in), running or waiting here, up
-        to its max_concurrent: a host busy with its own work takes in only what it has room
-        for, and leaves the rest to hosts that are free.
-
-        Running: the workers' claims in in_progress/, each read and routed once. Waiting: the
-        pending tasks judged to stay (`waiting`), earliest first; a name no longer in pending/
-        (claimed, cancelled, removed) is dropped when met, and counting stops at the bound."""
-        busy = dict.fromkeys(craftsmen, 0)
-        claims = {entry for entry, match in self.spool.claims()
-                  if not match["fin"] and not match["worker"].startswith(BRIDGE_PREFIX)}
-        self.running = {entry: self.running.get(entry, _UNREAD) for entry in claims}
-        for entry, craftsman in self.running.items():
-            if craftsman is _UNREAD:
-                craftsman = self.running[entry] = self._craftsman_of_claim(entry)
-            if craftsman in busy:
-                busy[craftsman] += 1
-        bound = {c: self.config.craftsmen[c].max_concurrent for c in craftsmen}
-        short = {c for c in craftsmen if busy[c] < bound[c]}
-        gone = []
-        for name, craftsman in self.waiting.items():
-            if not short:
-                break
-            if craftsman not in short:
-                continue
-            if not os.path.lexists(self.spool.pending / name):
-                gone.append(name)
-                continue
-            busy[craftsman] += 1
-            if busy[craftsman] >= bound[craftsman]:
-                short.discard(craftsman)
-        for name in gone:
-            del self.waiting[name]
-        return busy
-
-    def _craftsman_of_claim(self, entry: str) -> str | None:
-        """The craftsman a worker's claim of this home's own task is for; None for a task
-        taken in (its lease counts it), one gone or unreadable."""
-        try:
-            data, _ = self.spool.read_entry(self.spool.in_progress, entry)
-            task = task_format.parse(data, default_id=task_format.id_from_name(
-                CLAIM_RE.fullmatch(entry)["name"]))
-            if bridge.taken_in(task):
-                return None
-            return router.route(task, self.config).craftsman
-        except (OSError, Refused, Unavailable, InvalidTask, KoubouError):
-            return None
 
     # --- heartbeat and the connection ------------------------------------------------------------
 
@@ -615,6 +564,66 @@ class Bridge:
         if time.monotonic() - self.down_logged >= DOWN_LOG_S:
             self.down_logged = time.monotonic()
             log.warning("%s", exc)
+
+
+class LocalWork:
+    """This home's own tasks of the craftsmen served here, counted by the bridge's take-ins
+    against max_concurrent: the pending names the bridge judged to stay (`waiting`, name ->
+    craftsman), and the workers' claims (entry -> craftsman, or None when taken in)."""
+
+    def __init__(self, spool: Spool, config: Config) -> None:
+        self.spool = spool
+        self.config = config
+        self.waiting: dict[str, str] = {}
+        self.running: dict[str, Any] = {}
+
+    def count(self, craftsmen: list[str]) -> dict[str, int]:
+        """This home's own tasks of each craftsman (not taken in), running or waiting here, up
+        to its max_concurrent: a host busy with its own work takes in only what it has room
+        for, and leaves the rest to hosts that are free.
+
+        Running: the workers' claims in in_progress/, each read and routed once. Waiting: the
+        pending tasks judged to stay (`waiting`), earliest first; a name no longer in pending/
+        (claimed, cancelled, removed) is dropped when met, and counting stops at the bound."""
+        busy = dict.fromkeys(craftsmen, 0)
+        claims = {entry for entry, match in self.spool.claims()
+                  if not match["fin"] and not match["worker"].startswith(BRIDGE_PREFIX)}
+        self.running = {entry: self.running.get(entry, _UNREAD) for entry in claims}
+        for entry, craftsman in self.running.items():
+            if craftsman is _UNREAD:
+                craftsman = self.running[entry] = self._craftsman_of_claim(entry)
+            if craftsman in busy:
+                busy[craftsman] += 1
+        bound = {c: self.config.craftsmen[c].max_concurrent for c in craftsmen}
+        short = {c for c in craftsmen if busy[c] < bound[c]}
+        gone = []
+        for name, craftsman in self.waiting.items():
+            if not short:
+                break
+            if craftsman not in short:
+                continue
+            if not os.path.lexists(self.spool.pending / name):
+                gone.append(name)
+                continue
+            busy[craftsman] += 1
+            if busy[craftsman] >= bound[craftsman]:
+                short.discard(craftsman)
+        for name in gone:
+            del self.waiting[name]
+        return busy
+
+    def _craftsman_of_claim(self, entry: str) -> str | None:
+        """The craftsman a worker's claim of this home's own task is for; None for a task
+        taken in (its lease counts it), one gone or unreadable."""
+        try:
+            data, _ = self.spool.read_entry(self.spool.in_progress, entry)
+            task = task_format.parse(data, default_id=task_format.id_from_name(
+                CLAIM_RE.fullmatch(entry)["name"]))
+            if bridge.taken_in(task):
+                return None
+            return router.route(task, self.config).craftsman
+        except (OSError, Refused, Unavailable, InvalidTask, KoubouError):
+            return None
 
 
 def run_bridge(home: Path, config: Config) -> int:
